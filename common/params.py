@@ -1,0 +1,115 @@
+"""Typed view of params.yaml: one section per stage, validated when loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from common.errors import UserError
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FeatureSpec(_Section):
+    """One input column of the model and the contract its values must meet."""
+
+    type: Literal["numeric", "categorical"]
+    min: float | None = None
+    max: float | None = None
+    categories: list[str] | None = None
+    max_missing_share: float | None = Field(default=None, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _bounds_fit_type(self) -> FeatureSpec:
+        if self.type == "categorical" and (self.min is not None or self.max is not None):
+            raise ValueError("min/max apply to numeric features only")
+        if self.type == "numeric" and self.categories is not None:
+            raise ValueError("categories apply to categorical features only")
+        return self
+
+
+class DataParams(_Section):
+    """Where the raw table is and what its columns mean."""
+
+    path: str
+    target: str
+    id_column: str | None = None
+    features: dict[str, FeatureSpec]
+
+    @property
+    def numeric(self) -> list[str]:
+        return [c for c, f in self.features.items() if f.type == "numeric"]
+
+    @property
+    def categorical(self) -> list[str]:
+        return [c for c, f in self.features.items() if f.type == "categorical"]
+
+    @property
+    def feature_names(self) -> list[str]:
+        return list(self.features)
+
+
+class GenerateParams(_Section):
+    rows: int = Field(gt=0)
+    seed: int
+
+
+class PrepareParams(_Section):
+    holdout_share: float = Field(gt=0, lt=1)
+    reference_rows: int = Field(gt=0)
+    seed: int
+
+
+class ValidateParams(_Section):
+    min_rows: int = Field(ge=1)
+    max_missing_share: float = Field(ge=0, le=1)
+    max_duplicate_share: float = Field(ge=0, le=1)
+    examples: int = Field(default=5, ge=1)
+
+
+class TrainParams(_Section):
+    n_estimators: int = Field(gt=0)
+    learning_rate: float = Field(gt=0)
+    max_depth: int = Field(gt=0)
+    subsample: float = Field(gt=0, le=1)
+    min_samples_leaf: int = Field(ge=1)
+    random_state: int
+    onnx_parity_atol: float = Field(gt=0)
+
+
+class RegisterParams(_Section):
+    metric: Literal["roc_auc", "f1_macro", "accuracy", "log_loss"]
+    margin: float = Field(ge=0)
+
+
+class Params(_Section):
+    data: DataParams
+    generate: GenerateParams
+    prepare: PrepareParams
+    validate_: ValidateParams = Field(alias="validate")
+    train: TrainParams
+    register_: RegisterParams = Field(alias="register")
+
+
+def load_params(path: Path = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml; a bad file is a UserError naming the key."""
+    try:
+        raw: Any = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise UserError(f"{path} not found: run from the repository root.") from exc
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path} is not valid YAML: {exc}") from exc
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise UserError(f"{path} is invalid: {problems}") from exc

@@ -1,0 +1,73 @@
+"""MLflow tracking and registry helpers shared by the pipeline, flows and the service."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from datetime import UTC, datetime
+from typing import Any
+
+import mlflow
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from common.errors import UserError
+from common.settings import Settings
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+
+
+def connect(settings: Settings) -> MlflowClient:
+    """Point MLflow at the configured store; a server that does not answer is a UserError."""
+    settings.export_tool_env()
+    uri = settings.tracking_uri
+    if settings.embedded:
+        settings.mlops_home.mkdir(parents=True, exist_ok=True)
+    elif uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10):
+                pass
+        except (urllib.error.URLError, OSError) as exc:
+            raise UserError(
+                f"MLflow server at MLFLOW_TRACKING_URI={uri} is not reachable ({exc}); "
+                "start it or unset MLFLOW_TRACKING_URI for the embedded store."
+            ) from exc
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def experiment_id(client: MlflowClient, settings: Settings, name: str | None = None) -> str:
+    """The experiment's id, created on first use (with the embedded artifact root if local)."""
+    name = name or settings.mlflow_experiment_name
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return str(found.experiment_id)
+    return str(client.create_experiment(name, artifact_location=settings.artifact_root))
+
+
+def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    """The version an alias points at, or None when the model or alias does not exist."""
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def move_alias(
+    client: MlflowClient, name: str, alias: str, version: str, *, by: str, reason: str
+) -> None:
+    """Point `alias` at `version` and record on that version who moved it, when and why."""
+    client.set_registered_model_alias(name, alias, version)
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    for key, value in {"set_by": by, "set_at": now, "reason": reason}.items():
+        client.set_model_version_tag(name, version, f"alias.{alias}.{key}", value)
+
+
+def set_tags(client: MlflowClient, name: str, version: str, tags: dict[str, Any]) -> None:
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))

@@ -1,0 +1,83 @@
+"""The one settings object: infrastructure from the environment and `.env`.
+
+Variable names are the tools' own (MLFLOW_TRACKING_URI, MLFLOW_S3_ENDPOINT_URL,
+AWS_ACCESS_KEY_ID, PREFECT_API_URL, ...) plus the project's DATABASE_URL, MODEL_NAME
+and MODEL_ALIAS. With nothing set, everything is embedded under MLOPS_HOME (.mlops/).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from common.errors import UserError
+
+
+class Settings(BaseSettings):
+    """Where the stack's state lives; only these differ between embedded and full stack."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True
+    )
+
+    mlops_home: Path = Field(default=Path(".mlops"), alias="MLOPS_HOME")
+    mlflow_tracking_uri: str | None = Field(default=None, alias="MLFLOW_TRACKING_URI")
+    mlflow_experiment_name: str = Field(default="churn-training", alias="MLFLOW_EXPERIMENT_NAME")
+    mlflow_s3_endpoint_url: str | None = Field(default=None, alias="MLFLOW_S3_ENDPOINT_URL")
+    aws_access_key_id: str | None = Field(default=None, alias="AWS_ACCESS_KEY_ID")
+    aws_secret_access_key: str | None = Field(default=None, alias="AWS_SECRET_ACCESS_KEY")
+    prefect_api_url: str | None = Field(default=None, alias="PREFECT_API_URL")
+    # Set by Prefect in a flow run's process; recorded on model versions for lineage.
+    prefect_flow_run_id: str | None = Field(default=None, alias="PREFECT__FLOW_RUN_ID")
+    database_url: str | None = Field(default=None, alias="DATABASE_URL")
+    model_name: str = Field(default="churn-classifier", alias="MODEL_NAME")
+    model_alias: str = Field(default="champion", alias="MODEL_ALIAS")
+
+    @model_validator(mode="after")
+    def _s3_needs_credentials(self) -> Settings:
+        if self.mlflow_s3_endpoint_url:
+            for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+                if not getattr(self, name.lower()):
+                    raise ValueError(f"{name} must be set when MLFLOW_S3_ENDPOINT_URL is set")
+        return self
+
+    @property
+    def tracking_uri(self) -> str:
+        """MLflow's store: the server if one is set, else a SQLite file under MLOPS_HOME."""
+        if self.mlflow_tracking_uri:
+            return self.mlflow_tracking_uri
+        return f"sqlite:///{(self.mlops_home / 'mlflow.db').resolve()}"
+
+    @property
+    def embedded(self) -> bool:
+        return self.mlflow_tracking_uri is None
+
+    @property
+    def artifact_root(self) -> str | None:
+        """Artifact root of new experiments in embedded mode (a server decides its own)."""
+        if not self.embedded:
+            return None
+        return (self.mlops_home / "mlartifacts").resolve().as_uri()
+
+    def export_tool_env(self) -> None:
+        """Hand the S3 settings to boto3/MLflow, which read them from the process env."""
+        for name in ("MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            value = getattr(self, name.lower())
+            if value:
+                os.environ[name] = value
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Load settings once; a bad environment is a UserError naming the variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        raise UserError(f"invalid environment: {problems}") from exc

@@ -1,0 +1,104 @@
+"""evaluate: holdout metrics and confusion matrix, as DVC metrics/plots and in the MLflow run."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.data.pandas_dataset import from_pandas
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    log_loss,
+    roc_auc_score,
+    roc_curve,
+)
+
+from common import paths, registry
+from common.errors import run_cli
+from common.params import DataParams, load_params
+from common.settings import Settings, get_settings
+from models.data import model_frame, target
+
+LOWER_IS_BETTER = {"log_loss"}
+
+
+def metrics(y: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> dict[str, float]:
+    """Accuracy, macro F1, ROC AUC (one-vs-rest when multiclass) and log loss."""
+    pred = classes[proba.argmax(axis=1)]
+    if len(classes) == 2:
+        auc = roc_auc_score(y == classes[1], proba[:, 1])
+    else:
+        auc = roc_auc_score(y, proba, multi_class="ovr", average="macro", labels=classes)
+    return {
+        "accuracy": float(accuracy_score(y, pred)),
+        "f1_macro": float(f1_score(y, pred, average="macro")),
+        "roc_auc": float(auc),
+        "log_loss": float(log_loss(y, proba, labels=classes)),
+    }
+
+
+def score(model: Any, holdout: pd.DataFrame, data: DataParams) -> dict[str, float]:
+    """A fitted classifier's metrics on a holdout table."""
+    proba = model.predict_proba(model_frame(holdout, data))
+    return metrics(target(holdout, data), proba, model.classes_)
+
+
+def _write_plots(y: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> None:
+    pred = classes[proba.argmax(axis=1)]
+    paths.CONFUSION.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"actual": y, "predicted": pred}).to_csv(paths.CONFUSION, index=False)
+    if len(classes) == 2:
+        fpr, tpr, _ = roc_curve(y == classes[1], proba[:, 1])
+        keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), 200)).astype(int))
+        pd.DataFrame({"fpr": fpr[keep], "tpr": tpr[keep]}).to_csv(paths.ROC, index=False)
+
+
+def run(data: DataParams, settings: Settings) -> dict[str, float]:
+    train_run = json.loads(paths.TRAIN_RUN.read_text())
+    registry.connect(settings)
+    model = mlflow.sklearn.load_model(train_run["model_uri"])
+    holdout = pd.read_parquet(paths.HOLDOUT)
+    y = target(holdout, data)
+    proba = model.predict_proba(model_frame(holdout, data))
+    result = metrics(y, proba, model.classes_)
+    cm = confusion_matrix(y, model.classes_[proba.argmax(axis=1)], labels=model.classes_)
+
+    paths.METRICS.parent.mkdir(parents=True, exist_ok=True)
+    paths.METRICS.write_text(json.dumps({**result, "rows": len(holdout)}, indent=2) + "\n")
+    _write_plots(y, proba, model.classes_)
+
+    with mlflow.start_run(run_id=train_run["run_id"]):
+        holdout_ds = from_pandas(
+            holdout, source=str(paths.HOLDOUT), targets=data.target, name="holdout"
+        )
+        mlflow.log_metrics(
+            {f"holdout_{k}": v for k, v in result.items()},
+            model_id=train_run["model_id"],
+            dataset=holdout_ds,
+        )
+        labels = [str(c) for c in model.classes_]
+        mlflow.log_dict(
+            {"labels": labels, "matrix": cm.tolist(), "rows": "actual", "columns": "predicted"},
+            "evaluation/confusion_matrix.json",
+        )
+        predictions = pd.DataFrame(
+            proba, columns=[f"proba_{c}" for c in labels], index=holdout.index
+        )
+        predictions["actual"] = y
+        mlflow.log_table(predictions.reset_index(), "evaluation/holdout_predictions.json")
+    return result
+
+
+def main() -> None:
+    params = load_params()
+    result = run(params.data, get_settings())
+    print("evaluate: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+
+
+if __name__ == "__main__":
+    run_cli(main)

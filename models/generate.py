@@ -1,0 +1,219 @@
+"""Example data: customer churn of a subscription telecom, generated from a seed.
+
+The same generator makes later "production" batches with controlled drift, so the
+monitoring step can be shown catching covariate shift, a new class balance and
+concept drift.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common.errors import UserError, run_cli
+from common.params import load_params
+
+TARGET = "churned"
+CONTRACTS = ["month_to_month", "one_year", "two_year"]
+PAYMENTS = ["credit_card", "bank_transfer", "electronic_check", "mailed_check"]
+REGIONS = ["north", "south", "east", "west", "central"]
+TIERS = ["basic", "standard", "premium"]
+NUMERIC = [
+    "tenure_months",
+    "monthly_charges",
+    "total_charges",
+    "support_tickets_90d",
+    "avg_daily_usage_min",
+    "days_since_last_login",
+    "num_products",
+    "age",
+    "late_payments_12m",
+    "satisfaction_score",
+]
+CATEGORICAL = ["contract_type", "payment_method", "region", "plan_tier"]
+
+
+@dataclass(frozen=True)
+class Drift:
+    """How a production batch differs from the training distribution.
+
+    covariate: feature -> shift. Numeric features move by that many of their standard
+    deviations; a categorical feature's named category gets that much extra probability
+    mass (e.g. {"contract_type": 0.3} favours the first category, month_to_month).
+    churn_rate: resample the batch to this share of churners (prior / label shift).
+    concept: 0..1, how far the label relation moves towards a different one.
+    """
+
+    covariate: dict[str, float] = field(default_factory=dict)
+    churn_rate: float | None = None
+    concept: float = 0.0
+
+
+def _customers(n: int, rng: np.random.Generator, drift: Drift) -> pd.DataFrame:
+    cov = drift.covariate
+    contract_p = _shift_probs([0.55, 0.25, 0.20], cov.get("contract_type", 0.0))
+    payment_p = _shift_probs([0.35, 0.25, 0.30, 0.10], cov.get("payment_method", 0.0))
+    region_p = _shift_probs([0.22, 0.20, 0.18, 0.25, 0.15], cov.get("region", 0.0))
+    tier_p = _shift_probs([0.45, 0.35, 0.20], cov.get("plan_tier", 0.0))
+    contract = rng.choice(CONTRACTS, n, p=contract_p)
+    tier = rng.choice(TIERS, n, p=tier_p)
+    tier_base = pd.Series(tier).map({"basic": 30.0, "standard": 60.0, "premium": 95.0}).to_numpy()
+    long_contract = contract != "month_to_month"
+
+    tenure = rng.gamma(1.6, 14.0, n) + np.where(long_contract, 12.0, 0.0)
+    monthly = tier_base + rng.normal(0, 9.0, n)
+    tickets = rng.poisson(np.where(tier == "basic", 1.6, 1.1), n).astype(float)
+    usage = rng.gamma(3.0, 25.0, n)
+    last_login = rng.exponential(14.0, n)
+    products = rng.integers(1, 7, n).astype(float)
+    age = rng.normal(44, 14, n)
+    late = rng.poisson(0.6, n).astype(float)
+    satisfaction = np.round(rng.normal(7.0, 1.8, n) - 0.35 * tickets)
+
+    df = pd.DataFrame(
+        {
+            "customer_id": np.arange(n),
+            "tenure_months": tenure,
+            "monthly_charges": monthly,
+            "support_tickets_90d": tickets,
+            "avg_daily_usage_min": usage,
+            "days_since_last_login": last_login,
+            "num_products": products,
+            "age": age,
+            "late_payments_12m": late,
+            "satisfaction_score": satisfaction,
+            "contract_type": contract,
+            "payment_method": rng.choice(PAYMENTS, n, p=payment_p),
+            "region": rng.choice(REGIONS, n, p=region_p),
+            "plan_tier": tier,
+        }
+    )
+    for col in NUMERIC:
+        if col in cov and col in df:
+            df[col] = df[col] + cov[col] * df[col].std()
+    df["total_charges"] = df["tenure_months"] * df["monthly_charges"] * rng.normal(1, 0.05, n)
+    _clip(df)
+    return df
+
+
+def _clip(df: pd.DataFrame) -> None:
+    df["tenure_months"] = df["tenure_months"].clip(0, 120).round()
+    df["monthly_charges"] = df["monthly_charges"].clip(10, 200).round(2)
+    df["total_charges"] = df["total_charges"].clip(0, None).round(2)
+    df["avg_daily_usage_min"] = df["avg_daily_usage_min"].clip(0, 1440).round(1)
+    df["days_since_last_login"] = df["days_since_last_login"].clip(0, 365).round()
+    df["age"] = df["age"].clip(18, 95).round()
+    df["satisfaction_score"] = df["satisfaction_score"].clip(1, 10)
+    df["support_tickets_90d"] = df["support_tickets_90d"].clip(0, 50)
+    df["late_payments_12m"] = df["late_payments_12m"].clip(0, 12)
+
+
+def _shift_probs(p: list[float], extra: float) -> np.ndarray:
+    """Move `extra` probability mass onto the first category (negative: away from it)."""
+    probs = np.asarray(p, dtype=float)
+    probs[0] = max(probs[0] + extra, 0.01)
+    return np.asarray(probs / probs.sum())
+
+
+def _churn_logit(df: pd.DataFrame, concept: float) -> np.ndarray:
+    """The true label relation; `concept` blends it towards a different one."""
+    m2m = (df["contract_type"] == "month_to_month").to_numpy(float)
+    two_year = (df["contract_type"] == "two_year").to_numpy(float)
+    echeck = (df["payment_method"] == "electronic_check").to_numpy(float)
+    tenure = df["tenure_months"].to_numpy()
+    sat = df["satisfaction_score"].fillna(7.0).to_numpy()
+    login = df["days_since_last_login"].to_numpy()
+    base = (
+        -2.6
+        + 1.4 * m2m
+        - 0.9 * two_year
+        + 0.5 * echeck
+        - 0.9 * np.log1p(tenure / 6.0)
+        + 0.30 * df["support_tickets_90d"].to_numpy()
+        + 0.025 * (df["monthly_charges"].to_numpy() - 60.0)
+        - 0.35 * (sat - 7.0)
+        + 1.2 * (login > 30)
+        + 0.45 * df["late_payments_12m"].to_numpy()
+        - 0.12 * df["num_products"].to_numpy()
+        + 0.75
+    )
+    # After the drift, price and contract no longer matter; usage and region do.
+    usage = df["avg_daily_usage_min"].to_numpy()
+    south = (df["region"] == "south").to_numpy(float)
+    other = -1.6 + 1.6 * (usage < 45) + 1.5 * south - 0.02 * (df["age"].to_numpy() - 44)
+    return np.asarray((1.0 - concept) * base + concept * other)
+
+
+def _add_missing(df: pd.DataFrame, rng: np.random.Generator) -> None:
+    n = len(df)
+    for col, share in {
+        "satisfaction_score": 0.18,
+        "total_charges": 0.02,
+        "days_since_last_login": 0.05,
+        "age": 0.08,
+    }.items():
+        df.loc[rng.random(n) < share, col] = np.nan
+    df.loc[rng.random(n) < 0.03, "payment_method"] = None
+
+
+def generate(rows: int, seed: int, drift: Drift | None = None) -> pd.DataFrame:
+    """Return `rows` customers with a `churned` label, deterministic for a seed."""
+    drift = drift or Drift()
+    rng = np.random.default_rng(seed)
+    pool = rows if drift.churn_rate is None else rows * 4
+    df = _customers(pool, rng, drift)
+    _add_missing(df, rng)
+    p = 1.0 / (1.0 + np.exp(-_churn_logit(df, drift.concept)))
+    df[TARGET] = (rng.random(pool) < p).astype(int)
+    if drift.churn_rate is not None:
+        df = _resample_to_rate(df, rows, drift.churn_rate, rng)
+    df["customer_id"] = [f"C{seed:04d}-{i:07d}" for i in range(len(df))]
+    return df[["customer_id", *NUMERIC, *CATEGORICAL, TARGET]].reset_index(drop=True)
+
+
+def _resample_to_rate(
+    df: pd.DataFrame, rows: int, rate: float, rng: np.random.Generator
+) -> pd.DataFrame:
+    """Keep P(x | y) and change P(y): draw each class separately."""
+    n_pos = round(rows * rate)
+    pos = df[df[TARGET] == 1]
+    neg = df[df[TARGET] == 0]
+    n_neg = rows - n_pos
+    picked = pd.concat(
+        [
+            pos.sample(n_pos, replace=n_pos > len(pos), random_state=rng),
+            neg.sample(n_neg, replace=n_neg > len(neg), random_state=rng),
+        ]
+    )
+    return picked.sample(frac=1.0, random_state=rng)
+
+
+def write_table(df: pd.DataFrame, path: Path) -> None:
+    """Write CSV or Parquet by the file's suffix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".csv":
+        df.to_csv(path, index=False)
+    elif path.suffix == ".parquet":
+        df.to_parquet(path, index=False)
+    else:
+        raise UserError(f"{path}: write .csv or .parquet, not '{path.suffix}'.")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("data/raw/customers.parquet"))
+    parser.add_argument("--rows", type=int, help="default: params.yaml generate.rows")
+    parser.add_argument("--seed", type=int, help="default: params.yaml generate.seed")
+    args = parser.parse_args()
+    params = load_params().generate
+    df = generate(args.rows or params.rows, params.seed if args.seed is None else args.seed)
+    write_table(df, args.out)
+    print(f"wrote {len(df):,} rows to {args.out} (churn rate {df[TARGET].mean():.1%})")
+
+
+if __name__ == "__main__":
+    run_cli(main)
