@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable
+
+# Library warnings that say nothing actionable about this project's data or models.
+_QUIET = (
+    "The specified dataset source can be interpreted in multiple ways",
+    "Hint: Inferred schema contains integer column",
+)
 
 
 class UserError(Exception):
@@ -12,6 +19,8 @@ class UserError(Exception):
 
 def run_cli(main: Callable[[], object]) -> None:
     """Run a stage's main(); a UserError becomes one paragraph on stderr and exit code 1."""
+    for text in _QUIET:
+        warnings.filterwarnings("ignore", message=text)
     try:
         main()
     except UserError as exc:

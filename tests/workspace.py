@@ -87,9 +87,13 @@ class Workspace:
 
 
 def make_workspace(
-    path: Path, overrides: dict[str, Any] | None = None, env: dict[str, str] | None = None
+    path: Path,
+    overrides: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+    *,
+    fast: bool = True,
 ) -> Workspace:
-    """Copy the pipeline into `path`, shrink it for tests (FAST), and init git + DVC."""
+    """Copy the pipeline into `path`, shrink it for tests (FAST unless fast=False), init git + DVC."""
     path.mkdir(parents=True, exist_ok=True)
     for name in COPIED:
         src = ROOT / name
@@ -98,7 +102,7 @@ def make_workspace(
         else:
             shutil.copy2(src, path / name)
     ws = Workspace(path, env or {})
-    ws.set_params(_merge(FAST, overrides or {}))
+    ws.set_params(_merge(FAST if fast else {}, overrides or {}))
     ws.run("git", "init", "-q")
     ws.run(sys.executable, "-m", "dvc", "init", "-q")
     ws.run("git", "add", "-A")

@@ -1,0 +1,68 @@
+# Two commands on a fresh machine: `make demo` (the main job) and `make test` (everything CI runs).
+# Both bootstrap uv and the locked virtualenv themselves; plain pip is used only to fetch uv
+# itself when it is not installed (its resolver takes >15 min on this dependency set).
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+export UV_PYTHON_DOWNLOADS ?= never
+
+UV := $(or $(shell command -v uv 2>/dev/null),$(CURDIR)/.tools/bin/uv)
+RUN := $(UV) run --frozen
+
+.PHONY: help bootstrap demo pipeline summary test lint format unit integration e2e bench mlflow-ui licenses clean
+
+help: ## list the targets
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(CURDIR)/.tools/bin/uv:
+	python3 -m venv .tools
+	.tools/bin/python -m pip install --quiet --disable-pip-version-check uv
+
+.venv/.synced: uv.lock pyproject.toml | $(UV)
+	$(UV) sync --frozen
+	@touch $@
+
+bootstrap: .venv/.synced ## install uv (if missing) and the locked environment
+
+demo: bootstrap ## the main job: run the pipeline end to end on the example data, then summarise
+	$(RUN) dvc repro
+	$(RUN) python -m common.summary
+
+pipeline: bootstrap ## dvc repro only
+	$(RUN) dvc repro
+
+summary: bootstrap ## the summary table of the last pipeline run
+	$(RUN) python -m common.summary
+
+lint: bootstrap ## ruff (lint + format check) and mypy
+	$(RUN) ruff check .
+	$(RUN) ruff format --check .
+	$(RUN) mypy
+
+format: bootstrap ## apply ruff's fixes and formatting
+	$(RUN) ruff check --fix .
+	$(RUN) ruff format .
+
+test: lint ## the whole suite: lint, then unit, integration and e2e tests with coverage
+	$(RUN) pytest --cov --cov-report=term:skip-covered
+
+unit: bootstrap ## unit tests only
+	$(RUN) pytest -m unit
+
+integration: bootstrap ## integration tests only (real PostgreSQL, S3 endpoint, MLflow server)
+	$(RUN) pytest -m integration
+
+e2e: bootstrap ## end-to-end tests only
+	$(RUN) pytest -m e2e
+
+bench: bootstrap ## benchmarks: prints the pipeline's timings
+	$(RUN) python -m benchmarks.pipeline
+
+mlflow-ui: bootstrap ## MLflow UI on the embedded store (http://127.0.0.1:5000)
+	$(RUN) mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.mlops/mlflow.db --port 5000
+
+licenses: bootstrap ## fail if a dependency's licence is incompatible with Apache-2.0
+	$(RUN) python scripts/check_licenses.py
+
+clean: ## remove the embedded store and pipeline outputs (keeps the DVC cache)
+	rm -rf .mlops data/prepared reports metrics plots dvc_plots

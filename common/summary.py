@@ -1,0 +1,67 @@
+"""The table `make demo` ends with: what the pipeline registered, its metrics, where to look."""
+
+from __future__ import annotations
+
+import json
+
+from rich.console import Console
+from rich.table import Table
+
+from common import paths, registry
+from common.errors import UserError, run_cli
+from common.settings import Settings, get_settings
+
+
+def render(settings: Settings) -> Table:
+    if not paths.REGISTER_REPORT.exists():
+        raise UserError(
+            f"{paths.REGISTER_REPORT} not found: run `dvc repro` (or `make demo`) first."
+        )
+    decision = json.loads(paths.REGISTER_REPORT.read_text())
+    metrics = json.loads(paths.METRICS.read_text())
+    client = registry.connect(settings)
+    name = decision["model_name"]
+    aliases = {
+        alias: (mv.version if mv else "-")
+        for alias in (registry.CHAMPION, registry.CHALLENGER)
+        for mv in [registry.version_by_alias(client, name, alias)]
+    }
+    table = Table(title=f"Pipeline result: {name}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("model version", f"v{decision['version']}")
+    table.add_row(
+        "gate", ("promoted: " if decision["promoted"] else "not promoted: ") + decision["reason"]
+    )
+    table.add_row(
+        "aliases",
+        ", ".join(f"{a} -> v{v}" if v != "-" else f"{a} -> none" for a, v in aliases.items()),
+    )
+    for key in ("accuracy", "f1_macro", "roc_auc", "log_loss"):
+        table.add_row(f"holdout {key}", f"{metrics[key]:.4f}")
+    table.add_row("tracking store", settings.tracking_uri)
+    return table
+
+
+def where_to_look(settings: Settings) -> list[str]:
+    if settings.embedded:
+        ui = f"uv run mlflow ui --backend-store-uri {settings.tracking_uri} --port 5000"
+    else:
+        ui = f"open {settings.tracking_uri}"
+    return [
+        f"MLflow runs and registry:  {ui}",
+        "Metrics and plots:         uv run dvc metrics show; uv run dvc plots show",
+        f"Validation report:         {paths.VALIDATION_REPORT}",
+    ]
+
+
+def main() -> None:
+    settings = get_settings()
+    console = Console()
+    console.print(render(settings))
+    for line in where_to_look(settings):
+        console.print(line, highlight=False, soft_wrap=True)
+
+
+if __name__ == "__main__":
+    run_cli(main)
