@@ -108,7 +108,8 @@ def test_reference_snapshot_and_onnx_travel_with_the_model_version(
         "import mlflow, os; from common import registry; from common.settings import get_settings;"
         "registry.connect(get_settings());"
         "p = mlflow.artifacts.download_artifacts('models:/churn-classifier@champion');"
-        "print(sorted(os.path.relpath(os.path.join(d, f), p) for d, _, fs in os.walk(p) for f in fs))"
+        "print(sorted(os.path.relpath(os.path.join(d, f), p)"
+        " for d, _, fs in os.walk(p) for f in fs))"
     )
     listing = ws.python("-c", script).stdout
     for name in (
