@@ -44,7 +44,7 @@ format: bootstrap ## apply ruff's fixes and formatting
 	$(RUN) ruff format .
 
 test: lint ## the whole suite: lint, then unit, integration and e2e tests with coverage
-	$(RUN) pytest --cov --cov-report=term:skip-covered
+	$(RUN) pytest --cov --cov-report=term:skip-covered $(PYTEST_ARGS)
 
 unit: bootstrap ## unit tests only
 	$(RUN) pytest -m unit
