@@ -1,0 +1,92 @@
+"""Real servers for integration tests, one of each per session, on free ports.
+
+`postgres` (a throwaway cluster with database `mlflow`), `s3` (moto_server with the
+buckets created) and `mlflow_server` (PostgreSQL backend, artifacts proxied to S3).
+Every server is stopped at the end of the session, also when a test or fixture fails;
+their logs stay under pytest's basetemp (servers*/).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from common.localpg import LocalPostgres
+from tests.servers import (
+    DVC_BUCKET,
+    FAKE_AWS_CREDS,
+    MLFLOW_BUCKET,
+    VENV_BIN,
+    HttpServer,
+    S3Endpoint,
+    Server,
+    clean_env,
+    free_port,
+    http_ok,
+)
+
+
+@pytest.fixture(scope="session")
+def server_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("servers")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[LocalPostgres]:
+    """A throwaway cluster with database `mlflow`; tests may stop and start it."""
+    # Not under pytest's basetemp: that is 0700 root, and the cluster runs as `postgres`.
+    base = Path(tempfile.mkdtemp(prefix="mlops-it-pg-"))
+    pg = LocalPostgres(base, free_port(), settings={"fsync": "off"})
+    try:
+        pg.start()
+        pg.create_database("mlflow")
+        yield pg
+    finally:
+        pg.destroy()
+
+
+@pytest.fixture(scope="session")
+def s3(server_logs: Path) -> Iterator[S3Endpoint]:
+    """moto_server on a free port with the MLflow and DVC buckets."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = Server(
+        "moto_server",
+        [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        log_path=server_logs / "moto.log",
+        healthy=http_ok(f"{url}/moto-api/"),
+        env=clean_env(),
+    )
+    with server.start(timeout=30):
+        endpoint = S3Endpoint(url, dict(FAKE_AWS_CREDS))
+        for bucket in (MLFLOW_BUCKET, DVC_BUCKET):
+            endpoint.client().create_bucket(Bucket=bucket)
+        yield endpoint
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(
+    postgres: LocalPostgres, s3: S3Endpoint, server_logs: Path
+) -> Iterator[HttpServer]:
+    """`mlflow server` on PostgreSQL, proxying artifacts to the moto bucket (one worker)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = server_logs / "mlflow.log"
+    cmd = [
+        str(VENV_BIN / "mlflow"),
+        "server",
+        *("--backend-store-uri", postgres.url("mlflow", driver="psycopg")),
+        *("--artifacts-destination", f"s3://{MLFLOW_BUCKET}/", "--serve-artifacts"),
+        *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
+    ]
+    env = clean_env(
+        MLFLOW_S3_ENDPOINT_URL=s3.url,
+        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+        **s3.creds,
+    )
+    server = Server("mlflow server", cmd, log_path=log, healthy=http_ok(f"{url}/health"), env=env)
+    with server.start(timeout=120):
+        yield HttpServer(url, log)

@@ -1,0 +1,220 @@
+"""Run a server as a background process: wait for its health check, stop its whole group.
+
+Servers such as `mlflow server` spawn several processes; each is started in a new session
+so that `stop()` can signal the whole process group. Output goes to a log file that is
+kept, and quoted when the server fails to come up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Self
+
+import boto3  # type: ignore[import-untyped]  # no stubs installed (boto3-stubs)
+
+VENV_BIN = Path(sys.executable).parent
+MLFLOW_BUCKET = "mlflow-artifacts"
+DVC_BUCKET = "dvc-store"
+FAKE_AWS_CREDS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's env without MLflow/AWS settings, the venv first on PATH, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
+    env["PATH"] = f"{VENV_BIN}:{env.get('PATH', '')}"
+    return env | extra
+
+
+@dataclass(frozen=True)
+class S3Endpoint:
+    """An S3 endpoint and the credentials it takes."""
+
+    url: str
+    creds: dict[str, str]
+
+    def client(self) -> Any:
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            aws_access_key_id=self.creds["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.creds["AWS_SECRET_ACCESS_KEY"],
+            region_name=self.creds.get("AWS_DEFAULT_REGION", "us-east-1"),
+        )
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        """Every object key in `bucket` under `prefix`."""
+        pages = (
+            self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        )
+        return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+
+
+@dataclass(frozen=True)
+class HttpServer:
+    """A running HTTP server: where it answers and where its log is."""
+
+    url: str
+    log_path: Path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http_ok(url: str, timeout: float = 2) -> Callable[[], bool]:
+    """A health check: GET `url` answers 2xx."""
+
+    def check() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
+                return 200 <= int(resp.status) < 300
+        except (urllib.error.URLError, OSError):
+            return False
+
+    return check
+
+
+def log_tail(path: Path, lines: int = 60) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class ServerError(RuntimeError):
+    """A server exited or did not become healthy in time."""
+
+
+class Server:
+    """One server process group with a log file; a context manager that always stops it."""
+
+    def __init__(
+        self,
+        name: str,
+        cmd: Sequence[str],
+        *,
+        log_path: Path,
+        healthy: Callable[[], bool],
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
+        self.name = name
+        self.cmd = list(cmd)
+        self.log_path = log_path
+        self.healthy = healthy
+        self.env = dict(env) if env is not None else None
+        self.cwd = cwd
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    def start(self, timeout: float = 60) -> Self:
+        """Start the process and wait until `healthy()`; on failure stop it and quote its log."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_path.open("ab")
+        self._proc = subprocess.Popen(
+            self.cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=self.cwd,
+            start_new_session=True,
+        )
+        try:
+            self._wait_healthy(timeout)
+        except BaseException:  # also Ctrl-C while waiting: never leave the group behind
+            self.stop()
+            raise
+        return self
+
+    def _wait_healthy(self, timeout: float) -> None:
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            code = self._proc.poll() if self._proc is not None else -1
+            if code is not None:
+                raise ServerError(self._failure(f"exited with {code}"))
+            if self.healthy():
+                return
+            time.sleep(0.2)
+        raise ServerError(self._failure(f"not healthy after {timeout:.0f} s"))
+
+    def stop(self, timeout: float = 15) -> None:
+        """SIGTERM the process group, SIGKILL what is left after `timeout`. Idempotent."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            pgid = proc.pid  # start_new_session: the leader's pid is the group id
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout)
+            # Children may outlive the leader; whatever is left of the group goes now.
+            deadline = time.monotonic() + timeout
+            while _group_alive(pgid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def _failure(self, what: str) -> str:
+        return (
+            f"{self.name} {what}: {' '.join(self.cmd)}\n"
+            f"--- {self.log_path} (last lines) ---\n{log_tail(self.log_path)}"
+        )
+
+    def __enter__(self) -> Self:
+        return self.start() if self._proc is None else self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a live (non-zombie) process is still in group `pgid`."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # After "(comm)": state, ppid, pgrp, ...
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
