@@ -52,6 +52,14 @@ class Drift:
     churn_rate: float | None = None
     concept: float = 0.0
 
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.covariate) - {*NUMERIC, *CATEGORICAL})
+        if unknown:
+            raise ValueError(
+                f"Drift.covariate names unknown feature(s) {unknown}; "
+                f"choose from {[*NUMERIC, *CATEGORICAL]}"
+            )
+
 
 def _customers(n: int, rng: np.random.Generator, drift: Drift) -> pd.DataFrame:
     cov = drift.covariate
@@ -92,12 +100,19 @@ def _customers(n: int, rng: np.random.Generator, drift: Drift) -> pd.DataFrame:
             "plan_tier": tier,
         }
     )
-    for col in NUMERIC:
-        if col in cov and col in df:
-            df[col] = df[col] + cov[col] * df[col].std()
+    _shift(df, cov, [col for col in NUMERIC if col in df])
+    # Derived after tenure and price have moved (their shifts carry over), then shifted itself.
     df["total_charges"] = df["tenure_months"] * df["monthly_charges"] * rng.normal(1, 0.05, n)
+    _shift(df, cov, ["total_charges"])
     _clip(df)
     return df
+
+
+def _shift(df: pd.DataFrame, cov: dict[str, float], columns: list[str]) -> None:
+    """Move each numeric column named in `cov` by that many of its standard deviations."""
+    for col in columns:
+        if col in cov:
+            df[col] = df[col] + cov[col] * df[col].std()
 
 
 def _clip(df: pd.DataFrame) -> None:

@@ -1,0 +1,180 @@
+"""The example data: realistic enough to train on, and each kind of drift really present."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+from sklearn.metrics import roc_auc_score
+
+from common.params import DataParams, Params, TrainParams, ValidateParams
+from models.data import model_frame
+from models.generate import CATEGORICAL, NUMERIC, TARGET, Drift, generate
+from models.train import build
+from models.validate import check
+
+N = 20_000
+SIGNIFICANT = 1e-6
+"""p-value below which a shift counts as detected; real shifts land far below it."""
+NOT_SIGNIFICANT = 0.01
+"""p-value above which equal distributions must stay (Bonferroni-corrected when testing many)."""
+
+
+def ks_pvalue(a: pd.Series, b: pd.Series) -> float:
+    return float(stats.ks_2samp(a.dropna(), b.dropna()).pvalue)
+
+
+def chi2_pvalue(a: pd.Series, b: pd.Series) -> float:
+    """Chi-square test that two samples of a categorical column share one distribution."""
+    values = pd.concat([a, b], ignore_index=True).fillna("<missing>")
+    batch = np.r_[np.zeros(len(a)), np.ones(len(b))]
+    return float(stats.chi2_contingency(pd.crosstab(values, batch)).pvalue)
+
+
+@pytest.fixture(scope="module")
+def reference() -> pd.DataFrame:
+    return generate(N, seed=101)
+
+
+@pytest.fixture(scope="module")
+def undrifted() -> pd.DataFrame:
+    return generate(N, seed=202)
+
+
+@pytest.fixture(scope="module")
+def default_data(params: Params) -> pd.DataFrame:
+    return generate(params.generate.rows, params.generate.seed)
+
+
+def test_same_seed_gives_the_same_rows() -> None:
+    pd.testing.assert_frame_equal(generate(2_000, seed=7), generate(2_000, seed=7))
+
+
+def test_different_seeds_give_different_rows() -> None:
+    a, b = generate(2_000, seed=7), generate(2_000, seed=8)
+    assert not a[NUMERIC].equals(b[NUMERIC])
+
+
+def test_default_params_give_at_least_fifty_thousand_rows(default_data: pd.DataFrame) -> None:
+    assert len(default_data) >= 50_000
+    assert default_data["customer_id"].is_unique
+
+
+def test_has_numeric_and_categorical_features_as_params_declare(
+    default_data: pd.DataFrame, data_params: DataParams
+) -> None:
+    assert set(data_params.numeric) == set(NUMERIC)
+    assert set(data_params.categorical) == set(CATEGORICAL)
+    for col in data_params.numeric:
+        assert pd.api.types.is_float_dtype(default_data[col]), col
+    for col in data_params.categorical:
+        assert default_data[col].dtype == object, col
+        assert default_data[col].nunique() >= 3, col
+
+
+def test_has_missing_values_in_numeric_and_categorical_columns(
+    default_data: pd.DataFrame,
+) -> None:
+    missing = default_data.isna().mean()
+    assert (missing[NUMERIC] > 0.01).sum() >= 3
+    assert (missing[CATEGORICAL] > 0.01).any()
+    assert missing[TARGET] == 0
+
+
+def test_classes_are_imbalanced(default_data: pd.DataFrame) -> None:
+    assert set(default_data[TARGET].unique()) == {0, 1}
+    assert 0.05 <= default_data[TARGET].mean() <= 0.35
+
+
+def test_default_data_meets_the_data_contract(
+    default_data: pd.DataFrame, data_params: DataParams, validate_params: ValidateParams
+) -> None:
+    report = check(default_data, data_params, validate_params)
+    assert report.passed, report.message()
+
+
+@pytest.mark.parametrize("feature", NUMERIC)
+def test_covariate_shift_moves_a_numeric_feature(
+    feature: str, reference: pd.DataFrame, undrifted: pd.DataFrame
+) -> None:
+    drifted = generate(N, seed=303, drift=Drift(covariate={feature: 0.5}))
+    assert ks_pvalue(reference[feature], drifted[feature]) < SIGNIFICANT
+    assert ks_pvalue(reference[feature], undrifted[feature]) > NOT_SIGNIFICANT
+
+
+@pytest.mark.parametrize("feature", CATEGORICAL)
+def test_covariate_shift_moves_a_categorical_feature(
+    feature: str, reference: pd.DataFrame, undrifted: pd.DataFrame
+) -> None:
+    drifted = generate(N, seed=303, drift=Drift(covariate={feature: 0.2}))
+    assert chi2_pvalue(reference[feature], drifted[feature]) < SIGNIFICANT
+    assert chi2_pvalue(reference[feature], undrifted[feature]) > NOT_SIGNIFICANT
+
+
+def test_categorical_shift_favours_the_first_category(reference: pd.DataFrame) -> None:
+    drifted = generate(N, seed=303, drift=Drift(covariate={"contract_type": 0.3}))
+    before = (reference["contract_type"] == "month_to_month").mean()
+    after = (drifted["contract_type"] == "month_to_month").mean()
+    assert after > before + 0.1
+
+
+def test_covariate_shift_leaves_other_features_alone(reference: pd.DataFrame) -> None:
+    drifted = generate(N, seed=303, drift=Drift(covariate={"avg_daily_usage_min": 1.0}))
+    others = ["age", "num_products", "late_payments_12m", "support_tickets_90d"]
+    for col in others:
+        assert ks_pvalue(reference[col], drifted[col]) > NOT_SIGNIFICANT / len(others), col
+
+
+def test_rejects_drift_on_an_unknown_feature() -> None:
+    with pytest.raises(ValueError, match="tenure"):
+        Drift(covariate={"tenure": 1.0})
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.3, 0.5])
+def test_churn_rate_drift_gives_the_asked_share(rate: float) -> None:
+    batch = generate(10_000, seed=404, drift=Drift(churn_rate=rate))
+    assert len(batch) == 10_000
+    assert batch[TARGET].mean() == pytest.approx(rate, abs=1e-4)
+    assert batch["customer_id"].is_unique
+
+
+def test_churn_rate_drift_keeps_what_churners_look_like(reference: pd.DataFrame) -> None:
+    batch = generate(N, seed=404, drift=Drift(churn_rate=0.5))
+    for col in ("tenure_months", "days_since_last_login"):
+        ref_pos = reference.loc[reference[TARGET] == 1, col]
+        new_pos = batch.loc[batch[TARGET] == 1, col]
+        assert ks_pvalue(ref_pos, new_pos) > NOT_SIGNIFICANT / 2, col
+
+
+def test_concept_drift_changes_labels_not_features() -> None:
+    plain = generate(5_000, seed=505)
+    drifted = generate(5_000, seed=505, drift=Drift(concept=0.8))
+    pd.testing.assert_frame_equal(plain[NUMERIC + CATEGORICAL], drifted[NUMERIC + CATEGORICAL])
+    assert (plain[TARGET] != drifted[TARGET]).mean() > 0.1
+
+
+def test_concept_drift_keeps_feature_distributions(reference: pd.DataFrame) -> None:
+    drifted = generate(N, seed=505, drift=Drift(concept=0.8))
+    threshold = NOT_SIGNIFICANT / (len(NUMERIC) + len(CATEGORICAL))
+    for col in NUMERIC:
+        assert ks_pvalue(reference[col], drifted[col]) > threshold, col
+    for col in CATEGORICAL:
+        assert chi2_pvalue(reference[col], drifted[col]) > threshold, col
+
+
+def test_concept_drift_costs_a_fitted_model_its_ranking(
+    reference: pd.DataFrame, undrifted: pd.DataFrame, data_params: DataParams, params: Params
+) -> None:
+    train_params = TrainParams(**(params.train.model_dump() | {"n_estimators": 40}))
+    model = build(data_params, train_params)
+    fit_on = reference.head(10_000)
+    model.fit(model_frame(fit_on, data_params), fit_on[TARGET])
+
+    def auc(batch: pd.DataFrame) -> float:
+        proba = model.predict_proba(model_frame(batch, data_params))[:, 1]
+        return float(roc_auc_score(batch[TARGET], proba))
+
+    drifted = generate(N, seed=505, drift=Drift(concept=0.8))
+    assert auc(undrifted) > 0.75
+    assert auc(undrifted) - auc(drifted) > 0.15

@@ -1,0 +1,107 @@
+"""params.yaml: a broken file is a UserError that names the key to fix."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from common.errors import UserError
+from common.params import load_params
+from tests.workspace import ROOT
+
+Raw = dict[str, Any]
+
+
+def _set(keys: str, value: Any) -> Callable[[Raw], None]:
+    *parents, last = keys.split(".")
+
+    def edit(raw: Raw) -> None:
+        node = raw
+        for key in parents:
+            node = node[key]
+        node[last] = value
+
+    return edit
+
+
+def _drop(keys: str) -> Callable[[Raw], None]:
+    *parents, last = keys.split(".")
+
+    def edit(raw: Raw) -> None:
+        node = raw
+        for key in parents:
+            node = node[key]
+        del node[last]
+
+    return edit
+
+
+def write_params(tmp_path: Path, edit: Callable[[Raw], None]) -> Path:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    edit(raw)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def test_the_repository_params_load() -> None:
+    params = load_params(ROOT / "params.yaml")
+    assert params.data.target not in params.data.features
+    assert params.validate_.min_rows >= 1
+    assert params.register_.metric in ("roc_auc", "f1_macro", "accuracy", "log_loss")
+
+
+@pytest.mark.parametrize(
+    ("edit", "key"),
+    [
+        (_set("train.n_estimators", "many"), "train.n_estimators"),
+        (_set("train.learning_rate", -0.1), "train.learning_rate"),
+        (_set("train.n_estimator", 10), "train.n_estimator"),
+        (_set("validate.min_rows", 0), "validate.min_rows"),
+        (_set("register.metric", "auc"), "register.metric"),
+        (_set("prepare.holdout_share", 1.5), "prepare.holdout_share"),
+        (_set("data.features.age.type", "number"), "data.features.age.type"),
+        (_set("data.features.region.min", 0), "data.features.region"),
+        (_set("data.features.age.max_missing_share", 2), "data.features.age.max_missing_share"),
+        (_drop("data.target"), "data.target"),
+        (_drop("prepare"), "prepare"),
+    ],
+    ids=[
+        "text-for-a-number",
+        "negative-learning-rate",
+        "misspelt-key",
+        "zero-min-rows",
+        "unknown-metric",
+        "share-over-one",
+        "unknown-feature-type",
+        "bounds-on-a-category",
+        "missing-share-over-one",
+        "no-target",
+        "no-prepare-section",
+    ],
+)
+def test_broken_params_name_the_key(edit: Callable[[Raw], None], key: str, tmp_path: Path) -> None:
+    path = write_params(tmp_path, edit)
+    with pytest.raises(UserError) as err:
+        load_params(path)
+    message = str(err.value)
+    assert message.startswith(f"{path} is invalid: ")
+    assert f"{key}:" in message
+    assert "\n" not in message
+
+
+def test_invalid_yaml_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  n_estimators: [1, 2\n")
+    with pytest.raises(UserError, match="is not valid YAML") as err:
+        load_params(path)
+    assert str(path) in str(err.value)
+
+
+def test_missing_params_file_says_where_to_run_from(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="repository root"):
+        load_params(tmp_path / "params.yaml")

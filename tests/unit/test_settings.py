@@ -1,0 +1,109 @@
+"""Settings: embedded by default, and a half-configured S3 store is caught at start-up."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from common.errors import UserError
+from common.settings import Settings, get_settings
+
+VARIABLES = [
+    str(field.alias) for field in Settings.model_fields.values() if field.alias is not None
+]
+
+
+@pytest.fixture(autouse=True)
+def bare_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """No settings variables and no .env: run in an empty directory with them all unset."""
+    for name in VARIABLES:
+        monkeypatch.setenv(name, "")  # so monkeypatch restores the original on teardown
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    get_settings.cache_clear()
+    yield tmp_path
+    get_settings.cache_clear()
+
+
+def test_knows_the_tools_own_variable_names() -> None:
+    assert {"MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID"} <= set(VARIABLES)
+
+
+def test_defaults_to_an_embedded_store_under_mlops_home(bare_environment: Path) -> None:
+    settings = get_settings()
+    home = (bare_environment / ".mlops").resolve()
+    assert settings.embedded
+    assert settings.mlops_home == Path(".mlops")
+    assert settings.tracking_uri == f"sqlite:///{home / 'mlflow.db'}"
+    assert settings.artifact_root == (home / "mlartifacts").as_uri()
+    assert settings.model_name == "churn-classifier"
+    assert settings.model_alias == "champion"
+
+
+def test_mlops_home_moves_the_embedded_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLOPS_HOME", str(tmp_path / "state"))
+    settings = get_settings()
+    assert settings.tracking_uri == f"sqlite:///{tmp_path / 'state' / 'mlflow.db'}"
+    assert settings.artifact_root is not None
+    assert settings.artifact_root.startswith((tmp_path / "state").as_uri())
+
+
+def test_a_tracking_server_turns_off_embedded_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    settings = get_settings()
+    assert not settings.embedded
+    assert settings.tracking_uri == "http://mlflow:5000"
+    assert settings.artifact_root is None
+
+
+def test_reads_a_dotenv_file_in_the_working_directory(bare_environment: Path) -> None:
+    (bare_environment / ".env").write_text("MODEL_NAME=from-dotenv\n")
+    assert get_settings().model_name == "from-dotenv"
+
+
+def test_environment_wins_over_dotenv(
+    bare_environment: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (bare_environment / ".env").write_text("MODEL_NAME=from-dotenv\n")
+    monkeypatch.setenv("MODEL_NAME", "from-env")
+    assert Settings().model_name == "from-env"
+
+
+def test_s3_endpoint_without_keys_names_the_missing_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", "http://minio:9000")
+    with pytest.raises(UserError, match="AWS_ACCESS_KEY_ID") as err:
+        get_settings()
+    assert "MLFLOW_S3_ENDPOINT_URL" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_s3_endpoint_without_secret_names_the_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", "http://minio:9000")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "minio")
+    with pytest.raises(UserError, match="AWS_SECRET_ACCESS_KEY"):
+        get_settings()
+
+
+def test_s3_settings_from_dotenv_are_handed_to_the_tools(bare_environment: Path) -> None:
+    (bare_environment / ".env").write_text(
+        "MLFLOW_S3_ENDPOINT_URL=http://minio:9000\n"
+        "AWS_ACCESS_KEY_ID=minio\n"
+        "AWS_SECRET_ACCESS_KEY=secret\n"
+    )
+    get_settings().export_tool_env()  # the fixture's monkeypatch restores the environment
+    assert os.environ["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
+    assert os.environ["AWS_ACCESS_KEY_ID"] == "minio"
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] == "secret"
+
+
+def test_settings_are_loaded_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    first = get_settings()
+    monkeypatch.setenv("MODEL_NAME", "changed")
+    assert get_settings() is first
