@@ -93,7 +93,7 @@ def make_workspace(
     *,
     fast: bool = True,
 ) -> Workspace:
-    """Copy the pipeline into `path`, shrink it for tests (FAST unless fast=False), init git + DVC."""
+    """Copy the pipeline into `path`, shrink it (FAST unless fast=False), init git + DVC."""
     path.mkdir(parents=True, exist_ok=True)
     for name in COPIED:
         src = ROOT / name

@@ -45,11 +45,7 @@ def registry_state(ws: Workspace) -> Registry:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
-    # With PYTHONDONTWRITEBYTECODE set, every stage's process compiles its imports again
-    # (~3x its start-up); keep their bytecode in this module's temp dir instead.
-    pycache = str(tmp_path_factory.mktemp("pycache"))
-    env = {"PYTHONDONTWRITEBYTECODE": "", "PYTHONPYCACHEPREFIX": pycache}
-    ws = make_workspace(tmp_path_factory.mktemp("bad-input"), env=env)
+    ws = make_workspace(tmp_path_factory.mktemp("bad-input"))
     ws.run("dvc", "repro")
     return ws
 
