@@ -59,7 +59,7 @@ bench: bootstrap ## benchmarks: prints the pipeline's timings
 	$(RUN) python -m benchmarks.pipeline
 
 mlflow-ui: bootstrap ## MLflow UI on the embedded store (http://127.0.0.1:5000)
-	$(RUN) mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.mlops/mlflow.db --port 5000
+	$(RUN) mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.mlops/mlflow.db --port 5000 --workers 1
 
 licenses: bootstrap ## fail if a dependency's licence is incompatible with Apache-2.0
 	$(RUN) python scripts/check_licenses.py

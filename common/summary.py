@@ -45,12 +45,15 @@ def render(settings: Settings) -> Table:
 
 def where_to_look(settings: Settings) -> list[str]:
     if settings.embedded:
-        ui = f"uv run mlflow ui --backend-store-uri {settings.tracking_uri} --port 5000"
+        ui = (
+            "make mlflow-ui, then http://127.0.0.1:5000 "
+            f"(= mlflow ui --backend-store-uri {settings.tracking_uri} --workers 1)"
+        )
     else:
-        ui = f"open {settings.tracking_uri}"
+        ui = settings.tracking_uri
     return [
         f"MLflow runs and registry:  {ui}",
-        "Metrics and plots:         uv run dvc metrics show; uv run dvc plots show",
+        "Metrics and plots:         .venv/bin/dvc metrics show; .venv/bin/dvc plots show",
         f"Validation report:         {paths.VALIDATION_REPORT}",
     ]
 
