@@ -1,0 +1,405 @@
+"""Scoring and request validation from a logged model: ONNX and sklearn agree on records."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import mlflow.sklearn
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.models import infer_signature
+from pydantic import BaseModel, ValidationError
+from sklearn.pipeline import Pipeline
+
+from common.params import DataParams, Params, TrainParams
+from models import export, train
+from models.data import model_frame
+from models.generate import TARGET, Drift, generate
+from models.predict import (
+    ONNX_ARTIFACT,
+    ModelError,
+    Schema,
+    Scorer,
+    record_model,
+    validate_records,
+)
+
+
+def save_model_dir(
+    pipeline: Pipeline, data: DataParams, train_df: pd.DataFrame, path: Path
+) -> Path:
+    """Save a model directory the way train.run logs it (signature, example, extra files)."""
+    extra = path.with_name(f"{path.name}-extra")
+    extra.mkdir(parents=True)
+    (extra / train.ONNX_FILE).write_bytes(export.export(pipeline, data))
+    train_df.head(200).to_parquet(extra / train.REFERENCE_FILE)
+    example = model_frame(train_df, data).head(5)
+    mlflow.sklearn.save_model(
+        pipeline,
+        str(path),
+        signature=infer_signature(example, pipeline.predict_proba(example)),
+        input_example=example,
+        pyfunc_predict_fn="predict_proba",
+        pip_requirements=["scikit-learn"],
+        extra_files=[str(extra / train.ONNX_FILE), str(extra / train.REFERENCE_FILE)],
+        skops_trusted_types=train.SKOPS_TRUSTED,
+    )
+    return path
+
+
+def fitted(df: pd.DataFrame, data: DataParams, params: Params) -> Pipeline:
+    small = TrainParams(**(params.train.model_dump() | {"n_estimators": 25}))
+    return train.build(data, small).fit(model_frame(df, data), df[TARGET])
+
+
+def as_records(df: pd.DataFrame, data: DataParams) -> list[dict[str, Any]]:
+    """Rows as a JSON request carries them: missing values are None, not NaN."""
+    return [
+        {str(k): None if pd.isna(v) else v for k, v in row.items()}
+        for row in df[data.feature_names].to_dict(orient="records")
+    ]
+
+
+def training_rows() -> pd.DataFrame:
+    """Generated rows where a missing payment method means churn.
+
+    The model then leans on the missing category, so filling a missing category the wrong
+    way shows in its scores (with uninformative missingness the trees may never split on it).
+    """
+    df = generate(3_000, seed=1)
+    df.loc[df["payment_method"].isna(), TARGET] = 1
+    return df
+
+
+@pytest.fixture(scope="module")
+def pipeline(data_params: DataParams, params: Params) -> Pipeline:
+    return fitted(training_rows(), data_params, params)
+
+
+@pytest.fixture(scope="module")
+def model_dir(
+    pipeline: Pipeline, data_params: DataParams, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    return save_model_dir(
+        pipeline, data_params, training_rows(), tmp_path_factory.mktemp("m") / "model"
+    )
+
+
+@pytest.fixture(scope="module")
+def onnx_scorer(model_dir: Path) -> Scorer:
+    return Scorer.load(model_dir, prefer_onnx=True)
+
+
+@pytest.fixture(scope="module")
+def sklearn_scorer(model_dir: Path) -> Scorer:
+    return Scorer.load(model_dir, prefer_onnx=False)
+
+
+@pytest.fixture(scope="module")
+def rows(data_params: DataParams) -> pd.DataFrame:
+    """2,000 fresh rows, plus rows with every value missing (None and "") and an unseen region."""
+    df = generate(2_000, seed=7)
+    holes = df.head(6).copy()
+    holes[data_params.numeric] = np.nan
+    holes[data_params.categorical] = None
+    holes.loc[holes.index[:3], data_params.categorical] = ""
+    unseen = df.head(2).assign(region="atlantis")
+    return pd.concat([df, holes, unseen], ignore_index=True)
+
+
+@pytest.fixture(scope="module")
+def records(rows: pd.DataFrame, data_params: DataParams) -> list[dict[str, Any]]:
+    return as_records(rows, data_params)
+
+
+@pytest.fixture(scope="module")
+def expected(pipeline: Pipeline, rows: pd.DataFrame, data_params: DataParams) -> np.ndarray:
+    """What training-time code computes: the pipeline on model_frame."""
+    return np.asarray(pipeline.predict_proba(model_frame(rows, data_params)))
+
+
+def good_record(scorer: Scorer) -> dict[str, Any]:
+    return {
+        name: 1.0 if kind == "numeric" else scorer.categories[name][0]
+        for name, kind in scorer.features
+    }
+
+
+# Scoring
+
+
+def test_onnx_and_sklearn_paths_match_training_code_including_missing_values(
+    onnx_scorer: Scorer,
+    sklearn_scorer: Scorer,
+    records: list[dict[str, Any]],
+    expected: np.ndarray,
+) -> None:
+    assert sum(r["satisfaction_score"] is None for r in records) > 100
+    assert sum(r["payment_method"] is None for r in records) > 20
+    assert onnx_scorer.backend == "onnx"
+    assert sklearn_scorer.backend == "sklearn"
+
+    np.testing.assert_allclose(onnx_scorer.proba(records), expected, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(sklearn_scorer.proba(records), expected, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("kind", "fill"), [("numeric", 0.0), ("categorical", "None"), ("categorical", "")]
+)
+def test_the_agreement_check_catches_missing_values_filled_the_wrong_way(
+    onnx_scorer: Scorer,
+    records: list[dict[str, Any]],
+    expected: np.ndarray,
+    kind: str,
+    fill: object,
+) -> None:
+    """Zero for a missing number, or "None" for a missing category, changes the scores.
+
+    ("" is the one fill model_frame treats as missing, so it must change nothing.)
+    """
+    kinds = dict(onnx_scorer.features)
+    wrong = [
+        {k: fill if v is None and kinds[k] == kind else v for k, v in r.items()} for r in records
+    ]
+    changed = np.abs(onnx_scorer.proba(wrong) - expected).max(axis=1) > 1e-3
+    if fill == "":
+        assert not changed.any()
+    else:
+        assert changed.sum() > 20
+
+
+def test_nan_and_none_are_the_same_missing_number(
+    onnx_scorer: Scorer, sklearn_scorer: Scorer, rows: pd.DataFrame, data_params: DataParams
+) -> None:
+    with_none = as_records(rows.head(50), data_params)
+    with_nan = [{k: math.nan if v is None else v for k, v in r.items()} for r in with_none]
+    for scorer in (onnx_scorer, sklearn_scorer):
+        np.testing.assert_array_equal(scorer.proba(with_nan), scorer.proba(with_none))
+
+
+def test_predict_returns_a_label_and_probabilities_per_record_in_order(
+    onnx_scorer: Scorer, rows: pd.DataFrame, expected: np.ndarray, data_params: DataParams
+) -> None:
+    order = expected[:, 1].argsort()
+    picked = np.sort(np.r_[order[:10], order[-10:]])  # both labels, in row order
+    records = as_records(rows.iloc[picked], data_params)
+    forward = onnx_scorer.predict(records)
+    backward = onnx_scorer.predict(records[::-1])
+
+    assert backward == forward[::-1]
+    assert len(forward) == 20
+    for scored, truth in zip(forward, expected[picked], strict=True):
+        assert list(scored.probabilities) == onnx_scorer.classes == ["0", "1"]
+        assert scored.label == onnx_scorer.classes[int(truth.argmax())]
+        np.testing.assert_allclose(list(scored.probabilities.values()), truth, atol=1e-5)
+        assert sum(scored.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+    assert {s.label for s in forward} == {"0", "1"}
+
+
+def test_predict_of_no_records_is_empty(onnx_scorer: Scorer, sklearn_scorer: Scorer) -> None:
+    assert onnx_scorer.predict([]) == []
+    assert sklearn_scorer.predict([]) == []
+
+
+def test_a_record_without_a_feature_is_an_error_naming_it(onnx_scorer: Scorer) -> None:
+    record = good_record(onnx_scorer)
+    del record["age"]
+    with pytest.raises(ValueError, match="'age'"):
+        onnx_scorer.predict([record])
+
+
+def test_features_categories_and_classes_come_from_the_model(
+    onnx_scorer: Scorer, data_params: DataParams
+) -> None:
+    assert onnx_scorer.features == [(n, f.type) for n, f in data_params.features.items()]
+    assert onnx_scorer.categories == {
+        n: sorted(f.categories or []) for n, f in data_params.features.items() if f.categories
+    }
+    assert onnx_scorer.classes == ["0", "1"]
+
+
+def test_without_an_onnx_file_the_scorer_falls_back_to_sklearn(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    copy = Path(shutil.copytree(model_dir, tmp_path / "model"))
+    (copy / ONNX_ARTIFACT).unlink()
+    assert Scorer.load(copy, prefer_onnx=True).backend == "sklearn"
+
+
+def test_onnx_artifact_is_where_train_logs_it() -> None:
+    assert Path("extra_files", train.ONNX_FILE) == ONNX_ARTIFACT
+
+
+def test_a_directory_without_a_model_is_a_model_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="MLmodel"):
+        Scorer.load(tmp_path, prefer_onnx=True)
+
+
+# Self-check
+
+
+def test_self_check_passes_on_a_good_model(onnx_scorer: Scorer, sklearn_scorer: Scorer) -> None:
+    onnx_scorer.self_check()
+    sklearn_scorer.self_check()
+
+
+def test_self_check_fails_when_the_onnx_file_belongs_to_another_model(
+    model_dir: Path, tmp_path: Path, data_params: DataParams, params: Params
+) -> None:
+    other = fitted(generate(1_000, seed=9, drift=Drift(concept=1.0)), data_params, params)
+    copy = Path(shutil.copytree(model_dir, tmp_path / "model"))
+    (copy / ONNX_ARTIFACT).write_bytes(export.export(other, data_params))
+    with pytest.raises(ModelError, match="disagree"):
+        Scorer.load(copy, prefer_onnx=True).self_check()
+
+
+def test_self_check_fails_without_an_input_example(model_dir: Path, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(model_dir, tmp_path / "model"))
+    (copy / "input_example.json").unlink()
+    with pytest.raises(ModelError, match="input example"):
+        Scorer.load(copy, prefer_onnx=True).self_check()
+
+
+# Request validation
+
+
+@pytest.fixture(scope="module")
+def record(onnx_scorer: Scorer) -> type[BaseModel]:
+    return record_model(onnx_scorer)
+
+
+def errors(model: type[BaseModel], payload: dict[str, Any]) -> list[dict[str, Any]]:
+    with pytest.raises(ValidationError) as info:
+        model.model_validate(payload)
+    return [dict(e) for e in info.value.errors()]
+
+
+def test_record_accepts_explicit_nulls_and_known_values(
+    record: type[BaseModel], onnx_scorer: Scorer
+) -> None:
+    nulls = dict.fromkeys(record.model_fields)
+    assert record.model_validate(nulls).model_dump() == nulls
+    good = good_record(onnx_scorer) | {"age": 41}
+    assert record.model_validate(good).model_dump() == good | {"age": 41.0}
+
+
+def test_record_rejects_a_missing_field(record: type[BaseModel], onnx_scorer: Scorer) -> None:
+    payload = good_record(onnx_scorer)
+    del payload["tenure_months"]
+    [error] = errors(record, payload)
+    assert (error["type"], error["loc"]) == ("missing", ("tenure_months",))
+
+
+@pytest.mark.parametrize("value", ["12", True, [1.0], {"v": 1}])
+def test_record_rejects_a_number_of_the_wrong_type(
+    record: type[BaseModel], onnx_scorer: Scorer, value: object
+) -> None:
+    [error] = errors(record, good_record(onnx_scorer) | {"age": value})
+    assert (error["type"], error["loc"]) == ("float_type", ("age",))
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_record_rejects_nan_and_infinity(
+    record: type[BaseModel], onnx_scorer: Scorer, value: float
+) -> None:
+    [error] = errors(record, good_record(onnx_scorer) | {"monthly_charges": value})
+    assert (error["type"], error["loc"]) == ("finite_number", ("monthly_charges",))
+
+
+def test_record_rejects_nan_written_in_json(record: type[BaseModel], onnx_scorer: Scorer) -> None:
+    body = record.model_validate(good_record(onnx_scorer)).model_dump_json()
+    body = body.replace('"age":1.0', '"age":NaN')
+    with pytest.raises(ValidationError, match="finite number"):
+        record.model_validate_json(body)
+
+
+def test_record_rejects_an_unseen_category_naming_the_field_and_allowed_values(
+    record: type[BaseModel], onnx_scorer: Scorer
+) -> None:
+    [error] = errors(record, good_record(onnx_scorer) | {"region": "atlantis"})
+    assert error["loc"] == ("region",)
+    assert all(f"'{c}'" in error["msg"] for c in onnx_scorer.categories["region"])
+
+
+@pytest.mark.parametrize("value", ["", "__missing__", 3])
+def test_record_rejects_categories_the_model_does_not_know(
+    record: type[BaseModel], onnx_scorer: Scorer, value: object
+) -> None:
+    [error] = errors(record, good_record(onnx_scorer) | {"plan_tier": value})
+    assert error["loc"] == ("plan_tier",)
+
+
+def test_record_rejects_an_unknown_field(record: type[BaseModel], onnx_scorer: Scorer) -> None:
+    [error] = errors(record, good_record(onnx_scorer) | {"customer_id": "C1"})
+    assert (error["type"], error["loc"]) == ("extra_forbidden", ("customer_id",))
+
+
+def test_record_json_schema_requires_every_feature_and_gives_examples(
+    record: type[BaseModel], onnx_scorer: Scorer
+) -> None:
+    schema = record.model_json_schema()
+    names = [name for name, _ in onnx_scorer.features]
+    assert schema["title"] == "Record"
+    assert schema["required"] == names
+    assert schema["additionalProperties"] is False
+    assert all(schema["properties"][n]["examples"] for n in names)
+    [example] = schema["examples"]
+    assert record.model_validate(example).model_dump() == example
+    assert schema["properties"]["region"]["anyOf"][0]["enum"] == onnx_scorer.categories["region"]
+
+
+def test_record_model_builds_from_a_schema_without_a_model() -> None:
+    model = record_model(
+        Schema(features=(("x", "numeric"), ("c", "categorical")), categories={"c": ("a", "b")})
+    )
+    assert model.model_validate({"x": 2, "c": "b"}).model_dump() == {"x": 2.0, "c": "b"}
+    with pytest.raises(ValidationError):
+        model.model_validate({"x": 2, "c": "z"})
+
+
+def test_validated_records_score(record: type[BaseModel], onnx_scorer: Scorer) -> None:
+    payload = [good_record(onnx_scorer), dict.fromkeys(record.model_fields)]
+    [first, second] = onnx_scorer.predict(validate_records(record, payload, max_batch=10))
+    assert first.label in onnx_scorer.classes
+    assert second.label in onnx_scorer.classes
+
+
+def test_validate_records_takes_one_record_or_a_list(
+    record: type[BaseModel], onnx_scorer: Scorer
+) -> None:
+    one = good_record(onnx_scorer)
+    assert validate_records(record, one, max_batch=1) == [one]
+    assert validate_records(record, [one, one], max_batch=2) == [one, one]
+
+
+def test_validate_records_locates_errors_by_index_in_a_batch(
+    record: type[BaseModel], onnx_scorer: Scorer
+) -> None:
+    one = good_record(onnx_scorer)
+    with pytest.raises(ValidationError) as info:
+        validate_records(record, [one, one | {"age": "old"}], max_batch=10)
+    assert [e["loc"] for e in info.value.errors()] == [(1, "age")]
+
+
+def test_validate_records_rejects_an_empty_batch(record: type[BaseModel]) -> None:
+    with pytest.raises(ValueError, match="empty"):
+        validate_records(record, [], max_batch=10)
+
+
+def test_validate_records_rejects_an_oversized_batch(
+    record: type[BaseModel], onnx_scorer: Scorer
+) -> None:
+    with pytest.raises(ValueError, match="11 records; at most 10"):
+        validate_records(record, [good_record(onnx_scorer)] * 11, max_batch=10)
+
+
+@pytest.mark.parametrize("payload", ["text", 3, None])
+def test_validate_records_rejects_a_payload_that_is_not_records(
+    record: type[BaseModel], payload: object
+) -> None:
+    with pytest.raises(ValueError, match="expected a record"):
+        validate_records(record, payload, max_batch=10)
