@@ -1,0 +1,127 @@
+"""The prediction log without a database: spill lines, a submit that never waits, close()."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.predlog import Feedback, Prediction, PredictionLog, from_line, to_line
+from tests.servers import free_port
+
+
+def make_prediction(**changes: object) -> Prediction:
+    fields: dict[str, object] = {
+        "request_id": str(uuid.uuid4()),
+        "ts": datetime(2026, 5, 1, 12, 30, 15, 123456, tzinfo=UTC),
+        "model_name": "churn-classifier",
+        "model_version": "7",
+        "inputs": {"tenure": 12, "monthly_charges": 70.5, "contract": "one_year", "x": None},
+        "predicted": "yes",
+        "probabilities": {"no": 0.25, "yes": 0.75},
+        "latency_ms": 3.5,
+    }
+    return Prediction(**(fields | changes))  # type: ignore[arg-type]
+
+
+def spilled_lines(spill_dir: Path) -> list[bytes]:
+    return [line for path in spill_dir.glob("*.jsonl") for line in path.read_bytes().splitlines()]
+
+
+@pytest.fixture
+def down_url() -> str:
+    """A database URL on a port where nothing listens: PostgreSQL is down."""
+    return f"postgresql://postgres@127.0.0.1:{free_port()}/predlog"
+
+
+def test_prediction_round_trips_through_a_spill_line() -> None:
+    prediction = make_prediction()
+    line = to_line(prediction)
+    assert line.endswith(b"\n")
+    assert line.count(b"\n") == 1
+    assert from_line(line) == prediction
+
+
+def test_feedback_round_trips_through_a_spill_line() -> None:
+    feedback = Feedback(str(uuid.uuid4()), "no", datetime.now(UTC))
+    assert from_line(to_line(feedback)) == feedback
+
+
+def test_non_finite_and_numpy_values_become_plain_json() -> None:
+    prediction = make_prediction(
+        inputs={"a": float("nan"), "b": np.float32(1.5), "c": np.int64(3)},
+        probabilities={"no": np.float32(0.25), "yes": np.float64(0.75)},
+    )
+    doc = json.loads(to_line(prediction))
+    assert doc["inputs"] == {"a": None, "b": 1.5, "c": 3}
+    assert doc["probabilities"] == {"no": 0.25, "yes": 0.75}
+
+
+def test_rejects_a_request_id_that_is_not_a_uuid() -> None:
+    with pytest.raises(ValueError, match="UUID"):
+        Feedback("42", "no", datetime.now(UTC))
+
+
+def test_rejects_a_naive_timestamp() -> None:
+    with pytest.raises(ValueError, match="timezone-aware"):
+        make_prediction(ts=datetime(2026, 5, 1))
+
+
+def test_a_line_cut_short_is_not_a_row() -> None:
+    line = to_line(make_prediction())
+    with pytest.raises(ValueError, match="not a prediction log line"):
+        from_line(line[: len(line) // 2])
+
+
+def test_submit_never_blocks_when_the_database_is_down(down_url: str, tmp_path: Path) -> None:
+    plog = PredictionLog(down_url, tmp_path, max_buffer=300, retry_interval=0.2)
+    plog.start()
+    try:
+        start = time.perf_counter()
+        for _ in range(1000):
+            plog.submit(make_prediction())
+        elapsed = time.perf_counter() - start
+        assert elapsed < 1.0
+        assert plog.depth == 1000
+        assert not plog.db_up
+    finally:
+        plog.close()
+
+
+def test_close_spills_everything_to_the_file(down_url: str, tmp_path: Path) -> None:
+    plog = PredictionLog(down_url, tmp_path, max_buffer=100, flush_interval=0.05)
+    plog.start()
+    predictions = [make_prediction() for _ in range(500)]
+    submitted: list[Prediction | Feedback] = [
+        *predictions,
+        Feedback(predictions[0].request_id, "no", datetime.now(UTC)),
+    ]
+    for item in submitted:
+        plog.submit(item)
+    plog.close(timeout=5)
+
+    spilled = [from_line(line) for line in spilled_lines(tmp_path)]
+    assert sorted(map(to_line, spilled)) == sorted(map(to_line, submitted))
+    assert plog.depth == 501
+    assert plog.dropped == 0
+
+
+def test_spill_keeps_the_newest_rows_and_counts_what_it_drops(
+    down_url: str, tmp_path: Path
+) -> None:
+    plog = PredictionLog(down_url, tmp_path, max_buffer=0, max_spill=100)
+    submitted = [make_prediction(ts=datetime.now(UTC) + timedelta(seconds=i)) for i in range(250)]
+    for prediction in submitted:
+        plog.submit(prediction)
+    plog.close()
+
+    kept = [from_line(line).request_id for line in spilled_lines(tmp_path)]
+    assert 90 <= len(kept) <= 100
+    assert plog.dropped == 250 - len(kept)
+    assert plog.depth == len(kept)
+    assert set(kept) == {p.request_id for p in submitted[-len(kept) :]}
