@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     database_url: str | None = Field(default=None, alias="DATABASE_URL")
     model_name: str = Field(default="churn-classifier", alias="MODEL_NAME")
     model_alias: str = Field(default="champion", alias="MODEL_ALIAS")
+    # Serving: how often the predictor checks the alias, and the largest batch it accepts.
+    model_poll_seconds: float = Field(default=10.0, gt=0, alias="MODEL_POLL_SECONDS")
+    predict_max_batch: int = Field(default=1000, ge=1, alias="PREDICT_MAX_BATCH")
 
     @model_validator(mode="after")
     def _s3_needs_credentials(self) -> Settings:

@@ -27,6 +27,7 @@ from tests.servers import (
     free_port,
     http_ok,
 )
+from tests.workspace import Workspace, make_workspace
 
 
 @pytest.fixture(scope="session")
@@ -90,3 +91,13 @@ def mlflow_server(
     server = Server("mlflow server", cmd, log_path=log, healthy=http_ok(f"{url}/health"), env=env)
     with server.start(timeout=120):
         yield HttpServer(url, log)
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory: pytest.TempPathFactory, mlflow_server: HttpServer) -> Workspace:
+    """A workspace where the whole pipeline ran once against the server (champion v1)."""
+    ws = make_workspace(
+        tmp_path_factory.mktemp("pipeline"), env={"MLFLOW_TRACKING_URI": mlflow_server.url}
+    )
+    ws.run("dvc", "repro", timeout=600)
+    return ws

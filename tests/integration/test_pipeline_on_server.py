@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from common.lineage import file_md5
 from tests.servers import MLFLOW_BUCKET, HttpServer, S3Endpoint, free_port
-from tests.workspace import Workspace, make_workspace
+from tests.workspace import Workspace
 
 MODEL = "churn-classifier"
 
@@ -27,16 +27,6 @@ rows = pd.read_parquet("data/prepared/holdout.parquet").head(7)
 model = mlflow.sklearn.load_model("models:/churn-classifier@champion")
 print(json.dumps(model.predict_proba(model_frame(rows, params.data)).tolist()))
 """
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory: pytest.TempPathFactory, mlflow_server: HttpServer) -> Workspace:
-    """A workspace where the whole pipeline ran once against the server."""
-    ws = make_workspace(
-        tmp_path_factory.mktemp("pipeline"), env={"MLFLOW_TRACKING_URI": mlflow_server.url}
-    )
-    ws.run("dvc", "repro", timeout=600)
-    return ws
 
 
 @pytest.fixture

@@ -1,0 +1,121 @@
+"""`make serve`: the predictor on the champion, on port 3000 by default.
+
+With DATABASE_URL unset it starts an embedded PostgreSQL under MLOPS_HOME/postgres for the
+prediction log (kept across restarts) and stops it again on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+
+import psutil
+
+from common.errors import UserError, run_cli
+from common.localpg import LocalPostgres
+from common.settings import Settings, get_settings
+from services.predictor.package import bundle
+
+EMBEDDED_PG_PORT = 5433
+EMBEDDED_DB = "predictions"
+SERVICE = "services.predictor.service:Predictor"
+
+
+@contextmanager
+def prediction_db(settings: Settings) -> Iterator[str]:
+    """DATABASE_URL if set; else an embedded PostgreSQL, stopped when the block ends."""
+    if settings.database_url:
+        yield settings.database_url
+        return
+    pg = LocalPostgres(settings.mlops_home / "postgres", port=EMBEDDED_PG_PORT)
+    pg.start()
+    try:
+        pg.create_database(EMBEDDED_DB)
+        print(f"prediction log: embedded PostgreSQL at 127.0.0.1:{EMBEDDED_PG_PORT}/{EMBEDDED_DB}")
+        yield pg.url(EMBEDDED_DB)
+    finally:
+        pg.stop()
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=2) as resp:
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@contextmanager
+def serving(
+    settings: Settings, port: int, timeout: float = 120
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Bundle the champion, start `bentoml serve`, wait for /readyz; stop it all afterwards."""
+    with prediction_db(settings) as database_url:
+        print(f"bundled {bundle(settings)}")
+        env = {
+            **os.environ,
+            "DATABASE_URL": database_url,
+            "OMP_NUM_THREADS": "1",
+            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        }
+        cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--port", str(port)]
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + timeout
+            while not _ready(url):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise UserError(
+                        f"`bentoml serve` did not become ready on {url}; see its output above."
+                    )
+                time.sleep(0.5)
+            print(f"predictor ready on {url} (POST /predict, POST /feedback, GET /model, /metrics)")
+            yield proc
+        finally:
+            _stop(proc)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop the server and every descendant: BentoML's workers start sessions of their own."""
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for member in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.terminate()
+    _, alive = psutil.wait_procs(family, timeout=20)
+    for member in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
+    proc.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=3000)
+    args = parser.parse_args()
+
+    def interrupted(signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)
+    try:
+        with serving(get_settings(), args.port) as proc:
+            proc.wait()
+    except KeyboardInterrupt:
+        print("stopped")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,200 @@
+"""The BentoML predictor: serves `models:/<name>@champion`, logs every prediction to PostgreSQL.
+
+Thin by design: scoring and request validation live in models.predict, the registry
+following in services.predictor.runtime, the prediction log in common.predlog.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import bentoml
+import psycopg
+from bentoml.exceptions import BadInput, NotFound
+from fastapi import FastAPI
+from pydantic import ValidationError
+
+from common.predlog import Feedback, Prediction, PredictionLog, migrate, prediction_exists
+from common.settings import get_settings
+from models.predict import validate_records
+from services.predictor.guard import RequestGuard
+from services.predictor.runtime import ModelRuntime
+
+log = logging.getLogger("predictor")
+
+FEEDBACK_LOOKUPS = 5
+"""A prediction reaches PostgreSQL within a flush interval (0.2 s); feedback may come sooner."""
+
+MAX_BODY_BYTES = 8 * 1024 * 1024
+"""Larger request bodies get a 413 before they are parsed (PREDICT_MAX_BATCH bounds records)."""
+
+BUNDLE = "predictor-model"
+"""Tag of the champion copied into the Bento at build time (services.predictor.package)."""
+
+PREDICTIONS = bentoml.metrics.Counter(
+    name="predictor_predictions",
+    documentation="Predictions answered, by model version and predicted class",
+    labelnames=["model_version", "predicted_class"],
+)
+LATENCY = bentoml.metrics.Histogram(
+    name="predictor_prediction_latency_seconds",
+    documentation="Time to validate and score one /predict request",
+    labelnames=["model_version"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+QUEUE_DEPTH = bentoml.metrics.Gauge(
+    name="predictor_log_queue_depth",
+    documentation="Prediction-log rows waiting to be written (memory + spill file)",
+    multiprocess_mode="livesum",
+)
+SWAPS = bentoml.metrics.Counter(
+    name="predictor_model_swaps", documentation="Times the served model version changed"
+)
+REGISTRY_UP = bentoml.metrics.Gauge(
+    name="predictor_registry_up",
+    documentation="1 when the last registry check succeeded",
+    multiprocess_mode="livemin",
+)
+SERVED_VERSION = bentoml.metrics.Gauge(
+    name="predictor_served_model_version",
+    documentation="The model version each worker serves",
+    multiprocess_mode="livemax",
+)
+
+info = FastAPI(title="predictor info")
+
+
+@bentoml.asgi_app(info, path="/model")
+@bentoml.service(name="churn_predictor", workers=2, traffic={"timeout": 30})
+class Predictor:
+    """POST /predict, POST /feedback, GET /model; BentoML adds /readyz, /livez, /metrics."""
+
+    bundled = bentoml.models.BentoModel(f"{BUNDLE}:latest")
+
+    def __init__(self) -> None:
+        settings = get_settings()
+        if not settings.database_url:
+            raise RuntimeError(
+                "DATABASE_URL is not set: the predictor logs every prediction to PostgreSQL "
+                "(`make serve` starts an embedded one when it is unset)"
+            )
+        self.settings = settings
+        self.database_url = settings.database_url
+        try:
+            migrate(self.database_url)
+        except psycopg.OperationalError as exc:  # the log's writer migrates once it connects
+            log.warning("prediction log database not reachable at start-up: %s", exc)
+        self.log = PredictionLog(self.database_url, settings.mlops_home.resolve() / "spill")
+        self.log.start()
+        self.runtime = ModelRuntime(settings, bundled_dir=Path(self.bundled.path))
+        self._observe(swapped=False)
+        self.runtime.start(on_check=self._observe)
+
+    def _observe(self, swapped: bool) -> None:
+        if swapped:
+            SWAPS.inc()
+        REGISTRY_UP.set(1 if self.runtime.registry_ok else 0)
+        SERVED_VERSION.set(
+            float(self.runtime.current.version) if self.runtime.current.version.isdigit() else -1
+        )
+        QUEUE_DEPTH.set(self.log.depth)
+
+    @bentoml.api(route="/predict")
+    def predict(self, records: list[dict[str, Any]] | dict[str, Any]) -> dict[str, Any]:
+        """Score one record or a list; each answer carries its request id and model version."""
+        start = time.perf_counter()
+        served = self.runtime.current  # one snapshot: the whole request uses one version
+        try:
+            rows = validate_records(
+                served.record, records, max_batch=self.settings.predict_max_batch
+            )
+        except ValidationError:
+            raise  # BentoML answers 400 with each error's field and message
+        except ValueError as exc:
+            raise BadInput(str(exc)) from exc
+        scored = served.scorer.predict(rows)
+        elapsed = time.perf_counter() - start
+        now = datetime.now(UTC)
+        per_row_ms = elapsed * 1000 / len(rows)
+        answers = []
+        for row, result in zip(rows, scored, strict=True):
+            request_id = str(uuid.uuid4())
+            answers.append(
+                {
+                    "request_id": request_id,
+                    "predicted_class": result.label,
+                    "probabilities": result.probabilities,
+                    "model_name": served.name,
+                    "model_version": served.version,
+                }
+            )
+            self.log.submit(
+                Prediction(
+                    request_id,
+                    now,
+                    served.name,
+                    served.version,
+                    row,
+                    result.label,
+                    result.probabilities,
+                    per_row_ms,
+                )
+            )
+            PREDICTIONS.labels(model_version=served.version, predicted_class=result.label).inc()
+        LATENCY.labels(model_version=served.version).observe(elapsed)
+        QUEUE_DEPTH.set(self.log.depth)
+        return {"model_name": served.name, "model_version": served.version, "predictions": answers}
+
+    @bentoml.api(route="/feedback")
+    def feedback(self, request_id: uuid.UUID, label: str) -> dict[str, Any]:
+        """The true label for an earlier prediction; labels may arrive days later."""
+        classes = self.runtime.current.scorer.classes
+        if label not in classes:
+            raise BadInput(
+                f"label {label!r} is not a class of this model; expected one of {classes}"
+            )
+        if not self._known(str(request_id)):
+            raise NotFound(f"no prediction with request_id {request_id}")
+        self.log.submit(Feedback(str(request_id), label, datetime.now(UTC)))
+        QUEUE_DEPTH.set(self.log.depth)
+        return {"request_id": str(request_id), "label": label, "accepted": True}
+
+    def _known(self, request_id: str) -> bool:
+        """Whether the prediction exists (waits out log batching; yes if the DB is down)."""
+        for _ in range(FEEDBACK_LOOKUPS):
+            found = prediction_exists(self.database_url, request_id)
+            if found is None or found:
+                return True
+            time.sleep(0.25)
+        return False
+
+    @bentoml.api(route="/webhooks/mlflow")
+    def mlflow_webhook(
+        self, entity: str = "", action: str = "", data: dict[str, Any] | None = None
+    ) -> dict[str, str]:
+        """MLflow registry webhook (alias events): check the alias now, not at the next poll."""
+        self.runtime.wake()
+        return {"status": "checking", "entity": entity, "action": action}
+
+    @info.get("/")
+    def model(self) -> dict[str, Any]:
+        """The version being served, its lineage tags, and whether the registry answers."""
+        return {
+            **self.runtime.describe(),
+            "log_queue_depth": self.log.depth,
+            "log_db_up": self.log.db_up,
+        }
+
+    @bentoml.on_shutdown
+    def close(self) -> None:
+        self.runtime.stop()
+        self.log.close()
+
+
+# @bentoml.service returns a Service; mypy sees the class.
+Predictor.add_asgi_middleware(RequestGuard, max_body=MAX_BODY_BYTES)  # type: ignore[attr-defined]

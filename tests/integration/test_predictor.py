@@ -1,0 +1,332 @@
+"""The predictor as users meet it: a real `bentoml serve` on the champion from a real MLflow server.
+
+Its prediction log is a PostgreSQL cluster of its own, so the outage test can take that
+database away without touching the MLflow server's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from mlflow.tracking import MlflowClient
+
+from common.localpg import LocalPostgres
+from tests.servers import VENV_BIN, HttpServer, Server, clean_env, free_port, http_ok
+from tests.workspace import ROOT, Workspace
+
+SERVED = "churn-serving"
+MAX_BATCH = 50
+
+
+@pytest.fixture(scope="module")
+def registry(mlflow_server: HttpServer, pipeline: Workspace) -> MlflowClient:
+    """`churn-serving` v1 and v2 (same artifacts as the pipeline's champion), champion -> v1."""
+    client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+    source = client.get_model_version_by_alias("churn-classifier", "champion")
+    client.create_registered_model(SERVED)
+    assert source.source is not None
+    for _ in range(2):
+        client.create_model_version(
+            SERVED,
+            source.source,
+            source.run_id,
+            source.tags,
+            model_id=source.source[len("models:/") :],
+        )
+    client.set_registered_model_alias(SERVED, "champion", "1")
+    return client
+
+
+@pytest.fixture(scope="module")
+def logdb() -> Iterator[LocalPostgres]:
+    base = Path(tempfile.mkdtemp(prefix="mlops-it-predlog-"))
+    pg = LocalPostgres(base, free_port(), settings={"fsync": "off"})
+    try:
+        pg.start()
+        pg.create_database("predictions")
+        yield pg
+    finally:
+        pg.destroy()
+
+
+@pytest.fixture(scope="module")
+def predictor(
+    registry: MlflowClient,
+    mlflow_server: HttpServer,
+    logdb: LocalPostgres,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[str]:
+    home = tmp_path_factory.mktemp("predictor")
+    env = clean_env(
+        MLFLOW_TRACKING_URI=mlflow_server.url,
+        MODEL_NAME=SERVED,
+        MODEL_POLL_SECONDS="1",
+        PREDICT_MAX_BATCH=str(MAX_BATCH),
+        DATABASE_URL=logdb.url("predictions"),
+        MLOPS_HOME=str(home / ".mlops"),
+        BENTOML_HOME=str(home / "bentoml"),
+        OMP_NUM_THREADS="1",
+    )
+    bundle = [str(VENV_BIN / "python"), "-m", "services.predictor.package"]
+    subprocess.run(bundle, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [str(VENV_BIN / "bentoml"), "serve", "services.predictor.service:Predictor"]
+    server = Server(
+        "bentoml serve",
+        [*cmd, "--port", str(port), "--host", "127.0.0.1"],
+        log_path=home / "bentoml.log",
+        healthy=http_ok(f"{url}/readyz"),
+        env=env,
+        cwd=ROOT,
+    )
+    with server.start(timeout=120):
+        yield url
+
+
+RECORD: dict[str, Any] = {
+    "tenure_months": 12,
+    "monthly_charges": 70.5,
+    "total_charges": 846.0,
+    "support_tickets_90d": 2,
+    "avg_daily_usage_min": 60.0,
+    "days_since_last_login": 3,
+    "num_products": 2,
+    "age": 41,
+    "late_payments_12m": 0,
+    "satisfaction_score": None,
+    "contract_type": "month_to_month",
+    "payment_method": "electronic_check",
+    "region": "north",
+    "plan_tier": "standard",
+}
+
+
+def predict(url: str, records: Any) -> httpx.Response:
+    return httpx.post(f"{url}/predict", json={"records": records}, timeout=30)
+
+
+def test_predicts_one_record_with_request_id_and_version(predictor: str) -> None:
+    resp = predict(predictor, RECORD)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    (answer,) = body["predictions"]
+    assert answer["model_name"] == SERVED
+    assert answer["model_version"] in ("1", "2")
+    assert answer["predicted_class"] in answer["probabilities"]
+    assert math.isclose(sum(answer["probabilities"].values()), 1.0, abs_tol=1e-5)
+    uuid.UUID(answer["request_id"])
+
+
+def test_predicts_a_list_in_order_with_distinct_ids(predictor: str) -> None:
+    records = [RECORD, {**RECORD, "contract_type": "two_year", "tenure_months": 60}]
+    answers = predict(predictor, records).json()["predictions"]
+    assert len(answers) == 2
+    assert answers[0]["request_id"] != answers[1]["request_id"]
+    churn_m2m = answers[0]["probabilities"]["1"]
+    churn_two_year = answers[1]["probabilities"]["1"]
+    assert churn_two_year < churn_m2m
+
+
+BAD_INPUTS = {
+    "missing field": ({k: v for k, v in RECORD.items() if k != "age"}, "age"),
+    "wrong type": ({**RECORD, "age": "forty"}, "age"),
+    "unknown extra field": ({**RECORD, "shoe_size": 44}, "shoe_size"),
+    "unseen category": ({**RECORD, "region": "atlantis"}, "region"),
+    "infinity": ({**RECORD, "monthly_charges": math.inf}, "monthly_charges"),
+    "nan": ({**RECORD, "monthly_charges": math.nan}, "monthly_charges"),
+    "empty list": ([], "empty"),
+    "oversized batch": ([RECORD] * (MAX_BATCH + 1), str(MAX_BATCH)),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_a_4xx_naming_the_problem(predictor: str, case: str) -> None:
+    payload, named = BAD_INPUTS[case]
+    body = json.dumps({"records": payload}, allow_nan=True)
+    resp = httpx.post(
+        f"{predictor}/predict", content=body, headers={"content-type": "application/json"}
+    )
+    assert 400 <= resp.status_code < 500, resp.text
+    assert named in resp.text
+
+
+@pytest.mark.parametrize(
+    ("headers", "content", "status"),
+    [
+        ({"content-type": "text/plain"}, b"{}", 415),
+        ({"content-type": "multipart/form-data"}, b'{"records": []}', 415),
+        ({"content-type": "application/json"}, b"x" * (9 * 1024 * 1024), 413),
+        ({"content-type": "application/json"}, b"{not json", 400),
+    ],
+)
+def test_malformed_or_oversized_bodies_are_refused(
+    predictor: str, headers: dict[str, str], content: bytes, status: int
+) -> None:
+    resp = httpx.post(f"{predictor}/predict", content=content, headers=headers, timeout=30)
+    assert resp.status_code == status, resp.text
+    assert resp.json()
+
+
+def test_feedback_joins_a_prediction_by_request_id(predictor: str, logdb: LocalPostgres) -> None:
+    request_id = predict(predictor, RECORD).json()["predictions"][0]["request_id"]
+    resp = httpx.post(f"{predictor}/feedback", json={"request_id": request_id, "label": "1"})
+    assert resp.status_code == 200, resp.text
+    with psycopg.connect(logdb.url("predictions")) as conn:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            row = conn.execute(
+                "SELECT p.model_version, f.label FROM predictions p "
+                "JOIN feedback f USING (request_id) WHERE request_id = %s",
+                (request_id,),
+            ).fetchone()
+            if row:
+                break
+            time.sleep(0.2)
+    assert row is not None
+    assert row[1] == "1"
+
+
+@pytest.mark.parametrize(
+    ("payload", "status"),
+    [
+        ({"request_id": str(uuid.uuid4()), "label": "1"}, 404),
+        ({"request_id": "not-a-uuid", "label": "1"}, 400),
+        ({"request_id": str(uuid.uuid4()), "label": "maybe"}, 400),
+    ],
+)
+def test_feedback_rejects_unknown_ids_and_labels(
+    predictor: str, payload: dict[str, str], status: int
+) -> None:
+    resp = httpx.post(f"{predictor}/feedback", json=payload, timeout=30)
+    assert resp.status_code == status, resp.text
+
+
+def test_model_endpoint_shows_version_and_lineage(predictor: str) -> None:
+    info = httpx.get(f"{predictor}/model/", follow_redirects=True).json()
+    assert info["model_name"] == SERVED
+    assert info["backend"] == "onnx"
+    assert info["registry"]["reachable"] is True
+    assert info["lineage"]["onnx.parity"] == "passed"
+    assert len(info["lineage"]["git.commit"]) >= 40
+
+
+def test_metrics_expose_predictions_latency_queue_and_swaps(predictor: str) -> None:
+    predict(predictor, RECORD)
+    text = httpx.get(f"{predictor}/metrics").text
+    for name in (
+        "predictor_predictions_total",
+        "predictor_prediction_latency_seconds_bucket",
+        "predictor_log_queue_depth",
+        "predictor_model_swaps_total",
+        "predictor_registry_up",
+    ):
+        assert name in text
+
+
+def _traffic(url: str, stop: threading.Event, out: list[tuple[float, int, str]]) -> None:
+    with httpx.Client(timeout=30) as client:
+        while not stop.is_set():
+            try:
+                resp = client.post(f"{url}/predict", json={"records": RECORD})
+                version = resp.json()["model_version"] if resp.status_code == 200 else ""
+                out.append((time.monotonic(), resp.status_code, version))
+            except httpx.HTTPError as exc:
+                out.append((time.monotonic(), 0, type(exc).__name__))
+
+
+def test_prediction_log_survives_a_database_outage_exactly_once(
+    predictor: str, logdb: LocalPostgres
+) -> None:
+    ids: list[str] = []
+
+    def send(n: int) -> None:
+        for _ in range(n):
+            resp = predict(predictor, [RECORD, RECORD])
+            assert resp.status_code == 200, resp.text
+            ids.extend(a["request_id"] for a in resp.json()["predictions"])
+
+    send(20)
+    logdb.stop(mode="immediate")
+    send(40)  # the service keeps answering while its database is gone
+    logdb.start()
+    send(20)
+    with psycopg.connect(logdb.url("predictions")) as conn:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            (found,) = conn.execute(
+                "SELECT count(*) FROM predictions WHERE request_id = ANY(%s::uuid[])", (ids,)
+            ).fetchone() or (0,)
+            if found >= len(ids):
+                break
+            time.sleep(0.5)
+        (total,) = conn.execute("SELECT count(*) FROM predictions").fetchone() or (0,)
+        (distinct,) = conn.execute(
+            "SELECT count(DISTINCT request_id) FROM predictions"
+        ).fetchone() or (0,)
+    assert found == len(ids)
+    assert total == distinct
+
+
+def test_alias_move_swaps_live_with_no_failed_request(
+    predictor: str, registry: MlflowClient
+) -> None:
+    results: list[tuple[float, int, str]] = []
+    stop = threading.Event()
+    clients = [threading.Thread(target=_traffic, args=(predictor, stop, results)) for _ in range(4)]
+    for t in clients:
+        t.start()
+    try:
+        time.sleep(2)
+        moved_at = time.monotonic()
+        registry.set_registered_model_alias(SERVED, "champion", "2")
+        time.sleep(8)  # both workers poll every second; loading takes a moment
+        settled_at = time.monotonic()
+        time.sleep(2)
+    finally:
+        stop.set()
+        for t in clients:
+            t.join()
+    assert results
+    assert all(status == 200 for _, status, _ in results), {s for _, s, _ in results}
+    assert all(version in ("1", "2") for _, _, version in results)
+    assert any(v == "1" for t, _, v in results if t < moved_at)
+    after = [v for t, _, v in results if t > settled_at]
+    assert after
+    assert set(after) == {"2"}
+    info = httpx.get(f"{predictor}/model/", follow_redirects=True).json()
+    assert info["model_version"] == "2"
+
+
+def test_generated_requests_never_get_a_server_error(predictor: str) -> None:
+    """Schemathesis drives every API operation from the service's OpenAPI; no 5xx allowed."""
+    proc = subprocess.run(
+        [
+            str(VENV_BIN / "schemathesis"),
+            "run",
+            f"{predictor}/docs.json",
+            "--checks",
+            "not_a_server_error",
+            "--max-examples",
+            "15",
+            "--generation-deterministic",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "/predict" in proc.stdout
