@@ -5,11 +5,12 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 export UV_PYTHON_DOWNLOADS ?= never
+export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR ?= false
 
 UV := $(or $(shell command -v uv 2>/dev/null),$(CURDIR)/.tools/bin/uv)
 RUN := $(UV) run --frozen
 
-.PHONY: help bootstrap demo pipeline summary test lint format unit integration e2e bench mlflow-ui licenses clean
+.PHONY: help bootstrap demo serve bento pipeline summary test lint format unit integration e2e bench mlflow-ui licenses clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -24,9 +25,18 @@ $(CURDIR)/.tools/bin/uv:
 
 bootstrap: .venv/.synced ## install uv (if missing) and the locked environment
 
-demo: bootstrap ## the main job: run the pipeline end to end on the example data, then summarise
+demo: bootstrap ## the main job: the pipeline end to end, a summary, then the champion served and queried
 	$(RUN) dvc repro
 	$(RUN) python -m common.summary
+	$(RUN) python -m services.predictor.demo
+
+serve: bootstrap ## serve the champion with BentoML on http://127.0.0.1:3000 (Ctrl-C stops it)
+	$(RUN) python -m services.predictor.launch --port 3000
+
+bento: bootstrap ## build a Bento of the predictor with the champion inside (`bentoml list` shows it)
+	@mkdir -p .mlops
+	$(UV) export --frozen --no-default-groups --group serve --no-hashes --no-emit-project -o .mlops/bento-requirements.txt >/dev/null
+	$(RUN) python -m services.predictor.package --build
 
 pipeline: bootstrap ## dvc repro only
 	$(RUN) dvc repro

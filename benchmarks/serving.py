@@ -1,0 +1,198 @@
+"""Online scoring, side by side in one run on the same model version and machine.
+
+1. in process (the floor): models.predict.Scorer, ONNX and sklearn
+2. this service over HTTP (`bentoml serve`, 2 workers, ONNX fast path, prediction log on)
+3. the peer: `mlflow models serve` of the same version, at its best here (2 workers,
+   OMP_NUM_THREADS=1, per perf-anchors.md)
+
+Figures: p50/p99 of single-record requests at concurrency 1 (a plain sequential client),
+records/s with 32 concurrent clients sending 1-record and 100-record requests.
+Needs a champion in the configured registry: run `make demo` first. Run: `make bench-serving`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import mlflow
+import psutil
+
+from common import registry
+from common.settings import get_settings
+from models.predict import Scorer
+from services.predictor.demo import sample_records
+from services.predictor.launch import _stop, serving
+
+SECONDS = 8.0
+CONCURRENCY = 32
+
+
+def _percentiles(samples: list[float]) -> tuple[float, float]:
+    ordered = sorted(samples)
+    return ordered[len(ordered) // 2], ordered[
+        min(len(ordered) - 1, math.ceil(len(ordered) * 0.99) - 1)
+    ]
+
+
+def in_process(model_dir: Path, record: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for backend, onnx in (("onnx", True), ("sklearn", False)):
+        scorer = Scorer.load(model_dir, prefer_onnx=onnx)
+        for _ in range(200):
+            scorer.predict([record])
+        times = []
+        for _ in range(2000 if onnx else 500):
+            start = time.perf_counter()
+            scorer.predict([record])
+            times.append(time.perf_counter() - start)
+        out[backend] = statistics.median(times) * 1000
+    return out
+
+
+def sequential(post: Callable[[httpx.Client], httpx.Response], n: int = 500) -> tuple[float, float]:
+    times = []
+    with httpx.Client(timeout=30) as client:
+        for _ in range(50):
+            post(client)
+        for _ in range(n):
+            start = time.perf_counter()
+            resp = post(client)
+            times.append(time.perf_counter() - start)
+            resp.raise_for_status()
+    p50, p99 = _percentiles(times)
+    return p50 * 1000, p99 * 1000
+
+
+async def _load(url: str, body: dict[str, Any], records_per_request: int) -> tuple[float, int]:
+    done = 0
+    failed = 0
+    deadline = time.perf_counter() + SECONDS
+    limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+
+        async def worker() -> None:
+            nonlocal done, failed
+            while time.perf_counter() < deadline:
+                resp = await client.post(url, json=body)
+                if resp.status_code == 200:
+                    done += records_per_request
+                else:
+                    failed += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+        return done / (time.perf_counter() - start), failed
+
+
+def throughput(url: str, body: dict[str, Any], records: int) -> tuple[float, int]:
+    return asyncio.run(_load(url, body, records))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url} exited")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} not ready")
+
+
+def main() -> None:
+    settings = get_settings()
+    client = registry.connect(settings)
+    mv = registry.version_by_alias(client, settings.model_name, settings.model_alias)
+    if mv is None:
+        sys.exit("no champion: run `make demo` first")
+    model_dir = Path(
+        mlflow.artifacts.download_artifacts(f"models:/{settings.model_name}/{mv.version}")
+    )
+    records, _ = sample_records(100)
+    complete = [r for r in records if all(v is not None for v in r.values())]
+    one = complete[0]
+    batch = (complete * 100)[:100]
+    rows: list[tuple[str, str, str, str]] = []
+
+    floor = in_process(model_dir, one)
+    rows.append(("in-process onnxruntime (floor)", f"{floor['onnx']:.3f} ms", "-", "-"))
+    rows.append(("in-process sklearn", f"{floor['sklearn']:.3f} ms", "-", "-"))
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/predict"
+    with serving(settings, port):
+        p50, p99 = sequential(lambda c: c.post(url, json={"records": one}))
+        single, f1 = throughput(url, {"records": one}, 1)
+        batched, f2 = throughput(url, {"records": batch}, 100)
+    ours = (p50, single)
+    rows.append(
+        (
+            "this service (bentoml serve, 2 workers, onnx)",
+            f"{p50:.2f} / {p99:.2f} ms",
+            f"{single:,.0f}" + (f" ({f1} failed)" if f1 else ""),
+            f"{batched:,.0f}" + (f" ({f2} failed)" if f2 else ""),
+        )
+    )
+
+    port = _free_port()
+    peer_url = f"http://127.0.0.1:{port}/invocations"
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model_dir), "-p", str(port)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with tempfile.TemporaryFile() as log:
+        peer = subprocess.Popen(
+            [*cmd, "--env-manager", "local", "-w", "2", "-h", "127.0.0.1"],
+            env=env,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+        try:
+            _wait(f"http://127.0.0.1:{port}/health", peer)
+            p50m, p99m = sequential(lambda c: c.post(peer_url, json={"dataframe_records": [one]}))
+            single_m, g1 = throughput(peer_url, {"dataframe_records": [one]}, 1)
+            batched_m, g2 = throughput(peer_url, {"dataframe_records": batch}, 100)
+        finally:
+            _stop(peer)
+    rows.append(
+        (
+            "peer: mlflow models serve -w 2, OMP_NUM_THREADS=1",
+            f"{p50m:.2f} / {p99m:.2f} ms",
+            f"{single_m:,.0f}" + (f" ({g1} failed)" if g1 else ""),
+            f"{batched_m:,.0f}" + (f" ({g2} failed)" if g2 else ""),
+        )
+    )
+
+    print(
+        f"serving benchmark: {settings.model_name} v{mv.version}, {psutil.cpu_count()} cores, "
+        f"{CONCURRENCY} clients for {SECONDS:.0f} s per figure"
+    )
+    print(f"{'path':50} {'c=1 p50 / p99':>18} {'rec/s c=32 x1':>16} {'rec/s c=32 x100':>16}")
+    for name, lat, s1, s100 in rows:
+        print(f"{name:50} {lat:>18} {s1:>16} {s100:>16}")
+    print(f"p50 above the in-process floor: {ours[0] - floor['onnx']:.2f} ms (aim: within 3 ms)")
+    print(f"1-record throughput vs the peer: {ours[1] / single_m:.1f}x (aim: at least 2x)")
+
+
+if __name__ == "__main__":
+    main()
