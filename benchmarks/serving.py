@@ -13,8 +13,11 @@ Needs a champion in the configured registry: run `make demo` first. Run: `make b
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
+import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -96,8 +99,34 @@ async def _load(url: str, body: dict[str, Any], records_per_request: int) -> tup
         return done / (time.perf_counter() - start), failed
 
 
+def _wrk(url: str, body: dict[str, Any], records: int) -> tuple[float, int] | None:
+    """records/s and failed requests measured by wrk (C, 2 threads), when it is installed."""
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        return None
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
+        script.write(
+            'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+            f"wrk.body = [==[{json.dumps(body)}]==]\n"
+        )
+        script.flush()
+        cmd = [wrk, "-t2", f"-c{CONCURRENCY}", f"-d{SECONDS:.0f}s", "-s", script.name, url]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    done = re.search(r"(\d+) requests in ([\d.]+)(m?s)", out)
+    if done is None:
+        raise RuntimeError(f"cannot read wrk's output:\n{out}")
+    seconds = float(done.group(2)) / (1000 if done.group(3) == "ms" else 1)
+    failed = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    bad = (int(failed.group(1)) if failed else 0) + (
+        sum(map(int, errors.groups())) if errors else 0
+    )
+    return (int(done.group(1)) - bad) * records / seconds, bad
+
+
 def throughput(url: str, body: dict[str, Any], records: int) -> tuple[float, int]:
-    return asyncio.run(_load(url, body, records))
+    """wrk when installed (apt-get install wrk); else an asyncio httpx client, which is slower."""
+    return _wrk(url, body, records) or asyncio.run(_load(url, body, records))
 
 
 def _free_port() -> int:
@@ -185,7 +214,8 @@ def main() -> None:
 
     print(
         f"serving benchmark: {settings.model_name} v{mv.version}, {psutil.cpu_count()} cores, "
-        f"{CONCURRENCY} clients for {SECONDS:.0f} s per figure"
+        f"{CONCURRENCY} clients ({'wrk' if shutil.which('wrk') else 'python httpx'}) "
+        f"for {SECONDS:.0f} s per figure"
     )
     print(f"{'path':50} {'c=1 p50 / p99':>18} {'rec/s c=32 x1':>16} {'rec/s c=32 x100':>16}")
     for name, lat, s1, s100 in rows:

@@ -38,6 +38,12 @@ def prediction_db(settings: Settings) -> Iterator[str]:
         yield settings.database_url
         return
     pg = LocalPostgres(settings.mlops_home / "postgres", port=EMBEDDED_PG_PORT)
+    left = _left_running(pg)
+    if left is not None:
+        raise UserError(
+            f"an embedded PostgreSQL from an earlier run is still running (pid {left}, "
+            f"{pg.data_dir}): stop it (`kill {left}`) or let that run finish first."
+        )
     pg.start()
     try:
         pg.create_database(EMBEDDED_DB)
@@ -45,6 +51,15 @@ def prediction_db(settings: Settings) -> Iterator[str]:
         yield pg.url(EMBEDDED_DB)
     finally:
         pg.stop()
+
+
+def _left_running(pg: LocalPostgres) -> int | None:
+    """The pid of a live postmaster already using this cluster's data directory, if any."""
+    try:
+        pid = int((pg.data_dir / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if psutil.pid_exists(pid) else None
 
 
 def _ready(url: str) -> bool:
