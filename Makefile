@@ -10,7 +10,7 @@ export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR ?= false
 UV := $(or $(shell command -v uv 2>/dev/null),$(CURDIR)/.tools/bin/uv)
 RUN := $(UV) run --frozen
 
-.PHONY: help bootstrap demo serve bento pipeline summary test lint format unit integration e2e bench mlflow-ui licenses clean
+.PHONY: help bootstrap demo serve bento bench-serving pipeline summary test lint format unit integration e2e bench mlflow-ui licenses clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -34,8 +34,8 @@ serve: bootstrap ## serve the champion with BentoML on http://127.0.0.1:3000 (Ct
 	$(RUN) python -m services.predictor.launch --port 3000
 
 bento: bootstrap ## build a Bento of the predictor with the champion inside (`bentoml list` shows it)
-	@mkdir -p .mlops
-	$(UV) export --frozen --no-default-groups --group serve --no-hashes --no-emit-project -o .mlops/bento-requirements.txt >/dev/null
+	@mkdir -p build
+	$(UV) export --frozen --no-default-groups --group serve --no-hashes --no-emit-project -o build/bento-requirements.txt >/dev/null
 	$(RUN) python -m services.predictor.package --build
 
 pipeline: bootstrap ## dvc repro only
@@ -67,6 +67,9 @@ e2e: bootstrap ## end-to-end tests only
 
 bench: bootstrap ## benchmarks: prints the pipeline's timings
 	$(RUN) python -m benchmarks.pipeline
+
+bench-serving: bootstrap ## serving benchmark: in-process floor vs this service vs mlflow models serve (needs make demo)
+	$(RUN) python -m benchmarks.serving
 
 mlflow-ui: bootstrap ## MLflow UI on the embedded store (http://127.0.0.1:5000)
 	$(RUN) mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.mlops/mlflow.db --port 5000 --workers 1

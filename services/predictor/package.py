@@ -21,6 +21,8 @@ from common.settings import Settings, get_settings
 from services.predictor.runtime import TAGS_FILE
 from services.predictor.service import BUNDLE
 
+BENTOFILE = "services/predictor/bentofile.yaml"
+
 
 def bundle(settings: Settings) -> str:
     """Store `models:/<name>@<alias>` as the bundled model; return its BentoML tag."""
