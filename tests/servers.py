@@ -13,16 +13,20 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
 
 import boto3  # type: ignore[import-untyped]  # no stubs installed (boto3-stubs)
+
+from common.localpg import LocalPostgres
 
 VENV_BIN = Path(sys.executable).parent
 MLFLOW_BUCKET = "mlflow-artifacts"
@@ -218,3 +222,17 @@ def _group_alive(pgid: int) -> bool:
         if fields[0] != "Z" and int(fields[2]) == pgid:
             return True
     return False
+
+
+@contextmanager
+def throwaway_cluster(name: str, database: str) -> Iterator[LocalPostgres]:
+    """A PostgreSQL cluster on a free port with one database, destroyed afterwards."""
+    # Not under pytest's basetemp: that is 0700 root, and the cluster runs as `postgres`.
+    base = Path(tempfile.mkdtemp(prefix=f"mlops-it-{name}-"))
+    pg = LocalPostgres(base, free_port(), settings={"fsync": "off"})
+    try:
+        pg.start()
+        pg.create_database(database)
+        yield pg
+    finally:
+        pg.destroy()

@@ -8,7 +8,6 @@ their logs stay under pytest's basetemp (servers*/).
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from tests.servers import (
     clean_env,
     free_port,
     http_ok,
+    throwaway_cluster,
 )
 from tests.workspace import Workspace, make_workspace
 
@@ -38,15 +38,8 @@ def server_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[LocalPostgres]:
     """A throwaway cluster with database `mlflow`; tests may stop and start it."""
-    # Not under pytest's basetemp: that is 0700 root, and the cluster runs as `postgres`.
-    base = Path(tempfile.mkdtemp(prefix="mlops-it-pg-"))
-    pg = LocalPostgres(base, free_port(), settings={"fsync": "off"})
-    try:
-        pg.start()
-        pg.create_database("mlflow")
+    with throwaway_cluster("pg", "mlflow") as pg:
         yield pg
-    finally:
-        pg.destroy()
 
 
 @pytest.fixture(scope="session")

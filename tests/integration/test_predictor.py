@@ -9,12 +9,10 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,7 +21,15 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from common.localpg import LocalPostgres
-from tests.servers import VENV_BIN, HttpServer, Server, clean_env, free_port, http_ok
+from tests.servers import (
+    VENV_BIN,
+    HttpServer,
+    Server,
+    clean_env,
+    free_port,
+    http_ok,
+    throwaway_cluster,
+)
 from tests.workspace import ROOT, Workspace
 
 SERVED = "churn-serving"
@@ -51,14 +57,9 @@ def registry(mlflow_server: HttpServer, pipeline: Workspace) -> MlflowClient:
 
 @pytest.fixture(scope="module")
 def logdb() -> Iterator[LocalPostgres]:
-    base = Path(tempfile.mkdtemp(prefix="mlops-it-predlog-"))
-    pg = LocalPostgres(base, free_port(), settings={"fsync": "off"})
-    try:
-        pg.start()
-        pg.create_database("predictions")
+    """The prediction log's own cluster, so its outage leaves the MLflow server's alone."""
+    with throwaway_cluster("predlog", "predictions") as pg:
         yield pg
-    finally:
-        pg.destroy()
 
 
 @pytest.fixture(scope="module")
