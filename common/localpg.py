@@ -28,6 +28,8 @@ from typing import IO, Any, Literal, Self
 import psycopg
 from psycopg import sql
 
+from common.settings import get_settings
+
 PG_OS_USER = "postgres"
 INSTALL_HINT = (
     "install the PostgreSQL server (Debian/Ubuntu: apt-get install postgresql; "
@@ -53,12 +55,12 @@ def _version_key(path: Path) -> tuple[int, ...]:
     return tuple(int(n) for n in re.findall(r"\d+", path.parent.name)) or (0,)
 
 
-def find_bin_dir() -> Path:
-    """PG_BIN, else `pg_config --bindir`, else the highest /usr/lib/postgresql/*/bin."""
-    if env := os.environ.get("PG_BIN"):
-        if not _has_server(Path(env)):
-            raise PostgresError(f"PG_BIN={env} holds no initdb/postgres; {INSTALL_HINT}.")
-        return Path(env)
+def find_bin_dir(pg_bin: Path | None = None) -> Path:
+    """PG_BIN (settings), else `pg_config --bindir`, else the highest /usr/lib/postgresql/*/bin."""
+    if pg_bin is not None:
+        if not _has_server(pg_bin):
+            raise PostgresError(f"PG_BIN={pg_bin} holds no initdb/postgres; {INSTALL_HINT}.")
+        return pg_bin
     if pg_config := shutil.which("pg_config"):
         with contextlib.suppress(OSError, subprocess.CalledProcessError):
             out = subprocess.run(
@@ -96,7 +98,7 @@ class LocalPostgres:
         self.port = port
         self.user = user
         self.password = password
-        self.bin_dir = bin_dir or find_bin_dir()
+        self.bin_dir = bin_dir or find_bin_dir(get_settings().pg_bin)
         self.settings = dict(settings or {})
         self.data_dir = self.base_dir / "data"
         self.socket_dir = self.base_dir / "sock"

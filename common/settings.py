@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     # Set by Prefect in a flow run's process; recorded on model versions for lineage.
     prefect_flow_run_id: str | None = Field(default=None, alias="PREFECT__FLOW_RUN_ID")
     database_url: str | None = Field(default=None, alias="DATABASE_URL")
+    # Where initdb/postgres live, for the embedded PostgreSQL (found automatically if unset).
+    pg_bin: Path | None = Field(default=None, alias="PG_BIN")
     model_name: str = Field(default="churn-classifier", alias="MODEL_NAME")
     model_alias: str = Field(default="champion", alias="MODEL_ALIAS")
     # Serving: how often the predictor checks the alias, and the largest batch it accepts.

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -152,7 +153,9 @@ class ModelRuntime:
         """Check the alias now (a registry webhook calls this)."""
         self._wake.set()
 
-    def start(self, on_check: Any = None) -> None:
+    def start(self, on_check: Callable[[bool], None] | None = None) -> None:
+        """Poll the alias every MODEL_POLL_SECONDS; `on_check(swapped)` runs after each look."""
+
         def loop() -> None:
             while not self._stop.is_set():
                 self._wake.wait(self.settings.model_poll_seconds)
