@@ -10,7 +10,7 @@ export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR ?= false
 UV := $(or $(shell command -v uv 2>/dev/null),$(CURDIR)/.tools/bin/uv)
 RUN := $(UV) run --frozen
 
-.PHONY: help bootstrap demo serve bento bench-serving pipeline summary test lint format unit integration e2e bench mlflow-ui licenses clean
+.PHONY: help bootstrap demo serve bento bench-serving up down status pipeline summary test lint format unit integration e2e bench mlflow-ui licenses clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -37,6 +37,15 @@ bento: bootstrap ## build a Bento of the predictor with the champion inside (`be
 	@mkdir -p build
 	$(UV) export --frozen --no-default-groups --group serve --no-hashes --no-emit-project -o build/bento-requirements.txt >/dev/null
 	$(RUN) python -m services.predictor.package --build
+
+up: bootstrap ## the full topology as local processes (no Docker): postgres, S3, mlflow, prefect, predictor
+	$(RUN) python scripts/stack.py up
+
+down: bootstrap ## stop everything `make up` started
+	$(RUN) python scripts/stack.py down
+
+status: bootstrap ## what `make up` runs and its state
+	$(RUN) python scripts/stack.py status
 
 pipeline: bootstrap ## dvc repro only
 	$(RUN) dvc repro
@@ -79,3 +88,4 @@ licenses: bootstrap ## fail if a dependency's licence is incompatible with Apach
 
 clean: ## remove the embedded store and pipeline outputs (keeps the DVC cache)
 	rm -rf .mlops data/prepared reports metrics plots dvc_plots
+

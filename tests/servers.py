@@ -24,7 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
 
-import boto3  # type: ignore[import-untyped]  # no stubs installed (boto3-stubs)
+import boto3
 
 from common.localpg import LocalPostgres
 

@@ -1,0 +1,377 @@
+"""`make up` / `make down`: the compose topology as local processes, under supervisord.
+
+Same services and the same environment variables as infra/docker/compose.yml: PostgreSQL
+(installed binaries), an S3 endpoint (moto's server, where MinIO is absent), `mlflow
+server`, `prefect server` + a worker with the deployments applied (when prefect.yaml
+exists), and the predictor once a champion exists. Each service logs to
+MLOPS_HOME/stack/logs/<name>.log; `down` stops everything supervisord started, nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+
+from common.errors import UserError, run_cli
+from common.localpg import LocalPostgres
+from common.settings import get_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+DATABASES = ("mlflow", "prefect", "predictions")
+BUCKETS = ("mlflow", "dvc", "evidently")
+DEV_CREDS = {"AWS_ACCESS_KEY_ID": "stack-local", "AWS_SECRET_ACCESS_KEY": "stack-local-secret"}
+
+
+@dataclass(frozen=True)
+class Ports:
+    postgres: int = 5432
+    s3: int = 9000
+    mlflow: int = 5000
+    prefect: int = 4200
+    predictor: int = 3000
+
+
+class Stack:
+    """One stack's files (config, logs, data) under `home`, and its supervisord."""
+
+    def __init__(self, home: Path, ports: Ports) -> None:
+        self.home = home.resolve()
+        self.ports = ports
+        self.conf = self.home / "supervisord.conf"
+        self.logs = self.home / "logs"
+        self.pg = LocalPostgres(self.home / "postgres", ports.postgres)
+
+    # -- the environment compose gives its services -------------------------------------
+
+    def env(self) -> dict[str, str]:
+        p = self.ports
+        return {
+            **DEV_CREDS,
+            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{p.mlflow}",
+            "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{p.s3}",
+            "PREFECT_API_URL": f"http://127.0.0.1:{p.prefect}/api",
+            "DATABASE_URL": self.pg.url("predictions"),
+            "MLOPS_HOME": str(self.home / "state"),
+            "BENTOML_HOME": str(self.home / "state/bentoml"),
+            "OMP_NUM_THREADS": "1",
+            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        }
+
+    def _programs(self) -> dict[str, tuple[list[str], dict[str, str], bool]]:
+        p, env = self.ports, self.env()
+        pg = self.pg
+        server_env = {k: env[k] for k in ("MLFLOW_S3_ENDPOINT_URL", *DEV_CREDS)}
+        return {
+            "postgres": (
+                [
+                    str(pg.bin_dir / "postgres"),
+                    "-D",
+                    str(pg.data_dir),
+                    "-p",
+                    str(p.postgres),
+                    "-k",
+                    str(pg.socket_dir),
+                    "-c",
+                    "listen_addresses=127.0.0.1",
+                ],
+                {},
+                True,
+            ),
+            "s3": ([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(p.s3)], {}, True),
+            "mlflow": (
+                [
+                    str(BIN / "mlflow"),
+                    "server",
+                    "--backend-store-uri",
+                    pg.url("mlflow", driver="psycopg"),
+                    "--artifacts-destination",
+                    "s3://mlflow/",
+                    "--serve-artifacts",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(p.mlflow),
+                    "--workers",
+                    "1",
+                ],
+                {**server_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                False,
+            ),
+            "prefect-server": (
+                [
+                    str(BIN / "prefect"),
+                    "server",
+                    "start",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(p.prefect),
+                ],
+                {
+                    "PREFECT_HOME": str(self.home / "prefect"),
+                    "PREFECT_API_DATABASE_CONNECTION_URL": pg.url("prefect", driver="asyncpg"),
+                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                },
+                False,
+            ),
+            "prefect-worker": (
+                [
+                    str(BIN / "prefect"),
+                    "worker",
+                    "start",
+                    "--pool",
+                    "local-process",
+                    "--type",
+                    "process",
+                ],
+                {**env, "PREFECT_HOME": str(self.home / "prefect")},
+                False,
+            ),
+            "predictor": (
+                [
+                    str(BIN / "python"),
+                    "-m",
+                    "bentoml",
+                    "serve",
+                    "services.predictor.service:Predictor",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(p.predictor),
+                ],
+                env,
+                False,
+            ),
+        }
+
+    def write_conf(self) -> None:
+        sock = self.home / "supervisor.sock"
+        lines = [
+            "[unix_http_server]",
+            f"file={sock}",
+            "",
+            "[supervisord]",
+            f"logfile={self.home / 'supervisord.log'}",
+            f"pidfile={self.home / 'supervisord.pid'}",
+            f"childlogdir={self.logs}",
+            "",
+            "[rpcinterface:supervisor]",
+            "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
+            "",
+            "[supervisorctl]",
+            f"serverurl=unix://{sock}",
+            "",
+        ]
+        for name, (cmd, env, autostart) in self._programs().items():
+            lines += [
+                f"[program:{name}]",
+                f"command={shlex.join(cmd)}",
+                f"directory={ROOT}",
+                f"autostart={'true' if autostart else 'false'}",
+                "autorestart=unexpected",
+                "startsecs=2",
+                "stopasgroup=true",
+                "killasgroup=true",
+                "stopwaitsecs=20",
+                "redirect_stderr=true",
+                f"stdout_logfile={self.logs / f'{name}.log'}",
+            ]
+            if name == "postgres":
+                lines.append("stopsignal=INT")
+                if os.geteuid() == 0:
+                    lines.append("user=postgres")
+            if env:
+                pairs = ",".join(f'{k}="{v}"' for k, v in env.items())
+                lines.append(f"environment={pairs}")
+            lines.append("")
+        self.conf.write_text("\n".join(lines))
+
+    def ctl(self, *args: str, check: bool = True) -> str:
+        proc = subprocess.run(
+            [str(BIN / "supervisorctl"), "-c", str(self.conf), *args],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if check and proc.returncode != 0:
+            raise UserError(f"supervisorctl {' '.join(args)} failed: {proc.stdout}{proc.stderr}")
+        return proc.stdout
+
+    def start(self, *names: str) -> None:
+        """Start programs; one already running is fine (`make up` twice is harmless)."""
+        out = self.ctl("start", *names, check=False)
+        failed = [
+            line for line in out.splitlines() if "ERROR" in line and "already started" not in line
+        ]
+        if failed:
+            raise UserError(f"could not start: {'; '.join(failed)} (logs in {self.logs})")
+
+    def running(self) -> bool:
+        """Whether this stack's supervisord is alive."""
+        try:
+            pid = int((self.home / "supervisord.pid").read_text().strip())
+        except (OSError, ValueError):
+            return False
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return False
+        return True
+
+    # -- up / down --------------------------------------------------------------------------
+
+    def up(self, timeout: float = 180) -> None:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.pg.init()
+        self.write_conf()
+        if not self.running():
+            subprocess.run([str(BIN / "supervisord"), "-c", str(self.conf)], check=True)
+        _wait("postgres", lambda: _pg_ready(self.pg), timeout)
+        for db in DATABASES:
+            self.pg.create_database(db)
+        _wait("s3", _http_ok(f"http://127.0.0.1:{self.ports.s3}/moto-api/"), timeout)
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=f"http://127.0.0.1:{self.ports.s3}",
+            aws_access_key_id=DEV_CREDS["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=DEV_CREDS["AWS_SECRET_ACCESS_KEY"],
+            region_name="us-east-1",
+        )
+        existing = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
+        for bucket in set(BUCKETS) - existing:
+            s3.create_bucket(Bucket=bucket)
+        self.start("mlflow", "prefect-server")
+        _wait("mlflow", _http_ok(f"http://127.0.0.1:{self.ports.mlflow}/health"), timeout)
+        _wait("prefect", _http_ok(f"http://127.0.0.1:{self.ports.prefect}/api/health"), timeout)
+        if (ROOT / "prefect.yaml").exists():
+            self._deploy()
+            self.start("prefect-worker")
+        self.serve_if_champion(timeout)
+        (self.home / "stack.env").write_text(
+            "".join(f"export {k}={shlex.quote(v)}\n" for k, v in self.env().items())
+        )
+
+    def _deploy(self) -> None:
+        env = {**os.environ, **self.env(), "PREFECT_HOME": str(self.home / "prefect")}
+        prefect = str(BIN / "prefect")
+        subprocess.run(
+            [prefect, "work-pool", "create", "local-process", "--type", "process", "--overwrite"],
+            cwd=ROOT,
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+        proc = subprocess.run(
+            [prefect, "--no-prompt", "deploy", "--all"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise UserError(
+                f"prefect deploy --all failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+            )
+
+    def serve_if_champion(self, timeout: float) -> bool:
+        """Start the predictor when the registry has a champion; say how to get one otherwise."""
+        env = {**os.environ, **self.env()}
+        bundle = subprocess.run(
+            [str(BIN / "python"), "-m", "services.predictor.package"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if bundle.returncode != 0:
+            print(
+                "predictor: not started, no champion yet. Register one against this stack:\n"
+                f"  source {self.home / 'stack.env'} && make pipeline && make up"
+            )
+            return False
+        self.start("predictor")
+        _wait("predictor", _http_ok(f"http://127.0.0.1:{self.ports.predictor}/readyz"), timeout)
+        return True
+
+    def down(self) -> None:
+        if not self.running():
+            print("stack: not running")
+            return
+        self.ctl("shutdown", check=False)
+        deadline = time.monotonic() + 60
+        while (self.home / "supervisord.pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    def urls(self) -> list[tuple[str, str]]:
+        p = self.ports
+        return [
+            ("MLflow UI + registry", f"http://127.0.0.1:{p.mlflow}"),
+            ("Prefect UI", f"http://127.0.0.1:{p.prefect}"),
+            ("Predictor (Swagger UI)", f"http://127.0.0.1:{p.predictor}"),
+            ("S3 endpoint (moto)", f"http://127.0.0.1:{p.s3}"),
+            ("PostgreSQL", self.pg.url()),
+        ]
+
+
+def _pg_ready(pg: LocalPostgres) -> bool:
+    try:
+        with pg.connect():
+            return True
+    except Exception:  # any connection failure: not ready yet
+        return False
+
+
+def _http_ok(url: str) -> Callable[[], bool]:
+    def check() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                return bool(resp.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    return check
+
+
+def _wait(name: str, ready: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            raise UserError(f"{name} did not become healthy in {timeout:.0f} s; see its log")
+        time.sleep(0.5)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["up", "down", "status"])
+    for field, default in Ports().__dict__.items():
+        parser.add_argument(f"--{field}-port", type=int, default=default)
+    args = parser.parse_args()
+    ports = Ports(**{f: getattr(args, f"{f}_port") for f in Ports().__dict__})
+    stack = Stack(get_settings().mlops_home / "stack", ports)
+    if args.command == "up":
+        stack.up()
+        for name, url in stack.urls():
+            print(f"{name:24} {url}")
+        print(f"logs: {stack.logs}/   env for clients: source {stack.home / 'stack.env'}")
+    elif args.command == "down":
+        stack.down()
+    else:
+        print(stack.ctl("status", check=False), end="")
+
+
+if __name__ == "__main__":
+    run_cli(main)
