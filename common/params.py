@@ -89,6 +89,19 @@ class RegisterParams(_Section):
     margin: float = Field(ge=0)
 
 
+class MonitorParams(_Section):
+    """Drift monitoring: Evidently's default thresholds, the window size that may decide."""
+
+    min_rows: int = Field(default=1000, ge=1)
+    drift_share: float = Field(default=0.5, gt=0, le=1)
+    num_threshold: float = Field(default=0.1, gt=0)
+    cat_threshold: float = Field(default=0.1, gt=0)
+    sample_rows: int | None = Field(default=None, gt=0)
+    seed: int = 0
+    prediction_column: str = "predicted"
+    probability_column: str = "proba_1"
+
+
 class Params(_Section):
     data: DataParams
     generate: GenerateParams
@@ -96,6 +109,7 @@ class Params(_Section):
     validate_: ValidateParams = Field(alias="validate")
     train: TrainParams
     register_: RegisterParams = Field(alias="register")
+    monitor: MonitorParams = Field(default_factory=MonitorParams)
 
 
 def load_params(path: Path = PARAMS_FILE) -> Params:

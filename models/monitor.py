@@ -1,0 +1,507 @@
+"""monitor: data drift, prediction drift, data quality and performance of one window.
+
+Two engines give the same verdicts. `evidently` runs Evidently 0.7's DataDriftPreset;
+`fast` (default) computes the very tests Evidently picks for a reference of more than
+1,000 rows (normed Wasserstein for numeric columns, Jensen-Shannon for categorical ones
+and for numeric columns with at most 5 values) straight with numpy, without the
+per-column plots and the second pass Evidently makes for its dataset-level count.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from evidently import DataDefinition, Dataset, Report  # type: ignore[import-untyped]
+from evidently.metrics import ValueDrift  # type: ignore[import-untyped]
+from evidently.presets import DataDriftPreset, DataSummaryPreset  # type: ignore[import-untyped]
+from scipy.spatial import distance
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
+
+from common.params import DataParams, MonitorParams
+
+Engine = Literal["fast", "evidently"]
+Kind = Literal["numeric", "categorical"]
+
+WASSERSTEIN = "wasserstein"
+JENSENSHANNON = "jensenshannon"
+_EVIDENTLY_METHODS = {
+    "Wasserstein distance (normed)": WASSERSTEIN,
+    "Jensen-Shannon distance": JENSENSHANNON,
+}
+_MIN_REFERENCE = 1000
+"""Evidently switches to Wasserstein/Jensen-Shannon above this many reference values."""
+
+
+@dataclass(frozen=True)
+class ColumnDrift:
+    """One column's drift test: the score, the method Evidently would pick, the verdict."""
+
+    column: str
+    kind: Kind
+    method: str
+    score: float
+    threshold: float
+    drifted: bool
+
+
+@dataclass(frozen=True)
+class ColumnQuality:
+    """Missing share against the reference's, values outside the contract, unseen categories."""
+
+    column: str
+    missing_share: float
+    reference_missing_share: float
+    out_of_range: int
+    new_categories: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class MetricRow:
+    """One headline number; the flow adds the window and model and writes it to Postgres."""
+
+    metric: str
+    column: str | None
+    value: float
+
+
+@dataclass(frozen=True)
+class DriftResult:
+    """Everything one monitoring window decided; `enough_rows=False` decides nothing."""
+
+    engine: Engine
+    reference_rows: int
+    current_rows: int
+    tested_rows: int
+    enough_rows: bool
+    drift_share_threshold: float
+    features: tuple[ColumnDrift, ...] = ()
+    prediction: tuple[ColumnDrift, ...] = ()
+    quality: tuple[ColumnQuality, ...] = ()
+    labelled_rows: int = 0
+    performance: dict[str, Any] | None = None
+
+    @property
+    def n_drifted(self) -> int:
+        return sum(c.drifted for c in self.features)
+
+    @property
+    def share_drifted(self) -> float:
+        return self.n_drifted / len(self.features) if self.features else 0.0
+
+    @property
+    def dataset_drift(self) -> bool | None:
+        """Evidently's dataset verdict: at least `drift_share` of the features drifted."""
+        if not self.enough_rows:
+            return None
+        return self.share_drifted >= self.drift_share_threshold
+
+    @property
+    def prediction_drift(self) -> bool | None:
+        if not self.enough_rows or not self.prediction:
+            return None
+        return any(c.drifted for c in self.prediction)
+
+    @property
+    def drift_detected(self) -> bool:
+        """What should trigger retraining: dataset drift or prediction/label drift."""
+        return bool(self.dataset_drift) or bool(self.prediction_drift)
+
+    def to_rows(self) -> list[MetricRow]:
+        """Headline numbers in long form (metric, column, value), one table that charts."""
+        rows = [
+            MetricRow("current_rows", None, self.current_rows),
+            MetricRow("reference_rows", None, self.reference_rows),
+            MetricRow("labelled_rows", None, self.labelled_rows),
+            MetricRow("enough_rows", None, float(self.enough_rows)),
+        ]
+        if not self.enough_rows:
+            return rows
+        rows += [
+            MetricRow("share_drifted", None, self.share_drifted),
+            MetricRow("n_drifted", None, self.n_drifted),
+            MetricRow("dataset_drift", None, float(bool(self.dataset_drift))),
+        ]
+        for c in self.features:
+            rows += [
+                MetricRow("drift_score", c.column, c.score),
+                MetricRow("drifted", c.column, float(c.drifted)),
+            ]
+        for c in self.prediction:
+            rows += [
+                MetricRow("prediction_drift_score", c.column, c.score),
+                MetricRow("prediction_drifted", c.column, float(c.drifted)),
+            ]
+        for q in self.quality:
+            rows += [
+                MetricRow("missing_share", q.column, q.missing_share),
+                MetricRow("out_of_range", q.column, q.out_of_range),
+                MetricRow("new_categories", q.column, len(q.new_categories)),
+            ]
+        for name in ("accuracy", "f1_macro", "roc_auc"):
+            if self.performance is not None and self.performance.get(name) is not None:
+                rows.append(MetricRow(name, None, float(self.performance[name])))
+        return rows
+
+    def summary(self) -> str:
+        """One paragraph for a log line or a flow run's description."""
+        head = f"{self.current_rows:,} rows against a {self.reference_rows:,}-row reference"
+        if not self.enough_rows:
+            return f"{head}: too few rows to decide anything (no drift verdict)."
+        drifted = [c.column for c in self.features if c.drifted]
+        text = (
+            f"{head} ({self.engine} engine, {self.tested_rows:,} rows tested): "
+            f"{self.n_drifted} of {len(self.features)} features drifted "
+            f"({self.share_drifted:.0%}; dataset drift at {self.drift_share_threshold:.0%}: "
+            f"{'yes' if self.dataset_drift else 'no'})"
+        )
+        text += f" [{', '.join(drifted)}]." if drifted else "."
+        if self.prediction:
+            moved = [f"{c.column} {c.score:.3f}" for c in self.prediction if c.drifted]
+            text += f" Prediction/label drift: {', '.join(moved) if moved else 'none'}."
+        problems = [
+            f"{q.column} missing {q.missing_share:.1%} (ref {q.reference_missing_share:.1%})"
+            for q in self.quality
+            if q.missing_share > q.reference_missing_share + 0.05
+        ]
+        problems += [
+            f"{q.column} {q.out_of_range} out of range" for q in self.quality if q.out_of_range
+        ]
+        problems += [
+            f"{q.column} new {list(q.new_categories)}" for q in self.quality if q.new_categories
+        ]
+        if problems:
+            text += f" Data quality: {'; '.join(problems)}."
+        if self.performance is not None:
+            p = self.performance
+            auc = "n/a" if p["roc_auc"] is None else f"{p['roc_auc']:.3f}"
+            text += (
+                f" On {p['n_labelled']:,} labelled rows: accuracy {p['accuracy']:.3f}, "
+                f"macro F1 {p['f1_macro']:.3f}, ROC AUC {auc}."
+            )
+        return text
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """The columns one window is tested on, by role."""
+
+    features: list[tuple[str, Kind]]
+    extra: list[tuple[str, Kind]] = field(default_factory=list)
+
+    @property
+    def all(self) -> list[tuple[str, Kind]]:
+        return self.features + self.extra
+
+
+def _columns(
+    reference: pd.DataFrame, current: pd.DataFrame, data: DataParams, params: MonitorParams
+) -> _Columns:
+    features: list[tuple[str, Kind]] = [(c, data.features[c].type) for c in data.feature_names]
+    extra: list[tuple[str, Kind]] = []
+    for name, kind in (
+        (params.prediction_column, "categorical"),
+        (params.probability_column, "numeric"),
+        (data.target, "categorical"),
+    ):
+        if name in reference and name in current and current[name].notna().sum() > 0:
+            extra.append((name, kind))  # type: ignore[arg-type]
+    return _Columns(features, extra)
+
+
+def _frame(df: pd.DataFrame, columns: Sequence[tuple[str, Kind]]) -> pd.DataFrame:
+    """Numbers as float64, categories as strings, missing as NaN for both: what both engines see."""
+    out: dict[str, pd.Series] = {}
+    for name, kind in columns:
+        if kind == "numeric":
+            out[name] = pd.to_numeric(df[name], errors="coerce").astype("float64")
+        else:
+            values = df[name].astype(object)
+            missing = values.isna() | (values == "")
+            out[name] = values.astype(str).where(~missing, np.nan)
+    return pd.DataFrame(out, index=df.index)
+
+
+def drift(
+    reference: pd.DataFrame,
+    current: pd.DataFrame,
+    data: DataParams,
+    params: MonitorParams,
+    engine: Engine = "fast",
+) -> DriftResult:
+    """Compare one window with the reference: features, predictions/labels, quality, performance.
+
+    Prediction drift covers `params.prediction_column` (class balance) and
+    `params.probability_column` (positive-class probability) when both frames have them;
+    label drift covers the target when the current window has labels.
+    """
+    cols = _columns(reference, current, data, params)
+    labelled = int(current[data.target].notna().sum()) if data.target in current else 0
+    base = {
+        "engine": engine,
+        "reference_rows": len(reference),
+        "current_rows": len(current),
+        "drift_share_threshold": params.drift_share,
+        "labelled_rows": labelled,
+    }
+    if len(current) < params.min_rows:
+        return DriftResult(tested_rows=0, enough_rows=False, **base)  # type: ignore[arg-type]
+    quality = _quality(reference, current, data)
+    performance_ = _window_performance(current, data, params)
+    if labelled < params.min_rows:
+        cols = _Columns(cols.features, [c for c in cols.extra if c[0] != data.target])
+    ref = _frame(reference, cols.all)
+    cur = _frame(current, cols.all)
+    if engine == "fast" and params.sample_rows is not None and len(cur) > params.sample_rows:
+        cur = cur.sample(params.sample_rows, random_state=params.seed)
+    if engine == "fast":
+        results = [_column_drift(ref[n], cur[n], n, k, _threshold(k, params)) for n, k in cols.all]
+    elif engine == "evidently":
+        results = _evidently_drift(ref, cur, cols, params)
+    else:
+        raise ValueError(f"engine must be 'fast' or 'evidently', not {engine!r}")
+    by_name = {r.column: r for r in results}
+    return DriftResult(
+        tested_rows=len(cur),
+        enough_rows=True,
+        features=tuple(by_name[n] for n, _ in cols.features),
+        prediction=tuple(by_name[n] for n, _ in cols.extra),
+        quality=quality,
+        performance=performance_,
+        **base,  # type: ignore[arg-type]
+    )
+
+
+def _threshold(kind: Kind, params: MonitorParams) -> float:
+    return params.num_threshold if kind == "numeric" else params.cat_threshold
+
+
+# --- the fast engine: Evidently's own tests, computed directly --------------------------
+
+
+def _column_drift(
+    reference: pd.Series, current: pd.Series, name: str, kind: Kind, threshold: float
+) -> ColumnDrift:
+    """Evidently's default test for a >1,000-row reference, with its score and threshold rule."""
+    ref = reference.dropna()
+    cur = current.dropna()
+    if len(ref) <= _MIN_REFERENCE:
+        raise ValueError(
+            f"{name}: the fast engine reproduces Evidently's tests for more than "
+            f"{_MIN_REFERENCE:,} reference values, this reference has {len(ref):,}; "
+            "use engine='evidently'."
+        )
+    if cur.empty:
+        raise ValueError(f"{name}: no values in the current window to test for drift.")
+    if kind == "numeric":
+        u = np.sort(ref.to_numpy(np.float64))
+        v = np.sort(cur.to_numpy(np.float64))
+        merged = np.sort(np.concatenate([u, v]))
+        n_values = int(np.count_nonzero(np.diff(merged))) + 1
+        if n_values > 5:
+            score = _wasserstein_norm(u, v, merged)
+            return ColumnDrift(name, kind, WASSERSTEIN, score, threshold, score >= threshold)
+        ref_keys, ref_counts = np.unique(u, return_counts=True)
+        cur_keys, cur_counts = np.unique(v, return_counts=True)
+    else:
+        ref_keys, ref_counts = _value_counts(ref)
+        cur_keys, cur_counts = _value_counts(cur)
+    score = _jensenshannon(ref_keys, ref_counts, cur_keys, cur_counts)
+    return ColumnDrift(name, kind, JENSENSHANNON, score, threshold, score >= threshold)
+
+
+def _wasserstein_norm(u: np.ndarray, v: np.ndarray, merged: np.ndarray) -> float:
+    """scipy's 1-D Wasserstein distance on pre-sorted samples, divided by the reference std.
+
+    Same steps as scipy.stats.wasserstein_distance (CDF difference times the gaps between
+    the pooled sorted values), minus its argsorts; Evidently floors the std at 0.001.
+    """
+    deltas = np.diff(merged)
+    u_cdf = np.searchsorted(u, merged[:-1], "right") / u.size
+    v_cdf = np.searchsorted(v, merged[:-1], "right") / v.size
+    w = float(np.sum(np.multiply(np.abs(u_cdf - v_cdf), deltas)))
+    return w / max(float(np.std(u)), 0.001)
+
+
+def _value_counts(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    counts = values.value_counts(sort=False)
+    return counts.index.to_numpy(), counts.to_numpy()
+
+
+def _jensenshannon(
+    ref_keys: np.ndarray, ref_counts: np.ndarray, cur_keys: np.ndarray, cur_counts: np.ndarray
+) -> float:
+    """Jensen-Shannon distance (natural log) over the union of seen values, as Evidently bins it."""
+    ref_map = dict(zip(ref_keys.tolist(), ref_counts.tolist(), strict=True))
+    cur_map = dict(zip(cur_keys.tolist(), cur_counts.tolist(), strict=True))
+    keys = sorted(set(ref_map) | set(cur_map), key=str)
+    p = np.array([ref_map.get(k, 0) for k in keys], dtype=np.float64) / ref_counts.sum()
+    q = np.array([cur_map.get(k, 0) for k in keys], dtype=np.float64) / cur_counts.sum()
+    return float(distance.jensenshannon(p, q))
+
+
+# --- the Evidently engine -------------------------------------------------------------
+
+
+def _definition(columns: Sequence[tuple[str, Kind]]) -> Any:
+    return DataDefinition(
+        numerical_columns=[n for n, k in columns if k == "numeric"],
+        categorical_columns=[n for n, k in columns if k == "categorical"],
+    )
+
+
+def _drift_metrics(cols: _Columns, params: MonitorParams) -> list[Any]:
+    preset = DataDriftPreset(
+        columns=[n for n, _ in cols.features],
+        drift_share=params.drift_share,
+        num_threshold=params.num_threshold,
+        cat_threshold=params.cat_threshold,
+    )
+    extra = [ValueDrift(column=n, threshold=_threshold(k, params)) for n, k in cols.extra]
+    return [preset, *extra]
+
+
+def _run(metrics: list[Any], ref: pd.DataFrame, cur: pd.DataFrame, cols: _Columns) -> Any:
+    definition = _definition(cols.all)
+    return Report(metrics).run(
+        Dataset.from_pandas(cur, data_definition=definition),
+        Dataset.from_pandas(ref, data_definition=definition),
+    )
+
+
+def _evidently_drift(
+    ref: pd.DataFrame, cur: pd.DataFrame, cols: _Columns, params: MonitorParams
+) -> list[ColumnDrift]:
+    snapshot = _run(_drift_metrics(cols, params), ref, cur, cols)
+    kinds = dict(cols.all)
+    out = []
+    for metric in snapshot.dict()["metrics"]:
+        config = metric["config"]
+        if not config["type"].endswith(":ValueDrift"):
+            continue
+        name, score, threshold = (
+            config["column"],
+            float(metric["value"]),
+            float(config["threshold"]),
+        )
+        method = _EVIDENTLY_METHODS.get(config["method"], config["method"])
+        out.append(ColumnDrift(name, kinds[name], method, score, threshold, score >= threshold))
+    return out
+
+
+def evidently_report(
+    reference: pd.DataFrame,
+    current: pd.DataFrame,
+    data: DataParams,
+    params: MonitorParams | None = None,
+) -> Any:
+    """Evidently's Snapshot (drift of features and predictions, plus a data summary) to keep.
+
+    The flow saves it with `.save_html()` / `.json()` or uploads it to an Evidently workspace.
+    """
+    params = params or MonitorParams()
+    cols = _columns(reference, current, data, params)
+    ref, cur = _frame(reference, cols.all), _frame(current, cols.all)
+    return _run([*_drift_metrics(cols, params), DataSummaryPreset()], ref, cur, cols)
+
+
+# --- data quality and performance -----------------------------------------------------
+
+
+def _quality(
+    reference: pd.DataFrame, current: pd.DataFrame, data: DataParams
+) -> tuple[ColumnQuality, ...]:
+    out = []
+    for name, spec in data.features.items():
+        cur, ref = current[name], reference[name]
+        out_of_range = 0
+        new: tuple[str, ...] = ()
+        if spec.type == "numeric":
+            values = pd.to_numeric(cur, errors="coerce")
+            low = values < spec.min if spec.min is not None else False
+            high = values > spec.max if spec.max is not None else False
+            out_of_range = int(np.count_nonzero(low | high))
+        else:
+            known = set(spec.categories or ()) | set(ref.dropna().astype(str).unique())
+            seen = set(cur.dropna().astype(str).unique())
+            new = tuple(sorted(seen - known - {""}))
+        out.append(
+            ColumnQuality(
+                name,
+                float(cur.isna().mean()) if len(cur) else 0.0,
+                float(ref.isna().mean()) if len(ref) else 0.0,
+                out_of_range,
+                new,
+            )
+        )
+    return tuple(out)
+
+
+def _window_performance(
+    current: pd.DataFrame, data: DataParams, params: MonitorParams
+) -> dict[str, Any] | None:
+    if data.target not in current or params.prediction_column not in current:
+        return None
+    rows = current[current[data.target].notna()]
+    if rows.empty:
+        return None
+    y_true, y_pred = _labels(rows[data.target]), _labels(rows[params.prediction_column])
+    if y_true.dtype.kind != y_pred.dtype.kind:
+        y_true, y_pred = y_true.astype(str), y_pred.astype(str)
+    classes = np.unique(np.concatenate([y_true, y_pred]))
+    proba = (
+        rows[params.probability_column].to_numpy(np.float64)
+        if params.probability_column in rows
+        else None
+    )
+    return performance(y_true, y_pred, proba, classes)
+
+
+def _labels(values: pd.Series) -> np.ndarray:
+    """Whole-number labels as int (a label column read with gaps comes back as float)."""
+    arr = values.to_numpy()
+    if arr.dtype.kind == "f" and np.all(np.mod(arr, 1) == 0):
+        return arr.astype(np.int64)
+    return arr
+
+
+def performance(
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    proba: np.ndarray | None,
+    classes: Sequence[Any] | np.ndarray,
+) -> dict[str, Any]:
+    """Accuracy, macro F1, ROC AUC and the confusion matrix on the labelled rows.
+
+    `proba` is (n, n_classes) in `classes` order, or the positive class's column for a
+    binary task; rows whose label is missing are left out. ROC AUC is None when the
+    labelled rows hold one class only (it is undefined there).
+    """
+    keep = ~pd.isna(np.asarray(y_true))
+    y_true = _labels(pd.Series(np.asarray(y_true)[keep]).infer_objects())
+    y_pred = np.asarray(y_pred)[keep]
+    labels = list(classes)
+    auc: float | None = None
+    if proba is not None and len(np.unique(y_true)) > 1:
+        p = np.asarray(proba, dtype=np.float64)[keep]
+        if p.ndim == 2 and len(labels) == 2:
+            p = p[:, 1]
+        if p.ndim == 1:
+            auc = float(roc_auc_score(y_true == labels[-1], p))
+        else:
+            auc = float(roc_auc_score(y_true, p, multi_class="ovr", labels=labels))
+    n = int(keep.sum())
+    return {
+        "n_labelled": n,
+        "accuracy": float(accuracy_score(y_true, y_pred)) if n else math.nan,
+        "f1_macro": float(f1_score(y_true, y_pred, average="macro", labels=labels))
+        if n
+        else math.nan,
+        "roc_auc": auc,
+        "classes": [str(c) for c in labels],
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist() if n else [],
+    }
