@@ -102,6 +102,10 @@ class MonitorParams(_Section):
     probability_column: str = "proba_1"
 
 
+class BatchScoreParams(_Section):
+    chunk_rows: int = Field(default=100_000, gt=0)
+
+
 class Params(_Section):
     data: DataParams
     generate: GenerateParams
@@ -109,6 +113,7 @@ class Params(_Section):
     validate_: ValidateParams = Field(alias="validate")
     train: TrainParams
     register_: RegisterParams = Field(alias="register")
+    batch_score: BatchScoreParams = Field(default_factory=BatchScoreParams)
     monitor: MonitorParams = Field(default_factory=MonitorParams)
 
 

@@ -33,6 +33,7 @@ import atexit
 import contextlib
 import fcntl
 import functools
+import io
 import json
 import logging
 import math
@@ -51,6 +52,8 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 import psycopg
+import pyarrow as pa
+import pyarrow.csv as pacsv
 
 log = logging.getLogger(__name__)
 
@@ -780,3 +783,72 @@ class PredictionLog:
                 yield from_line(line)
             except ValueError as exc:  # a line cut short when its writer was killed
                 self._reject(line, exc)
+
+
+# -- batch jobs ------------------------------------------------------------------------
+
+_BATCH_STAGING = (
+    "CREATE TEMP TABLE predlog_batch_in (LIKE predictions INCLUDING DEFAULTS) ON COMMIT DROP"
+)
+_COPY_BATCH = f"COPY predlog_batch_in ({_PREDICTION_COLUMNS}) FROM STDIN (FORMAT csv)"
+_INSERT_BATCH = (
+    f"INSERT INTO predictions ({_PREDICTION_COLUMNS})"
+    f" SELECT {_PREDICTION_COLUMNS} FROM predlog_batch_in"
+    " ON CONFLICT (request_id) DO NOTHING"
+)
+
+
+class BatchLogWriter:
+    """A batch job's predictions in one transaction: all of them, or none.
+
+    `write` COPYs an Arrow table (columns named as the `predictions` table's, inputs and
+    probabilities as JSON text) into a staging table; `commit` inserts the rows not logged
+    yet (ON CONFLICT DO NOTHING) and returns how many were new. Leaving the `with` block
+    without `commit` rolls everything back.
+    """
+
+    def __init__(self, database_url: str) -> None:
+        self._url = database_url
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def __enter__(self) -> BatchLogWriter:
+        migrate(self._url)
+        self._conn = psycopg.connect(
+            _conninfo(self._url),
+            connect_timeout=CONNECT_TIMEOUT,
+            keepalives=1,
+            keepalives_idle=5,
+            keepalives_interval=2,
+            keepalives_count=2,
+            application_name="predlog-batch",
+        )
+        self._conn.execute(_BATCH_STAGING)
+        return self
+
+    def write(self, rows: pa.Table) -> None:
+        """COPY one chunk (a pyarrow Table with the prediction columns) into staging."""
+        buf = io.BytesIO()
+        table = rows.select(_PREDICTION_COLUMNS.split(", "))
+        pacsv.write_csv(table, buf, pacsv.WriteOptions(include_header=False))
+        with self._connection().cursor() as cur, cur.copy(_COPY_BATCH) as copy:
+            copy.write(buf.getbuffer())
+
+    def commit(self) -> int:
+        """Insert what is new and commit; the number of rows inserted."""
+        conn = self._connection()
+        with conn.cursor() as cur:
+            cur.execute(_INSERT_BATCH)
+            inserted = cur.rowcount
+        conn.commit()
+        return inserted
+
+    def __exit__(self, *exc: object) -> None:
+        if self._conn is not None:
+            self._conn.rollback()
+            self._conn.close()
+            self._conn = None
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is None:
+            raise RuntimeError("BatchLogWriter is used outside its `with` block")
+        return self._conn

@@ -142,6 +142,27 @@ class Scorer:
         )
         return np.asarray(self._pipeline.predict_proba(frame), dtype=np.float64)
 
+    def proba_columns(self, columns: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Class probabilities from whole columns, for batch scoring without per-row dicts.
+
+        Numeric columns are floats with NaN for missing; categorical columns hold strings
+        with missing values already as MISSING_CATEGORY (what `models.data.model_frame` makes).
+        """
+        rows = len(next(iter(columns.values()))) if columns else 0
+        if rows == 0:
+            return np.empty((0, len(self._classes)))
+        if self._session is not None:
+            feed = {
+                name: np.asarray(
+                    columns[name], np.float32 if kind == "numeric" else object
+                ).reshape(-1, 1)
+                for name, kind in self._schema.features
+            }
+            out = self._session.run([self._proba_output], feed)[0]
+            return np.asarray(out, dtype=np.float64)
+        frame = pd.DataFrame({name: columns[name] for name in self._names}, columns=self._names)
+        return np.asarray(self._pipeline.predict_proba(frame), dtype=np.float64)
+
     def predict(self, records: Sequence[Record]) -> list[Scored]:
         """Label and probabilities per record, in the order given."""
         classes = self._classes

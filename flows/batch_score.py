@@ -1,0 +1,156 @@
+"""batch_score: score a Parquet/CSV file (local or s3://) with the champion, in chunks.
+
+Predictions go to `<output_dir>/<batch_id>/predictions.parquet` and the prediction log
+(when DATABASE_URL is set), bad rows to `rejects.parquet` with a reason. A re-run with the
+same batch id rewrites the same files and adds no log rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State, TaskRun
+from prefect.tasks import Task
+
+from common.errors import UserError
+from common.params import load_params
+from common.predlog import BatchLogWriter
+from common.settings import Settings, get_settings
+from models import batch
+
+
+def _retry_unless_user_error(_task: Task[..., object], _run: TaskRun, state: State) -> bool:
+    """Retry network trouble, never bad input or configuration."""
+    try:
+        state.result()
+    except UserError:
+        return False
+    except Exception:  # anything else may be transient
+        return True
+    return True
+
+
+def _s3(settings: Settings) -> batch.S3Options:
+    return batch.S3Options(
+        endpoint_url=settings.mlflow_s3_endpoint_url,
+        access_key=settings.aws_access_key_id,
+        secret_key=settings.aws_secret_access_key,
+    )
+
+
+@task(
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=_retry_unless_user_error,
+    cache_policy=NO_CACHE,
+)
+def fetch_champion(settings: Settings) -> batch.ModelRef:
+    """Download the version the serving alias points at (cached by version)."""
+    return batch.fetch_model(settings, settings.mlops_home.resolve() / "batch-models")
+
+
+@task(
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=_retry_unless_user_error,
+    cache_policy=NO_CACHE,
+)
+def open_source(source: str, settings: Settings) -> batch.Input:
+    """Find the file and read its columns; refuse a missing one before any work."""
+    return batch.open_input(source, _s3(settings))
+
+
+@task(cache_policy=NO_CACHE)
+def score(
+    inp: batch.Input,
+    model: batch.ModelRef,
+    batch_id: str,
+    output_dir: Path,
+    settings: Settings,
+) -> batch.BatchResult:
+    """Score every chunk; files and log rows appear only if the whole batch succeeds."""
+    logger = get_run_logger()
+    params = load_params()
+    scorer = model.load()
+    logger.info(
+        "scoring %s as batch %s with %s v%s (%s), %d rows a chunk",
+        inp.source,
+        batch_id,
+        model.name,
+        model.version,
+        scorer.backend,
+        params.batch_score.chunk_rows,
+    )
+
+    def progress(rows: int, rejected: int) -> None:
+        logger.info("%s rows read, %s rejected", f"{rows:,}", f"{rejected:,}")
+
+    with contextlib.ExitStack() as stack:
+        sink = None
+        if settings.database_url:
+            sink = stack.enter_context(BatchLogWriter(settings.database_url))
+        else:
+            logger.warning("DATABASE_URL is not set: predictions are not logged")
+        return batch.score_batch(
+            inp,
+            scorer,
+            model_name=model.name,
+            model_version=model.version,
+            batch_id=batch_id,
+            output_dir=output_dir,
+            chunk_rows=params.batch_score.chunk_rows,
+            keep=[params.data.id_column] if params.data.id_column else [],
+            sink=sink,
+            progress=progress,
+        )
+
+
+@flow(name="batch_score")
+def batch_score(
+    source: str, batch_id: str | None = None, output_dir: str = "data/scored"
+) -> batch.BatchResult:
+    """Score `source` with the champion; predictions and rejects to `output_dir/<batch_id>/`."""
+    settings = get_settings()
+    inp = open_source(source, settings)
+    model = fetch_champion(settings)
+    bid = batch_id or batch.default_batch_id(inp)
+    result = score(inp, model, bid, Path(output_dir).resolve(), settings)
+    get_run_logger().info(
+        "batch %s: %s scored, %s rejected in %.1f s (%s rows/s)",
+        result.batch_id,
+        f"{result.scored:,}",
+        f"{result.rejected:,}",
+        result.seconds,
+        f"{result.rows_per_second:,.0f}",
+    )
+    create_table_artifact(
+        [
+            {"what": "batch id", "value": result.batch_id},
+            {"what": "source", "value": result.source},
+            {"what": "model", "value": f"{result.model_name} v{result.model_version}"},
+            {"what": "backend", "value": result.backend},
+            {"what": "rows scored", "value": f"{result.scored:,}"},
+            {"what": "rows rejected", "value": f"{result.rejected:,}"},
+            {
+                "what": "new prediction-log rows",
+                "value": "not logged" if result.logged is None else f"{result.logged:,}",
+            },
+            {"what": "predictions", "value": str(result.predictions_path)},
+            {"what": "rejects", "value": str(result.rejects_path)},
+            {"what": "rows/s", "value": f"{result.rows_per_second:,.0f}"},
+        ],
+        key="batch-score-summary",
+        description=f"batch {result.batch_id}: {result.scored:,} scored, "
+        f"{result.rejected:,} rejected",
+    )
+    return result
+
+
+if __name__ == "__main__":
+    import sys
+
+    batch_score(*sys.argv[1:2])

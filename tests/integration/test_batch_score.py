@@ -1,0 +1,188 @@
+"""The batch_score flow against a real MLflow server, PostgreSQL and an S3 endpoint.
+
+The flow runs in-process under Prefect's test harness (a temporary API). It scores the
+pipeline's champion on a Parquet file in the bucket and on a local CSV with garbage rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import psycopg
+import pytest
+import yaml
+from prefect.testing.utilities import prefect_test_harness
+
+from common.localpg import LocalPostgres
+from common.settings import get_settings
+from flows.batch_score import batch_score
+from models.batch import BatchResult
+from models.generate import generate
+from tests.servers import HttpServer, S3Endpoint, free_port
+from tests.workspace import Workspace
+
+BUCKET = "batches"
+ROWS = 3_000
+
+pytestmark = pytest.mark.usefixtures("harness")
+
+
+@pytest.fixture(scope="module")
+def harness() -> Iterator[None]:
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture(scope="module")
+def logdb(postgres: LocalPostgres) -> str:
+    postgres.create_database("batchlog")
+    return postgres.url("batchlog")
+
+
+@pytest.fixture(scope="module")
+def project(
+    tmp_path_factory: pytest.TempPathFactory,
+    pipeline: Workspace,
+    mlflow_server: HttpServer,
+    s3: S3Endpoint,
+    logdb: str,
+) -> Iterator[Path]:
+    """A directory with the pipeline's params (small chunks) and the stack's environment."""
+    root = tmp_path_factory.mktemp("batch")
+    params = yaml.safe_load((pipeline.path / "params.yaml").read_text())
+    params["batch_score"] = {"chunk_rows": 700}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        for name, value in {
+            "MLOPS_HOME": str(root / ".mlops"),
+            "MLFLOW_TRACKING_URI": mlflow_server.url,
+            "MLFLOW_S3_ENDPOINT_URL": s3.url,
+            "DATABASE_URL": logdb,
+            **s3.creds,
+        }.items():
+            mp.setenv(name, value)
+        get_settings.cache_clear()
+        yield root
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def s3_parquet(s3: S3Endpoint, project: Path) -> str:
+    generate(ROWS, seed=21).to_parquet(project / "up.parquet")
+    client = s3.client()
+    client.create_bucket(Bucket=BUCKET)
+    client.upload_file(str(project / "up.parquet"), BUCKET, "in/customers.parquet")
+    return f"s3://{BUCKET}/in/customers.parquet"
+
+
+@pytest.fixture(scope="module")
+def garbage_csv(project: Path) -> Path:
+    df = generate(1_000, seed=22).astype({"age": object, "region": object, "tenure_months": object})
+    df.loc[10, "age"] = "n/a years"
+    df.loc[20, "region"] = "moon"
+    df.loc[30, "tenure_months"] = "12;DROP TABLE"
+    path = project / "garbage.csv"
+    df.to_csv(path, index=False)
+    return path
+
+
+def logged(database_url: str, ids: list[str]) -> list[tuple[str, str]]:
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT request_id::text, model_version FROM predictions"
+            " WHERE request_id = ANY(%s::uuid[]) ORDER BY request_id",
+            [ids],
+        ).fetchall()
+    return [(str(a), str(b)) for a, b in rows]
+
+
+def total_logged(database_url: str) -> int:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("SELECT count(*) FROM predictions").fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_scores_a_parquet_in_s3_into_parquet_and_the_log(
+    project: Path, s3_parquet: str, logdb: str
+) -> None:
+    result = batch_score(s3_parquet, batch_id="s3-one", output_dir="out")
+    assert isinstance(result, BatchResult)
+    assert (result.rows, result.scored, result.rejected) == (ROWS, ROWS, 0)
+    assert result.logged == ROWS
+    scored = pd.read_parquet(project / "out" / "s3-one" / "predictions.parquet")
+    assert len(scored) == ROWS
+    assert set(scored["batch_id"]) == {"s3-one"}
+    assert set(scored["model_version"]) == {result.model_version}
+    assert scored["customer_id"].is_unique
+    np.testing.assert_allclose(scored[["proba_0", "proba_1"]].sum(axis=1), 1.0, atol=1e-5)
+    in_log = logged(logdb, scored["request_id"].tolist())
+    assert len(in_log) == ROWS
+    assert {v for _, v in in_log} == {result.model_version}
+
+
+def test_rerunning_a_batch_id_adds_no_rows(project: Path, s3_parquet: str, logdb: str) -> None:
+    before = total_logged(logdb)
+    first = pd.read_parquet(project / "out" / "s3-one" / "predictions.parquet")
+    result = batch_score(s3_parquet, batch_id="s3-one", output_dir="out")
+    assert result.logged == 0
+    assert total_logged(logdb) == before
+    again = pd.read_parquet(project / "out" / "s3-one" / "predictions.parquet")
+    pd.testing.assert_frame_equal(first, again)
+
+
+def test_garbage_rows_go_to_rejects_with_reasons(
+    project: Path, garbage_csv: Path, logdb: str
+) -> None:
+    result = batch_score(str(garbage_csv), output_dir="out")
+    assert (result.scored, result.rejected) == (997, 3)
+    assert result.logged == 997
+    rejects = pd.read_parquet(result.rejects_path)
+    assert dict(zip(rejects["row_number"], rejects["reason"], strict=True)) == {
+        10: "age: not a number 'n/a years'",
+        20: "region: unknown category 'moon'",
+        30: "tenure_months: not a number '12;DROP TABLE'",
+    }
+    scored = pd.read_parquet(result.predictions_path)
+    assert len(logged(logdb, scored["request_id"].tolist())) == 997
+    # no batch id given: the default is stable for an unchanged file
+    assert batch_score(str(garbage_csv), output_dir="out").batch_id == result.batch_id
+
+
+def expect_failure(source: str, *, match: str, out: Path) -> None:
+    state = batch_score(source, batch_id="bad", output_dir=str(out), return_state=True)
+    assert state.is_failed()
+    assert match in str(state.message)
+    assert not (out / "bad").exists()
+
+
+def test_a_missing_file_fails_the_run_naming_it(project: Path, logdb: str) -> None:
+    before = total_logged(logdb)
+    expect_failure(
+        f"s3://{BUCKET}/in/nope.parquet", match="nope.parquet: no such file", out=project / "out"
+    )
+    expect_failure(str(project / "nope.csv"), match="nope.csv: no such file", out=project / "out")
+    assert total_logged(logdb) == before
+
+
+def test_missing_columns_refuse_the_batch_before_writing(project: Path, logdb: str) -> None:
+    before = total_logged(logdb)
+    path = project / "narrow.parquet"
+    generate(100, seed=1).drop(columns=["plan_tier"]).to_parquet(path)
+    expect_failure(str(path), match="missing column(s) ['plan_tier']", out=project / "out")
+    assert total_logged(logdb) == before
+
+
+def test_an_unreachable_mlflow_fails_the_run_naming_it(
+    project: Path, garbage_csv: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    get_settings.cache_clear()
+    try:
+        expect_failure(str(garbage_csv), match=f"MLFLOW_TRACKING_URI={uri}", out=project / "out")
+    finally:
+        get_settings.cache_clear()
