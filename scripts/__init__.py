@@ -1,0 +1,1 @@
+"""Operational scripts: licence check, the local stack (make up/down)."""
