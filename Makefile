@@ -89,3 +89,16 @@ licenses: bootstrap ## fail if a dependency's licence is incompatible with Apach
 clean: ## remove the embedded store and pipeline outputs (keeps the DVC cache)
 	rm -rf .mlops data/prepared reports metrics plots dvc_plots
 
+# Prefect: a local server, the deployments of prefect.yaml, and a worker that runs them.
+.PHONY: prefect-server deploy worker
+POOL ?= local-process
+
+prefect-server: bootstrap ## Prefect server and UI on http://127.0.0.1:4200 (SQLite under PREFECT_HOME)
+	$(RUN) prefect server start --host 127.0.0.1 --port 4200
+
+deploy: bootstrap ## create the local-process work pool if missing, then `prefect deploy --all` (needs PREFECT_API_URL)
+	$(RUN) prefect work-pool inspect $(POOL) >/dev/null 2>&1 || $(RUN) prefect work-pool create $(POOL) --type process
+	MLOPS_PROJECT_DIR=$(CURDIR) $(RUN) prefect --no-prompt deploy --all
+
+worker: bootstrap ## a Prefect worker serving the local-process pool (runs the deployments' flow runs)
+	$(RUN) prefect worker start --pool $(POOL)

@@ -84,9 +84,29 @@ class TrainParams(_Section):
     onnx_parity_atol: float = Field(gt=0)
 
 
+Metric = Literal["roc_auc", "f1_macro", "accuracy", "log_loss"]
+
+
 class RegisterParams(_Section):
-    metric: Literal["roc_auc", "f1_macro", "accuracy", "log_loss"]
+    metric: Metric
     margin: float = Field(ge=0)
+
+
+class PromoteParams(_Section):
+    """The promotion policy: what must improve, what must not get worse, who decides."""
+
+    improve: dict[Metric, float] = Field(min_length=1)
+    no_worse: dict[Metric, float] = Field(default_factory=dict)
+    require_approval: bool = False
+    approval_timeout_seconds: int = Field(default=86400, gt=0)
+
+    @model_validator(mode="after")
+    def _amounts_not_negative(self) -> PromoteParams:
+        for section in ("improve", "no_worse"):
+            for metric, amount in getattr(self, section).items():
+                if amount < 0:
+                    raise ValueError(f"{section}.{metric} must be >= 0")
+        return self
 
 
 class MonitorParams(_Section):
@@ -113,6 +133,7 @@ class Params(_Section):
     validate_: ValidateParams = Field(alias="validate")
     train: TrainParams
     register_: RegisterParams = Field(alias="register")
+    promote: PromoteParams
     batch_score: BatchScoreParams = Field(default_factory=BatchScoreParams)
     monitor: MonitorParams = Field(default_factory=MonitorParams)
 

@@ -117,12 +117,15 @@ def run(params: Params, settings: Settings) -> Decision:
         promoted, reason = gate(
             metric, params.register_.margin, challenger_score, champion_score, champion_version
         )
+    held = promoted and champion_version is not None and params.promote.require_approval
+    if held:  # a person decides in the promote flow; the gate alone must not move champion
+        promoted, reason = False, f"{reason}; held for approval (promote.require_approval)"
     registry.set_tags(
         client,
         name,
         version,
         {
-            "gate.decision": "promoted" if promoted else "rejected",
+            "gate.decision": "held" if held else "promoted" if promoted else "rejected",
             "gate.reason": reason,
             "gate.decided_by": by,
         },

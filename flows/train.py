@@ -1,0 +1,68 @@
+"""train: the DVC pipeline as Prefect tasks, one per dvc.yaml stage, with a summary artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.client.schemas.objects import State, TaskRun
+from prefect.tasks import Task
+
+from common.settings import get_settings
+from models import pipeline
+
+
+def _retry_unless_rejected(_task: Task[..., None], _run: TaskRun, state: State) -> bool:
+    """Retry crashes and network errors, never a stage that refused its input."""
+    try:
+        state.result()
+    except pipeline.StageRejectedError:
+        return False
+    except Exception:  # any other failure may be transient
+        return True
+    return True
+
+
+@task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retry_unless_rejected)
+def dvc(command: str, root: Path) -> None:
+    """`dvc pull` / `dvc push`, its output in the flow's log."""
+    pipeline.run((*pipeline.DVC, command), root, get_run_logger().info)
+
+
+@task(
+    task_run_name="{stage}",
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    retry_condition_fn=_retry_unless_rejected,
+)
+def stage(stage: str, root: Path) -> None:
+    """One dvc.yaml stage through `dvc repro --single-item`, streamed to the log."""
+    pipeline.run_stage(stage, root, get_run_logger().info)
+
+
+@flow(name="train")
+def train(project_dir: str = ".") -> pipeline.RunSummary:
+    """Pull data, run every dvc.yaml stage in order, push, and summarise the new version."""
+    root = Path(project_dir).resolve()
+    remote = pipeline.has_remote(root)
+    if remote:
+        dvc("pull", root)
+    for name in pipeline.stages(root):
+        stage(name, root)
+    if remote:
+        dvc("push", root)
+    result = pipeline.summary(root)
+    create_markdown_artifact(
+        pipeline.summary_markdown(result, get_settings().tracking_uri),
+        key="train-summary",
+        description=f"{result.model_name} v{result.version}",
+    )
+    get_run_logger().info(
+        "%s v%s %s: %s",
+        result.model_name,
+        result.version,
+        "promoted" if result.promoted else "kept as challenger",
+        result.reason,
+    )
+    return result

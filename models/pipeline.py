@@ -1,0 +1,149 @@
+"""Run the DVC pipeline one stage at a time through DVC's CLI; dvc.yaml stays the definition.
+
+Used by the `train` flow: each stage is its own step, its output is streamed line by
+line, and a stage that fails with a user-facing error (the `error: ...` paragraph of
+common.errors.run_cli) is told apart from a crash that may be worth retrying.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from common import paths
+from common.errors import UserError
+
+DVC = (sys.executable, "-m", "dvc")
+
+
+class StageCrashError(RuntimeError):
+    """A command failed for a reason that may pass on a retry (crash, network, lock)."""
+
+
+class StageRejectedError(UserError):
+    """A stage refused its input (validation, parity, bad params): retrying cannot help."""
+
+
+def stages(root: Path) -> list[str]:
+    """The stage names of root/dvc.yaml, in the file's order."""
+    spec: Any = yaml.safe_load((root / "dvc.yaml").read_text())
+    return list(spec.get("stages", {}))
+
+
+def _error_paragraph(lines: list[str]) -> str | None:
+    """The `error: ...` paragraph a stage printed through run_cli, if any."""
+    for i, line in enumerate(lines):
+        if line.startswith("error: "):
+            para = [line.removeprefix("error: ")]
+            for rest in lines[i + 1 :]:
+                if not rest.strip() or rest.startswith(("ERROR:", "error: ")):
+                    break
+                para.append(rest)
+            return " ".join(p.strip() for p in para)
+    return None
+
+
+def run(
+    args: tuple[str, ...],
+    root: Path,
+    on_line: Callable[[str], None],
+    env: Mapping[str, str] | None = None,
+) -> None:
+    """Run a command in `root`, handing each output line to `on_line`; raise on failure."""
+    with subprocess.Popen(
+        args,
+        cwd=root,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    ) as proc:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        for raw in proc.stdout:
+            line = raw.rstrip("\n")
+            lines.append(line)
+            on_line(line)
+        code = proc.wait()
+    if code == 0:
+        return
+    message = _error_paragraph(lines)
+    if message is not None:
+        raise StageRejectedError(message)
+    tail = "\n".join(lines[-20:])
+    shown = " ".join(args[2:] if args[:3] == DVC else args)
+    raise StageCrashError(f"{shown} exited {code}\n{tail}")
+
+
+def run_stage(
+    stage: str, root: Path, on_line: Callable[[str], None], env: Mapping[str, str] | None = None
+) -> None:
+    """`dvc repro --single-item <stage>`: run one stage if its inputs changed."""
+    run((*DVC, "repro", "--single-item", stage), root, on_line, env)
+
+
+def has_remote(root: Path) -> bool:
+    """Whether the project has a DVC remote configured (then the flow pulls and pushes)."""
+    proc = subprocess.run(
+        (*DVC, "remote", "list"), cwd=root, capture_output=True, text=True, check=False
+    )
+    return proc.returncode == 0 and bool(proc.stdout.strip())
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a pipeline run produced, read from the files the stages hand to each other."""
+
+    model_name: str
+    version: str
+    promoted: bool
+    reason: str
+    metrics: dict[str, float]
+    mlflow_run_id: str | None
+
+
+def summary(root: Path) -> RunSummary:
+    """The register decision, holdout metrics and MLflow run of the last pipeline run."""
+    decision = json.loads((root / paths.REGISTER_REPORT).read_text())
+    metrics = json.loads((root / paths.METRICS).read_text())
+    train_file = root / paths.TRAIN_RUN
+    run_id = json.loads(train_file.read_text()).get("run_id") if train_file.exists() else None
+    return RunSummary(
+        model_name=decision["model_name"],
+        version=str(decision["version"]),
+        promoted=bool(decision["promoted"]),
+        reason=decision["reason"],
+        metrics={k: float(v) for k, v in metrics.items() if k != "rows"},
+        mlflow_run_id=run_id,
+    )
+
+
+def mlflow_run_link(tracking_uri: str, run_id: str | None) -> str:
+    """A link to the run in the MLflow UI, or how to open the embedded store."""
+    if run_id is None:
+        return "(no MLflow run recorded)"
+    if tracking_uri.startswith(("http://", "https://")):
+        url = f"{tracking_uri.rstrip('/')}/#/runs/{run_id}"
+        return f"[{run_id}]({url})"
+    return f"run `{run_id}` in `{tracking_uri}` (open it with `make mlflow-ui`)"
+
+
+def summary_markdown(s: RunSummary, tracking_uri: str) -> str:
+    """The run summary as a Prefect markdown artifact."""
+    verdict = "promoted to **champion**" if s.promoted else "kept as **challenger**"
+    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(s.metrics.items()))
+    return (
+        f"# train: {s.model_name} v{s.version}\n\n"
+        f"{verdict}: {s.reason}\n\n"
+        f"| holdout metric | value |\n|---|---|\n{rows}\n\n"
+        f"MLflow: {mlflow_run_link(tracking_uri, s.mlflow_run_id)}\n"
+    )

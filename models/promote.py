@@ -1,0 +1,149 @@
+"""promote and rollback: move `champion` under the policy in params.yaml, recorded in tags.
+
+`challenger` and `champion` are scored on the same holdout; the challenger is promoted
+only when every `improve` metric gains at least its amount and no `no_worse` metric
+loses more than its tolerance. Every decision is tagged on the version it concerns:
+`promote.decision`, `promote.decided_by`, `promote.decided_at`, `promote.reason`; a
+promoted version also carries `alias.champion.previous`, which rollback returns to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from common import paths, registry
+from common.errors import UserError
+from common.params import DataParams, PromoteParams
+from models.evaluate import LOWER_IS_BETTER, score
+
+PREVIOUS = f"alias.{registry.CHAMPION}.previous"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    passed: bool
+    reasons: list[str]
+
+    @property
+    def summary(self) -> str:
+        return "; ".join(self.reasons)
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """The challenger and champion versions and their metrics on the same holdout."""
+
+    challenger: str
+    champion: str | None
+    challenger_metrics: dict[str, float]
+    champion_metrics: dict[str, float] | None
+
+
+def gain(metric: str, new: float, old: float) -> float:
+    """How much better `new` is than `old` (positive is better, whatever the direction)."""
+    return old - new if metric in LOWER_IS_BETTER else new - old
+
+
+def judge(
+    policy: PromoteParams, challenger: dict[str, float], champion: dict[str, float] | None
+) -> Verdict:
+    """Apply the policy; with no champion the challenger passes."""
+    if champion is None:
+        return Verdict(True, ["no champion yet"])
+    passed, reasons = True, []
+    for metric, needed in policy.improve.items():
+        g = gain(metric, challenger[metric], champion[metric])
+        ok = g >= needed
+        passed &= ok
+        reasons.append(
+            f"{metric} {challenger[metric]:.4f} vs {champion[metric]:.4f}: gain {g:+.4f} "
+            f"{'>=' if ok else '<'} required {needed}"
+        )
+    for metric, tolerance in policy.no_worse.items():
+        g = gain(metric, challenger[metric], champion[metric])
+        ok = g >= -tolerance
+        passed &= ok
+        reasons.append(
+            f"{metric} {challenger[metric]:.4f} vs {champion[metric]:.4f}: change {g:+.4f} "
+            f"{'within' if ok else 'beyond'} tolerance {tolerance}"
+        )
+    return Verdict(passed, reasons)
+
+
+def _score_version(
+    client: MlflowClient, name: str, version: str, holdout: pd.DataFrame, data: DataParams
+) -> dict[str, float]:
+    model = mlflow.sklearn.load_model(f"models:/{name}/{version}")
+    return score(model, holdout, data)
+
+
+def candidates(
+    client: MlflowClient, name: str, data: DataParams, holdout_path: Path = paths.HOLDOUT
+) -> Candidates:
+    """Score challenger and champion on the holdout; a missing challenger is a UserError."""
+    challenger = registry.version_by_alias(client, name, registry.CHALLENGER)
+    if challenger is None:
+        raise UserError(f"{name} has no '{registry.CHALLENGER}' version: nothing to promote.")
+    champion = registry.version_by_alias(client, name, registry.CHAMPION)
+    holdout = pd.read_parquet(holdout_path)
+    new = _score_version(client, name, str(challenger.version), holdout, data)
+    if champion is None:
+        return Candidates(str(challenger.version), None, new, None)
+    old = _score_version(client, name, str(champion.version), holdout, data)
+    return Candidates(str(challenger.version), str(champion.version), new, old)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def record(
+    client: MlflowClient, name: str, version: str, *, decision: str, by: str, reason: str
+) -> None:
+    """Tag a decision (promoted, rejected, rolled back) on the version it concerns."""
+    registry.set_tags(
+        client,
+        name,
+        version,
+        {
+            "promote.decision": decision,
+            "promote.decided_by": by,
+            "promote.decided_at": _now(),
+            "promote.reason": reason,
+        },
+    )
+
+
+def promote(client: MlflowClient, name: str, c: Candidates, *, by: str, reason: str) -> None:
+    """Move `champion` to the challenger, remembering the previous champion on it."""
+    if c.champion is not None:
+        registry.set_tags(client, name, c.challenger, {PREVIOUS: c.champion})
+    registry.move_alias(client, name, registry.CHAMPION, c.challenger, by=by, reason=reason)
+    client.delete_registered_model_alias(name, registry.CHALLENGER)
+    record(client, name, c.challenger, decision="promoted", by=by, reason=reason)
+
+
+def reject(client: MlflowClient, name: str, c: Candidates, *, by: str, reason: str) -> None:
+    """Keep the champion; the challenger keeps its alias and the reason in its tags."""
+    record(client, name, c.challenger, decision="rejected", by=by, reason=reason)
+
+
+def rollback(client: MlflowClient, name: str, *, by: str, reason: str) -> tuple[str, str]:
+    """Point `champion` back at the version it replaced; return (from, to)."""
+    current = registry.version_by_alias(client, name, registry.CHAMPION)
+    if current is None:
+        raise UserError(f"{name} has no '{registry.CHAMPION}': nothing to roll back.")
+    previous = current.tags.get(PREVIOUS)
+    if not previous:
+        raise UserError(
+            f"{name} v{current.version} has no {PREVIOUS} tag: no earlier champion to return to."
+        )
+    registry.move_alias(client, name, registry.CHAMPION, previous, by=by, reason=reason)
+    record(client, name, str(current.version), decision="rolled back", by=by, reason=reason)
+    return str(current.version), previous

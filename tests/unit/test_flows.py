@@ -1,0 +1,341 @@
+"""The flows under Prefect's test harness: train's stages and failures, promote's decisions.
+
+`train` runs on a tiny DVC project whose stages are one script (fast, no ML); `promote`
+and `rollback` run against an embedded MLflow registry with the scoring replaced by
+fixed metrics, so the tests are about the decisions, the aliases and the tags.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterKey,
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import StateType
+from prefect.flow_runs import resume_flow_run
+from prefect.testing.utilities import prefect_test_harness
+
+from common import registry
+from common.settings import get_settings
+from flows.promote import promote, rollback
+from flows.retrain import retrain
+from flows.train import train
+from models import pipeline
+from models import promote as policy
+from tests.workspace import ROOT
+
+NAME = "churn-classifier"
+
+STEP = """\
+import json, sys
+from pathlib import Path
+
+name = sys.argv[1]
+with open("order.log", "a") as log:
+    log.write(name + "\\n")
+print(f"{name}: working")
+if name == "prepare" and Path("FLAKY").exists() and not Path("crashed").exists():
+    Path("crashed").touch()
+    raise RuntimeError("connection reset")
+if name == "validate" and Path("BAD").exists():
+    print("error: validation failed: column age: 3 values above max 120", file=sys.stderr)
+    print("(rows 1, 4, 9).", file=sys.stderr)
+    sys.exit(1)
+if name == "register":
+    for d in ("reports", "metrics"):
+        Path(d).mkdir(exist_ok=True)
+    Path("reports/train.json").write_text(json.dumps({"run_id": "abc123"}))
+    Path("metrics/holdout.json").write_text(json.dumps({"roc_auc": 0.81, "rows": 10}))
+    Path("reports/register.json").write_text(json.dumps({
+        "model_name": "churn-classifier", "version": "7", "promoted": True,
+        "reason": "no champion yet"}))
+"""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def harness() -> Iterator[None]:
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A DVC project whose stages (prepare, validate, register) all run one small script."""
+    (tmp_path / "step.py").write_text(STEP)
+    stages = {
+        name: {"cmd": f"{sys.executable} step.py {name}", "always_changed": True}
+        for name in ("prepare", "validate", "register")
+    }
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    subprocess.run(
+        [sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True
+    )
+    return tmp_path
+
+
+def _order(project: Path) -> list[str]:
+    return (project / "order.log").read_text().split()
+
+
+def test_stages_come_from_dvc_yaml_in_its_order() -> None:
+    assert pipeline.stages(ROOT) == [
+        "generate",
+        "prepare",
+        "validate",
+        "train",
+        "evaluate",
+        "register",
+    ]
+
+
+def test_train_runs_each_stage_in_order_and_publishes_a_summary(project: Path) -> None:
+    result = train(project_dir=str(project))
+
+    assert _order(project) == ["prepare", "validate", "register"]
+    assert (result.version, result.promoted, result.metrics) == ("7", True, {"roc_auc": 0.81})
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["train-summary"]))
+        )
+    assert artifacts
+    text = str(artifacts[0].data)
+    assert "churn-classifier v7" in text
+    assert "promoted to **champion**" in text
+    assert "| roc_auc | 0.8100 |" in text
+    assert "abc123" in text
+
+
+def test_a_validation_failure_fails_the_run_with_its_error_and_is_not_retried(
+    project: Path,
+) -> None:
+    (project / "BAD").touch()
+
+    state = train(project_dir=str(project), return_state=True)
+
+    assert state.is_failed()
+    assert "validation failed: column age: 3 values above max 120 (rows 1, 4, 9)." in str(
+        state.message
+    )
+    assert _order(project) == ["prepare", "validate"]
+
+
+def test_a_crashing_stage_is_retried(project: Path) -> None:
+    (project / "FLAKY").touch()
+
+    train(project_dir=str(project))
+
+    assert _order(project) == ["prepare", "prepare", "validate", "register"]
+
+
+def test_a_dvc_remote_is_detected(project: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    assert not pipeline.has_remote(project)
+    remote = tmp_path_factory.mktemp("remote")
+    subprocess.run(
+        [sys.executable, "-m", "dvc", "remote", "add", "-d", "store", str(remote)],
+        cwd=project,
+        check=True,
+    )
+    assert pipeline.has_remote(project)
+
+
+# promote / rollback
+
+
+SCORES: dict[str, dict[str, float]] = {}
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, MlflowClient]]:
+    """A project dir with params.yaml and a holdout, an empty embedded registry, fixed scores."""
+    monkeypatch.setenv("MLOPS_HOME", str(tmp_path / ".mlops"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    get_settings.cache_clear()
+    (tmp_path / "data/prepared").mkdir(parents=True)
+    pd.DataFrame({"x": [1]}).to_parquet(tmp_path / "data/prepared/holdout.parquet")
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    monkeypatch.setattr(policy, "_score_version", lambda _c, _n, v, _h, _d: SCORES[v])
+    client = registry.connect(get_settings())
+    client.create_registered_model(NAME)
+    yield tmp_path, client
+    get_settings.cache_clear()
+
+
+def _policy(project: Path, **promote: Any) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["promote"] = {"improve": {"roc_auc": 0.01}, "no_worse": {"log_loss": 0.01}} | promote
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def _version(client: MlflowClient, roc_auc: float, log_loss: float = 0.4) -> str:
+    source = (Path(get_settings().mlops_home) / "placeholder").resolve().as_uri()
+    mv = client.create_model_version(NAME, source=source, run_id=None)
+    SCORES[str(mv.version)] = {"roc_auc": roc_auc, "log_loss": log_loss}
+    return str(mv.version)
+
+
+def _with_champion_and_challenger(client: MlflowClient, challenger_auc: float) -> tuple[str, str]:
+    old, new = _version(client, 0.80), _version(client, challenger_auc)
+    client.set_registered_model_alias(NAME, registry.CHAMPION, old)
+    client.set_registered_model_alias(NAME, registry.CHALLENGER, new)
+    return old, new
+
+
+def _champion(client: MlflowClient) -> str:
+    return str(client.get_model_version_by_alias(NAME, registry.CHAMPION).version)
+
+
+def _tags(client: MlflowClient, version: str) -> dict[str, str]:
+    return dict(client.get_model_version(NAME, version).tags)
+
+
+def test_promote_moves_champion_when_the_policy_passes(
+    store: tuple[Path, MlflowClient],
+) -> None:
+    project, client = store
+    _policy(project)
+    old, new = _with_champion_and_challenger(client, 0.83)
+
+    assert promote(project_dir=str(project)) is True
+
+    assert _champion(client) == new
+    tags = _tags(client, new)
+    assert tags["promote.decision"] == "promoted"
+    assert tags["promote.decided_by"].startswith("promote policy (prefect flow run ")
+    assert "gain +0.0300 >= required 0.01" in tags["promote.reason"]
+    assert tags["promote.decided_at"]
+    assert tags[policy.PREVIOUS] == old
+    assert registry.version_by_alias(client, NAME, registry.CHALLENGER) is None
+
+
+def test_promote_keeps_champion_when_the_policy_fails(store: tuple[Path, MlflowClient]) -> None:
+    project, client = store
+    _policy(project)
+    old, new = _with_champion_and_challenger(client, 0.805)
+
+    assert promote(project_dir=str(project)) is False
+
+    assert _champion(client) == old
+    assert _tags(client, new)["promote.decision"] == "rejected"
+    assert "< required 0.01" in _tags(client, new)["promote.reason"]
+
+
+def test_rollback_returns_champion_to_the_version_it_replaced(
+    store: tuple[Path, MlflowClient],
+) -> None:
+    project, client = store
+    _policy(project)
+    old, new = _with_champion_and_challenger(client, 0.83)
+    promote(project_dir=str(project))
+
+    assert rollback(reason="latency regression") == old
+
+    assert _champion(client) == old
+    assert _tags(client, new)["promote.decision"] == "rolled back"
+    assert _tags(client, new)["promote.reason"] == "latency regression"
+    assert _tags(client, old)["alias.champion.reason"] == "latency regression"
+
+
+def test_rollback_without_an_earlier_champion_fails(store: tuple[Path, MlflowClient]) -> None:
+    _, client = store
+    client.set_registered_model_alias(NAME, registry.CHAMPION, _version(client, 0.8))
+
+    state = rollback(return_state=True)
+
+    assert state.is_failed()
+    assert "no earlier champion" in str(state.message)
+
+
+# human approval
+
+
+def _paused_run(timeout: float = 30) -> UUID:
+    paused = FlowRunFilter(
+        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))
+    )
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            runs = client.read_flow_runs(flow_run_filter=paused)
+            if runs:
+                return runs[0].id
+            time.sleep(0.5)
+    raise AssertionError("no paused flow run appeared")
+
+
+def _promote_in_thread(project: Path) -> tuple[threading.Thread, list[bool]]:
+    result: list[bool] = []
+    thread = threading.Thread(
+        target=lambda: result.append(promote(project_dir=str(project))), daemon=True
+    )
+    thread.start()
+    return thread, result
+
+
+def test_an_approved_promotion_moves_champion_and_records_the_reviewer(
+    store: tuple[Path, MlflowClient],
+) -> None:
+    project, client = store
+    _policy(project, require_approval=True, approval_timeout_seconds=60)
+    _, new = _with_champion_and_challenger(client, 0.83)
+    thread, result = _promote_in_thread(project)
+
+    resume_flow_run(
+        _paused_run(), run_input={"approve": True, "reviewer": "alice", "comment": "ok"}
+    )
+    thread.join(60)
+
+    assert result == [True]
+    assert _champion(client) == new
+    tags = _tags(client, new)
+    assert tags["promote.decided_by"] == "alice (prefect UI)"
+    assert tags["promote.reason"].startswith("approved by alice: ok; roc_auc")
+
+
+def test_a_rejected_promotion_keeps_champion(store: tuple[Path, MlflowClient]) -> None:
+    project, client = store
+    _policy(project, require_approval=True, approval_timeout_seconds=60)
+    old, new = _with_champion_and_challenger(client, 0.83)
+    thread, result = _promote_in_thread(project)
+
+    resume_flow_run(_paused_run(), run_input={"approve": False, "reviewer": "bob"})
+    thread.join(60)
+
+    assert result == [False]
+    assert _champion(client) == old
+    assert _tags(client, new)["promote.decision"] == "rejected"
+    assert _tags(client, new)["promote.reason"].startswith("rejected by bob; roc_auc")
+
+
+def test_an_unanswered_approval_times_out_without_promotion(
+    store: tuple[Path, MlflowClient],
+) -> None:
+    project, client = store
+    _policy(project, require_approval=True, approval_timeout_seconds=1)
+    old, new = _with_champion_and_challenger(client, 0.83)
+
+    assert promote(project_dir=str(project)) is False
+
+    assert _champion(client) == old
+    assert _tags(client, new)["promote.reason"].startswith("no approval within 1 s")
+
+
+def test_retrain_stops_after_train_when_the_gate_already_promoted(project: Path) -> None:
+    assert retrain(project_dir=str(project)) is True
+    assert _order(project) == ["prepare", "validate", "register"]
