@@ -790,10 +790,11 @@ class PredictionLog:
 _BATCH_STAGING = (
     "CREATE TEMP TABLE predlog_batch_in (LIKE predictions INCLUDING DEFAULTS) ON COMMIT DROP"
 )
-_COPY_BATCH = f"COPY predlog_batch_in ({_PREDICTION_COLUMNS}) FROM STDIN (FORMAT csv)"
+_BATCH_COLUMNS = f"{_PREDICTION_COLUMNS}, batch_id"
+_COPY_BATCH = f"COPY predlog_batch_in ({_BATCH_COLUMNS}) FROM STDIN (FORMAT csv)"
 _INSERT_BATCH = (
-    f"INSERT INTO predictions ({_PREDICTION_COLUMNS})"
-    f" SELECT {_PREDICTION_COLUMNS} FROM predlog_batch_in"
+    f"INSERT INTO predictions ({_BATCH_COLUMNS})"
+    f" SELECT {_BATCH_COLUMNS} FROM predlog_batch_in"
     " ON CONFLICT (request_id) DO NOTHING"
 )
 
@@ -826,9 +827,9 @@ class BatchLogWriter:
         return self
 
     def write(self, rows: pa.Table) -> None:
-        """COPY one chunk (a pyarrow Table with the prediction columns) into staging."""
+        """COPY one chunk (a pyarrow Table with the prediction columns + batch_id) into staging."""
         buf = io.BytesIO()
-        table = rows.select(_PREDICTION_COLUMNS.split(", "))
+        table = rows.select(_BATCH_COLUMNS.split(", "))
         pacsv.write_csv(table, buf, pacsv.WriteOptions(include_header=False))
         with self._connection().cursor() as cur, cur.copy(_COPY_BATCH) as copy:
             copy.write(buf.getbuffer())

@@ -332,6 +332,7 @@ def log_rows(
     *,
     model_name: str,
     model_version: str,
+    batch_id: str,
     ts: datetime,
     latency_ms: float,
 ) -> pa.Table:
@@ -359,6 +360,7 @@ def log_rows(
             "predicted": predicted,
             "probabilities": probabilities,
             "latency_ms": pa.array(np.full(n, latency_ms, dtype=np.float32)),
+            "batch_id": _repeat(batch_id, n),
         }
     )
 
@@ -455,6 +457,7 @@ def _score_chunk(job: _Job, batch: pa.RecordBatch, start: int) -> _Chunk:
             job.scorer,
             model_name=job.model_name,
             model_version=job.model_version,
+            batch_id=job.batch_id,
             ts=datetime.now(UTC),
             latency_ms=(time.perf_counter() - t0) * 1000 / n,
         )

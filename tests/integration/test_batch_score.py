@@ -90,14 +90,14 @@ def garbage_csv(project: Path) -> Path:
     return path
 
 
-def logged(database_url: str, ids: list[str]) -> list[tuple[str, str]]:
+def logged(database_url: str, ids: list[str]) -> list[tuple[str, str, str]]:
     with psycopg.connect(database_url) as conn:
         rows = conn.execute(
-            "SELECT request_id::text, model_version FROM predictions"
+            "SELECT request_id::text, model_version, batch_id FROM predictions"
             " WHERE request_id = ANY(%s::uuid[]) ORDER BY request_id",
             [ids],
         ).fetchall()
-    return [(str(a), str(b)) for a, b in rows]
+    return [(str(a), str(b), str(c)) for a, b, c in rows]
 
 
 def total_logged(database_url: str) -> int:
@@ -121,7 +121,8 @@ def test_scores_a_parquet_in_s3_into_parquet_and_the_log(
     np.testing.assert_allclose(scored[["proba_0", "proba_1"]].sum(axis=1), 1.0, atol=1e-5)
     in_log = logged(logdb, scored["request_id"].tolist())
     assert len(in_log) == ROWS
-    assert {v for _, v in in_log} == {result.model_version}
+    assert {v for _, v, _ in in_log} == {result.model_version}
+    assert {b for _, _, b in in_log} == {"s3-one"}
 
 
 def test_rerunning_a_batch_id_adds_no_rows(project: Path, s3_parquet: str, logdb: str) -> None:

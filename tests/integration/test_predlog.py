@@ -95,9 +95,12 @@ def test_migrate_applies_each_migration_once_when_two_workers_start_together(
     for t in threads:
         t.join(30)
 
-    assert sorted(results) == [[], ["0001_prediction_log"]]
+    assert sorted(results) == [[], ["0001_prediction_log", "0002_batch_id"]]
     assert migrate(database) == []
-    assert query(database, "SELECT name FROM schema_migrations") == [("0001_prediction_log",)]
+    assert query(database, "SELECT name FROM schema_migrations ORDER BY name") == [
+        ("0001_prediction_log",),
+        ("0002_batch_id",),
+    ]
 
 
 def test_a_prediction_lands_with_its_columns(database: str, tmp_path: Path) -> None:
@@ -120,6 +123,7 @@ def test_a_prediction_lands_with_its_columns(database: str, tmp_path: Path) -> N
             "yes",
             {"no": 0.25, "yes": 0.75},
             3.5,
+            None,  # batch_id: an online prediction belongs to no batch
         )
     ]
     assert prediction_exists(database, prediction.request_id) is True
