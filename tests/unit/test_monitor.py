@@ -58,9 +58,11 @@ def drifted_columns(result: DriftResult) -> set[str]:
 def test_windows_from_the_reference_distribution_are_not_flagged(
     reference: pd.DataFrame, model: Pipeline, data_params: DataParams, monitor_params: MonitorParams
 ) -> None:
-    """Measured false-alarm rate: 0 of 10 windows, 0 of 170 column tests (largest score ~0.05).
+    """Measured false-alarm rate: 0 of 10 windows, 0 of 170 column tests (largest score 0.045).
 
     5,000-row windows, 10 seeds, labels included (14 features, prediction, probability, label).
+    At the smallest window that may decide (1,000 rows), 50 seeds flagged 1 column of 850
+    (num_products at 0.110) and no dataset drift.
     """
     for seed in range(100, 110):
         window = scored(generate(5000, seed=seed), model, data_params)
