@@ -7,6 +7,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.schemas.objects import State, TaskRun
+from prefect.runtime import flow_run
 from prefect.tasks import Task
 
 from common.settings import get_settings
@@ -38,7 +39,8 @@ def dvc(command: str, root: Path) -> None:
 )
 def stage(stage: str, root: Path) -> None:
     """One dvc.yaml stage through `dvc repro --single-item`, streamed to the log."""
-    pipeline.run_stage(stage, root, get_run_logger().info)
+    run_id = flow_run.get_id()
+    pipeline.run_stage(stage, root, get_run_logger().info, str(run_id) if run_id else None)
 
 
 @flow(name="train")

@@ -8,6 +8,7 @@ common.errors.run_cli) is told apart from a crash that may be worth retrying.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
@@ -85,9 +86,14 @@ def run(
 
 
 def run_stage(
-    stage: str, root: Path, on_line: Callable[[str], None], env: Mapping[str, str] | None = None
+    stage: str, root: Path, on_line: Callable[[str], None], flow_run_id: str | None = None
 ) -> None:
-    """`dvc repro --single-item <stage>`: run one stage if its inputs changed."""
+    """`dvc repro --single-item <stage>`: run one stage if its inputs changed.
+
+    The orchestrator's run id goes to the stage as PREFECT__FLOW_RUN_ID (the settings
+    name), so the model version it registers is tagged with it whoever started the run.
+    """
+    env = {**os.environ, "PREFECT__FLOW_RUN_ID": flow_run_id} if flow_run_id else None
     run((*DVC, "repro", "--single-item", stage), root, on_line, env)
 
 

@@ -125,7 +125,8 @@ def test_train_deployment_registers_a_model_version_in_the_workspace(
     assert "Completed" in out, out
 
     store = workspace.path / ".mlops" / "mlflow.db"
-    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    # registry_uri too: an earlier in-process test may have set MLflow's global one.
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}", registry_uri=f"sqlite:///{store}")
     versions = client.search_model_versions("name = 'churn-classifier'")
     assert len(versions) == 1
     assert versions[0].tags.get("prefect.flow_run_id")
