@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     # Serving: how often the predictor checks the alias, and the largest batch it accepts.
     model_poll_seconds: float = Field(default=10.0, gt=0, alias="MODEL_POLL_SECONDS")
     predict_max_batch: int = Field(default=1000, ge=1, alias="PREDICT_MAX_BATCH")
+    # Monitoring: the Evidently workspace (a directory, or an `evidently ui` URL to upload
+    # to) and an optional URL that drift alerts are POSTed to (a paging or chat webhook).
+    evidently_workspace: str | None = Field(default=None, alias="EVIDENTLY_WORKSPACE")
+    monitor_webhook_url: str | None = Field(default=None, alias="MONITOR_WEBHOOK_URL")
 
     @model_validator(mode="after")
     def _s3_needs_credentials(self) -> Settings:
@@ -60,6 +64,13 @@ class Settings(BaseSettings):
     @property
     def embedded(self) -> bool:
         return self.mlflow_tracking_uri is None
+
+    @property
+    def evidently_target(self) -> str:
+        """Where monitoring snapshots go: EVIDENTLY_WORKSPACE, else MLOPS_HOME/evidently."""
+        if self.evidently_workspace:
+            return self.evidently_workspace
+        return str((self.mlops_home / "evidently").resolve())
 
     @property
     def artifact_root(self) -> str | None:
