@@ -20,7 +20,7 @@ import signal
 import stat
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Literal, Self
@@ -28,7 +28,8 @@ from typing import IO, Any, Literal, Self
 import psycopg
 from psycopg import sql
 
-from common.settings import get_settings
+from common.errors import UserError
+from common.settings import Settings, get_settings
 
 PG_OS_USER = "postgres"
 INSTALL_HINT = (
@@ -312,3 +313,56 @@ class LocalPostgres:
             f"postgres not ready on port {self.port} after {timeout:.0f} s; "
             f"log {self.log_path}:\n" + _tail(self.log_path)
         )
+
+
+EMBEDDED_PG_PORT = 5433
+EMBEDDED_DB = "predictions"
+
+
+def _left_running(pg: LocalPostgres) -> int | None:
+    """The pid of a live postmaster already using this cluster's data directory, if any."""
+    try:
+        pid = int((pg.data_dir / "postmaster.pid").read_text().split()[0])
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # alive, owned by the postgres user
+        return pid
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid
+
+
+@contextlib.contextmanager
+def prediction_db(settings: Settings, *, reuse_running: bool = False) -> Iterator[str]:
+    """DATABASE_URL if set; else the embedded PostgreSQL under MLOPS_HOME/postgres.
+
+    The embedded server is started here and stopped when the block ends. One already
+    running (`make serve` in another terminal) is an error, or with `reuse_running` is
+    used as it is and left running.
+    """
+    if settings.database_url:
+        yield settings.database_url
+        return
+    pg = LocalPostgres(settings.mlops_home / "postgres", port=EMBEDDED_PG_PORT)
+    left = _left_running(pg)
+    if left is not None and reuse_running:
+        yield pg.url(EMBEDDED_DB)
+        return
+    if left is not None:
+        raise UserError(
+            f"an embedded PostgreSQL from an earlier run is still running (pid {left}, "
+            f"{pg.data_dir}): stop it (`kill {left}`) or let that run finish first."
+        )
+    pg.start()
+    try:
+        pg.create_database(EMBEDDED_DB)
+        print(f"prediction log: embedded PostgreSQL at 127.0.0.1:{EMBEDDED_PG_PORT}/{EMBEDDED_DB}")
+        yield pg.url(EMBEDDED_DB)
+    finally:
+        pg.stop()
+
+
+def has_prediction_db(settings: Settings) -> bool:
+    """Whether there is a prediction log to read: DATABASE_URL, or an embedded cluster made."""
+    return bool(settings.database_url) or (settings.mlops_home / "postgres" / "data").is_dir()

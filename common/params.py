@@ -41,6 +41,8 @@ class DataParams(_Section):
     path: str
     target: str
     id_column: str | None = None
+    # Labelled production rows (exported by the retrain flow) that `prepare` appends.
+    production_dir: str | None = None
     features: dict[str, FeatureSpec]
 
     @property
@@ -112,6 +114,7 @@ class PromoteParams(_Section):
 class MonitorParams(_Section):
     """Drift monitoring: Evidently's default thresholds, the window size that may decide."""
 
+    window_hours: float = Field(default=24.0, gt=0)
     min_rows: int = Field(default=1000, ge=1)
     drift_share: float = Field(default=0.5, gt=0, le=1)
     num_threshold: float = Field(default=0.1, gt=0)
@@ -120,6 +123,8 @@ class MonitorParams(_Section):
     seed: int = 0
     prediction_column: str = "predicted"
     probability_column: str = "proba_1"
+    report_rows: int = Field(default=20_000, gt=0)
+    experiment: str = "monitoring"
 
 
 class BatchScoreParams(_Section):

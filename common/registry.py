@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import urllib.error
 import urllib.request
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -71,3 +74,23 @@ def move_alias(
 def set_tags(client: MlflowClient, name: str, version: str, tags: dict[str, Any]) -> None:
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, str(value))
+
+
+def download_version(cache: Path, name: str, version: str) -> Path:
+    """The model version's files under `cache/name/version`, downloaded once.
+
+    Processes that download side by side each use a folder of their own; the first
+    rename wins and the others drop theirs.
+    """
+    target = cache / name / version
+    if (target / "MLmodel").exists():
+        return target
+    tmp = cache / name / f".{version}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(tmp))
+    try:
+        tmp.rename(target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

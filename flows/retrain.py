@@ -1,20 +1,82 @@
-"""retrain: `train` then `promote`, the deployment the drift event triggers."""
+"""retrain: export the labelled production rows, `train`, then `promote`.
+
+The deployment of this flow is triggered by the `mlops.drift.detected` event that the
+monitor flow emits. The new version is trained on the raw table plus every logged
+prediction whose true label has arrived, and becomes champion only through the gate.
+"""
 
 from __future__ import annotations
 
-from prefect import flow
+from pathlib import Path
 
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from common import monitoring, registry
+from common.localpg import has_prediction_db, prediction_db
+from common.params import load_params
+from common.settings import get_settings
 from flows.promote import promote
 from flows.train import train
+from models import pipeline
+from models.generate import write_table
+
+PRODUCTION_FILE = "labelled.parquet"
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
+def collect(project_dir: str) -> int:
+    """Write the labelled production rows to `data.production_dir` and `dvc add` them."""
+    root = Path(project_dir).resolve()
+    params = load_params(root / "params.yaml")
+    logger = get_run_logger()
+    if not params.data.production_dir:
+        logger.info("data.production_dir is not set: training on the raw table only")
+        return 0
+    settings = get_settings()
+    if not has_prediction_db(settings):
+        logger.info("no prediction log (DATABASE_URL unset, no embedded one): raw table only")
+        return 0
+    with prediction_db(settings, reuse_running=True) as database_url:
+        rows = monitoring.labelled_rows(database_url, settings.model_name, params.data)
+    if rows.empty:
+        logger.info("no labelled production rows yet: training on the raw table only")
+        return 0
+    path = root / params.data.production_dir / PRODUCTION_FILE
+    write_table(rows, path)
+    pipeline.run((*pipeline.DVC, "add", "--quiet", str(path.relative_to(root))), root, logger.info)
+    logger.info("%d labelled production rows -> %s", len(rows), path.relative_to(root))
+    return len(rows)
+
+
+@task(cache_policy=NO_CACHE)
+def link(version: str, monitor_run_id: str | None, production_rows: int) -> None:
+    """Tie the new version to the monitoring report that set off its training."""
+    settings = get_settings()
+    client = registry.connect(settings)
+    tags: dict[str, object] = {"data.production_rows": production_rows}
+    if monitor_run_id:
+        run = client.get_run(monitor_run_id)
+        tags |= {
+            "retrain.trigger": "mlops.drift.detected",
+            "retrain.monitor_run": monitor_run_id,
+            "retrain.report": f"{run.info.artifact_uri}/monitoring/report.html",
+        }
+    registry.set_tags(client, settings.model_name, version, tags)
 
 
 @flow(name="retrain")
-def retrain(project_dir: str = ".") -> bool:
-    """Train a new version, then promote it under the policy; True if it became champion.
+def retrain(project_dir: str = ".", monitor_run_id: str | None = None) -> bool:
+    """Train a new version on the newest data, then promote it under the policy.
 
-    The register stage already promotes a clear winner when no approval is required; then
-    there is no challenger left for `promote` to judge.
+    `monitor_run_id` (the MLflow run of the monitoring report that found drift; the
+    deployment's trigger passes it from the event) is recorded on the new version.
+    The register stage already promotes a clear winner when no approval is required;
+    then there is no challenger left for `promote` to judge. True if a new champion was made.
     """
-    if train(project_dir).promoted:
+    rows = collect(project_dir)
+    result = train(project_dir)
+    link(result.version, monitor_run_id, rows)
+    if result.promoted:
         return True
     return promote(project_dir)

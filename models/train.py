@@ -22,13 +22,15 @@ from sklearn.preprocessing import OneHotEncoder
 from common import paths, registry
 from common.errors import UserError, run_cli
 from common.lineage import file_md5, git_commit
-from common.params import DataParams, TrainParams, load_params
+from common.params import DataParams, MonitorParams, TrainParams, load_params
 from common.settings import Settings, get_settings
 from models import export
 from models.data import model_frame, target
 
 ONNX_FILE = "model.onnx"
 REFERENCE_FILE = "reference.parquet"
+HOLDOUT_SCORED_FILE = "holdout_scored.parquet"
+"""The holdout with the model's predictions: monitoring's reference for prediction drift."""
 SKOPS_TRUSTED = ["numpy.dtype", "sklearn.tree._tree.Tree"]
 
 
@@ -68,7 +70,23 @@ def _requirements() -> list[str]:
     return [f"{p}=={version(p)}" for p in ("scikit-learn", "numpy", "pandas", "scipy", "skops")]
 
 
-def run(data: DataParams, params: TrainParams, settings: Settings) -> TrainResult:
+def scored_holdout(
+    pipeline: Pipeline, holdout: pd.DataFrame, data: DataParams, monitor: MonitorParams
+) -> pd.DataFrame:
+    """Features, label, predicted class and P(last class) of every holdout row."""
+    proba = pipeline.predict_proba(model_frame(holdout, data))
+    out = holdout[[*data.feature_names, data.target]].copy()
+    out[monitor.prediction_column] = pipeline.classes_[proba.argmax(axis=1)]
+    out[monitor.probability_column] = proba[:, -1]
+    return out
+
+
+def run(
+    data: DataParams,
+    params: TrainParams,
+    settings: Settings,
+    monitor: MonitorParams | None = None,
+) -> TrainResult:
     """Fit, export, check parity and log; raise UserError when ONNX parity fails."""
     train_df = pd.read_parquet(paths.TRAIN)
     holdout_df = pd.read_parquet(paths.HOLDOUT)
@@ -135,6 +153,10 @@ def run(data: DataParams, params: TrainParams, settings: Settings) -> TrainResul
         onnx_path.write_bytes(onnx_bytes)
         reference_path = Path(tmp) / REFERENCE_FILE
         pd.read_parquet(paths.REFERENCE).to_parquet(reference_path)
+        scored_path = Path(tmp) / HOLDOUT_SCORED_FILE
+        scored_holdout(pipeline, holdout_df, data, monitor or MonitorParams()).to_parquet(
+            scored_path
+        )
         example = x_train.head(5)
         info = mlflow.sklearn.log_model(
             pipeline,
@@ -143,7 +165,7 @@ def run(data: DataParams, params: TrainParams, settings: Settings) -> TrainResul
             input_example=example,
             pyfunc_predict_fn="predict_proba",
             pip_requirements=_requirements(),
-            extra_files=[str(onnx_path), str(reference_path)],
+            extra_files=[str(onnx_path), str(reference_path), str(scored_path)],
             # Types skops will not load unless told; this model was made here, by this stage.
             skops_trusted_types=SKOPS_TRUSTED,
         )
@@ -180,7 +202,7 @@ def run(data: DataParams, params: TrainParams, settings: Settings) -> TrainResul
 
 def main() -> None:
     params = load_params()
-    result = run(params.data, params.train, get_settings())
+    result = run(params.data, params.train, get_settings(), params.monitor)
     print(
         f"train: fitted in {result.fit_seconds:.1f} s; ONNX parity max |dp| = "
         f"{result.onnx_max_abs_diff:.1e}; MLflow run {result.run_id}"

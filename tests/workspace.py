@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-COPIED = ("dvc.yaml", "params.yaml", ".dvcignore", "models", "common")
+COPIED = ("dvc.yaml", "params.yaml", ".dvcignore", "models", "common", "data/production")
 FAST = {
     "generate": {"rows": 4000},
     "train": {"n_estimators": 30},

@@ -1,4 +1,4 @@
-"""The serving part of `make demo`: serve the champion, send holdout records, print answers."""
+"""Serve the champion, send a few holdout records and their labels, print the answers."""
 
 from __future__ import annotations
 
@@ -38,18 +38,14 @@ def sample_records(n: int) -> tuple[list[dict[str, Any]], list[Any]]:
     return records, rows[data.target].tolist()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, default=3000)
-    args = parser.parse_args()
-    url = f"http://127.0.0.1:{args.port}"
-    records, labels = sample_records(3)
-    with serving(get_settings(), args.port):
-        answer = _post(f"{url}/predict", {"records": records})
-        for pred, label in zip(answer["predictions"], labels, strict=True):
-            _post(f"{url}/feedback", {"request_id": pred["request_id"], "label": str(label)})
-        with urllib.request.urlopen(f"{url}/model/", timeout=30) as resp:
-            model = json.loads(resp.read())
+def show_answers(url: str, n: int = 3) -> None:
+    """Send n holdout records, their true labels as feedback, and print the answers."""
+    records, labels = sample_records(n)
+    answer = _post(f"{url}/predict", {"records": records})
+    for pred, label in zip(answer["predictions"], labels, strict=True):
+        _post(f"{url}/feedback", {"request_id": pred["request_id"], "label": str(label)})
+    with urllib.request.urlopen(f"{url}/model/", timeout=30) as resp:
+        model = json.loads(resp.read())
     table = Table(title=f"Predictions from {answer['model_name']} v{answer['model_version']}")
     for col in ("request id", "predicted", "P(churn)", "true label (sent as feedback)"):
         table.add_column(col)
@@ -67,6 +63,14 @@ def main() -> None:
         "Serve it yourself: make serve, then curl -sL http://127.0.0.1:3000/model",
         highlight=False,
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=3000)
+    args = parser.parse_args()
+    with serving(get_settings(), args.port):
+        show_answers(f"http://127.0.0.1:{args.port}")
 
 
 if __name__ == "__main__":

@@ -22,44 +22,11 @@ from types import FrameType
 import psutil
 
 from common.errors import UserError, run_cli
-from common.localpg import LocalPostgres
+from common.localpg import prediction_db
 from common.settings import Settings, get_settings
 from services.predictor.package import bundle
 
-EMBEDDED_PG_PORT = 5433
-EMBEDDED_DB = "predictions"
 SERVICE = "services.predictor.service:Predictor"
-
-
-@contextmanager
-def prediction_db(settings: Settings) -> Iterator[str]:
-    """DATABASE_URL if set; else an embedded PostgreSQL, stopped when the block ends."""
-    if settings.database_url:
-        yield settings.database_url
-        return
-    pg = LocalPostgres(settings.mlops_home / "postgres", port=EMBEDDED_PG_PORT)
-    left = _left_running(pg)
-    if left is not None:
-        raise UserError(
-            f"an embedded PostgreSQL from an earlier run is still running (pid {left}, "
-            f"{pg.data_dir}): stop it (`kill {left}`) or let that run finish first."
-        )
-    pg.start()
-    try:
-        pg.create_database(EMBEDDED_DB)
-        print(f"prediction log: embedded PostgreSQL at 127.0.0.1:{EMBEDDED_PG_PORT}/{EMBEDDED_DB}")
-        yield pg.url(EMBEDDED_DB)
-    finally:
-        pg.stop()
-
-
-def _left_running(pg: LocalPostgres) -> int | None:
-    """The pid of a live postmaster already using this cluster's data directory, if any."""
-    try:
-        pid = int((pg.data_dir / "postmaster.pid").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    return pid if psutil.pid_exists(pid) else None
 
 
 def _ready(url: str) -> bool:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +16,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import mlflow
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
@@ -110,17 +107,7 @@ class ModelRuntime:
         if mv is None or str(mv.version) == skip_version:
             return None
         version = str(mv.version)
-        target = self.cache / self.name / version
-        if not (target / "MLmodel").exists():
-            # Workers download side by side: each into its own folder, first rename wins.
-            tmp = self.cache / self.name / f".{version}.{os.getpid()}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            mlflow.artifacts.download_artifacts(f"models:/{self.name}/{version}", dst_path=str(tmp))
-            try:
-                tmp.rename(target)
-            except OSError:
-                shutil.rmtree(tmp, ignore_errors=True)
+        target = registry.download_version(self.cache, self.name, version)
         return load_dir(self.name, version, target, dict(mv.tags), "registry")
 
     def _note_failure(self, exc: BaseException) -> None:

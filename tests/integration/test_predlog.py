@@ -95,11 +95,12 @@ def test_migrate_applies_each_migration_once_when_two_workers_start_together(
     for t in threads:
         t.join(30)
 
-    assert sorted(results) == [[], ["0001_prediction_log", "0002_batch_id"]]
+    assert sorted(results) == [[], ["0001_prediction_log", "0002_batch_id", "0003_monitoring"]]
     assert migrate(database) == []
     assert query(database, "SELECT name FROM schema_migrations ORDER BY name") == [
         ("0001_prediction_log",),
         ("0002_batch_id",),
+        ("0003_monitoring",),
     ]
 
 

@@ -336,6 +336,20 @@ def test_an_unanswered_approval_times_out_without_promotion(
     assert _tags(client, new)["promote.reason"].startswith("no approval within 1 s")
 
 
-def test_retrain_stops_after_train_when_the_gate_already_promoted(project: Path) -> None:
+def test_retrain_stops_after_train_when_the_gate_already_promoted(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLOPS_HOME", str(project / ".mlops"))  # no prediction log to export
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    get_settings.cache_clear()
+    (project / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    client = registry.connect(get_settings())
+    client.create_registered_model(NAME)
+    for _ in range(7):  # the fake register stage reports version 7
+        client.create_model_version(NAME, source=(project / "m").as_uri(), run_id=None)
+
     assert retrain(project_dir=str(project)) is True
+
+    assert _tags(client, "7")["data.production_rows"] == "0"
+    get_settings.cache_clear()
     assert _order(project) == ["prepare", "validate", "register"]

@@ -1,0 +1,222 @@
+"""Monitoring's side of PostgreSQL: windows of the prediction log in, headline numbers out.
+
+A window is read with one `COPY (SELECT ...) TO STDOUT`: PostgreSQL takes the features
+out of the logged JSON and joins the late labels, pyarrow parses the CSV. A million
+logged predictions come back as a DataFrame in seconds without a row-by-row Python loop.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+from psycopg import sql
+
+from common.params import DataParams
+from common.predlog import _connect, migrate
+
+REQUEST_ID = "request_id"
+TS = "ts"
+MODEL_VERSION = "model_version"
+
+
+@dataclass(frozen=True)
+class Window:
+    """Which logged predictions one monitor run looks at."""
+
+    model_name: str
+    model_version: str | None
+    start: datetime
+    end: datetime
+
+
+def _select(
+    data: DataParams, positive: str, prediction_column: str, probability_column: str
+) -> sql.Composed:
+    cols: list[sql.Composable] = [
+        sql.SQL("p.request_id::text AS {}").format(sql.Identifier(REQUEST_ID)),
+        sql.SQL("p.ts AS {}").format(sql.Identifier(TS)),
+        sql.SQL("p.model_version AS {}").format(sql.Identifier(MODEL_VERSION)),
+    ]
+    for name, spec in data.features.items():
+        value = sql.SQL("p.inputs ->> {}").format(sql.Literal(name))
+        if spec.type == "numeric":
+            # A value the service refused never got here; NaN/inf were refused too.
+            value = sql.SQL("({})::float8").format(value)
+        cols.append(sql.SQL("{} AS {}").format(value, sql.Identifier(name)))
+    cols += [
+        sql.SQL("p.predicted AS {}").format(sql.Identifier(prediction_column)),
+        sql.SQL("(p.probabilities ->> {})::float8 AS {}").format(
+            sql.Literal(positive), sql.Identifier(probability_column)
+        ),
+        sql.SQL("f.label AS {}").format(sql.Identifier(data.target)),
+    ]
+    return sql.SQL(", ").join(cols)
+
+
+def _copy_frame(
+    conn: Any, query: sql.Composable, data: DataParams, text: Sequence[str]
+) -> pd.DataFrame:
+    buf = io.BytesIO()
+    copy_sql = sql.SQL("COPY ({}) TO STDOUT WITH (FORMAT csv, HEADER true)").format(query)
+    with conn.cursor() as cur, cur.copy(copy_sql) as copy:
+        for chunk in copy:
+            buf.write(chunk)
+    buf.seek(0)
+    types = {name: pa.string() for name in text}
+    types.update({n: pa.float64() for n in data.numeric})
+    table = pacsv.read_csv(
+        buf,
+        convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=True),
+    )
+    frame: pd.DataFrame = table.to_pandas()
+    return frame
+
+
+def read_window(
+    database_url: str,
+    window: Window,
+    data: DataParams,
+    *,
+    positive_class: str,
+    prediction_column: str = "predicted",
+    probability_column: str = "proba_1",
+) -> pd.DataFrame:
+    """The window's predictions: features, predicted class, P(positive), label or missing.
+
+    Labels (the target column) are text as logged; `target_like` converts them.
+    """
+    migrate(database_url)
+    where = [
+        sql.SQL("p.model_name = {}").format(sql.Literal(window.model_name)),
+        sql.SQL("p.ts >= {}").format(sql.Literal(window.start)),
+        sql.SQL("p.ts < {}").format(sql.Literal(window.end)),
+    ]
+    if window.model_version is not None:
+        where.append(sql.SQL("p.model_version = {}").format(sql.Literal(window.model_version)))
+    query = sql.SQL(
+        "SELECT {} FROM predictions p LEFT JOIN feedback f USING (request_id)"
+        " WHERE {} ORDER BY p.ts"
+    ).format(
+        _select(data, positive_class, prediction_column, probability_column),
+        sql.SQL(" AND ").join(where),
+    )
+    text = [REQUEST_ID, MODEL_VERSION, *data.categorical, prediction_column, data.target]
+    with _connect(database_url) as conn:
+        conn.execute("SET statement_timeout = 0")
+        return _copy_frame(conn, query, data, text)
+
+
+def labelled_rows(database_url: str, model_name: str, data: DataParams) -> pd.DataFrame:
+    """Every logged prediction of `model_name` that has its true label: features and target.
+
+    The request id goes in the id column, so `prepare` keeps each row on its side of the split.
+    """
+    migrate(database_url)
+    id_column = data.id_column or REQUEST_ID
+    cols: list[sql.Composable] = [
+        sql.SQL("p.request_id::text AS {}").format(sql.Identifier(id_column))
+    ]
+    for name, spec in data.features.items():
+        value = sql.SQL("p.inputs ->> {}").format(sql.Literal(name))
+        if spec.type == "numeric":
+            value = sql.SQL("({})::float8").format(value)
+        cols.append(sql.SQL("{} AS {}").format(value, sql.Identifier(name)))
+    cols.append(sql.SQL("f.label AS {}").format(sql.Identifier(data.target)))
+    query = sql.SQL(
+        "SELECT {} FROM predictions p JOIN feedback f USING (request_id)"
+        " WHERE p.model_name = {} ORDER BY p.ts, p.request_id"
+    ).format(sql.SQL(", ").join(cols), sql.Literal(model_name))
+    with _connect(database_url) as conn:
+        conn.execute("SET statement_timeout = 0")
+        return _copy_frame(conn, query, data, [id_column, *data.categorical, data.target])
+
+
+def target_like(labels: pd.Series, reference: pd.Series) -> pd.Series:
+    """Logged labels/predictions are text; give them the reference target's dtype."""
+    if pd.api.types.is_numeric_dtype(reference):
+        return pd.to_numeric(labels, errors="coerce")
+    return labels
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One monitor run, as `monitoring_runs` keeps it."""
+
+    run_id: str
+    model_name: str
+    model_version: str
+    window_start: datetime
+    window_end: datetime
+    current_rows: int
+    labelled_rows: int
+    enough_rows: bool
+    drift_detected: bool
+    summary: str
+    mlflow_run_id: str | None = None
+    report_uri: str | None = None
+    evidently_project: str | None = None
+
+
+def new_run_id() -> str:
+    return str(uuid.uuid4())
+
+
+def write_results(
+    database_url: str, run: RunRecord, metrics: Sequence[tuple[str, str | None, float]]
+) -> None:
+    """The run and its (metric, column, value) rows, in one transaction; rerunning replaces them."""
+    migrate(database_url)
+    fields = list(RunRecord.__dataclass_fields__)
+    with _connect(database_url) as conn, conn.transaction():
+        conn.execute("DELETE FROM monitoring_runs WHERE run_id = %s", [run.run_id])
+        conn.execute(
+            sql.SQL("INSERT INTO monitoring_runs ({}) VALUES ({})").format(
+                sql.SQL(", ").join(map(sql.Identifier, fields)),
+                sql.SQL(", ").join(sql.Placeholder() * len(fields)),
+            ),
+            [getattr(run, f) for f in fields],
+        )
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO monitoring_metrics (run_id, window_end, model_name, model_version,"
+                " metric, column_name, value) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                [
+                    (
+                        run.run_id,
+                        run.window_end,
+                        run.model_name,
+                        run.model_version,
+                        metric,
+                        column or "",
+                        float(value),
+                    )
+                    for metric, column, value in metrics
+                ],
+            )
+
+
+def history(database_url: str, model_name: str, metric: str) -> list[dict[str, Any]]:
+    """A metric over time (window end, version, column, value): what a dashboard charts."""
+    with _connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT window_end, model_version, column_name, value FROM monitoring_metrics"
+            " WHERE model_name = %s AND metric = %s ORDER BY window_end, column_name",
+            [model_name, metric],
+        ).fetchall()
+    return [
+        {"window_end": r[0], "model_version": r[1], "column": r[2] or None, "value": r[3]}
+        for r in rows
+    ]
+
+
+def dumps_metrics(metrics: Sequence[tuple[str, str | None, float]]) -> str:
+    return json.dumps([{"metric": m, "column": c, "value": v} for m, c, v in metrics])
