@@ -63,7 +63,13 @@ class Settings(BaseSettings):
 
     @property
     def embedded(self) -> bool:
-        return self.mlflow_tracking_uri is None
+        """No tracking server: a store file (or database) here, artifacts under MLOPS_HOME.
+
+        A sqlite: URI counts as embedded too; MLflow's own `set_tracking_uri` exports the
+        embedded one as MLFLOW_TRACKING_URI, and settings read after that must agree.
+        """
+        uri = self.mlflow_tracking_uri
+        return uri is None or not uri.startswith(("http://", "https://", "databricks"))
 
     @property
     def evidently_target(self) -> str:

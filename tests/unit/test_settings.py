@@ -107,3 +107,13 @@ def test_settings_are_loaded_once(monkeypatch: pytest.MonkeyPatch) -> None:
     first = get_settings()
     monkeypatch.setenv("MODEL_NAME", "changed")
     assert get_settings() is first
+
+
+def test_the_embedded_store_exported_by_mlflow_stays_embedded(
+    monkeypatch: pytest.MonkeyPatch, bare_environment: Path
+) -> None:
+    """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI; artifacts must stay local."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{bare_environment}/.mlops/mlflow.db")
+    settings = get_settings()
+    assert settings.embedded
+    assert settings.artifact_root == (bare_environment / ".mlops" / "mlartifacts").as_uri()
