@@ -10,7 +10,7 @@ export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR ?= false
 UV := $(or $(shell command -v uv 2>/dev/null),$(CURDIR)/.tools/bin/uv)
 RUN := $(UV) run --frozen
 
-.PHONY: help bootstrap demo serve bento bench-serving up down status pipeline summary test lint format unit integration e2e bench mlflow-ui licenses clean
+.PHONY: help bootstrap demo serve bento bench-serving up down status pipeline summary test lint format unit integration e2e bench mlflow-ui evidently-ui licenses clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -25,10 +25,10 @@ $(CURDIR)/.tools/bin/uv:
 
 bootstrap: .venv/.synced ## install uv (if missing) and the locked environment
 
-demo: bootstrap ## the main job: the pipeline end to end, a summary, then the champion served and queried
+demo: bootstrap ## the main job: the closed loop (pipeline, serve, drift, monitor, retrain, gate, live swap)
 	$(RUN) dvc repro
 	$(RUN) python -m common.summary
-	$(RUN) python -m services.predictor.demo
+	$(RUN) python -m scripts.loop
 
 serve: bootstrap ## serve the champion with BentoML on http://127.0.0.1:3000 (Ctrl-C stops it)
 	$(RUN) python -m services.predictor.launch --port 3000
@@ -82,6 +82,9 @@ bench-serving: bootstrap ## serving benchmark: in-process floor vs this service 
 
 mlflow-ui: bootstrap ## MLflow UI on the embedded store (http://127.0.0.1:5000)
 	$(RUN) mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.mlops/mlflow.db --port 5000 --workers 1
+
+evidently-ui: bootstrap ## Evidently UI on the monitoring workspace (http://127.0.0.1:8000)
+	DO_NOT_TRACK=1 $(RUN) evidently ui --workspace $(or $(MLOPS_HOME),$(CURDIR)/.mlops)/evidently --host 127.0.0.1 --port 8000
 
 licenses: bootstrap ## fail if a dependency's licence is incompatible with Apache-2.0
 	$(RUN) python scripts/check_licenses.py

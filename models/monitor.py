@@ -5,23 +5,43 @@ Two engines give the same verdicts. `evidently` runs Evidently 0.7's DataDriftPr
 1,000 rows (normed Wasserstein for numeric columns, Jensen-Shannon for categorical ones
 and for numeric columns with at most 5 values) straight with numpy, without the
 per-column plots and the second pass Evidently makes for its dataset-level count.
+With a reference of 1,000 rows or fewer it keeps those tests where Evidently would
+switch to p-value tests; there the verdicts are this module's, not Evidently's.
+
+`evidently_report` keeps the window as Evidently snapshots: drift and a data summary on
+every row, classification performance on the rows whose label has arrived.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from evidently import DataDefinition, Dataset, Report  # type: ignore[import-untyped]
-from evidently.metrics import ValueDrift  # type: ignore[import-untyped]
-from evidently.presets import DataDriftPreset, DataSummaryPreset  # type: ignore[import-untyped]
+from evidently import (  # type: ignore[import-untyped]
+    BinaryClassification,
+    DataDefinition,
+    Dataset,
+    MulticlassClassification,
+    Report,
+)
+from evidently.core.report import Snapshot  # type: ignore[import-untyped]
+from evidently.metrics import RowCount, ValueDrift  # type: ignore[import-untyped]
+from evidently.presets import (  # type: ignore[import-untyped]
+    ClassificationPreset,
+    DataDriftPreset,
+    DataSummaryPreset,
+)
 from scipy.spatial import distance
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
 
+from common.evidently_store import DRIFT_TAG, PERFORMANCE_TAG
 from common.params import DataParams, MonitorParams
 
 Engine = Literal["fast", "evidently"]
@@ -33,8 +53,6 @@ _EVIDENTLY_METHODS = {
     "Wasserstein distance (normed)": WASSERSTEIN,
     "Jensen-Shannon distance": JENSENSHANNON,
 }
-_MIN_REFERENCE = 1000
-"""Evidently switches to Wasserstein/Jensen-Shannon above this many reference values."""
 
 
 @dataclass(frozen=True)
@@ -302,15 +320,13 @@ def _threshold(kind: Kind, params: MonitorParams) -> float:
 def _column_drift(
     reference: pd.Series, current: pd.Series, name: str, kind: Kind, threshold: float
 ) -> ColumnDrift:
-    """Evidently's default test for a >1,000-row reference, with its score and threshold rule."""
+    """Evidently's default test for a >1,000-row reference, with its score and threshold rule.
+
+    A smaller reference gets the same distance tests (Evidently would switch to KS and
+    chi-square p-values there), so one threshold scale holds whatever the reference size.
+    """
     ref = reference.dropna()
     cur = current.dropna()
-    if len(ref) <= _MIN_REFERENCE:
-        raise ValueError(
-            f"{name}: the fast engine reproduces Evidently's tests for more than "
-            f"{_MIN_REFERENCE:,} reference values, this reference has {len(ref):,}; "
-            "use engine='evidently'."
-        )
     if cur.empty:
         raise ValueError(f"{name}: no values in the current window to test for drift.")
     if kind == "numeric":
@@ -382,11 +398,14 @@ def _drift_metrics(cols: _Columns, params: MonitorParams) -> list[Any]:
     return [preset, *extra]
 
 
-def _run(metrics: list[Any], ref: pd.DataFrame, cur: pd.DataFrame, cols: _Columns) -> Any:
+def _run(
+    metrics: list[Any], ref: pd.DataFrame, cur: pd.DataFrame, cols: _Columns, **run: Any
+) -> Any:
     definition = _definition(cols.all)
     return Report(metrics).run(
         Dataset.from_pandas(cur, data_definition=definition),
         Dataset.from_pandas(ref, data_definition=definition),
+        **run,
     )
 
 
@@ -410,20 +429,171 @@ def _evidently_drift(
     return out
 
 
+@dataclass(frozen=True)
+class MonitorReport:
+    """One window in Evidently: drift and data summary of every row, performance of the labelled.
+
+    An Evidently Report runs on one dataset, so the parts are two snapshots (tagged `drift`
+    and `performance`, with one timestamp); `save_html` and `json` keep both in one file
+    each. `performance` is None until the labelled rows hold two classes.
+    """
+
+    drift: Any
+    performance: Any | None
+    current_rows: int
+    labelled_rows: int
+
+    @property
+    def snapshots(self) -> tuple[Any, ...]:
+        """What goes to the Evidently workspace, one run each."""
+        return (self.drift,) if self.performance is None else (self.drift, self.performance)
+
+    def save_html(self, path: str | Path) -> None:
+        """One HTML report: the drift and summary widgets, then the performance ones."""
+        if self.performance is None:
+            self.drift.save_html(str(path))
+            return
+        drift, perf = self.drift.to_snapshot_model(), self.performance.to_snapshot_model()
+        both = drift.copy(
+            update={
+                "widgets": [*drift.widgets, *perf.widgets],
+                "tests_widgets": [*drift.tests_widgets, *perf.tests_widgets],
+            }
+        )
+        Snapshot.load_model(both).save_html(str(path))
+
+    def dict(self) -> dict[str, Any]:
+        """Evidently's dict of the drift snapshot, with the performance snapshot's under a key."""
+        perf = None if self.performance is None else json.loads(self.performance.json())
+        return {
+            **json.loads(self.drift.json()),
+            "current_rows": self.current_rows,
+            "labelled_rows": self.labelled_rows,
+            "performance": perf,
+        }
+
+    def json(self) -> str:
+        return json.dumps(self.dict())
+
+
 def evidently_report(
     reference: pd.DataFrame,
     current: pd.DataFrame,
     data: DataParams,
     params: MonitorParams | None = None,
-) -> Any:
-    """Evidently's Snapshot (drift of features and predictions, plus a data summary) to keep.
+    *,
+    timestamp: datetime | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> MonitorReport:
+    """Evidently's snapshots of one window, to keep as HTML/JSON and in a workspace.
 
-    The flow saves it with `.save_html()` / `.json()` or uploads it to an Evidently workspace.
+    Drift of features and predictions (and of the label where it arrived) plus a data
+    summary on every row of `current`; classification performance (ClassificationPreset)
+    on its labelled rows only, against the reference's when the reference is scored.
+    `timestamp` (default now) places both snapshots on the dashboards' time axis;
+    `metadata` (e.g. model name and version) goes on both.
     """
     params = params or MonitorParams()
+    when = _naive_local(timestamp or datetime.now())
+    labelled = int(current[data.target].notna().sum()) if data.target in current else 0
+    meta = {"current_rows": str(len(current)), "labelled_rows": str(labelled), **(metadata or {})}
     cols = _columns(reference, current, data, params)
     ref, cur = _as_objects(_frame(reference, cols.all)), _as_objects(_frame(current, cols.all))
-    return _run([*_drift_metrics(cols, params), DataSummaryPreset()], ref, cur, cols)
+    drift_snapshot = _run(
+        [*_drift_metrics(cols, params), DataSummaryPreset()],
+        ref,
+        cur,
+        cols,
+        timestamp=when,
+        tags=[DRIFT_TAG],
+        metadata={**meta, "part": DRIFT_TAG},
+    )
+    performance_snapshot = _performance_report(
+        reference, current, data, params, timestamp=when, metadata={**meta, "part": PERFORMANCE_TAG}
+    )
+    return MonitorReport(drift_snapshot, performance_snapshot, len(current), labelled)
+
+
+def _naive_local(when: datetime) -> datetime:
+    """Evidently stamps snapshots with naive local time; aware times are converted to it."""
+    return when.astimezone().replace(tzinfo=None) if when.tzinfo is not None else when
+
+
+def _performance_report(
+    reference: pd.DataFrame,
+    current: pd.DataFrame,
+    data: DataParams,
+    params: MonitorParams,
+    **run: Any,
+) -> Any | None:
+    """ClassificationPreset on the labelled rows, or None while they hold fewer than two classes.
+
+    Evidently 0.7 fails on one class (ROC AUC by label) and on a float label beside int
+    predictions, so labels are normalised as `performance` does and one class is skipped.
+    """
+    cur = _labelled(current, data, params)
+    if cur is None or cur[data.target].nunique() < 2:
+        return None
+    has_proba = params.probability_column in cur
+    ref = _labelled(reference, data, params)
+    if ref is not None and not (
+        ref[data.target].nunique() >= 2
+        and (params.probability_column in ref) == has_proba
+        and ref[data.target].dtype.kind == cur[data.target].dtype.kind
+    ):
+        ref = None
+    frames = [cur] if ref is None else [cur, ref]
+    labels = (data.target, params.prediction_column)
+    classes = sorted({v for f in frames for c in labels for v in f[c].unique().tolist()})
+    task: Any
+    if len(classes) == 2:
+        task = BinaryClassification(
+            target=data.target,
+            prediction_labels=params.prediction_column,
+            prediction_probas=params.probability_column if has_proba else None,
+            pos_label=classes[-1],
+        )
+    else:  # the logged probability is the positive class's; it means nothing for more classes
+        task = MulticlassClassification(
+            target=data.target, prediction_labels=params.prediction_column, prediction_probas=None
+        )
+    definition = DataDefinition(
+        numerical_columns=[params.probability_column] if has_proba else [],
+        categorical_columns=[data.target, params.prediction_column],
+        classification=[task],
+    )
+    return Report([RowCount(), ClassificationPreset()], tags=[PERFORMANCE_TAG]).run(
+        Dataset.from_pandas(cur, data_definition=definition),
+        None if ref is None else Dataset.from_pandas(ref, data_definition=definition),
+        **run,
+    )
+
+
+def evidently_performance(report: MonitorReport | Any) -> dict[str, Any] | None:
+    """The headline numbers as Evidently computed them, named as `performance` names them.
+
+    `report` is a MonitorReport or a performance snapshot; None when it has no performance
+    part. Macro F1 is the mean of Evidently's F1ByLabel; `f1` is its F1Score (for a binary
+    task, the positive class's).
+    """
+    snapshot = report.performance if isinstance(report, MonitorReport) else report
+    if snapshot is None:
+        return None
+    values = {
+        m["config"]["type"].rsplit(":", 1)[-1]: m["value"] for m in snapshot.dict()["metrics"]
+    }
+    if "Accuracy" not in values:
+        return None
+    by_label = values.get("F1ByLabel") or {}
+    return {
+        "n_labelled": int(values["RowCount"]),
+        "accuracy": float(values["Accuracy"]),
+        "f1_macro": float(np.mean(list(by_label.values()))) if by_label else math.nan,
+        "f1": float(values["F1Score"]),
+        "precision": float(values["Precision"]),
+        "recall": float(values["Recall"]),
+        "roc_auc": float(values["RocAuc"]) if "RocAuc" in values else None,
+    }
 
 
 # --- data quality and performance -----------------------------------------------------
@@ -466,14 +636,10 @@ def _present(values: pd.Series) -> set[str]:
 def _window_performance(
     current: pd.DataFrame, data: DataParams, params: MonitorParams
 ) -> dict[str, Any] | None:
-    if data.target not in current or params.prediction_column not in current:
+    rows = _labelled(current, data, params)
+    if rows is None:
         return None
-    rows = current[current[data.target].notna()]
-    if rows.empty:
-        return None
-    y_true, y_pred = _labels(rows[data.target]), _labels(rows[params.prediction_column])
-    if y_true.dtype.kind != y_pred.dtype.kind:
-        y_true, y_pred = y_true.astype(str), y_pred.astype(str)
+    y_true, y_pred = rows[data.target].to_numpy(), rows[params.prediction_column].to_numpy()
     classes = np.unique(np.concatenate([y_true, y_pred]))
     proba = (
         rows[params.probability_column].to_numpy(np.float64)
@@ -481,6 +647,25 @@ def _window_performance(
         else None
     )
     return performance(y_true, y_pred, proba, classes)
+
+
+def _labelled(df: pd.DataFrame, data: DataParams, params: MonitorParams) -> pd.DataFrame | None:
+    """The rows with a label: label, prediction (same kind of values) and probability, if any.
+
+    None when there is no label or prediction column or no labelled row.
+    """
+    if data.target not in df or params.prediction_column not in df:
+        return None
+    rows = df[df[data.target].notna()]
+    if rows.empty:
+        return None
+    y_true, y_pred = _labels(rows[data.target]), _labels(rows[params.prediction_column])
+    if y_true.dtype.kind != y_pred.dtype.kind:
+        y_true, y_pred = y_true.astype(str), y_pred.astype(str)
+    out = pd.DataFrame({data.target: y_true, params.prediction_column: y_pred})
+    if params.probability_column in rows:
+        out[params.probability_column] = rows[params.probability_column].to_numpy(np.float64)
+    return out
 
 
 def _labels(values: pd.Series) -> np.ndarray:

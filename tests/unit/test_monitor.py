@@ -21,7 +21,13 @@ from sklearn.pipeline import Pipeline
 from common.params import DataParams, MonitorParams, Params
 from models.data import model_frame
 from models.generate import NUMERIC, Drift, generate
-from models.monitor import DriftResult, drift, evidently_report, performance
+from models.monitor import (
+    DriftResult,
+    drift,
+    evidently_performance,
+    evidently_report,
+    performance,
+)
 from models.train import build
 
 SCORE_TOLERANCE = 1e-9
@@ -292,3 +298,60 @@ def test_evidently_classification_metrics_agree_with_scikit_learn(
         f1_score(window["churned"], window["predicted"]), abs=1e-12
     )
     assert ours["accuracy"] == accuracy_score(window["churned"], window["predicted"])
+
+
+def test_evidently_report_measures_performance_on_the_labelled_rows_only(
+    reference: pd.DataFrame, model: Pipeline, data_params: DataParams, tmp_path: Path
+) -> None:
+    window = scored(generate(4500, seed=21, drift=Drift(concept=0.5)), model, data_params)
+    window["churned"] = window["churned"].astype(float)
+    window.loc[window.sample(1500, random_state=0).index, "churned"] = np.nan  # not arrived yet
+    labelled = window[window["churned"].notna()]
+    report = evidently_report(reference.iloc[:3000], window, data_params)
+
+    ours = performance(
+        labelled["churned"].to_numpy(),
+        labelled["predicted"].to_numpy(),
+        labelled["proba_1"].to_numpy(),
+        [0, 1],
+    )
+    theirs = evidently_performance(report)
+    assert theirs is not None
+    assert theirs["n_labelled"] == ours["n_labelled"] == report.labelled_rows == 3000
+    for name in ("accuracy", "f1_macro", "roc_auc"):
+        assert theirs[name] == pytest.approx(ours[name], abs=1e-6), name
+    drift_rows = {
+        m["config"]["type"].rsplit(":", 1)[-1]: m["value"]
+        for m in json.loads(report.json())["metrics"]
+    }["RowCount"]
+    assert drift_rows == report.current_rows == 4500  # drift and summary saw every row
+    report.save_html(tmp_path / "report.html")
+    assert "Model Quality Metrics" in (tmp_path / "report.html").read_text()
+    assert len(report.snapshots) == 2
+
+
+@pytest.mark.parametrize("labels", ["none_arrived", "no_label_column", "one_class_only"])
+def test_a_window_without_two_labelled_classes_reports_drift_without_performance(
+    labels: str,
+    reference: pd.DataFrame,
+    model: Pipeline,
+    data_params: DataParams,
+    tmp_path: Path,
+) -> None:
+    window = scored(generate(1200, seed=22), model, data_params)
+    window["churned"] = np.nan if labels == "none_arrived" else window["churned"].astype(float)
+    if labels == "no_label_column":
+        window = window.drop(columns="churned")
+    if labels == "one_class_only":
+        window.loc[window.index[20:], "churned"] = np.nan
+        window.loc[window.index[:20], "churned"] = 0.0
+    report = evidently_report(reference.iloc[:2000], window, data_params)
+    assert report.performance is None
+    assert evidently_performance(report) is None
+    assert report.labelled_rows == (20 if labels == "one_class_only" else 0)
+    assert len(report.snapshots) == 1
+    saved = json.loads(report.json())
+    assert saved["performance"] is None
+    assert any(m["config"]["type"].endswith("DriftedColumnsCount") for m in saved["metrics"])
+    report.save_html(str(tmp_path / "report.html"))
+    assert (tmp_path / "report.html").stat().st_size > 10_000

@@ -1,0 +1,189 @@
+"""The Evidently workspace: monitoring snapshots kept per model and charted over time.
+
+The target (settings.evidently_target) is a directory, Evidently's local Workspace that
+`evidently ui --workspace DIR` serves, or the http(s) URL of a running `evidently ui`,
+reached through its RemoteWorkspace. Each monitored model has one project, created on
+first use with a dashboard of the headline numbers; each window adds its snapshots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from evidently.sdk.models import (  # type: ignore[import-untyped]
+    DashboardPanelPlot,
+    DashboardTabModel,
+    PanelMetric,
+)
+from evidently.sdk.panels import bar_plot_panel, line_plot_panel  # type: ignore[import-untyped]
+from evidently.ui.workspace import RemoteWorkspace, Workspace  # type: ignore[import-untyped]
+
+from common.params import MonitorParams
+
+DRIFT_TAG = "drift"
+"""Tag of the snapshot computed on every row of a window (drift, data summary)."""
+PERFORMANCE_TAG = "performance"
+"""Tag of the snapshot computed on the window's labelled rows (classification quality)."""
+
+DASHBOARD_TAB = "Monitoring"
+"""Evidently OSS refuses a dashboard with more than one tab: every panel goes in this one."""
+
+
+def add_snapshot(
+    target: str,
+    project_name: str,
+    *snapshots: Any,
+    description: str | None = None,
+    prediction_columns: Sequence[str] | None = None,
+) -> str:
+    """Add one window's snapshots to the project `project_name`; return the project's id.
+
+    `snapshots` are Evidently snapshots or objects holding them in `.snapshots` (such as
+    models.monitor.MonitorReport). The project and its dashboard are created on first
+    use and reused after; `prediction_columns` (default: MonitorParams' prediction and
+    probability columns) are the columns whose drift score the dashboard charts.
+    `description` names the runs.
+    """
+    runs = list(_flatten(snapshots))
+    if not runs:
+        raise ValueError("add_snapshot needs at least one snapshot")
+    workspace = open_workspace(target)
+    project = ensure_project(workspace, project_name, prediction_columns)
+    for run in runs:
+        workspace.add_run(project.id, run, name=_run_name(run, description))
+    return str(project.id)
+
+
+def open_workspace(target: str) -> Any:
+    """RemoteWorkspace for an http(s) URL (checks it answers), else the local directory."""
+    if target.startswith(("http://", "https://")):
+        return RemoteWorkspace(target.rstrip("/"))
+    path = Path(target).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return Workspace(str(path))
+
+
+def ensure_project(
+    workspace: Any, name: str, prediction_columns: Sequence[str] | None = None
+) -> Any:
+    """The project named `name` (created if missing) with every dashboard panel in place.
+
+    Panels are matched by title, so a second call adds nothing and a panel added to this
+    module later reaches existing projects.
+    """
+    found = [p for p in workspace.search_project(name) if p.name == name]
+    if found:
+        project = found[0]
+    else:
+        about = "Drift, data quality and performance of the served model's traffic."
+        project = workspace.create_project(name, description=about)
+    if prediction_columns is None:
+        defaults = MonitorParams()
+        prediction_columns = (defaults.prediction_column, defaults.probability_column)
+    dashboard = workspace.get_dashboard(project.id)
+    have = {p.title for p in dashboard.panels}
+    missing = [p for p in dashboard_panels(prediction_columns) if p.title not in have]
+    if missing:
+        if not dashboard.tabs:
+            dashboard.tabs.append(DashboardTabModel(title=DASHBOARD_TAB, panels=[]))
+        dashboard.panels.extend(missing)
+        dashboard.tabs[0].panels.extend(p.id for p in missing)
+        workspace.save_dashboard(project.id, dashboard)
+    return project
+
+
+def dashboard_panels(prediction_columns: Sequence[str]) -> list[DashboardPanelPlot]:
+    """Panels of the headline numbers: drift share and count, prediction drift, rows, quality.
+
+    Series are picked by Evidently metric type and labels, and by the snapshot tags
+    `drift`/`performance`. The two row counts share the RowCount metric and differ by tag
+    only, so they sit in separate panels: the UI matches each point to the first series
+    of its panel with that metric and labels, and drops it if the tags then differ.
+    """
+    drift, perf = [DRIFT_TAG], [PERFORMANCE_TAG]
+    drifted = "DriftedColumnsCount"
+    return [
+        line_plot_panel(
+            "Share of drifted features",
+            [
+                PanelMetric(
+                    legend="share",
+                    metric=drifted,
+                    metric_labels={"value_type": "share"},
+                    tags=drift,
+                )
+            ],
+            description="DataDriftPreset over the model's features",
+            size="half",
+        ),
+        bar_plot_panel(
+            "Drifted features",
+            [
+                PanelMetric(
+                    legend="features",
+                    metric=drifted,
+                    metric_labels={"value_type": "count"},
+                    tags=drift,
+                )
+            ],
+            size="half",
+        ),
+        line_plot_panel(
+            "Prediction drift score",
+            [
+                PanelMetric(
+                    legend=f"{column} ({{{{method}}}})",
+                    metric="ValueDrift",
+                    metric_labels={"column": column},
+                    tags=drift,
+                )
+                for column in prediction_columns
+            ],
+            description="ValueDrift of the predictions against the reference's",
+        ),
+        line_plot_panel(
+            "Model quality on labelled rows",
+            [
+                PanelMetric(legend="accuracy", metric="Accuracy", tags=perf),
+                PanelMetric(legend="F1 (positive class)", metric="F1Score", tags=perf),
+                PanelMetric(legend="ROC AUC", metric="RocAuc", tags=perf),
+            ],
+            description="ClassificationPreset on the rows whose label has arrived",
+        ),
+        line_plot_panel(
+            "F1 by class",
+            [PanelMetric(legend="F1 of {{label}}", metric="F1ByLabel", tags=perf)],
+            description="their mean is the macro F1",
+            size="half",
+        ),
+        bar_plot_panel(
+            "Rows in window",
+            [PanelMetric(legend="rows", metric="RowCount", tags=drift)],
+            size="half",
+        ),
+        bar_plot_panel(
+            "Labelled rows",
+            [PanelMetric(legend="labelled rows", metric="RowCount", tags=perf)],
+            size="half",
+        ),
+    ]
+
+
+def _flatten(items: Iterable[Any]) -> Iterator[Any]:
+    for item in items:
+        inner = getattr(item, "snapshots", None)
+        if inner is not None:
+            yield from inner
+        else:
+            yield item
+
+
+def _run_name(snapshot: Any, description: str | None) -> str | None:
+    """`description (drift)` / `description (performance)`; None keeps the snapshot's name."""
+    if description is None:
+        return None
+    tags = snapshot.to_snapshot_model().tags
+    part = next((t for t in (DRIFT_TAG, PERFORMANCE_TAG) if t in tags), None)
+    return f"{description} ({part})" if part else description

@@ -1,0 +1,187 @@
+"""Monitoring snapshots as users meet them: a real `evidently ui` serving the workspace.
+
+Two windows go into a workspace directory through `add_snapshot` (the first labelled,
+so it brings a performance snapshot too); the UI started on that directory lists them
+and charts them. Uploading through the UI's URL (RemoteWorkspace) reaches the same place.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+
+from common.evidently_store import add_snapshot, dashboard_panels
+from common.params import MonitorParams, load_params
+from models.generate import Drift, generate
+from models.monitor import MonitorReport, evidently_performance, evidently_report
+from tests.servers import VENV_BIN, Server, clean_env, free_port, http_ok
+
+pytestmark = pytest.mark.integration
+
+DATA = load_params().data
+PROJECT = "churn-classifier monitoring"
+T0 = datetime(2026, 11, 1, 12)
+PANELS = {p.title for p in dashboard_panels(("predicted", "proba_1"))}
+
+
+def scored(df: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """A stand-in model: a noisy probability that knows the label, thresholded at 0.5."""
+    noise = np.random.default_rng(seed).random(len(df))
+    proba = np.clip(0.45 * df["churned"] + 0.6 * noise, 0, 1)
+    return df.assign(proba_1=proba, predicted=(proba >= 0.5).astype(int))
+
+
+@dataclass(frozen=True)
+class Windows:
+    labelled: MonitorReport
+    unlabelled: MonitorReport
+
+
+@pytest.fixture(scope="module")
+def windows() -> Windows:
+    reference = scored(generate(1500, seed=1), seed=1)
+    first = scored(generate(1200, seed=2), seed=2)
+    second = scored(generate(1200, seed=3, drift=Drift(covariate={"age": 1.0})), seed=3)
+    second["churned"] = np.nan  # no feedback yet
+    params = MonitorParams()
+    return Windows(
+        evidently_report(reference, first, DATA, params, timestamp=T0),
+        evidently_report(reference, second, DATA, params, timestamp=T0 + timedelta(days=1)),
+    )
+
+
+@dataclass(frozen=True)
+class Ui:
+    url: str
+    workspace: Path
+    project_id: str
+
+
+@pytest.fixture(scope="module")
+def ui(
+    windows: Windows, tmp_path_factory: pytest.TempPathFactory, server_logs: Path
+) -> Iterator[Ui]:
+    """`evidently ui` on a workspace that `add_snapshot` wrote two windows to."""
+    workspace = tmp_path_factory.mktemp("evidently") / "workspace"  # add_snapshot creates it
+    ids = {
+        add_snapshot(str(workspace), PROJECT, windows.labelled, description="window 1"),
+        add_snapshot(str(workspace), PROJECT, windows.unlabelled, description="window 2"),
+    }
+    assert len(ids) == 1, "the second window must reuse the project"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [str(VENV_BIN / "evidently"), "ui", "--workspace", str(workspace)]
+    server = Server(
+        "evidently ui",
+        [*cmd, "--host", "127.0.0.1", "--port", str(port)],
+        log_path=server_logs / "evidently-ui.log",
+        healthy=http_ok(f"{url}/api/version"),
+        env=clean_env(DO_NOT_TRACK="1"),
+    )
+    with server.start(timeout=60):
+        yield Ui(url, workspace, ids.pop())
+
+
+def get(url: str) -> Any:
+    response = httpx.get(url, timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+def series(ui_url: str, project_id: str) -> dict[str, list[dict[str, Any]]]:
+    """Each dashboard panel's series, fetched the way the UI's charts fetch them."""
+    out = {}
+    for panel in get(f"{ui_url}/api/v2/dashboards/{project_id}")["panels"]:
+        filters = [
+            {k: v[k] for k in ("tags", "metadata", "metric", "metric_labels")}
+            for v in panel["values"]
+        ]
+        response = httpx.post(
+            f"{ui_url}/api/v2/snapshots/{project_id}/data_series_batch",
+            json={"series_filter": filters},
+            timeout=30,
+        )
+        response.raise_for_status()
+        out[panel["title"]] = response.json()["series"]
+    return out
+
+
+def test_the_ui_lists_the_project_with_each_windows_snapshots(ui: Ui) -> None:
+    projects = [p for p in get(f"{ui.url}/api/projects") if p["name"] == PROJECT]
+    assert [p["id"] for p in projects] == [ui.project_id]
+    snapshots = get(f"{ui.url}/api/projects/{ui.project_id}/snapshots")
+    assert sorted(s["name"] for s in snapshots) == [
+        "window 1 (drift)",
+        "window 1 (performance)",
+        "window 2 (drift)",
+    ]
+    by_name = {s["name"]: s for s in snapshots}
+    assert by_name["window 1 (performance)"]["metadata"]["labelled_rows"] == "1200"
+    assert by_name["window 2 (drift)"]["metadata"]["labelled_rows"] == "0"
+    assert by_name["window 1 (performance)"]["tags"] == ["performance"]
+
+
+def test_the_dashboard_charts_drift_predictions_and_quality_over_time(
+    ui: Ui, windows: Windows
+) -> None:
+    dashboard = get(f"{ui.url}/api/v2/dashboards/{ui.project_id}")
+    assert len(dashboard["tabs"]) == 1  # Evidently OSS keeps one tab
+    assert [p["title"] for p in dashboard["panels"]] == [
+        p.title for p in dashboard_panels(("predicted", "proba_1"))
+    ]
+    charts = series(ui.url, ui.project_id)
+    assert set(charts) == PANELS
+    assert [s["values"] for s in charts["Rows in window"]] == [[1200.0, 1200.0]]
+    share = charts["Share of drifted features"][0]["values"]
+    assert len(share) == 2
+    assert share[1] > share[0]  # the second window's age moved
+    assert {s["params"]["column"] for s in charts["Prediction drift score"]} == {
+        "predicted",
+        "proba_1",
+    }
+    quality = {
+        s["metric_type"].rsplit(":", 1)[-1]: s["values"]
+        for s in charts["Model quality on labelled rows"]
+    }
+    expected = evidently_performance(windows.labelled)
+    assert expected is not None
+    assert quality["Accuracy"] == [pytest.approx(expected["accuracy"])]
+    assert quality["RocAuc"] == [pytest.approx(expected["roc_auc"])]
+    assert [s["values"] for s in charts["Labelled rows"]] == [[1200.0]]
+    assert len(charts["F1 by class"]) == 2
+
+
+def test_uploads_through_the_ui_url_create_then_reuse_a_project(ui: Ui, windows: Windows) -> None:
+    name = f"{PROJECT} (uploaded)"
+    first = add_snapshot(ui.url, name, windows.labelled, description="window 1")
+    second = add_snapshot(f"{ui.url}/", name, windows.unlabelled.drift, description="window 2")
+    assert first == second
+    assert [p["id"] for p in get(f"{ui.url}/api/projects") if p["name"] == name] == [first]
+    assert len(get(f"{ui.url}/api/projects/{first}/snapshots")) == 3
+    charts = series(ui.url, first)
+    assert set(charts) == PANELS
+    assert len(charts["Share of drifted features"][0]["values"]) == 2
+
+
+def test_windows_written_to_the_directory_while_the_ui_runs_show_up(
+    ui: Ui, windows: Windows
+) -> None:
+    name = f"{PROJECT} (written while serving)"
+    project_id = add_snapshot(str(ui.workspace), name, windows.unlabelled, description="late")
+    deadline = time.monotonic() + 15
+    snapshots: list[dict[str, Any]] = []
+    while time.monotonic() < deadline and not snapshots:
+        if any(p["id"] == project_id for p in get(f"{ui.url}/api/projects")):
+            snapshots = get(f"{ui.url}/api/projects/{project_id}/snapshots")
+        time.sleep(0.2)
+    assert [s["name"] for s in snapshots] == ["late (drift)"]
+    assert set(series(ui.url, project_id)) == PANELS
