@@ -165,7 +165,7 @@ def test_drift_is_reported_kept_and_paged(
         assert f"monitoring/{name}" in listed
     # the headline numbers in Postgres, per feature, chartable over time
     with psycopg.connect(url) as conn:
-        metrics = dict(
+        metrics: dict[str, float] = dict(
             conn.execute(
                 "SELECT metric || ':' || column_name, value FROM monitoring_metrics"
                 " WHERE run_id = %s",
