@@ -1,4 +1,10 @@
-"""batch_score: score a Parquet/CSV file (local or s3://) with the champion, in chunks.
+"""batch_score: score a Parquet/CSV file (local or s3://) or a table with the champion, in chunks.
+
+`source` is a path (`data/incoming/daily.parquet`, `s3://bucket/key.csv`) or
+`table:[schema.]name`, a table or view in the database of DATABASE_URL: the connection
+stays in the environment, never in a run's parameters. A table is read with one COPY in
+a single snapshot, ordered by the id column (`data.id_column`) then the features, so the
+same rows get the same row numbers and request ids on every run.
 
 Predictions go to `<output_dir>/<batch_id>/predictions.parquet` and the prediction log
 (when DATABASE_URL is set), bad rows to `rejects.parquet` with a reason. A re-run with the
@@ -60,8 +66,8 @@ def fetch_champion(settings: Settings) -> batch.ModelRef:
     cache_policy=NO_CACHE,
 )
 def open_source(source: str, settings: Settings) -> batch.Input:
-    """Find the file and read its columns; refuse a missing one before any work."""
-    return batch.open_input(source, _s3(settings))
+    """Find the file or table and read its columns; refuse a missing one before any work."""
+    return batch.open_input(source, _s3(settings), settings.database_url)
 
 
 @task(cache_policy=NO_CACHE)
@@ -113,7 +119,12 @@ def score(
 def batch_score(
     source: str, batch_id: str | None = None, output_dir: str = "data/scored"
 ) -> batch.BatchResult:
-    """Score `source` with the champion; predictions and rejects to `output_dir/<batch_id>/`."""
+    """Score `source` with the champion; predictions and rejects to `output_dir/<batch_id>/`.
+
+    `source`: a Parquet or CSV path, local or `s3://`, or `table:[schema.]name` in the
+    database of DATABASE_URL. Without `batch_id`, one derived from the source and a stamp
+    of its content (a file's size and time, a table's row count and row hash).
+    """
     settings = get_settings()
     inp = open_source(source, settings)
     model = fetch_champion(settings)

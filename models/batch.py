@@ -1,7 +1,8 @@
-"""batch_score: score a whole file with one model version, in chunks, so memory stays flat.
+"""batch_score: score a whole file or table with one model version, in chunks, so memory stays flat.
 
-The input (Parquet or CSV, local or `s3://`) is read chunk by chunk with pyarrow. Each chunk
-is checked column-wise: a row with a non-numeric text in a numeric column, an infinite
+The input is read chunk by chunk: a Parquet or CSV file (local or `s3://`) with pyarrow, a
+PostgreSQL table or view (`table:[schema.]name`) with one streamed COPY. Each chunk is
+checked column-wise: a row with a non-numeric text in a numeric column, an infinite
 number or a category the model never saw goes to the rejects file with a `reason`; missing
 values are allowed, as in serving. Good rows are scored straight from their columns
 (`Scorer.proba_columns`), never through per-row dicts.
@@ -15,7 +16,9 @@ batch id rewrites the same files and adds no rows to the log.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import re
 import secrets
 import shutil
 import time
@@ -25,15 +28,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeAlias
 
 import mlflow.artifacts
 import numpy as np
+import psycopg
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from psycopg import sql
 
 from common import registry
 from common.errors import UserError
@@ -67,9 +72,36 @@ class S3Options:
     region: str = "us-east-1"
 
 
+TABLE_PREFIX = "table:"
+"""A source `table:[schema.]name` is a table or view in the database of DATABASE_URL."""
+
+# PostgreSQL types read as numbers or booleans, like Parquet's; any other type as text.
+_PG_ARROW: dict[str, pa.DataType] = {
+    **dict.fromkeys(("int2", "int4", "int8"), pa.int64()),
+    **dict.fromkeys(("float4", "float8", "numeric"), pa.float64()),
+    "bool": pa.bool_(),
+}
+_PG_RELATIONS = ("r", "p", "v", "m", "f")  # tables, partitioned, views, materialized, foreign
+_PG_RESOLVE = """
+SELECT c.oid, n.nspname, c.relname, c.relkind
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.oid = to_regclass(%s::text)
+"""
+_PG_COLUMNS = """
+SELECT a.attname, coalesce(b.typname, t.typname)
+FROM pg_attribute a
+JOIN pg_type t ON t.oid = a.atttypid
+LEFT JOIN pg_type b ON b.oid = t.typbasetype AND t.typtype = 'd'
+WHERE a.attrelid = %s::oid AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum
+"""
+# Row count and an order-free hash of every row: the table's content stamp, one scan.
+_PG_STAMP = "SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)), 0)::text FROM {} AS t"
+
+
 @dataclass(frozen=True)
-class Input:
-    """An opened batch source: its filesystem, path, format and a fingerprint of its content."""
+class FileInput:
+    """An opened file: its filesystem, path, format and a fingerprint of its content."""
 
     source: str
     fs: pafs.FileSystem
@@ -78,6 +110,24 @@ class Input:
     size: int
     mtime: str
     columns: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TableInput:
+    """An opened table or view: its columns and their types, and a fingerprint of its rows."""
+
+    source: str
+    database_url: str = field(repr=False)  # may carry a password
+    schema: str
+    name: str
+    columns: tuple[str, ...]
+    types: tuple[str, ...]  # PostgreSQL type names (a domain's base type), one per column
+    rows: int
+    digest: str
+
+
+Input: TypeAlias = FileInput | TableInput
+"""An opened batch source."""
 
 
 def _filesystem(source: str, s3: S3Options | None) -> tuple[pafs.FileSystem, str]:
@@ -93,8 +143,14 @@ def _filesystem(source: str, s3: S3Options | None) -> tuple[pafs.FileSystem, str
     return pafs.LocalFileSystem(), str(Path(source).resolve())
 
 
-def open_input(source: str, s3: S3Options | None = None) -> Input:
-    """Find the source and read its column names; a missing or unreadable one is a UserError."""
+def open_input(source: str, s3: S3Options | None = None, database_url: str | None = None) -> Input:
+    """Find the source and read its column names; a missing or unreadable one is a UserError.
+
+    `table:[schema.]name` is a table or view in the database at `database_url` (DATABASE_URL);
+    anything else is a Parquet or CSV path, local or `s3://`.
+    """
+    if source.startswith(TABLE_PREFIX):
+        return _open_table(source, database_url)
     fs, path = _filesystem(source, s3)
     suffix = Path(path).suffix.lower()
     if suffix not in (".parquet", ".csv"):
@@ -116,13 +172,86 @@ def open_input(source: str, s3: S3Options | None = None) -> Input:
     except (OSError, pa.ArrowException, ValueError) as exc:
         raise UserError(f"{source}: not a readable {kind} file ({_first_line(exc)})") from exc
     mtime = info.mtime.isoformat() if info.mtime else ""
-    return Input(source, fs, path, kind, int(info.size or 0), mtime, names)
+    return FileInput(source, fs, path, kind, int(info.size or 0), mtime, names)
+
+
+def _pg_connect(source: str, database_url: str) -> psycopg.Connection[Any]:
+    """A connection to read from; one that cannot be made is a UserError naming DATABASE_URL."""
+    conninfo = re.sub(r"^postgres(?:ql)?(?:\+\w+)?://", "postgresql://", database_url)
+    try:
+        return psycopg.connect(
+            conninfo,
+            connect_timeout=5,
+            client_encoding="utf8",
+            keepalives=1,
+            keepalives_idle=30,
+            application_name="batch-score",
+        )
+    except psycopg.Error as exc:
+        raise UserError(
+            f"{source}: cannot connect to the database in DATABASE_URL ({_first_line(exc)})"
+        ) from exc
+
+
+def _open_table(source: str, database_url: str | None) -> TableInput:
+    """Resolve the name as SQL does (search_path, case folding), read its columns and stamp."""
+    name = source.removeprefix(TABLE_PREFIX).strip()
+    if not name:
+        raise UserError(f"{source}: no table name; use table:<name> or table:<schema>.<name>")
+    if not database_url:
+        raise UserError(
+            f"{source}: a table is read from the database in DATABASE_URL, which is not set"
+        )
+    with _pg_connect(source, database_url) as conn:
+        where = f"{conn.info.host}:{conn.info.port}/{conn.info.dbname}"
+        try:
+            found = conn.execute(_PG_RESOLVE, [name]).fetchone()
+        except psycopg.Error as exc:
+            raise UserError(f"{source}: not a table name ({_first_line(exc)})") from exc
+        if found is None:
+            folded = name != name.lower() and '"' not in name
+            hint = '; unquoted names fold to lower case: quote them, "Name"' if folded else ""
+            raise UserError(
+                f"{source}: no table or view {name!r} in the database of DATABASE_URL "
+                f"({where}){hint}"
+            )
+        oid, schema, relname, relkind = found
+        if relkind not in _PG_RELATIONS:
+            raise UserError(f"{source}: {schema}.{relname} is not a table or view")
+        columns = conn.execute(_PG_COLUMNS, [oid]).fetchall()
+        try:
+            stamp = conn.execute(
+                sql.SQL(_PG_STAMP).format(sql.Identifier(schema, relname))
+            ).fetchone()
+        except psycopg.Error as exc:
+            raise UserError(
+                f"{source}: cannot read {schema}.{relname} ({_first_line(exc)})"
+            ) from exc
+    rows, digest = stamp if stamp is not None else (0, "0")
+    return TableInput(
+        source,
+        database_url,
+        schema,
+        relname,
+        tuple(str(c) for c, _ in columns),
+        tuple(str(t) for _, t in columns),
+        int(rows),
+        str(digest),
+    )
 
 
 def default_batch_id(inp: Input) -> str:
-    """Same file, same content stamp, same id: a re-run of an unchanged file is idempotent."""
-    digest = hashlib.sha1(f"{inp.source}|{inp.size}|{inp.mtime}".encode()).hexdigest()[:10]
-    return f"{Path(inp.path).stem}-{digest}"
+    """Same source, same content stamp, same id: a re-run on unchanged input is idempotent.
+
+    A file's stamp is its size and modification time; a table's, its row count and a hash
+    of its rows.
+    """
+    if isinstance(inp, TableInput):
+        stem, stamp = re.sub(r"[^\w.-]", "_", inp.name), f"{inp.rows}|{inp.digest}"
+    else:
+        stem, stamp = Path(inp.path).stem, f"{inp.size}|{inp.mtime}"
+    digest = hashlib.sha1(f"{inp.source}|{stamp}".encode()).hexdigest()[:10]
+    return f"{stem}-{digest}"
 
 
 def check_columns(inp: Input, features: Sequence[tuple[str, Kind]]) -> None:
@@ -136,7 +265,14 @@ def check_columns(inp: Input, features: Sequence[tuple[str, Kind]]) -> None:
 
 
 def read_chunks(inp: Input, columns: Sequence[str], chunk_rows: int) -> Iterator[pa.RecordBatch]:
-    """The source's `columns`, at most `chunk_rows` rows at a time; CSV columns as text."""
+    """The source's `columns`, at most `chunk_rows` rows at a time; CSV columns as text.
+
+    A table's rows come ORDER BY `columns`, in the order given (put the id column first), so
+    an unchanged table gives the same row numbers, hence request ids, on every run.
+    """
+    if isinstance(inp, TableInput):
+        yield from _read_table(inp, columns, chunk_rows)
+        return
     try:
         if inp.kind == "parquet":
             with inp.fs.open_input_file(inp.path) as f:
@@ -155,6 +291,53 @@ def read_chunks(inp: Input, columns: Sequence[str], chunk_rows: int) -> Iterator
             for batch in pacsv.open_csv(f, read_options=read, convert_options=convert):
                 yield from _sliced(batch, chunk_rows)
     except (OSError, pa.ArrowException) as exc:
+        raise UserError(f"{inp.source}: reading failed ({_first_line(exc)})") from exc
+
+
+def _read_table(
+    inp: TableInput, columns: Sequence[str], chunk_rows: int
+) -> Iterator[pa.RecordBatch]:
+    """COPY the ordered rows out as CSV in one statement (one snapshot); parse chunk by chunk.
+
+    COPY sends one row per message, so a chunk is exactly `chunk_rows` rows and only one
+    chunk is held at a time. NULL is an unquoted empty field, '' a quoted one.
+    """
+    types = dict(zip(inp.columns, inp.types, strict=True))
+    names = sql.SQL(", ").join(sql.Identifier(c) for c in columns)
+    query = sql.SQL("COPY (SELECT {names} FROM {rel} ORDER BY {names}) TO STDOUT (FORMAT csv)")
+    read = pacsv.ReadOptions(column_names=list(columns))
+    parse = pacsv.ParseOptions(newlines_in_values=True)
+    convert = pacsv.ConvertOptions(
+        column_types={c: _PG_ARROW.get(types[c], pa.string()) for c in columns},
+        null_values=[""],
+        strings_can_be_null=True,
+        quoted_strings_can_be_null=False,
+        true_values=["t"],
+        false_values=["f"],
+    )
+
+    def parsed(buf: bytearray) -> Iterator[pa.RecordBatch]:
+        table = pacsv.read_csv(
+            io.BytesIO(buf), read_options=read, parse_options=parse, convert_options=convert
+        )
+        yield from table.combine_chunks().to_batches(max_chunksize=chunk_rows)
+
+    try:
+        with (
+            _pg_connect(inp.source, inp.database_url) as conn,
+            conn.cursor() as cur,
+            cur.copy(query.format(names=names, rel=sql.Identifier(inp.schema, inp.name))) as copy,
+        ):
+            buf, n = bytearray(), 0
+            for row in copy:
+                buf += row
+                n += 1
+                if n == chunk_rows:
+                    yield from parsed(buf)
+                    buf, n = bytearray(), 0
+            if n:
+                yield from parsed(buf)
+    except (psycopg.Error, pa.ArrowException) as exc:
         raise UserError(f"{inp.source}: reading failed ({_first_line(exc)})") from exc
 
 
@@ -503,7 +686,7 @@ def score_batch(
     writers: list[pq.ParquetWriter] = []
     rows = rejected = 0
     try:
-        for batch in read_chunks(inp, job.read, chunk_rows):
+        for batch in read_chunks(inp, [*keep, *names], chunk_rows):  # id first: table order
             chunk = _score_chunk(job, batch, rows)
             if not writers:
                 writers = [

@@ -1,11 +1,13 @@
 """The batch_score flow against a real MLflow server, PostgreSQL and an S3 endpoint.
 
 The flow runs in-process under Prefect's test harness (a temporary API). It scores the
-pipeline's champion on a Parquet file in the bucket and on a local CSV with garbage rows.
+pipeline's champion on a Parquet file in the bucket, on a local CSV with garbage rows and
+on a PostgreSQL table in the database of DATABASE_URL.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from prefect.testing.utilities import prefect_test_harness
 from common.localpg import LocalPostgres
 from common.settings import get_settings
 from flows.batch_score import batch_score
+from models import batch
 from models.batch import BatchResult
 from models.generate import generate
 from tests.servers import HttpServer, S3Endpoint, free_port
@@ -26,6 +29,9 @@ from tests.workspace import Workspace
 
 BUCKET = "batches"
 ROWS = 3_000
+TABLE = "staging.incoming"
+TABLE_ROWS = 2_000  # three chunks of 700
+BAD_TABLE_ROWS = {100: "region: unknown category 'moon'", 1_500: "monthly_charges: not finite"}
 
 pytestmark = pytest.mark.usefixtures("harness")
 
@@ -88,6 +94,28 @@ def garbage_csv(project: Path) -> Path:
     path = project / "garbage.csv"
     df.to_csv(path, index=False)
     return path
+
+
+@pytest.fixture(scope="module")
+def incoming(logdb: str) -> pd.DataFrame:
+    """staging.incoming with typed columns, filled in shuffled order; its rows in id order."""
+    df = generate(TABLE_ROWS, seed=23).drop(columns=["churned"])
+    df["num_products"] = df["num_products"].astype("int64")
+    df.loc[100, "region"] = "moon"
+    df.loc[1_500, "monthly_charges"] = np.inf
+    sql_type = {"customer_id": "text primary key", "num_products": "integer"}
+    columns = ", ".join(
+        f"{c} {sql_type.get(c, 'double precision' if df[c].dtype.kind == 'f' else 'text')}"
+        for c in df.columns
+    )
+    shuffled = io.StringIO()
+    df.sample(frac=1, random_state=0).to_csv(shuffled, index=False, header=False)
+    with psycopg.connect(logdb) as conn:
+        conn.execute("CREATE SCHEMA staging")
+        conn.execute(f"CREATE TABLE {TABLE} ({columns}, loaded_at timestamptz DEFAULT now())")
+        with conn.cursor().copy(f"COPY {TABLE} ({', '.join(df.columns)}) FROM STDIN CSV") as cp:
+            cp.write(shuffled.getvalue())
+    return df
 
 
 def logged(database_url: str, ids: list[str]) -> list[tuple[str, str, str]]:
@@ -187,3 +215,78 @@ def test_an_unreachable_mlflow_fails_the_run_naming_it(
         expect_failure(str(garbage_csv), match=f"MLFLOW_TRACKING_URI={uri}", out=project / "out")
     finally:
         get_settings.cache_clear()
+
+
+def test_scores_a_table_in_chunks_like_the_same_rows_in_a_file(
+    project: Path, incoming: pd.DataFrame, logdb: str
+) -> None:
+    inp = batch.open_input(f"table:{TABLE}", database_url=logdb)
+    assert [b.num_rows for b in batch.read_chunks(inp, ["customer_id"], 700)] == [700, 700, 600]
+
+    result = batch_score(f"table:{TABLE}", batch_id="tbl-one", output_dir="out")
+    good = TABLE_ROWS - len(BAD_TABLE_ROWS)
+    assert (result.rows, result.scored, result.rejected) == (TABLE_ROWS, good, 2)
+    assert result.logged == good
+    rejects = pd.read_parquet(result.rejects_path)
+    assert dict(zip(rejects["row_number"], rejects["reason"], strict=True)) == BAD_TABLE_ROWS
+    scored = pd.read_parquet(result.predictions_path)
+    # rows come in id order, whatever order they were inserted in
+    expected_ids = incoming["customer_id"].drop(list(BAD_TABLE_ROWS)).tolist()
+    assert scored["customer_id"].tolist() == expected_ids
+    assert set(scored["model_version"]) == {result.model_version}
+    in_log = logged(logdb, scored["request_id"].tolist())
+    assert len(in_log) == good
+    assert {b for _, _, b in in_log} == {"tbl-one"}
+
+    path = project / "incoming.parquet"
+    incoming.to_parquet(path)
+    from_file = batch_score(str(path), batch_id="tbl-file", output_dir="out")
+    same = ["row_number", "customer_id", "predicted", "proba_0", "proba_1"]
+    pd.testing.assert_frame_equal(scored[same], pd.read_parquet(from_file.predictions_path)[same])
+    pd.testing.assert_frame_equal(
+        rejects[["row_number", "reason"]],
+        pd.read_parquet(from_file.rejects_path)[["row_number", "reason"]],
+    )
+
+
+def test_rescoring_a_table_adds_no_rows_until_it_changes(
+    project: Path, incoming: pd.DataFrame, logdb: str
+) -> None:
+    before = total_logged(logdb)
+    first = pd.read_parquet(project / "out" / "tbl-one" / "predictions.parquet")
+    again = batch_score(f"table:{TABLE}", batch_id="tbl-one", output_dir="out")
+    assert again.logged == 0
+    assert total_logged(logdb) == before
+    pd.testing.assert_frame_equal(first, pd.read_parquet(again.predictions_path))
+
+    # without a batch id, the id follows the table's content
+    default = batch_score(f"table:{TABLE}", output_dir="out")
+    assert default.batch_id.startswith("incoming-")
+    stamp = batch.default_batch_id(batch.open_input(f"table:{TABLE}", database_url=logdb))
+    assert stamp == default.batch_id
+    with psycopg.connect(logdb) as conn:
+        conn.execute(
+            f"UPDATE {TABLE} SET age = 40 WHERE customer_id = %s", [incoming["customer_id"][0]]
+        )
+    changed = batch.default_batch_id(batch.open_input(f"table:{TABLE}", database_url=logdb))
+    assert changed != default.batch_id
+
+
+def test_a_missing_table_or_column_fails_the_run_naming_it(
+    project: Path, incoming: pd.DataFrame, logdb: str
+) -> None:
+    before = total_logged(logdb)
+    expect_failure(
+        "table:staging.nope",
+        match="table:staging.nope: no table or view 'staging.nope'",
+        out=project / "out",
+    )
+    narrow = ", ".join(c for c in incoming.columns if c != "plan_tier")
+    with psycopg.connect(logdb) as conn:
+        conn.execute(f"CREATE VIEW staging.narrow AS SELECT {narrow} FROM {TABLE}")
+    expect_failure(
+        "table:staging.narrow",
+        match="table:staging.narrow: missing column(s) ['plan_tier']",
+        out=project / "out",
+    )
+    assert total_logged(logdb) == before

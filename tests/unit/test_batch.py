@@ -177,6 +177,19 @@ def test_non_existent_path_is_a_clear_error(tmp_path: Path) -> None:
         batch.open_input(str(tmp_path / "nope.parquet"))
 
 
+def test_a_table_source_needs_a_name_and_database_url() -> None:
+    with pytest.raises(UserError, match=r"table:: no table name; use table:<name>"):
+        batch.open_input("table:", database_url="postgresql://nowhere/db")
+    with pytest.raises(UserError, match=r"table:incoming: .* DATABASE_URL, which is not set"):
+        batch.open_input("table:incoming")
+
+
+def test_an_unreachable_database_is_a_clear_error(tmp_path: Path) -> None:
+    url = f"postgresql://u@/db?host={tmp_path}"  # a socket directory nobody listens in
+    with pytest.raises(UserError, match=r"table:incoming: cannot connect to the database in DATA"):
+        batch.open_input("table:incoming", database_url=url)
+
+
 def test_rerun_with_same_batch_id_gives_identical_ids_and_output(
     scorer: Scorer, parquet: Path, tmp_path: Path
 ) -> None:
