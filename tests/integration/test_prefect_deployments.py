@@ -1,25 +1,38 @@
-"""prefect.yaml against a real Prefect server and worker: the `train` deployment trains a model.
+"""prefect.yaml against a real Prefect server and worker: `train` trains, `batch_score` scores.
 
 A throwaway workspace gets the flows and prefect.yaml; `prefect deploy --all` runs there
-with MLOPS_PROJECT_DIR pointing the pull step at it, so the worker's flow run executes
-the pipeline in the workspace and registers into its embedded store (.mlops/).
+with MLOPS_PROJECT_DIR pointing the pull step at it, so the worker's flow runs execute in
+the workspace: `train` runs the pipeline and registers into its embedded store (.mlops/),
+then `batch_score` scores a file with that champion into the workspace's data/scored/ and
+the prediction log (DATABASE_URL, a database in the session's PostgreSQL, reaches the flow
+runs through the worker's environment).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
+import pandas as pd
+import psycopg
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.servers import Server, clean_env, free_port, http_ok
+from common.localpg import LocalPostgres
+from flows.monitor import DRIFT_EVENT
+from models.generate import generate
+from tests.servers import Server, clean_env, free_port, http_ok, log_tail
 from tests.workspace import ROOT, Workspace, make_workspace
 
 POOL = "local-process"
+BATCH_ROWS = 2_000
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +40,13 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
     ws = make_workspace(tmp_path_factory.mktemp("prefect") / "ws")
     shutil.copytree(ROOT / "flows", ws.path / "flows", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy2(ROOT / "prefect.yaml", ws.path / "prefect.yaml")
-    stub = ws.path / "flows" / "batch_score.py"
-    if not stub.exists():  # built separately; `deploy --all` only needs its entrypoint to load
-        stub.write_text(
-            "from prefect import flow\n\n\n@flow(name='batch_score')\ndef batch_score() -> None:\n"
-            "    pass\n"
-        )
     return ws
+
+
+@pytest.fixture(scope="module")
+def logdb(postgres: LocalPostgres) -> str:
+    postgres.create_database("deploylog")
+    return postgres.url("deploylog")
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +63,8 @@ def prefect_env(
         PREFECT_SERVER_UI_ENABLED="false",
         MLOPS_PROJECT_DIR=str(workspace.path),
     )
-    env.pop("MLOPS_HOME", None)
-    env.pop("PREFECT__FLOW_RUN_ID", None)
+    for name in ("MLOPS_HOME", "PREFECT__FLOW_RUN_ID", "DATABASE_URL"):
+        env.pop(name, None)
     server = Server(
         "prefect server",
         [
@@ -87,46 +100,153 @@ def _prefect(env: dict[str, str], cwd: Path, *args: str, timeout: float = 120) -
     return proc.stdout
 
 
-def test_train_deployment_registers_a_model_version_in_the_workspace(
-    workspace: Workspace, prefect_env: dict[str, str], tmp_path: Path
-) -> None:
+@pytest.fixture(scope="module")
+def deployed(workspace: Workspace, prefect_env: dict[str, str]) -> str:
+    """The work pool and every deployment of prefect.yaml; `prefect deploy`'s output."""
     _prefect(prefect_env, workspace.path, "work-pool", "create", POOL, "--type", "process")
-    out = _prefect(prefect_env, workspace.path, "--no-prompt", "deploy", "--all")
-    for name in ("train/train", "batch_score/batch_score", "retrain/retrain", "promote/promote"):
-        assert name in out
-    automations = _prefect(prefect_env, workspace.path, "automation", "ls")
-    assert "mlops.drift.detected" in automations, automations
+    return _prefect(prefect_env, workspace.path, "--no-prompt", "deploy", "--all")
 
+
+@pytest.fixture(scope="module")
+def worker_log(
+    tmp_path_factory: pytest.TempPathFactory,
+    deployed: str,
+    prefect_env: dict[str, str],
+    logdb: str,
+) -> Iterator[Path]:
+    """A process worker serving the pool; flow runs inherit its environment. Its log."""
+    home = tmp_path_factory.mktemp("worker")
     health_port = free_port()
-    worker_env = prefect_env | {
+    env = prefect_env | {
         "PREFECT_WORKER_WEBSERVER_PORT": str(health_port),
         "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "DATABASE_URL": logdb,
     }
     worker = Server(
         "prefect worker",
         [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--with-healthcheck"],
-        log_path=tmp_path / "worker.log",
+        log_path=home / "worker.log",
         healthy=http_ok(f"http://127.0.0.1:{health_port}/health"),
-        env=worker_env,
-        cwd=tmp_path,
+        env=env,
+        cwd=home,
     )
     with worker:
-        out = _prefect(
-            prefect_env,
-            tmp_path,
-            "deployment",
-            "run",
-            "train/train",
-            "--watch",
-            "--watch-timeout",
-            "150",
-            timeout=180,
-        )
-    assert "Completed" in out, out
+        yield home / "worker.log"
 
+
+def run_deployment(
+    env: dict[str, str], cwd: Path, name: str, *params: str, timeout: int = 150
+) -> str:
+    """`prefect deployment run <name> -p k=v ... --watch`; its output."""
+    args = [arg for param in params for arg in ("-p", param)]
+    return _prefect(
+        env,
+        cwd,
+        *("deployment", "run", name, *args, "--watch", "--watch-timeout", str(timeout)),
+        timeout=timeout + 30,
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(worker_log: Path, prefect_env: dict[str, str]) -> str:
+    """One run of the `train` deployment (the workspace's first version, champion)."""
+    return run_deployment(prefect_env, worker_log.parent, "train/train")
+
+
+def test_deploy_creates_the_deployments_and_the_drift_trigger(
+    deployed: str, prefect_env: dict[str, str], workspace: Workspace
+) -> None:
+    for name in ("train/train", "batch_score/batch_score", "retrain/retrain", "promote/promote"):
+        assert name in deployed
+    automations = _prefect(prefect_env, workspace.path, "automation", "ls")
+    assert "mlops.drift.detected" in automations, automations
+
+
+def test_train_deployment_registers_a_model_version_in_the_workspace(
+    trained: str, workspace: Workspace, worker_log: Path
+) -> None:
+    assert "Completed" in trained, f"{trained}\n--- worker log ---\n{log_tail(worker_log)}"
     store = workspace.path / ".mlops" / "mlflow.db"
     # registry_uri too: an earlier in-process test may have set MLflow's global one.
     client = MlflowClient(tracking_uri=f"sqlite:///{store}", registry_uri=f"sqlite:///{store}")
     versions = client.search_model_versions("name = 'churn-classifier'")
     assert len(versions) == 1
     assert versions[0].tags.get("prefect.flow_run_id")
+
+
+@pytest.mark.usefixtures("trained")  # the champion it scores with
+def test_batch_score_deployment_scores_a_file_with_the_champion(
+    prefect_env: dict[str, str],
+    workspace: Workspace,
+    worker_log: Path,
+    logdb: str,
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "daily.parquet"
+    generate(BATCH_ROWS, seed=31).to_parquet(source)
+    out = run_deployment(
+        prefect_env,
+        tmp_path,
+        "batch_score/batch_score",
+        f"source={source}",
+        "batch_id=deployed",
+        timeout=120,
+    )
+    assert "Completed" in out, f"{out}\n--- worker log ---\n{log_tail(worker_log)}"
+
+    # output_dir defaults to data/scored, in the project directory the pull step moved to
+    scored = pd.read_parquet(
+        workspace.path / "data" / "scored" / "deployed" / "predictions.parquet"
+    )
+    assert len(scored) == BATCH_ROWS
+    assert set(scored["model_version"]) == {"1"}
+    assert set(scored["batch_id"]) == {"deployed"}
+    with psycopg.connect(logdb) as conn:
+        rows = conn.execute(
+            "SELECT model_version, count(*) FROM predictions WHERE batch_id = %s"
+            " GROUP BY model_version",
+            ["deployed"],
+        ).fetchall()
+    assert rows == [("1", BATCH_ROWS)]
+
+
+def _flow_runs(env: dict[str, str], deployment: str) -> list[dict[str, Any]]:
+    api = env["PREFECT_API_URL"]
+    flow, name = deployment.split("/")
+    found = httpx.get(f"{api}/deployments/name/{flow}/{name}", timeout=10).json()
+    runs = httpx.post(
+        f"{api}/flow_runs/filter",
+        json={"flow_runs": {"deployment_id": {"any_": [found["id"]]}}},
+        timeout=10,
+    ).json()
+    return list(runs)
+
+
+@pytest.mark.usefixtures("trained")
+def test_the_drift_event_runs_the_retrain_deployment_with_the_report_it_came_from(
+    prefect_env: dict[str, str], workspace: Workspace, worker_log: Path
+) -> None:
+    """What the monitor flow emits over threshold starts `retrain` on the worker."""
+    report_run = json.loads((workspace.path / "reports" / "train.json").read_text())["run_id"]
+    assert not _flow_runs(prefect_env, "retrain/retrain")
+    _prefect(
+        prefect_env,
+        workspace.path,
+        *("event", "emit", DRIFT_EVENT, "--resource-id", "mlops.model.churn-classifier"),
+        *("--payload", json.dumps({"mlflow_run_id": report_run, "model_version": "1"})),
+    )
+    deadline = time.monotonic() + 180
+    runs: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        runs = _flow_runs(prefect_env, "retrain/retrain")
+        if runs and runs[0]["state_type"] in ("COMPLETED", "FAILED", "CRASHED"):
+            break
+        time.sleep(2)
+    assert len(runs) == 1, runs
+    assert runs[0]["parameters"]["monitor_run_id"] == report_run
+    assert runs[0]["state_type"] == "COMPLETED", log_tail(worker_log)
+    store = workspace.path / ".mlops" / "mlflow.db"
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}", registry_uri=f"sqlite:///{store}")
+    tags = client.get_model_version("churn-classifier", "1").tags
+    assert tags["retrain.monitor_run"] == report_run
+    assert tags["retrain.trigger"] == DRIFT_EVENT

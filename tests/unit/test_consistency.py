@@ -91,3 +91,12 @@ def test_stage_params_name_keys_of_params_yaml() -> None:
                 assert isinstance(node, dict), f"{stage}: {name}"
                 assert part in node, f"{stage}: {name}"
                 node = node[part]
+
+
+def test_the_retrain_trigger_expects_the_event_the_monitor_emits() -> None:
+    from flows.monitor import DRIFT_EVENT  # noqa: PLC0415  (imports Prefect: only here)
+
+    deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+    retrain = next(d for d in deployments if d["name"] == "retrain")
+    assert retrain["triggers"][0]["expect"] == [DRIFT_EVENT]
+    assert "event.payload.mlflow_run_id" in retrain["triggers"][0]["parameters"]["monitor_run_id"]
