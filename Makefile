@@ -6,6 +6,11 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 export UV_PYTHON_DOWNLOADS ?= never
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR ?= false
+# A fresh Prefect ephemeral API migrates its database first; 20 s (the default) is too
+# short on a busy 2-core machine.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
+# Test processes: most tests wait on real servers, so more workers than cores pays off.
+PYTEST_WORKERS ?= 4
 
 UV := $(or $(shell command -v uv 2>/dev/null),$(CURDIR)/.tools/bin/uv)
 RUN := $(UV) run --frozen
@@ -63,7 +68,7 @@ format: bootstrap ## apply ruff's fixes and formatting
 	$(RUN) ruff format .
 
 test: lint ## the whole suite: lint, then unit, integration and e2e tests with coverage
-	$(RUN) pytest --cov --cov-report=term:skip-covered $(PYTEST_ARGS)
+	$(RUN) pytest -n $(PYTEST_WORKERS) --dist loadfile --cov --cov-report=term:skip-covered $(PYTEST_ARGS)
 
 unit: bootstrap ## unit tests only
 	$(RUN) pytest -m unit

@@ -62,6 +62,7 @@ def loop(
         "MLOPS_HOME": str(home),
         "PREFECT_HOME": str(ws.path / ".prefect"),
         "MODEL_POLL_SECONDS": "1",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     }
     ws.run("dvc", "repro", timeout=600)
     out = ws.python(

@@ -341,6 +341,7 @@ def test_retrain_stops_after_train_when_the_gate_already_promoted(
 ) -> None:
     monkeypatch.setenv("MLOPS_HOME", str(project / ".mlops"))  # no prediction log to export
     monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # exported by an earlier test
     get_settings.cache_clear()
     (project / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     client = registry.connect(get_settings())
