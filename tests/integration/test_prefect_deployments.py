@@ -156,7 +156,14 @@ def trained(worker_log: Path, prefect_env: dict[str, str]) -> str:
 def test_deploy_creates_the_deployments_and_the_drift_trigger(
     deployed: str, prefect_env: dict[str, str], workspace: Workspace
 ) -> None:
-    for name in ("train/train", "batch_score/batch_score", "retrain/retrain", "promote/promote"):
+    for name in (
+        "train/train",
+        "batch_score/batch_score",
+        "monitor/monitor",
+        "retrain/retrain",
+        "promote/promote",
+        "rollback/rollback",
+    ):
         assert name in deployed
     automations = _prefect(prefect_env, workspace.path, "automation", "ls")
     assert "mlops.drift.detected" in automations, automations
