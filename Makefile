@@ -43,7 +43,7 @@ bento: bootstrap ## build a Bento of the predictor with the champion inside (`be
 	$(UV) export --frozen --no-default-groups --group serve --no-hashes --no-emit-project -o build/bento-requirements.txt >/dev/null
 	$(RUN) python -m services.predictor.package --build
 
-up: bootstrap ## the full topology as local processes (no Docker): postgres, S3, mlflow, prefect, predictor
+up: bootstrap ## the full topology as local processes (no Docker): postgres, S3, mlflow, prefect + worker, evidently, predictor
 	$(RUN) python scripts/stack.py up
 
 down: bootstrap ## stop everything `make up` started

@@ -2,14 +2,16 @@
 
 Same services and the same environment variables as infra/docker/compose.yml: PostgreSQL
 (installed binaries), an S3 endpoint (moto's server, where MinIO is absent), `mlflow
-server`, `prefect server` + a worker with the deployments applied (when prefect.yaml
-exists), and the predictor once a champion exists. Each service logs to
+server`, `prefect server` + a worker with the deployments of the project's prefect.yaml
+applied, `evidently ui` over the monitoring workspace, and the predictor once a champion
+exists. `up` waits on each service's health endpoint; each logs to
 MLOPS_HOME/stack/logs/<name>.log; `down` stops everything supervisord started, nothing else.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import subprocess
@@ -20,6 +22,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import boto3
 
@@ -41,17 +44,33 @@ class Ports:
     mlflow: int = 5000
     prefect: int = 4200
     predictor: int = 3000
+    evidently: int = 8000
+    worker: int = 8080  # the worker's health endpoint (`prefect worker start --with-healthcheck`)
 
 
 class Stack:
-    """One stack's files (config, logs, data) under `home`, and its supervisord."""
+    """One stack's files (config, logs, data) under `home`, and its supervisord.
 
-    def __init__(self, home: Path, ports: Ports) -> None:
+    `project` is the checkout whose prefect.yaml is deployed and where flow runs execute
+    (MLOPS_PROJECT_DIR); the servers themselves run from this repository.
+    """
+
+    def __init__(self, home: Path, ports: Ports, project: Path = ROOT) -> None:
         self.home = home.resolve()
         self.ports = ports
+        self.project = project.resolve()
         self.conf = self.home / "supervisord.conf"
         self.logs = self.home / "logs"
         self.pg = LocalPostgres(self.home / "postgres", ports.postgres)
+
+    @classmethod
+    def load(cls, home: Path) -> Stack:
+        """The stack `up` started in `home` (its ports and project are kept in stack.json)."""
+        try:
+            saved = json.loads((home / "stack.json").read_text())
+        except OSError as exc:
+            raise UserError(f"no stack in {home} (start one with `make up`)") from exc
+        return cls(home, Ports(**saved["ports"]), Path(saved["project"]))
 
     # -- the environment compose gives its services -------------------------------------
 
@@ -63,6 +82,7 @@ class Stack:
             "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{p.s3}",
             "PREFECT_API_URL": f"http://127.0.0.1:{p.prefect}/api",
             "DATABASE_URL": self.pg.url("predictions"),
+            "EVIDENTLY_WORKSPACE": f"http://127.0.0.1:{p.evidently}",
             "MLOPS_HOME": str(self.home / "state"),
             "BENTOML_HOME": str(self.home / "state/bentoml"),
             "OMP_NUM_THREADS": "1",
@@ -135,9 +155,30 @@ class Stack:
                     "local-process",
                     "--type",
                     "process",
+                    "--with-healthcheck",
                 ],
-                {**env, "PREFECT_HOME": str(self.home / "prefect")},
+                {
+                    **env,
+                    "PREFECT_HOME": str(self.home / "prefect"),
+                    "MLOPS_PROJECT_DIR": str(self.project),
+                    "PREFECT_WORKER_WEBSERVER_PORT": str(p.worker),
+                    "PREFECT_WORKER_QUERY_SECONDS": "2",
+                },
                 False,
+            ),
+            "evidently": (
+                [
+                    str(BIN / "evidently"),
+                    "ui",
+                    "--workspace",
+                    str(self.home / "evidently"),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(p.evidently),
+                ],
+                {"DO_NOT_TRACK": "1"},
+                True,
             ),
             "predictor": (
                 [
@@ -178,7 +219,7 @@ class Stack:
             lines += [
                 f"[program:{name}]",
                 f"command={shlex.join(cmd)}",
-                f"directory={ROOT}",
+                f"directory={self.project if name == 'prefect-worker' else ROOT}",
                 f"autostart={'true' if autostart else 'false'}",
                 "autorestart=unexpected",
                 "startsecs=2",
@@ -234,6 +275,9 @@ class Stack:
 
     def up(self, timeout: float = 180) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
+        (self.home / "stack.json").write_text(
+            json.dumps({"ports": self.ports.__dict__, "project": str(self.project)}, indent=1)
+        )
         self.pg.init()
         self.write_conf()
         if not self.running():
@@ -241,41 +285,41 @@ class Stack:
         _wait("postgres", lambda: _pg_ready(self.pg), timeout)
         for db in DATABASES:
             self.pg.create_database(db)
-        _wait("s3", _http_ok(f"http://127.0.0.1:{self.ports.s3}/moto-api/"), timeout)
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=f"http://127.0.0.1:{self.ports.s3}",
-            aws_access_key_id=DEV_CREDS["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=DEV_CREDS["AWS_SECRET_ACCESS_KEY"],
-            region_name="us-east-1",
-        )
+        self.wait_healthy("s3", timeout=timeout)
+        s3 = self.s3()
         existing = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
         for bucket in set(BUCKETS) - existing:
             s3.create_bucket(Bucket=bucket)
         self.start("mlflow", "prefect-server")
-        _wait("mlflow", _http_ok(f"http://127.0.0.1:{self.ports.mlflow}/health"), timeout)
-        _wait("prefect", _http_ok(f"http://127.0.0.1:{self.ports.prefect}/api/health"), timeout)
-        if (ROOT / "prefect.yaml").exists():
-            self._deploy()
-            self.start("prefect-worker")
+        self.wait_healthy("mlflow", "prefect-server", "evidently", timeout=timeout)
+        if not (self.project / "prefect.yaml").exists():
+            raise UserError(f"{self.project / 'prefect.yaml'} not found: nothing to deploy")
+        self._deploy()
+        self.start("prefect-worker")
+        self.wait_healthy("prefect-worker", timeout=timeout)
         self.serve_if_champion(timeout)
         (self.home / "stack.env").write_text(
             "".join(f"export {k}={shlex.quote(v)}\n" for k, v in self.env().items())
         )
 
     def _deploy(self) -> None:
-        env = {**os.environ, **self.env(), "PREFECT_HOME": str(self.home / "prefect")}
+        env = {
+            **os.environ,
+            **self.env(),
+            "PREFECT_HOME": str(self.home / "prefect"),
+            "MLOPS_PROJECT_DIR": str(self.project),
+        }
         prefect = str(BIN / "prefect")
         subprocess.run(
             [prefect, "work-pool", "create", "local-process", "--type", "process", "--overwrite"],
-            cwd=ROOT,
+            cwd=self.project,
             env=env,
             check=True,
             capture_output=True,
         )
         proc = subprocess.run(
             [prefect, "--no-prompt", "deploy", "--all"],
-            cwd=ROOT,
+            cwd=self.project,
             env=env,
             capture_output=True,
             text=True,
@@ -304,8 +348,25 @@ class Stack:
             )
             return False
         self.start("predictor")
-        _wait("predictor", _http_ok(f"http://127.0.0.1:{self.ports.predictor}/readyz"), timeout)
+        self.wait_healthy("predictor", timeout=timeout)
         return True
+
+    def health_urls(self) -> dict[str, str]:
+        """The endpoint each HTTP service is waited on (compose's healthchecks use the same)."""
+        p = self.ports
+        return {
+            "s3": f"http://127.0.0.1:{p.s3}/moto-api/",
+            "mlflow": f"http://127.0.0.1:{p.mlflow}/health",
+            "prefect-server": f"http://127.0.0.1:{p.prefect}/api/health",
+            "evidently": f"http://127.0.0.1:{p.evidently}/api/projects",
+            "prefect-worker": f"http://127.0.0.1:{p.worker}/health",
+            "predictor": f"http://127.0.0.1:{p.predictor}/readyz",
+        }
+
+    def wait_healthy(self, *names: str, timeout: float = 180) -> None:
+        urls = self.health_urls()
+        for name in names:
+            _wait(name, _http_ok(urls[name]), timeout)
 
     def down(self) -> None:
         if not self.running():
@@ -316,11 +377,22 @@ class Stack:
         while (self.home / "supervisord.pid").exists() and time.monotonic() < deadline:
             time.sleep(0.2)
 
+    def s3(self) -> Any:
+        """A boto3 S3 client of the stack's endpoint."""
+        return boto3.client(
+            "s3",
+            endpoint_url=f"http://127.0.0.1:{self.ports.s3}",
+            aws_access_key_id=DEV_CREDS["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=DEV_CREDS["AWS_SECRET_ACCESS_KEY"],
+            region_name="us-east-1",
+        )
+
     def urls(self) -> list[tuple[str, str]]:
         p = self.ports
         return [
             ("MLflow UI + registry", f"http://127.0.0.1:{p.mlflow}"),
             ("Prefect UI", f"http://127.0.0.1:{p.prefect}"),
+            ("Evidently UI", f"http://127.0.0.1:{p.evidently}"),
             ("Predictor (Swagger UI)", f"http://127.0.0.1:{p.predictor}"),
             ("S3 endpoint (moto)", f"http://127.0.0.1:{p.s3}"),
             ("PostgreSQL", self.pg.url()),
@@ -359,9 +431,12 @@ def main() -> None:
     parser.add_argument("command", choices=["up", "down", "status"])
     for field, default in Ports().__dict__.items():
         parser.add_argument(f"--{field}-port", type=int, default=default)
+    parser.add_argument(
+        "--project", type=Path, default=ROOT, help="checkout to deploy and run flows in"
+    )
     args = parser.parse_args()
     ports = Ports(**{f: getattr(args, f"{f}_port") for f in Ports().__dict__})
-    stack = Stack(get_settings().mlops_home / "stack", ports)
+    stack = Stack(get_settings().mlops_home / "stack", ports, args.project)
     if args.command == "up":
         stack.up()
         for name, url in stack.urls():

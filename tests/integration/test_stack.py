@@ -1,104 +1,301 @@
-"""`make up` without Docker: the compose topology as local processes, used for real, then `down`."""
+"""`make up` without Docker: the compose topology as local processes, used for real.
+
+One stack on free ports, its worker deploying a throwaway project: `train` runs through the
+worker against the MLflow server (PostgreSQL backend, S3 artifacts), the predictor serves
+the new champion, traffic is logged, `monitor` runs through the worker into PostgreSQL and
+the Evidently UI; then the operations: MLflow and the predictor restarted mid-traffic,
+`mlflow db upgrade`, backup and restore; `down` last.
+"""
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
+import mlflow.artifacts
 import psutil
 import psycopg
 import pytest
+from mlflow.tracking import MlflowClient
 
+from models.generate import generate
 from scripts.stack import Ports, Stack
-from tests.servers import free_port
-from tests.workspace import Workspace, make_workspace
+from tests.servers import clean_env, free_port
+from tests.workspace import ROOT, Workspace, make_workspace
 
-RECORD = {
-    "tenure_months": 3,
-    "monthly_charges": 99.0,
-    "total_charges": 297.0,
-    "support_tickets_90d": 4,
-    "avg_daily_usage_min": 20.0,
-    "days_since_last_login": 40,
-    "num_products": 1,
-    "age": 30,
-    "late_payments_12m": 2,
-    "satisfaction_score": 3,
-    "contract_type": "month_to_month",
-    "payment_method": "electronic_check",
-    "region": "south",
-    "plan_tier": "premium",
-}
+MODEL = "churn-classifier"
+TRAFFIC_ROWS = 400
 
 
 @pytest.fixture(scope="module")
-def stack() -> Iterator[Stack]:
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
+    ws = make_workspace(
+        tmp_path_factory.mktemp("stack") / "ws",
+        # A small window may decide; thresholds no distance reaches, so no retrain fires.
+        {"monitor": {"min_rows": 100, "num_threshold": 50.0, "cat_threshold": 50.0}},
+    )
+    shutil.copytree(ROOT / "flows", ws.path / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(ROOT / "prefect.yaml", ws.path / "prefect.yaml")
+    return ws
+
+
+@pytest.fixture(scope="module")
+def stack(workspace: Workspace) -> Iterator[Stack]:
     home = Path(tempfile.mkdtemp(prefix="mlops-it-stack-"))
     home.chmod(0o755)  # the postgres program runs as the `postgres` user
-    ports = Ports(*(free_port() for _ in range(5)))
-    stack = Stack(home / "stack", ports)
+    stack = Stack(home / "stack", Ports(*(free_port() for _ in range(7))), workspace.path)
     try:
-        stack.up()
+        stack.up(timeout=240)
         yield stack
     finally:
         stack.down()
         shutil.rmtree(home, ignore_errors=True)
 
 
+def _cli(stack: Stack, *cmd: str, timeout: float = 300) -> str:
+    """A command run with the stack's client environment (what `source stack.env` gives)."""
+    env = clean_env(**stack.env())
+    env.pop("PREFECT__FLOW_RUN_ID", None)
+    proc = subprocess.run(
+        cmd,
+        cwd=stack.project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def _run_deployment(stack: Stack, name: str, timeout: int = 300) -> str:
+    return _cli(
+        stack,
+        *(sys.executable, "-m", "prefect", "deployment", "run", name),
+        *("--watch", "--watch-timeout", str(timeout)),
+        timeout=timeout + 30,
+    )
+
+
+def _client(stack: Stack) -> MlflowClient:
+    uri = stack.env()["MLFLOW_TRACKING_URI"]
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 @pytest.fixture(scope="module")
-def trained(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Workspace:
-    env = {k: v for k, v in stack.env().items() if k.startswith(("MLFLOW_TRACKING", "PREFECT"))}
-    ws = make_workspace(tmp_path_factory.mktemp("stack-ws"), env=env)
-    ws.run("dvc", "repro", timeout=600)
-    return ws
+def trained(stack: Stack) -> str:
+    """One run of the `train` deployment through the worker; then the predictor serves it."""
+    out = _run_deployment(stack, "train/train")
+    assert stack.serve_if_champion(timeout=180)
+    return out
 
 
-def test_every_service_is_up_with_the_compose_variables(stack: Stack) -> None:
-    status = stack.ctl("status", check=False)
-    for name in ("postgres", "s3", "mlflow", "prefect-server"):
-        assert f"{name} " in status
-        assert "RUNNING" in status.split(f"{name} ")[1].splitlines()[0]
-    env = stack.env()
-    for name in (
-        "MLFLOW_TRACKING_URI",
-        "MLFLOW_S3_ENDPOINT_URL",
-        "PREFECT_API_URL",
-        "DATABASE_URL",
-    ):
-        assert name in env
-    assert httpx.get(f"{env['PREFECT_API_URL']}/health").status_code == 200
+def _post(url: str, records: list[dict[str, Any]], deadline: float) -> list[str]:
+    """POST until answered (a restarting predictor refuses connections); the request ids."""
+    while True:
+        try:
+            resp = httpx.post(f"{url}/predict", json={"records": records}, timeout=30)
+            if resp.status_code == 200:
+                return [p["request_id"] for p in resp.json()["predictions"]]
+            assert resp.status_code >= 500, resp.text
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the predictor did not come back"
+        time.sleep(0.2)
 
 
-def test_pipeline_on_the_stack_then_the_predictor_serves_and_logs(
-    stack: Stack, trained: Workspace
-) -> None:
-    assert stack.serve_if_champion(timeout=120)
-    url = f"http://127.0.0.1:{stack.ports.predictor}"
-    ids = []
-    for _ in range(5):
-        resp = httpx.post(f"{url}/predict", json={"records": RECORD}, timeout=30)
-        assert resp.status_code == 200, resp.text
-        ids.append(resp.json()["predictions"][0]["request_id"])
+def _logged(stack: Stack, ids: list[str], timeout: float = 30) -> int:
+    deadline = time.monotonic() + timeout
     with psycopg.connect(stack.pg.url("predictions")) as conn:
-        for _ in range(50):
-            (n,) = conn.execute(
+        while True:
+            row = conn.execute(
                 "SELECT count(*) FROM predictions WHERE request_id = ANY(%s::uuid[])", (ids,)
-            ).fetchone() or (0,)
-            if n == len(ids):
-                break
-            time.sleep(0.2)
-    assert n == len(ids)
+            ).fetchone()
+            n = int(row[0]) if row else 0
+            if n == len(ids) or time.monotonic() > deadline:
+                return n
+            time.sleep(0.3)
+
+
+def _traffic(workspace: Workspace, rows: int, seed: int) -> list[dict[str, Any]]:
+    features = list(workspace.params()["data"]["features"])
+    records: list[dict[str, Any]] = json.loads(
+        generate(rows, seed=seed)[features].to_json(orient="records")
+    )
+    return records
+
+
+def test_every_service_is_healthy_with_the_compose_variables(stack: Stack) -> None:
+    status = stack.ctl("status", check=False)
+    for name in ("postgres", "s3", "mlflow", "prefect-server", "prefect-worker", "evidently"):
+        assert f"{name} " in status
+        assert "RUNNING" in status.split(f"{name} ")[1].splitlines()[0], status
+    for name, url in stack.health_urls().items():
+        if name != "predictor":
+            assert httpx.get(url, timeout=10).status_code == 200, name
+    env = stack.env()
+    for name in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "DATABASE_URL", "EVIDENTLY_WORKSPACE"):
+        assert name in env
+    deployments = _cli(stack, sys.executable, "-m", "prefect", "deployment", "ls")
+    for name in ("train", "monitor", "retrain", "batch_score"):
+        assert name in deployments
+
+
+def test_train_runs_through_the_worker_into_postgres_and_s3(stack: Stack, trained: str) -> None:
+    assert "Completed" in trained, trained + (stack.logs / "prefect-worker.log").read_text()[-3000:]
+    (version,) = _client(stack).search_model_versions(f"name = '{MODEL}'")
+    assert version.tags.get("prefect.flow_run_id")
+    assert _client(stack).get_model_version_by_alias(MODEL, "champion").version == version.version
+    with psycopg.connect(stack.pg.url("mlflow")) as conn:
+        row = conn.execute("SELECT count(*) FROM model_versions").fetchone()
+    assert row == (1,)
+    objects = stack.s3().list_objects_v2(Bucket="mlflow").get("KeyCount", 0)
+    assert objects > 0  # artifacts went through the server to S3
+
+
+def test_the_predictor_serves_the_champion_and_monitor_runs_on_its_traffic(
+    stack: Stack, trained: str, workspace: Workspace
+) -> None:
+    url = f"http://127.0.0.1:{stack.ports.predictor}"
+    records = _traffic(workspace, TRAFFIC_ROWS, seed=101)
+    ids: list[str] = []
+    deadline = time.monotonic() + 120
+    for i in range(0, len(records), 100):
+        ids += _post(url, records[i : i + 100], deadline)
+    assert _logged(stack, ids) == TRAFFIC_ROWS
+
+    out = _run_deployment(stack, "monitor/monitor")
+    assert "Completed" in out, out + (stack.logs / "prefect-worker.log").read_text()[-3000:]
+    with psycopg.connect(stack.pg.url("predictions")) as conn:
+        row = conn.execute(
+            "SELECT model_version, current_rows, enough_rows, evidently_project "
+            "FROM monitoring_runs ORDER BY window_end DESC LIMIT 1"
+        ).fetchone()
+    assert row is not None
+    version, current_rows, enough_rows, project = row
+    assert (version, current_rows, enough_rows) == ("1", TRAFFIC_ROWS, True)
+    projects = httpx.get(stack.health_urls()["evidently"], timeout=30).json()
+    assert project in {str(p["id"]) for p in projects}, projects
+    snapshots = httpx.get(f"{stack.env()['EVIDENTLY_WORKSPACE']}/api/projects/{project}/snapshots")
+    assert snapshots.status_code == 200, snapshots.text
+    assert snapshots.json(), project
+
+
+def test_restarting_mlflow_and_the_predictor_mid_traffic_loses_nothing(
+    stack: Stack, trained: str, workspace: Workspace
+) -> None:
+    url = f"http://127.0.0.1:{stack.ports.predictor}"
+    records = _traffic(workspace, 2_000, seed=202)
+    acked: list[str] = []
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            i = 0
+            while not stop.is_set():
+                acked.extend(_post(url, [records[i % len(records)]], time.monotonic() + 120))
+                i += 1
+        except BaseException as exc:  # re-raised by the test below
+            errors.append(exc)
+
+    client = _client(stack)
+    runs_before = len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        time.sleep(2)
+        stack.ctl("restart", "mlflow")
+        stack.wait_healthy("mlflow", timeout=120)
+        before_predictor = len(acked)
+        stack.ctl("restart", "predictor")
+        stack.wait_healthy("predictor", timeout=180)
+        time.sleep(2)
+    finally:
+        stop.set()
+        sender.join(timeout=150)
+    assert not errors, errors
+    assert len(acked) > before_predictor > 0  # traffic went on before and after the restarts
+    assert _logged(stack, acked, timeout=60) == len(acked)
+    # The registry and the runs are in PostgreSQL: the restarted server has them all.
+    client = _client(stack)
+    assert client.get_model_version_by_alias(MODEL, "champion").version == "1"
+    assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == (
+        runs_before
+    )
+    served = httpx.post(f"{url}/predict", json={"records": records[:1]}, timeout=30).json()
+    assert served["predictions"][0]["model_version"] == "1"
+
+
+def _ops(stack: Stack, *args: str) -> str:
+    return _cli(
+        stack, sys.executable, "-m", "scripts.ops", "--home", str(stack.home), *args, timeout=300
+    )
+
+
+def test_mlflow_db_upgrade_is_a_scripted_step_with_a_backup_first(
+    stack: Stack, trained: str
+) -> None:
+    out = _ops(stack, "db-upgrade")
+    assert "schema is at this MLflow's head" in out
+    assert list((Path(stack.env()["MLOPS_HOME"]) / "backups").glob("mlflow-before-upgrade-*.dump"))
+    assert httpx.get(stack.health_urls()["mlflow"], timeout=10).status_code == 200
+    assert _client(stack).get_model_version_by_alias(MODEL, "champion").version == "1"
+
+
+def test_backup_then_restore_brings_back_databases_and_buckets(
+    stack: Stack, trained: str, tmp_path: Path
+) -> None:
+    with psycopg.connect(stack.pg.url("predictions")) as conn:
+        row = conn.execute("SELECT count(*) FROM predictions").fetchone()
+    logged = row[0] if row else 0
+    assert logged > 0
+    s3 = stack.s3()
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="mlflow")["Contents"])
+    dest = tmp_path / "backup"
+    _ops(stack, "backup", "--dest", str(dest))
+    manifest = json.loads((dest / "manifest.json").read_text())
+    assert set(manifest["databases"]) == {"mlflow", "prefect", "predictions"}
+    assert manifest["buckets"]["mlflow"]["objects"] == len(keys)
+
+    # Lose things: the prediction log, the registered model, the artifacts.
+    with psycopg.connect(stack.pg.url("predictions")) as conn:
+        conn.execute("DELETE FROM predictions")
+    _client(stack).delete_registered_model(MODEL)
+    s3.delete_objects(Bucket="mlflow", Delete={"Objects": [{"Key": k} for k in keys]})
+
+    _ops(stack, "restore", str(dest))
+    with psycopg.connect(stack.pg.url("predictions")) as conn:
+        row = conn.execute("SELECT count(*) FROM predictions").fetchone()
+    assert row == (logged,)
+    assert sorted(o["Key"] for o in s3.list_objects_v2(Bucket="mlflow")["Contents"]) == keys
+    stack.wait_healthy("mlflow", "prefect-server", "prefect-worker", "predictor", timeout=180)
+    client = _client(stack)
+    assert client.get_model_version_by_alias(MODEL, "champion").version == "1"
+    model_dir = tmp_path / "model"
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=client.get_model_version_download_uri(MODEL, "1"),
+        dst_path=str(model_dir),
+        tracking_uri=stack.env()["MLFLOW_TRACKING_URI"],
+    )
+    assert (Path(local) / "MLmodel").is_file(), sorted(model_dir.rglob("*"))
 
 
 def test_down_stops_everything_it_started(stack: Stack) -> None:
     pids = [
         int(p) for p in stack.ctl("pid", "all", check=False).split() if p.isdigit() and p != "0"
     ]
-    assert pids
+    assert len(pids) >= 6
     stack.down()
     _, alive = psutil.wait_procs(
         [psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=30
