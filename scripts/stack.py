@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -275,14 +276,29 @@ class Stack:
 
     def up(self, timeout: float = 180) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
+        running = self.running()
+        if running:
+            saved = Stack.load(self.home)
+            if (saved.ports, saved.project) != (self.ports, self.project):
+                raise UserError(f"a stack with other ports runs in {self.home}: `make down` first")
+        else:
+            taken = [f"{n} :{p}" for n, p in self.ports.__dict__.items() if not _port_free(p)]
+            if taken:
+                raise UserError(
+                    f"port in use: {', '.join(taken)}; stop what holds it or pick another "
+                    "(e.g. --mlflow-port 5001)"
+                )
         (self.home / "stack.json").write_text(
             json.dumps({"ports": self.ports.__dict__, "project": str(self.project)}, indent=1)
         )
+        (self.home / "stack.env").write_text(
+            "".join(f"export {k}={shlex.quote(v)}\n" for k, v in self.env().items())
+        )
         self.pg.init()
         self.write_conf()
-        if not self.running():
+        if not running:
             subprocess.run([str(BIN / "supervisord"), "-c", str(self.conf)], check=True)
-        _wait("postgres", lambda: _pg_ready(self.pg), timeout)
+        self._wait("postgres", lambda: _pg_ready(self.pg), timeout)
         for db in DATABASES:
             self.pg.create_database(db)
         self.wait_healthy("s3", timeout=timeout)
@@ -298,9 +314,6 @@ class Stack:
         self.start("prefect-worker")
         self.wait_healthy("prefect-worker", timeout=timeout)
         self.serve_if_champion(timeout)
-        (self.home / "stack.env").write_text(
-            "".join(f"export {k}={shlex.quote(v)}\n" for k, v in self.env().items())
-        )
 
     def _deploy(self) -> None:
         env = {
@@ -344,12 +357,28 @@ class Stack:
         if bundle.returncode != 0:
             print(
                 "predictor: not started, no champion yet. Register one against this stack:\n"
-                f"  source {self.home / 'stack.env'} && make pipeline && make up"
+                f"  source {self.home / 'stack.env'}\n"
+                "  prefect deployment run train/train --watch   # the worker trains\n"
+                "  make up                                      # again: the predictor starts"
             )
             return False
         self.start("predictor")
         self.wait_healthy("predictor", timeout=timeout)
         return True
+
+    def _wait(self, name: str, ready: Callable[[], bool], timeout: float) -> None:
+        """Until `ready`; fail at once when supervisord gave the program up, with its log."""
+        deadline = time.monotonic() + timeout
+        while not ready():
+            state = self.ctl("status", name, check=False).split()
+            if time.monotonic() > deadline or (len(state) > 1 and state[1] in {"FATAL", "EXITED"}):
+                log = self.logs / f"{name}.log"
+                tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+                raise UserError(
+                    f"{name} did not become healthy ({' '.join(state[1:2]) or 'timeout'}); "
+                    f"the end of {log}:\n{tail}"
+                )
+            time.sleep(0.5)
 
     def health_urls(self) -> dict[str, str]:
         """The endpoint each HTTP service is waited on (compose's healthchecks use the same)."""
@@ -366,7 +395,7 @@ class Stack:
     def wait_healthy(self, *names: str, timeout: float = 180) -> None:
         urls = self.health_urls()
         for name in names:
-            _wait(name, _http_ok(urls[name]), timeout)
+            self._wait(name, _http_ok(urls[name]), timeout)
 
     def down(self) -> None:
         if not self.running():
@@ -418,25 +447,31 @@ def _http_ok(url: str) -> Callable[[], bool]:
     return check
 
 
-def _wait(name: str, ready: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if time.monotonic() > deadline:
-            raise UserError(f"{name} did not become healthy in {timeout:.0f} s; see its log")
-        time.sleep(0.5)
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+        )  # as servers do: TIME_WAIT is free
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["up", "down", "status"])
     for field, default in Ports().__dict__.items():
-        parser.add_argument(f"--{field}-port", type=int, default=default)
-    parser.add_argument(
-        "--project", type=Path, default=ROOT, help="checkout to deploy and run flows in"
-    )
+        parser.add_argument(
+            f"--{field}-port", type=int, help=f"default {default}, or the last `up`'s"
+        )
+    parser.add_argument("--project", type=Path, help="checkout to deploy and run flows in")
     args = parser.parse_args()
-    ports = Ports(**{f: getattr(args, f"{f}_port") for f in Ports().__dict__})
-    stack = Stack(get_settings().mlops_home / "stack", ports, args.project)
+    home = get_settings().mlops_home / "stack"
+    last = Stack.load(home) if (home / "stack.json").exists() else Stack(home, Ports())
+    given = {f: v for f in Ports().__dict__ if (v := getattr(args, f"{f}_port")) is not None}
+    stack = Stack(home, Ports(**{**last.ports.__dict__, **given}), args.project or last.project)
     if args.command == "up":
         stack.up()
         for name, url in stack.urls():
