@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -35,8 +36,8 @@ from common.localpg import find_bin_dir
 from common.settings import get_settings
 from scripts.stack import BUCKETS, DATABASES, Stack
 
-CLIENTS = ("predictor", "prefect-worker", "prefect-server", "mlflow")
-"""The stack's services that hold database connections, stopped around a restore/upgrade."""
+CLIENTS = ("predictor", "prefect-worker", "evidently", "prefect-server", "mlflow")
+"""The stack's services that hold connections or files, stopped around a restore/upgrade."""
 
 
 @dataclass
@@ -48,6 +49,11 @@ class Target:
     stack: Stack | None = None
     databases: tuple[str, ...] = DATABASES
     buckets: tuple[str, ...] = BUCKETS
+
+    @property
+    def evidently_dir(self) -> Path | None:
+        """The local stack's Evidently workspace (a directory; in compose, a volume)."""
+        return self.stack.home / "evidently" if self.stack else None
 
     def db_url(self, database: str) -> str:
         parts = urlsplit(self.pg_url)
@@ -110,6 +116,10 @@ def backup(target: Target, dest: Path) -> dict[str, Any]:
             count, size = count + 1, size + path.stat().st_size
         manifest["buckets"][bucket] = {"objects": count, "bytes": size}
         print(f"  s3://{bucket:9} {count:>6} objects {size:>12,} bytes")
+    if target.evidently_dir and target.evidently_dir.is_dir():
+        shutil.copytree(target.evidently_dir, dest / "evidently")
+        manifest["evidently"] = "evidently"
+        print(f"  evidently    {target.evidently_dir}")
     (dest / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
 
@@ -148,6 +158,10 @@ def restore(target: Target, src: Path) -> dict[str, Any]:
             for path in files:
                 target.s3.upload_file(str(path), bucket, path.relative_to(root).as_posix())
             print(f"  s3://{bucket:9} {len(files)} objects put back")
+        if manifest.get("evidently") and target.evidently_dir:
+            shutil.rmtree(target.evidently_dir, ignore_errors=True)
+            shutil.copytree(src / manifest["evidently"], target.evidently_dir)
+            print(f"  evidently    {target.evidently_dir} restored")
     return manifest
 
 

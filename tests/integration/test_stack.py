@@ -268,9 +268,17 @@ def test_backup_then_restore_brings_back_databases_and_buckets(
     assert set(manifest["databases"]) == {"mlflow", "prefect", "predictions"}
     assert manifest["buckets"]["mlflow"]["objects"] == len(keys)
 
-    # Lose things: the prediction log, the registered model, the artifacts.
+    assert (dest / "evidently").is_dir()
+    projects = httpx.get(stack.health_urls()["evidently"], timeout=30).json()
+    assert projects
+
+    # Lose things: the prediction log, the registered model, the artifacts, the reports.
     with psycopg.connect(stack.pg.url("predictions")) as conn:
         conn.execute("DELETE FROM predictions")
+    for project in projects:
+        gone = httpx.delete(f"{stack.health_urls()['evidently']}/{project['id']}", timeout=30)
+        assert gone.status_code < 300, gone.text
+    assert httpx.get(stack.health_urls()["evidently"], timeout=30).json() == []
     _client(stack).delete_registered_model(MODEL)
     s3.delete_objects(Bucket="mlflow", Delete={"Objects": [{"Key": k} for k in keys]})
 
@@ -279,7 +287,11 @@ def test_backup_then_restore_brings_back_databases_and_buckets(
         row = conn.execute("SELECT count(*) FROM predictions").fetchone()
     assert row == (logged,)
     assert sorted(o["Key"] for o in s3.list_objects_v2(Bucket="mlflow")["Contents"]) == keys
-    stack.wait_healthy("mlflow", "prefect-server", "prefect-worker", "predictor", timeout=180)
+    stack.wait_healthy(
+        "mlflow", "prefect-server", "prefect-worker", "predictor", "evidently", timeout=180
+    )
+    restored = httpx.get(stack.health_urls()["evidently"], timeout=30).json()
+    assert {p["id"] for p in restored} == {p["id"] for p in projects}
     client = _client(stack)
     assert client.get_model_version_by_alias(MODEL, "champion").version == "1"
     model_dir = tmp_path / "model"
