@@ -13,6 +13,9 @@ from prefect.tasks import Task
 from common.settings import get_settings
 from models import pipeline
 
+PULL = "pull --allow-missing"
+"""What the remote lacks (on a first run there is no dvc.lock yet), the stages make."""
+
 
 def _retry_unless_rejected(_task: Task[..., None], _run: TaskRun, state: State) -> bool:
     """Retry crashes and network errors, never a stage that refused its input."""
@@ -27,8 +30,8 @@ def _retry_unless_rejected(_task: Task[..., None], _run: TaskRun, state: State) 
 
 @task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retry_unless_rejected)
 def dvc(command: str, root: Path) -> None:
-    """`dvc pull` / `dvc push`, its output in the flow's log."""
-    pipeline.run((*pipeline.DVC, command), root, get_run_logger().info)
+    """`dvc pull` / `dvc push` (command and options), its output in the flow's log."""
+    pipeline.run((*pipeline.DVC, *command.split()), root, get_run_logger().info)
 
 
 @task(
@@ -49,7 +52,7 @@ def train(project_dir: str = ".") -> pipeline.RunSummary:
     root = Path(project_dir).resolve()
     remote = pipeline.has_remote(root)
     if remote:
-        dvc("pull", root)
+        dvc(PULL, root)
     for name in pipeline.stages(root):
         stage(name, root)
     if remote:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
 
 from common.lineage import file_md5
+from flows.train import PULL
+from models import pipeline
 from tests.servers import DVC_BUCKET, S3Endpoint
 from tests.workspace import make_workspace
 
@@ -38,3 +41,17 @@ def test_push_then_pull_restores_outputs(
     ws.run("dvc", "pull")
     after = {name: file_md5(ws.path / name) for name in OUTPUTS}
     assert after == before
+
+
+def test_the_train_flows_pull_passes_on_a_project_not_yet_run(
+    tmp_path_factory: pytest.TempPathFactory, s3: S3Endpoint
+) -> None:
+    """A fresh project with a remote: no dvc.lock, nothing pushed; the pull must not fail."""
+    ws = make_workspace(tmp_path_factory.mktemp("dvc-first"), env=dict(s3.creds))
+    ws.run("dvc", "remote", "add", "-d", "store", f"s3://{DVC_BUCKET}/first")
+    ws.run("dvc", "remote", "modify", "store", "endpointurl", s3.url)
+    assert ws.run("dvc", *PULL.split()[:1], check=False).returncode != 0  # plain pull fails
+    lines: list[str] = []
+    pipeline.run(
+        (*pipeline.DVC, *PULL.split()), ws.path, lines.append, env={**os.environ, **s3.creds}
+    )
