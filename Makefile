@@ -38,10 +38,12 @@ demo: bootstrap ## the main job: the closed loop (pipeline, serve, drift, monito
 serve: bootstrap ## serve the champion with BentoML on http://127.0.0.1:3000 (Ctrl-C stops it)
 	$(RUN) python -m services.predictor.launch --port 3000
 
-bento: bootstrap ## build a Bento of the predictor with the champion inside (`bentoml list` shows it)
+BENTO_DIR ?= build/bento
+
+bento: bootstrap ## build a Bento of the predictor with the champion inside, unpacked into build/bento/ (the image's build context)
 	@mkdir -p build
 	$(UV) export --frozen --no-default-groups --group serve --no-hashes --no-emit-project -o build/bento-requirements.txt >/dev/null
-	$(RUN) python -m services.predictor.package --build
+	$(RUN) python -m services.predictor.package --build --export $(BENTO_DIR)
 
 up: bootstrap ## the full topology as local processes (no Docker): postgres, S3, mlflow, prefect + worker, evidently, predictor
 	$(RUN) python scripts/stack.py up
@@ -110,3 +112,12 @@ deploy: bootstrap ## create the local-process work pool if missing, then `prefec
 
 worker: bootstrap ## a Prefect worker serving the local-process pool (runs the deployments' flow runs)
 	$(RUN) prefect worker start --pool $(POOL)
+
+# Operations on the `make up` stack (scripts/ops.py; --pg-url/--s3-endpoint for another one).
+.PHONY: backup db-upgrade
+
+backup: bootstrap ## pg_dump of the stack's databases + every bucket object, in .mlops/backups/<UTC time>/
+	$(RUN) python -m scripts.ops backup
+
+db-upgrade: bootstrap ## back up MLflow's database, then `mlflow db upgrade` on it (after upgrading MLflow)
+	$(RUN) python -m scripts.ops db-upgrade

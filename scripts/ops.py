@@ -60,15 +60,15 @@ class Target:
         return urlunsplit((parts.scheme, parts.netloc, f"/{database}", parts.query, ""))
 
     @contextmanager
-    def clients_stopped(self) -> Iterator[None]:
-        """Stop the stack's database clients for the block (no-op without a local stack)."""
+    def clients_stopped(self, clients: tuple[str, ...] = CLIENTS) -> Iterator[None]:
+        """Stop these services of the stack for the block (no-op without a local stack)."""
         if self.stack is None:
             yield
             return
         status = self.stack.ctl("status", check=False)
         running = [
             name
-            for name in CLIENTS
+            for name in clients
             if any(line.split()[:2] == [name, "RUNNING"] for line in status.splitlines() if line)
         ]
         if running:
@@ -173,7 +173,7 @@ def db_upgrade(target: Target, backups: Path) -> None:
     _run([_pg_tool("pg_dump"), "-Fc", "-f", str(out), target.db_url("mlflow")], "pg_dump mlflow")
     print(f"backup of the mlflow database: {out}")
     url = target.db_url("mlflow").replace("postgresql://", "postgresql+psycopg://", 1)
-    with target.clients_stopped():
+    with target.clients_stopped(("mlflow",)):  # its only client; the rest speak HTTP to it
         _run(
             [str(Path(sys.executable).parent / "mlflow"), "db", "upgrade", url], "mlflow db upgrade"
         )

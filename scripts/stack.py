@@ -226,7 +226,8 @@ class Stack:
                 "startsecs=2",
                 "stopasgroup=true",
                 "killasgroup=true",
-                "stopwaitsecs=20",
+                # The worker ignores its first signal; its flow runs are in its group.
+                f"stopwaitsecs={5 if name == 'prefect-worker' else 20}",
                 "redirect_stderr=true",
                 f"stdout_logfile={self.logs / f'{name}.log'}",
             ]

@@ -2,6 +2,8 @@
 
 `bentoml build` puts that copy inside the Bento, so an image of it starts without a
 registry; when the registry answers, the service still follows the alias from there.
+`--export DIR` then unpacks the Bento, model included, into DIR: the build context of
+infra/docker/Dockerfile.predictor (the store's copy of a Bento leaves the model out).
 """
 
 from __future__ import annotations
@@ -9,11 +11,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import subprocess
 import sys
+import tarfile
+import tempfile
+from pathlib import Path
 
 import bentoml
 import mlflow
+import yaml
 
 from common import registry
 from common.errors import UserError, run_cli
@@ -48,9 +55,20 @@ def bundle(settings: Settings) -> str:
     return str(model.tag)
 
 
+def export(tag: str, dest: Path) -> None:
+    """Unpack Bento `tag`, with its models, into `dest` (replaced)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = bentoml.export_bento(tag, str(Path(tmp).resolve() / "bento.bento"))
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(dest, filter="data")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--build", action="store_true", help="then run `bentoml build`")
+    parser.add_argument("--export", type=Path, help="then unpack the built Bento into this dir")
     args = parser.parse_args()
     settings = get_settings()
     tag = bundle(settings)
@@ -68,6 +86,12 @@ def main() -> None:
             ],
             check=True,
         )
+    if args.export:
+        with open(BENTOFILE) as fh:
+            name = yaml.safe_load(fh)["name"]
+        built = str(bentoml.get(f"{name}:latest").tag)
+        export(built, args.export)
+        print(f"exported {built} (model included) to {args.export}/")
 
 
 if __name__ == "__main__":

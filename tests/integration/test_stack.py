@@ -29,7 +29,7 @@ from mlflow.tracking import MlflowClient
 
 from models.generate import generate
 from scripts.stack import Ports, Stack
-from tests.servers import clean_env, free_port
+from tests.servers import VENV_BIN, Server, clean_env, free_port, http_ok
 from tests.workspace import ROOT, Workspace, make_workspace
 
 MODEL = "churn-classifier"
@@ -235,6 +235,50 @@ def test_restarting_mlflow_and_the_predictor_mid_traffic_loses_nothing(
     )
     served = httpx.post(f"{url}/predict", json={"records": records[:1]}, timeout=30).json()
     assert served["predictions"][0]["model_version"] == "1"
+
+
+def test_the_bento_built_by_make_bento_serves_its_champion_without_the_registry(
+    stack: Stack, trained: str, workspace: Workspace, tmp_path: Path
+) -> None:
+    """infra/docker/Dockerfile.predictor's build context and command, without Docker."""
+    bento = tmp_path / "bento"
+    env = {"BENTOML_HOME": str(tmp_path / "bentoml"), "BENTO_DIR": str(bento)}
+    _cli(stack, "make", "-s", "-C", str(ROOT), "bento", *(f"{k}={v}" for k, v in env.items()))
+    assert (bento / "bento.yaml").is_file()
+    assert list(bento.glob("models/predictor-model/*/MLmodel")), "the champion is not inside"
+    assert (bento / "env/python/requirements.txt").is_file()  # what the image installs
+    port = free_port()
+    served = Server(
+        "bento",
+        [
+            str(VENV_BIN / "bentoml"),
+            "serve",
+            str(bento),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        log_path=tmp_path / "bento.log",
+        healthy=http_ok(f"http://127.0.0.1:{port}/readyz"),
+        env=clean_env(
+            **{
+                **stack.env(),
+                "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}",  # no registry answers
+                "BENTOML_HOME": str(tmp_path / "serve-home"),
+                "MLOPS_HOME": str(tmp_path / "state"),
+            }
+        ),
+        cwd=tmp_path,
+    )
+    with served:
+        resp = httpx.post(
+            f"http://127.0.0.1:{port}/predict",
+            json={"records": _traffic(workspace, 3, seed=7)},
+            timeout=30,
+        )
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["model_version"] == "1"
 
 
 def _ops(stack: Stack, *args: str) -> str:
