@@ -43,7 +43,7 @@ BENTO_DIR ?= build/bento
 bento: bootstrap ## build a Bento of the predictor with the champion inside, unpacked into build/bento/ (the image's build context)
 	@mkdir -p build
 	$(UV) export --frozen --no-default-groups --group serve --no-hashes --no-emit-project -o build/bento-requirements.txt >/dev/null
-	$(RUN) python -m services.predictor.package --build --export $(BENTO_DIR)
+	PATH="$(dir $(UV)):$$PATH" $(RUN) python -m services.predictor.package --build --export $(BENTO_DIR)
 
 up: bootstrap ## the full topology as local processes (no Docker): postgres, S3, mlflow, prefect + worker, evidently, predictor
 	$(RUN) python scripts/stack.py up

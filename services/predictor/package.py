@@ -74,18 +74,11 @@ def main() -> None:
     tag = bundle(settings)
     print(f"bundled models:/{settings.model_name}@{settings.model_alias} as {tag}")
     if args.build:
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "bentoml",
-                "build",
-                "-f",
-                "services/predictor/bentofile.yaml",
-                ".",
-            ],
-            check=True,
+        proc = subprocess.run(
+            [sys.executable, "-m", "bentoml", "build", "-f", BENTOFILE, "."], check=False
         )
+        if proc.returncode != 0:  # bentoml build says why; it needs `uv` on PATH
+            raise UserError(f"bentoml build -f {BENTOFILE} failed (its message is above)")
     if args.export:
         with open(BENTOFILE) as fh:
             name = yaml.safe_load(fh)["name"]
