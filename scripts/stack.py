@@ -18,8 +18,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import Any
 import boto3
 
 from common.errors import UserError, run_cli
+from common.health import http_ok
 from common.localpg import LocalPostgres
 from common.settings import get_settings
 
@@ -160,6 +159,8 @@ class Stack:
                 ],
                 {
                     **env,
+                    # dvc.yaml's stages call `python`: this environment's, however up was run.
+                    "PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}",
                     "PREFECT_HOME": str(self.home / "prefect"),
                     "MLOPS_PROJECT_DIR": str(self.project),
                     "PREFECT_WORKER_WEBSERVER_PORT": str(p.worker),
@@ -438,14 +439,7 @@ def _pg_ready(pg: LocalPostgres) -> bool:
 
 
 def _http_ok(url: str) -> Callable[[], bool]:
-    def check() -> bool:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                return bool(resp.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
-
-    return check
+    return lambda: http_ok(url)
 
 
 def _port_free(port: int) -> bool:

@@ -15,8 +15,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +24,7 @@ from typing import IO, Any, Self
 
 import boto3
 
+from common import health
 from common.localpg import LocalPostgres
 
 VENV_BIN = Path(sys.executable).parent
@@ -86,15 +85,16 @@ def free_port() -> int:
 
 def http_ok(url: str, timeout: float = 2) -> Callable[[], bool]:
     """A health check: GET `url` answers 2xx."""
+    return lambda: health.http_ok(url, timeout)
 
-    def check() -> bool:
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:
-                return 200 <= int(resp.status) < 300
-        except (urllib.error.URLError, OSError):
-            return False
 
-    return check
+def run_ok(cmd: Sequence[str], *, cwd: Path, env: Mapping[str, str], timeout: float = 120) -> str:
+    """Run a command to completion; its stdout, or an assertion error quoting both streams."""
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
 
 
 def log_tail(path: Path, lines: int = 60) -> str:

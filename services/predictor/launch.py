@@ -13,8 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -22,6 +20,7 @@ from types import FrameType
 import psutil
 
 from common.errors import UserError, run_cli
+from common.health import http_ok
 from common.localpg import prediction_db
 from common.settings import Settings, get_settings
 from services.predictor.package import bundle
@@ -30,11 +29,7 @@ SERVICE = "services.predictor.service:Predictor"
 
 
 def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/readyz", timeout=2) as resp:
-            return bool(resp.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
+    return http_ok(f"{url}/readyz")
 
 
 @contextmanager

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ from mlflow.tracking import MlflowClient
 from common.localpg import LocalPostgres
 from flows.monitor import DRIFT_EVENT
 from models.generate import generate
-from tests.servers import Server, clean_env, free_port, http_ok, log_tail
+from tests.servers import Server, clean_env, free_port, http_ok, log_tail, run_ok
 from tests.workspace import ROOT, Workspace, make_workspace
 
 POOL = "local-process"
@@ -87,17 +86,7 @@ def prefect_env(
 
 
 def _prefect(env: dict[str, str], cwd: Path, *args: str, timeout: float = 120) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-m", "prefect", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    assert proc.returncode == 0, f"prefect {' '.join(args)}\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
+    return run_ok([sys.executable, "-m", "prefect", *args], cwd=cwd, env=env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -29,7 +28,7 @@ from mlflow.tracking import MlflowClient
 
 from models.generate import generate
 from scripts.stack import Ports, Stack
-from tests.servers import VENV_BIN, Server, clean_env, free_port, http_ok
+from tests.servers import VENV_BIN, Server, clean_env, free_port, http_ok, run_ok
 from tests.workspace import ROOT, Workspace, make_workspace
 
 MODEL = "churn-classifier"
@@ -65,17 +64,7 @@ def _cli(stack: Stack, *cmd: str, timeout: float = 300) -> str:
     """A command run with the stack's client environment (what `source stack.env` gives)."""
     env = clean_env(**stack.env())
     env.pop("PREFECT__FLOW_RUN_ID", None)
-    proc = subprocess.run(
-        cmd,
-        cwd=stack.project,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
+    return run_ok(cmd, cwd=stack.project, env=env, timeout=timeout)
 
 
 def _run_deployment(stack: Stack, name: str, timeout: int = 300) -> str:
