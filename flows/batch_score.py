@@ -7,7 +7,9 @@ a single snapshot, ordered by the id column (`data.id_column`) then the features
 same rows get the same row numbers and request ids on every run.
 
 Predictions go to `<output_dir>/<batch_id>/predictions.parquet` and the prediction log
-(when DATABASE_URL is set), bad rows to `rejects.parquet` with a reason. A re-run with the
+(when DATABASE_URL is set), bad rows to `rejects.parquet` with a reason. `output_dir` may
+be `s3://bucket/prefix` (the S3 settings of the source apply): the files are written
+locally under MLOPS_HOME first and copied up once the batch succeeded. A re-run with the
 same batch id rewrites the same files and adds no log rows.
 """
 
@@ -115,6 +117,19 @@ def score(
         )
 
 
+@task(
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=_retry_unless_user_error,
+    cache_policy=NO_CACHE,
+)
+def publish(result: batch.BatchResult, output_dir: str, settings: Settings) -> batch.BatchResult:
+    """Copy the finished batch's files to `output_dir` (s3://)."""
+    published = batch.publish(result, output_dir, _s3(settings))
+    get_run_logger().info("batch %s copied to %s/", result.batch_id, published.published)
+    return published
+
+
 @flow(name="batch_score")
 def batch_score(
     source: str, batch_id: str | None = None, output_dir: str = "data/scored"
@@ -129,7 +144,11 @@ def batch_score(
     inp = open_source(source, settings)
     model = fetch_champion(settings)
     bid = batch_id or batch.default_batch_id(inp)
-    result = score(inp, model, bid, Path(output_dir).resolve(), settings)
+    remote = output_dir.startswith("s3://")
+    local = settings.mlops_home.resolve() / "batch-out" if remote else Path(output_dir).resolve()
+    result = score(inp, model, bid, local, settings)
+    if remote:
+        result = publish(result, output_dir, settings)
     get_run_logger().info(
         "batch %s: %s scored, %s rejected in %.1f s (%s rows/s)",
         result.batch_id,
@@ -150,8 +169,8 @@ def batch_score(
                 "what": "new prediction-log rows",
                 "value": "not logged" if result.logged is None else f"{result.logged:,}",
             },
-            {"what": "predictions", "value": str(result.predictions_path)},
-            {"what": "rejects", "value": str(result.rejects_path)},
+            {"what": "predictions", "value": _where(result, result.predictions_path)},
+            {"what": "rejects", "value": _where(result, result.rejects_path)},
             {"what": "rows/s", "value": f"{result.rows_per_second:,.0f}"},
         ],
         key="batch-score-summary",
@@ -159,6 +178,10 @@ def batch_score(
         f"{result.rejected:,} rejected",
     )
     return result
+
+
+def _where(result: batch.BatchResult, path: Path) -> str:
+    return f"{result.published}/{path.name}" if result.published else str(path)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ batch id rewrites the same files and adds no rows to the log.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -567,10 +568,30 @@ class BatchResult:
     rejects_path: Path
     logged: int | None  # rows new to the prediction log; None without a log
     seconds: float
+    published: str | None = None  # where `publish` copied the two files (`s3://.../<batch_id>`)
 
     @property
     def rows_per_second(self) -> float:
         return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+
+def publish(result: BatchResult, output: str, s3: S3Options | None = None) -> BatchResult:
+    """Copy a finished batch's files to `output/<batch_id>/` (e.g. `s3://bucket/scored`).
+
+    Rejects first, predictions last: a reader waiting for predictions.parquet finds both.
+    """
+    fs, base = _filesystem(output.rstrip("/"), s3)
+    dest = f"{base}/{result.batch_id}"
+    shown = f"{output.rstrip('/')}/{result.batch_id}"
+    try:
+        if isinstance(fs, pafs.LocalFileSystem):
+            fs.create_dir(dest, recursive=True)  # S3 needs no directory (markers would show)
+        for path in (result.rejects_path, result.predictions_path):
+            with path.open("rb") as src, fs.open_output_stream(f"{dest}/{path.name}") as out:
+                shutil.copyfileobj(src, out, 8 << 20)
+    except OSError as exc:
+        raise UserError(f"{shown}: cannot write the batch's output: {_first_line(exc)}") from exc
+    return dataclasses.replace(result, published=shown)
 
 
 def proba_column(cls: str) -> str:

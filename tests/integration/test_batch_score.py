@@ -18,6 +18,7 @@ import pytest
 import yaml
 from prefect.testing.utilities import prefect_test_harness
 
+from common.errors import UserError
 from common.localpg import LocalPostgres
 from common.settings import get_settings
 from flows.batch_score import batch_score
@@ -151,6 +152,28 @@ def test_scores_a_parquet_in_s3_into_parquet_and_the_log(
     assert len(in_log) == ROWS
     assert {v for _, v, _ in in_log} == {result.model_version}
     assert {b for _, _, b in in_log} == {"s3-one"}
+
+
+def test_an_s3_output_gets_both_files_once_the_batch_succeeded(
+    project: Path, s3_parquet: str, s3: S3Endpoint, logdb: str
+) -> None:
+    result = batch_score(s3_parquet, batch_id="to-s3", output_dir=f"s3://{BUCKET}/scored/")
+    assert result.published == f"s3://{BUCKET}/scored/to-s3"
+    assert sorted(s3.keys(BUCKET, "scored/")) == [
+        "scored/to-s3/predictions.parquet",
+        "scored/to-s3/rejects.parquet",
+    ]
+    body = s3.client().get_object(Bucket=BUCKET, Key="scored/to-s3/predictions.parquet")["Body"]
+    scored = pd.read_parquet(io.BytesIO(body.read()))
+    assert len(scored) == result.scored == ROWS
+    assert set(scored["batch_id"]) == {"to-s3"}
+
+
+def test_an_s3_output_in_a_missing_bucket_is_refused_by_name(
+    project: Path, s3_parquet: str
+) -> None:
+    with pytest.raises(UserError, match="s3://no-such-bucket/x/refused"):
+        batch_score(s3_parquet, batch_id="refused", output_dir="s3://no-such-bucket/x")
 
 
 def test_rerunning_a_batch_id_adds_no_rows(project: Path, s3_parquet: str, logdb: str) -> None:
