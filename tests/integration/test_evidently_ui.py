@@ -182,6 +182,8 @@ def test_windows_written_to_the_directory_while_the_ui_runs_show_up(
     while time.monotonic() < deadline and not snapshots:
         if any(p["id"] == project_id for p in get(f"{ui.url}/api/projects")):
             snapshots = get(f"{ui.url}/api/projects/{project_id}/snapshots")
+            if not snapshots:  # seen before its snapshot was written: what the UI's reload does
+                httpx.get(f"{ui.url}/api/projects/{project_id}/reload", timeout=30)
         time.sleep(0.2)
     assert [s["name"] for s in snapshots] == ["late (drift)"]
     assert set(series(ui.url, project_id)) == PANELS
