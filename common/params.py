@@ -89,11 +89,6 @@ class TrainParams(_Section):
 Metric = Literal["roc_auc", "f1_macro", "accuracy", "log_loss"]
 
 
-class RegisterParams(_Section):
-    metric: Metric
-    margin: float = Field(ge=0)
-
-
 class PromoteParams(_Section):
     """The promotion policy: what must improve, what must not get worse, who decides."""
 
@@ -137,7 +132,6 @@ class Params(_Section):
     prepare: PrepareParams
     validate_: ValidateParams = Field(alias="validate")
     train: TrainParams
-    register_: RegisterParams = Field(alias="register")
     promote: PromoteParams
     batch_score: BatchScoreParams = Field(default_factory=BatchScoreParams)
     monitor: MonitorParams = Field(default_factory=MonitorParams)
@@ -155,6 +149,8 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
         return Params.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+            # a bad mapping key comes as (..., key, "[key]"): name the key itself
+            f"{'.'.join(str(p) for p in e['loc'] if p != '[key]')}: {e['msg']}"
+            for e in exc.errors()
         )
         raise UserError(f"{path} is invalid: {problems}") from exc

@@ -1,7 +1,8 @@
 """register: a new model version, alias `challenger`, promoted to `champion` only through the gate.
 
 The gate scores the current champion on the same holdout as the new version; the new
-one is promoted only if there is no champion or it is better by `register.margin`.
+one is promoted only if there is no champion or it passes the promotion policy
+(`promote.improve` / `promote.no_worse` in params.yaml, the same as the promote flow's).
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from mlflow.tracking import MlflowClient
 from common import paths, registry
 from common.errors import run_cli
 from common.lineage import file_md5, git_commit
-from common.params import Params, load_params
+from common.params import Params, PromoteParams, load_params
 from common.settings import Settings, get_settings
-from models.evaluate import LOWER_IS_BETTER, score
+from models.evaluate import score
+from models.promote import judge
 
 
 @dataclass(frozen=True)
@@ -27,40 +29,38 @@ class Decision:
     version: str
     promoted: bool
     reason: str
-    metric: str
-    challenger_score: float
+    challenger_metrics: dict[str, float]
     champion_version: str | None
-    champion_score: float | None
+    champion_metrics: dict[str, float] | None
 
 
 def gate(
-    metric: str,
-    margin: float,
-    challenger: float,
-    champion: float | None,
+    policy: PromoteParams,
+    challenger: dict[str, float],
+    champion: dict[str, float] | None,
     champion_version: str | None,
 ) -> tuple[bool, str]:
-    """Promote when there is no champion, or the challenger wins by at least `margin`."""
+    """Promote when there is no champion, or the challenger passes the promotion policy."""
+    verdict = judge(policy, challenger, champion)
     if champion is None:
-        return True, "no champion yet"
-    gain = champion - challenger if metric in LOWER_IS_BETTER else challenger - champion
-    verdict = "beats" if gain >= margin else "does not beat"
-    return gain >= margin, (
-        f"{metric} {challenger:.4f} vs champion v{champion_version} {champion:.4f} on the same "
-        f"holdout: {verdict} it by the margin {margin} (gain {gain:+.4f})"
+        return verdict.passed, verdict.summary
+    outcome = "passes" if verdict.passed else "fails"
+    return verdict.passed, (
+        f"vs champion v{champion_version} on the same holdout, {outcome} the promotion "
+        f"policy: {verdict.summary}"
     )
 
 
-def _champion_score(
+def _champion_metrics(
     client: MlflowClient, name: str, holdout: pd.DataFrame, params: Params
-) -> tuple[str | None, float | None, str | None]:
-    """Score the champion on this holdout; (version, score, why-not) when it cannot be scored."""
+) -> tuple[str | None, dict[str, float] | None, str | None]:
+    """Score the champion on this holdout; (version, metrics, why-not) when it cannot be."""
     current = registry.version_by_alias(client, name, registry.CHAMPION)
     if current is None:
         return None, None, None
     try:
         model = mlflow.sklearn.load_model(f"models:/{name}/{current.version}")
-        return current.version, score(model, holdout, params.data)[params.register_.metric], None
+        return current.version, score(model, holdout, params.data), None
     except (KeyError, ValueError) as exc:
         return (
             current.version,
@@ -74,10 +74,10 @@ def run(params: Params, settings: Settings) -> Decision:
     holdout_metrics = json.loads(paths.METRICS.read_text())
     client = registry.connect(settings)
     name = settings.model_name
-    metric = params.register_.metric
-
     holdout = pd.read_parquet(paths.HOLDOUT)
-    champion_version, champion_score, unscorable = _champion_score(client, name, holdout, params)
+    champion_version, champion_metrics, unscorable = _champion_metrics(
+        client, name, holdout, params
+    )
 
     mv = mlflow.register_model(train_run["model_uri"], name)
     version = str(mv.version)
@@ -110,12 +110,12 @@ def run(params: Params, settings: Settings) -> Decision:
     by = "register stage (dvc repro)"
     registry.move_alias(client, name, registry.CHALLENGER, version, by=by, reason="new candidate")
 
-    challenger_score = float(holdout_metrics[metric])
+    challenger_metrics = {k: float(v) for k, v in holdout_metrics.items() if k != "rows"}
     if unscorable:
         promoted, reason = False, unscorable + "; move the alias by hand if this is intended"
     else:
         promoted, reason = gate(
-            metric, params.register_.margin, challenger_score, champion_score, champion_version
+            params.promote, challenger_metrics, champion_metrics, champion_version
         )
     held = promoted and champion_version is not None and params.promote.require_approval
     if held:  # a person decides in the promote flow; the gate alone must not move champion
@@ -135,7 +135,7 @@ def run(params: Params, settings: Settings) -> Decision:
         client.delete_registered_model_alias(name, registry.CHALLENGER)
 
     decision = Decision(
-        name, version, promoted, reason, metric, challenger_score, champion_version, champion_score
+        name, version, promoted, reason, challenger_metrics, champion_version, champion_metrics
     )
     paths.REGISTER_REPORT.parent.mkdir(parents=True, exist_ok=True)
     paths.REGISTER_REPORT.write_text(json.dumps(asdict(decision), indent=2) + "\n")

@@ -98,7 +98,7 @@ def test_retrain_promotes_v2_through_the_gate_and_the_service_swaps_without_fail
     loop: tuple[Workspace, dict[str, Any], str],
 ) -> None:
     ws, result, out = loop
-    assert result["promoted"] is True
+    assert result["promoted"] is True, result
     assert result["new_version"] == "2"
     assert result["swap_seconds"] is not None
     assert result["failed"] == 0

@@ -97,7 +97,7 @@ def test_a_worse_model_is_registered_as_challenger_but_not_promoted(
     assert isinstance(versions, list)
     tags = versions[1]["tags"]
     assert tags["gate.decision"] == "rejected"
-    assert "does not beat" in tags["gate.reason"]
+    assert "fails the promotion policy" in tags["gate.reason"]
     assert "champion v1" in tags["gate.reason"]
 
 

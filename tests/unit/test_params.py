@@ -52,7 +52,7 @@ def test_the_repository_params_load() -> None:
     params = load_params(ROOT / "params.yaml")
     assert params.data.target not in params.data.features
     assert params.validate_.min_rows >= 1
-    assert params.register_.metric in ("roc_auc", "f1_macro", "accuracy", "log_loss")
+    assert set(params.promote.improve) <= {"roc_auc", "f1_macro", "accuracy", "log_loss"}
 
 
 @pytest.mark.parametrize(
@@ -62,7 +62,7 @@ def test_the_repository_params_load() -> None:
         (_set("train.learning_rate", -0.1), "train.learning_rate"),
         (_set("train.n_estimator", 10), "train.n_estimator"),
         (_set("validate.min_rows", 0), "validate.min_rows"),
-        (_set("register.metric", "auc"), "register.metric"),
+        (_set("promote.improve", {"auc": 0.1}), "promote.improve.auc"),
         (_set("prepare.holdout_share", 1.5), "prepare.holdout_share"),
         (_set("data.features.age.type", "number"), "data.features.age.type"),
         (_set("data.features.region.min", 0), "data.features.region"),
