@@ -262,7 +262,13 @@ def test_prediction_log_survives_a_database_outage_exactly_once(
     send(20)
     logdb.stop(mode="immediate")
     send(40)  # the service keeps answering while its database is gone
+    assert _gauge(predictor, "predictor_log_queue_depth")[0] > 0
     logdb.start()
+    # With no request meanwhile, the queue gauge comes down to 0 (the writer updates it).
+    deadline = time.monotonic() + 60
+    while (depths := _gauge(predictor, "predictor_log_queue_depth")) != [0.0]:
+        assert time.monotonic() < deadline, depths
+        time.sleep(0.5)
     send(20)
     with psycopg.connect(logdb.url("predictions")) as conn:
         deadline = time.monotonic() + 60
@@ -279,6 +285,15 @@ def test_prediction_log_survives_a_database_outage_exactly_once(
         ).fetchone() or (0,)
     assert found == len(ids)
     assert total == distinct
+
+
+def _gauge(url: str, name: str) -> list[float]:
+    lines = httpx.get(f"{url}/metrics", timeout=10).text.splitlines()
+    return [
+        float(line.rsplit(" ", 1)[1])
+        for line in lines
+        if line.startswith((f"{name} ", f"{name}{{"))
+    ]
 
 
 def test_alias_move_swaps_live_with_no_failed_request(
