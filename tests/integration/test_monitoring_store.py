@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -130,3 +133,49 @@ def test_results_are_kept_and_chart_over_time(database: str) -> None:
     history = monitoring.history(database, "churn-classifier", "share_drifted")
     assert [h["value"] for h in history] == [0.0, 0.1, 0.2]
     assert monitoring.history(database, "churn-classifier", "drift_score") == []
+
+
+GRAFANA_DASHBOARDS = Path(__file__).resolve().parents[2] / "infra/docker/grafana/dashboards"
+
+
+def _grafana_sql(raw: str) -> str:
+    """Grafana's PostgreSQL macros, expanded as Grafana does for a wide time range."""
+    raw = re.sub(r"\$__timeGroupAlias\((\w+), *'1h'\)", r"date_trunc('hour', \1) AS time", raw)
+    return re.sub(
+        r"\$__timeFilter\((\w+)\)",
+        r"\1 BETWEEN '2026-01-01T00:00:00Z' AND '2027-01-01T00:00:00Z'",
+        raw,
+    )
+
+
+def test_the_grafana_dashboard_queries_run_on_the_monitoring_tables(database: str) -> None:
+    """Every SQL panel of the provisioned dashboard, on a database the monitor flow wrote."""
+    log_rows(database, generate(30, seed=5), "1", T0, labels=10)
+    run = monitoring.RunRecord(
+        run_id=monitoring.new_run_id(),
+        model_name="churn-classifier",
+        model_version="1",
+        window_start=T0,
+        window_end=T0 + timedelta(hours=1),
+        current_rows=30,
+        labelled_rows=10,
+        enough_rows=True,
+        drift_detected=False,
+        summary="...",
+    )
+    monitoring.write_results(
+        database,
+        run,
+        [("share_drifted", None, 0.1), ("drift_score", "age", 0.02), ("roc_auc", None, 0.8)],
+    )
+    panels = [
+        p
+        for path in sorted(GRAFANA_DASHBOARDS.glob("*.json"))
+        for p in json.loads(path.read_text())["panels"]
+        if p["datasource"]["uid"] == "monitoring-pg"
+    ]
+    assert len(panels) >= 4
+    with _connect(database) as conn:
+        for panel in panels:
+            rows = conn.execute(_grafana_sql(panel["targets"][0]["rawSql"])).fetchall()
+            assert rows, panel["title"]

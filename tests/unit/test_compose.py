@@ -7,6 +7,7 @@ volumes, build contexts, Dockerfiles, dependency groups), its variables against
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -228,3 +229,27 @@ def test_dockerfile_bases_are_pinned(dockerfile: Path) -> None:
         if base.startswith("${") or base in stages:
             continue
         assert re.search(r":\d+\.\d+", base), base
+
+
+def test_profile_services_require_no_variable(compose: dict[str, Any]) -> None:
+    """Compose interpolates every service before it applies profiles: a `${VAR:?}` in an
+    optional service would stop a plain `docker compose up`."""
+    required = re.compile(r"\$\{[A-Z_][A-Z0-9_]*\??:?\?")
+    for name, svc in compose["services"].items():
+        if svc.get("profiles"):
+            assert not required.search(json.dumps(svc)), name
+
+
+def test_grafana_dashboards_use_the_provisioned_data_sources(compose: dict[str, Any]) -> None:
+    grafana = DOCKER / "grafana"
+    sources = yaml.safe_load((grafana / "provisioning/datasources/datasources.yml").read_text())
+    uids = {s["uid"]: s["type"] for s in sources["datasources"]}
+    provider = yaml.safe_load((grafana / "provisioning/dashboards/dashboards.yml").read_text())
+    mounts = {v.split(":")[1] for v in compose["services"]["grafana"]["volumes"]}
+    assert provider["providers"][0]["options"]["path"] in mounts
+    dashboards = sorted((grafana / "dashboards").glob("*.json"))
+    assert dashboards
+    for path in dashboards:
+        for panel in json.loads(path.read_text())["panels"]:
+            for ref in (panel["datasource"], *(t["datasource"] for t in panel["targets"])):
+                assert uids.get(ref["uid"]) == ref["type"], f"{path.name}: {panel['title']}"
