@@ -108,3 +108,14 @@ def make_workspace(
     ws.run("git", "add", "-A")
     ws.run("git", "commit", "-qm", "workspace")
     return ws
+
+
+def add_deployments(ws: Workspace) -> None:
+    """The flows and prefect.yaml, its schedules inactive: no scheduled run (the hourly
+    `monitor`, say) may start in the middle of a test; runs come only from the test."""
+    shutil.copytree(ROOT / "flows", ws.path / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    project = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    for deployment in project["deployments"]:
+        for schedule in deployment.get("schedules") or []:
+            schedule["active"] = False
+    (ws.path / "prefect.yaml").write_text(yaml.safe_dump(project, sort_keys=False))

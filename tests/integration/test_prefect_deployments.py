@@ -11,7 +11,6 @@ runs through the worker's environment).
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ from common.localpg import LocalPostgres
 from flows.monitor import DRIFT_EVENT
 from models.generate import generate
 from tests.servers import Server, clean_env, free_port, http_ok, log_tail, run_ok
-from tests.workspace import ROOT, Workspace, make_workspace
+from tests.workspace import Workspace, add_deployments, make_workspace
 
 POOL = "local-process"
 BATCH_ROWS = 2_000
@@ -37,8 +36,7 @@ BATCH_ROWS = 2_000
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
     ws = make_workspace(tmp_path_factory.mktemp("prefect") / "ws")
-    shutil.copytree(ROOT / "flows", ws.path / "flows", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy2(ROOT / "prefect.yaml", ws.path / "prefect.yaml")
+    add_deployments(ws)
     return ws
 
 
@@ -156,6 +154,11 @@ def test_deploy_creates_the_deployments_and_the_drift_trigger(
         assert name in deployed
     automations = _prefect(prefect_env, workspace.path, "automation", "ls")
     assert "mlops.drift.detected" in automations, automations
+    api = prefect_env["PREFECT_API_URL"]
+    monitor = httpx.get(f"{api}/deployments/name/monitor/monitor", timeout=30).json()
+    (schedule,) = monitor["schedules"]
+    assert schedule["schedule"]["cron"] == "15 * * * *"  # hourly, as prefect.yaml says
+    assert schedule["active"] is False  # paused in test workspaces (add_deployments)
 
 
 def test_train_deployment_registers_a_model_version_in_the_workspace(

@@ -29,7 +29,7 @@ from mlflow.tracking import MlflowClient
 from models.generate import generate
 from scripts.stack import Ports, Stack
 from tests.servers import VENV_BIN, Server, clean_env, free_port, http_ok, run_ok
-from tests.workspace import ROOT, Workspace, make_workspace
+from tests.workspace import ROOT, Workspace, add_deployments, make_workspace
 
 MODEL = "churn-classifier"
 TRAFFIC_ROWS = 400
@@ -42,8 +42,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
         # A small window may decide; thresholds no distance reaches, so no retrain fires.
         {"monitor": {"min_rows": 100, "num_threshold": 50.0, "cat_threshold": 50.0}},
     )
-    shutil.copytree(ROOT / "flows", ws.path / "flows", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy2(ROOT / "prefect.yaml", ws.path / "prefect.yaml")
+    add_deployments(ws)
     return ws
 
 
@@ -300,6 +299,16 @@ def test_backup_then_restore_brings_back_databases_and_buckets(
     manifest = json.loads((dest / "manifest.json").read_text())
     assert set(manifest["databases"]) == {"mlflow", "prefect", "predictions"}
     assert manifest["buckets"]["mlflow"]["objects"] == len(keys)
+    # The same backup through --pg-url/--s3-endpoint (how one backs up compose from its host).
+    remote = tmp_path / "by-url"
+    _cli(
+        stack,
+        *(sys.executable, "-m", "scripts.ops", "--pg-url", stack.pg.url("").rstrip("/")),
+        *("--s3-endpoint", stack.env()["MLFLOW_S3_ENDPOINT_URL"], "backup", "--dest", str(remote)),
+    )
+    by_url = json.loads((remote / "manifest.json").read_text())
+    assert by_url["buckets"] == manifest["buckets"]
+    assert set(by_url["databases"]) == set(manifest["databases"])
 
     assert (dest / "evidently").is_dir()
     projects = httpx.get(stack.health_urls()["evidently"], timeout=30).json()
