@@ -65,12 +65,8 @@ class Target:
         if self.stack is None:
             yield
             return
-        status = self.stack.ctl("status", check=False)
-        running = [
-            name
-            for name in clients
-            if any(line.split()[:2] == [name, "RUNNING"] for line in status.splitlines() if line)
-        ]
+        states = self.stack.states()
+        running = [name for name in clients if states.get(name) == "RUNNING"]
         if running:
             print(f"stopping {', '.join(running)}")
             self.stack.ctl("stop", *running)
@@ -94,6 +90,11 @@ def _run(cmd: list[str], what: str) -> None:
         raise UserError(f"{what} failed:\n{proc.stderr.strip() or proc.stdout.strip()}")
 
 
+def _dump(target: Target, db: str, out: Path) -> None:
+    """`pg_dump -Fc` of one database into `out`."""
+    _run([_pg_tool("pg_dump"), "-Fc", "-f", str(out), target.db_url(db)], f"pg_dump {db}")
+
+
 def backup(target: Target, dest: Path) -> dict[str, Any]:
     """Dump every database (pg_dump custom format) and copy every object; a manifest."""
     dest.mkdir(parents=True, exist_ok=False)
@@ -104,7 +105,7 @@ def backup(target: Target, dest: Path) -> dict[str, Any]:
     }
     for db in target.databases:
         out = dest / f"{db}.dump"
-        _run([_pg_tool("pg_dump"), "-Fc", "-f", str(out), target.db_url(db)], f"pg_dump {db}")
+        _dump(target, db, out)
         manifest["databases"][db] = {"file": out.name, "bytes": out.stat().st_size}
         print(f"  {db:12} {out.stat().st_size:>12,} bytes  {out}")
     for bucket in target.buckets:
@@ -170,7 +171,7 @@ def db_upgrade(target: Target, backups: Path) -> None:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out = backups / f"mlflow-before-upgrade-{stamp}.dump"
     out.parent.mkdir(parents=True, exist_ok=True)
-    _run([_pg_tool("pg_dump"), "-Fc", "-f", str(out), target.db_url("mlflow")], "pg_dump mlflow")
+    _dump(target, "mlflow", out)
     print(f"backup of the mlflow database: {out}")
     url = target.db_url("mlflow").replace("postgresql://", "postgresql+psycopg://", 1)
     with target.clients_stopped(("mlflow",)):  # its only client; the rest speak HTTP to it

@@ -11,6 +11,7 @@ MLOPS_HOME/stack/logs/<name>.log; `down` stops everything supervisord started, n
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shlex
@@ -253,6 +254,14 @@ class Stack:
             raise UserError(f"supervisorctl {' '.join(args)} failed: {proc.stdout}{proc.stderr}")
         return proc.stdout
 
+    def states(self) -> dict[str, str]:
+        """Each program's supervisord state (RUNNING, STOPPED, FATAL, ...)."""
+        return {
+            fields[0]: fields[1]
+            for line in self.ctl("status", check=False).splitlines()
+            if len(fields := line.split()) > 1
+        }
+
     def start(self, *names: str) -> None:
         """Start programs; one already running is fine (`make up` twice is harmless)."""
         out = self.ctl("start", *names, check=False)
@@ -372,12 +381,13 @@ class Stack:
         """Until `ready`; fail at once when supervisord gave the program up, with its log."""
         deadline = time.monotonic() + timeout
         while not ready():
-            state = self.ctl("status", name, check=False).split()
-            if time.monotonic() > deadline or (len(state) > 1 and state[1] in {"FATAL", "EXITED"}):
+            state = self.states().get(name, "")
+            gave_up = state in {"FATAL", "EXITED"}
+            if gave_up or time.monotonic() > deadline:
                 log = self.logs / f"{name}.log"
                 tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
                 raise UserError(
-                    f"{name} did not become healthy ({' '.join(state[1:2]) or 'timeout'}); "
+                    f"{name} did not become healthy ({state if gave_up else 'timeout'}); "
                     f"the end of {log}:\n{tail}"
                 )
             time.sleep(0.5)
@@ -397,7 +407,7 @@ class Stack:
     def wait_healthy(self, *names: str, timeout: float = 180) -> None:
         urls = self.health_urls()
         for name in names:
-            self._wait(name, _http_ok(urls[name]), timeout)
+            self._wait(name, functools.partial(http_ok, urls[name]), timeout)
 
     def down(self) -> None:
         if not self.running():
@@ -436,10 +446,6 @@ def _pg_ready(pg: LocalPostgres) -> bool:
             return True
     except Exception:  # any connection failure: not ready yet
         return False
-
-
-def _http_ok(url: str) -> Callable[[], bool]:
-    return lambda: http_ok(url)
 
 
 def _port_free(port: int) -> bool:

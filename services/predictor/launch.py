@@ -28,10 +28,6 @@ from services.predictor.package import bundle
 SERVICE = "services.predictor.service:Predictor"
 
 
-def _ready(url: str) -> bool:
-    return http_ok(f"{url}/readyz")
-
-
 @contextmanager
 def serving(
     settings: Settings, port: int, timeout: float = 120
@@ -50,7 +46,7 @@ def serving(
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + timeout
-            while not _ready(url):
+            while not http_ok(f"{url}/readyz"):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise UserError(
                         f"`bentoml serve` did not become ready on {url}; see its output above."
