@@ -51,25 +51,9 @@ def add_snapshot(
         raise ValueError("add_snapshot needs at least one snapshot")
     workspace = open_workspace(target)
     project = ensure_project(workspace, project_name, prediction_columns)
-    added = [workspace.add_run(project.id, run, name=_run_name(run, description)) for run in runs]
-    if isinstance(workspace, Workspace):
-        root = Path(target).expanduser()
-        project_dir = root / str(project.id)
-        _announce(project_dir / "metadata.json", root)
-        for ref in added:
-            _announce(project_dir / "snapshots" / f"{ref.id}.json", root)
+    for run in runs:
+        workspace.add_run(project.id, run, name=_run_name(run, description))
     return str(project.id)
-
-
-def _announce(path: Path, root: Path) -> None:
-    """Move a written file in again from outside the workspace `root`, so an `evidently ui`
-    watching the directory gets one create event for the whole file. Its watcher reads a
-    file on the create event of the write, often before the write ended, and may then
-    never list the project's snapshots (seen under load)."""
-    if path.is_file():
-        tmp = root.parent / f".{root.name}-{path.name}.announce"
-        tmp.write_bytes(path.read_bytes())
-        tmp.replace(path)
 
 
 def open_workspace(target: str) -> Any:
