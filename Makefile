@@ -69,8 +69,21 @@ format: bootstrap ## apply ruff's fixes and formatting
 	$(RUN) ruff check --fix .
 	$(RUN) ruff format .
 
-test: lint ## the whole suite: lint, then unit, integration and e2e tests with coverage
+# Everything CI runs (.ci/run and the GitHub workflow call this and nothing else), in order:
+# the pre-commit hooks on every file, the lock against pyproject.toml, the licences, the suite
+# with coverage (fail_under in pyproject.toml), then the checkout as clean as it was committed:
+# a hook or test that rewrites a tracked file or leaves an untracked one fails the run.
+# PYTEST_ARGS narrows the suite, e.g. `make test PYTEST_ARGS='-m unit'`.
+test: bootstrap ## everything CI runs: pre-commit hooks, uv lock --check, licences, the suite with coverage, clean checkout
+	@git diff --quiet && test -z "$$(git status --porcelain)" || \
+		echo "make test: the checkout has uncommitted changes; its last step will fail on them" >&2
+	PATH="$(dir $(UV)):$$PATH" $(RUN) pre-commit run --all-files --show-diff-on-failure
+	$(UV) lock --check
+	$(RUN) python scripts/check_licenses.py
 	$(RUN) pytest -n $(PYTEST_WORKERS) --dist loadfile --cov --cov-report=term:skip-covered $(PYTEST_ARGS)
+	git diff --exit-code
+	@test -z "$$(git status --porcelain)" || { git status --porcelain; \
+		echo "make test: the run left files in the checkout (listed above)" >&2; exit 1; }
 
 unit: bootstrap ## unit tests only
 	$(RUN) pytest -m unit
