@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.predlog import Feedback, Prediction, PredictionLog, from_line, to_line
+from common.store import Feedback, Prediction, PredictionLog, from_line, to_line
 from tests.servers import free_port
 
 
