@@ -194,11 +194,15 @@ def request_ids(batch_id: str, start: int, count: int) -> pa.Array:
     return pc.cast(pc.cast(fixed, pa.binary()), pa.string())
 
 
-# -- the log rows -------------------------------------------------------------------------
+# -- the log rows ------------------------------------------------------------------------
 
 
 class LogSink(Protocol):
-    """Where a batch's prediction-log rows go; nothing is visible before `commit`."""
+    """Where a batch's prediction-log rows go; nothing is visible before `commit`.
+
+    Each `write` gets one chunk's rows as `common.store.rows.log_rows` shapes them
+    (`BATCH_LOG_COLUMNS`); `common.store.BatchLogWriter` is the one for PostgreSQL.
+    """
 
     def write(self, rows: pa.Table) -> None: ...
 
