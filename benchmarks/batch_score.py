@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from common.errors import run_cli
 from common.params import load_params
 from common.settings import get_settings
+from common.store import BatchLogWriter, sources
 from models import batch
 from models.data import model_frame
 from models.generate import generate
@@ -62,22 +63,23 @@ def _child(case: str, model_dir: Path, source: Path, out: Path, db: str | None) 
             "peak_mib": _peak_mib(),
         }
     start = time.perf_counter()
-    inp = batch.open_input(str(source))
+    inp = sources.open_input(str(source))
+    names = batch.columns_to_read(inp.source, inp.columns, scorer.features, ["customer_id"])
+    chunks = sources.read_chunks(inp, names, params.batch_score.chunk_rows)
     kwargs: dict[str, Any] = {
+        "source": inp.source,
+        "columns": inp.columns,
         "model_name": "bench",
         "model_version": "1",
         "batch_id": f"bench-{rows}",
         "output_dir": out,
-        "chunk_rows": params.batch_score.chunk_rows,
         "keep": ["customer_id"],
     }
     if db is not None:
-        from common.predlog import BatchLogWriter  # noqa: PLC0415
-
         with BatchLogWriter(db) as sink:
-            result = batch.score_batch(inp, scorer, sink=sink, **kwargs)
+            result = batch.score_batch(chunks, scorer, sink=sink, **kwargs)
     else:
-        result = batch.score_batch(inp, scorer, **kwargs)
+        result = batch.score_batch(chunks, scorer, **kwargs)
     total = time.perf_counter() - start
     assert result.scored == rows
     return {"rows": rows, "total_s": total, "base_mib": base, "peak_mib": _peak_mib()}

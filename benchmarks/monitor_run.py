@@ -5,7 +5,7 @@ Set-up (not timed): a throwaway PostgreSQL with N logged predictions of a drifte
 50k-row scored reference. Then, each in a fresh process (peak memory = its VmHWM):
 
 - `monitor run`: the flow's steps without the uploads: the window read
-  (`common.monitoring.read_window`, one COPY), the verdicts on every row
+  (`common.store.monitoring.read_window`, one COPY), the verdicts on every row
   (`models.monitor.drift`), the Evidently report on a `monitor.report_rows` sample written
   to HTML and JSON;
 - `Evidently, naive`: the same window read, then Evidently's `DataDriftPreset` and
@@ -31,9 +31,8 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.monitoring import SHIFT, _peak_mib
-from common import monitoring
 from common.params import load_params
-from common.predlog import _connect, migrate
+from common.store import connect, migrate, monitoring
 from models.data import model_frame
 from models.generate import generate
 from models.monitor import _as_objects, _columns, _frame, _run, drift, evidently_report
@@ -61,7 +60,7 @@ def _load(url: str, window: pd.DataFrame) -> None:
     values = window[features].astype(object)
     records = values.where(window[features].notna().to_numpy(), other=None)  # type: ignore[call-overload]
     ids = [str(uuid.uuid4()) for _ in range(len(window))]
-    with _connect(url) as conn, conn.cursor() as cur:
+    with connect(url) as conn, conn.cursor() as cur:
         cur.execute("SET statement_timeout = 0")  # a million rows take longer than 30 s
         with cur.copy(
             "COPY predictions (request_id, ts, model_name, model_version, inputs, predicted,"

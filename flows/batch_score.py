@@ -16,6 +16,7 @@ same batch id rewrites the same files and adds no log rows.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -26,8 +27,8 @@ from prefect.tasks import Task
 
 from common.errors import UserError
 from common.params import load_params
-from common.predlog import BatchLogWriter
 from common.settings import Settings, get_settings
+from common.store import BatchLogWriter, sources
 from models import batch
 
 
@@ -42,8 +43,8 @@ def _retry_unless_user_error(_task: Task[..., object], _run: TaskRun, state: Sta
     return True
 
 
-def _s3(settings: Settings) -> batch.S3Options:
-    return batch.S3Options(
+def _s3(settings: Settings) -> sources.S3Options:
+    return sources.S3Options(
         endpoint_url=settings.mlflow_s3_endpoint_url,
         access_key=settings.aws_access_key_id,
         secret_key=settings.aws_secret_access_key,
@@ -67,14 +68,14 @@ def fetch_champion(settings: Settings) -> batch.ModelRef:
     retry_condition_fn=_retry_unless_user_error,
     cache_policy=NO_CACHE,
 )
-def open_source(source: str, settings: Settings) -> batch.Input:
+def open_source(source: str, settings: Settings) -> sources.Input:
     """Find the file or table and read its columns; refuse a missing one before any work."""
-    return batch.open_input(source, _s3(settings), settings.database_url)
+    return sources.open_input(source, _s3(settings), settings.database_url)
 
 
 @task(cache_policy=NO_CACHE)
 def score(
-    inp: batch.Input,
+    inp: sources.Input,
     model: batch.ModelRef,
     batch_id: str,
     output_dir: Path,
@@ -97,6 +98,9 @@ def score(
     def progress(rows: int, rejected: int) -> None:
         logger.info("%s rows read, %s rejected", f"{rows:,}", f"{rejected:,}")
 
+    keep = [params.data.id_column] if params.data.id_column else []
+    read = batch.columns_to_read(inp.source, inp.columns, scorer.features, keep)
+
     with contextlib.ExitStack() as stack:
         sink = None
         if settings.database_url:
@@ -104,14 +108,15 @@ def score(
         else:
             logger.warning("DATABASE_URL is not set: predictions are not logged")
         return batch.score_batch(
-            inp,
+            sources.read_chunks(inp, read, params.batch_score.chunk_rows),
             scorer,
+            source=inp.source,
+            columns=inp.columns,
             model_name=model.name,
             model_version=model.version,
             batch_id=batch_id,
             output_dir=output_dir,
-            chunk_rows=params.batch_score.chunk_rows,
-            keep=[params.data.id_column] if params.data.id_column else [],
+            keep=keep,
             sink=sink,
             progress=progress,
         )
@@ -125,7 +130,8 @@ def score(
 )
 def publish(result: batch.BatchResult, output_dir: str, settings: Settings) -> batch.BatchResult:
     """Copy the finished batch's files to `output_dir` (s3://)."""
-    published = batch.publish(result, output_dir, _s3(settings))
+    where = sources.publish(result.files, output_dir, result.batch_id, _s3(settings))
+    published = dataclasses.replace(result, published=where)
     get_run_logger().info("batch %s copied to %s/", result.batch_id, published.published)
     return published
 
@@ -143,7 +149,7 @@ def batch_score(
     settings = get_settings()
     inp = open_source(source, settings)
     model = fetch_champion(settings)
-    bid = batch_id or batch.default_batch_id(inp)
+    bid = batch_id or sources.default_batch_id(inp)
     remote = output_dir.startswith("s3://")
     local = settings.mlops_home.resolve() / "batch-out" if remote else Path(output_dir).resolve()
     result = score(inp, model, bid, local, settings)

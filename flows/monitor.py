@@ -26,11 +26,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 from prefect.runtime import flow_run
 
-from common import evidently_store, monitoring, registry
+from common import evidently_store, registry
 from common.errors import UserError
 from common.localpg import prediction_db
 from common.params import Params, load_params
 from common.settings import Settings, get_settings
+from common.store import monitoring
 from models import monitor as drift_core
 from models.train import HOLDOUT_SCORED_FILE, REFERENCE_FILE
 

@@ -12,10 +12,11 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from common import monitoring, registry
+from common import registry
 from common.localpg import has_prediction_db, prediction_db
 from common.params import load_params
 from common.settings import get_settings
+from common.store import monitoring
 from flows.promote import promote
 from flows.train import train
 from models import pipeline

@@ -1,7 +1,7 @@
 """batch_score: score a whole file or table with one model version, in chunks, so memory stays flat.
 
-The input is read chunk by chunk: a Parquet or CSV file (local or `s3://`) with pyarrow, a
-PostgreSQL table or view (`table:[schema.]name`) with one streamed COPY. Each chunk is
+The input comes chunk by chunk (common.store.sources reads files and tables; the flow
+wires source -> chunks -> `score_batch` -> prediction-log sink). Each chunk is
 checked column-wise: a row with a non-numeric text in a numeric column, an infinite
 number or a category the model never saw goes to the rejects file with a `reason`; missing
 values are allowed, as in serving. Good rows are scored straight from their columns
@@ -15,35 +15,28 @@ batch id rewrites the same files and adds no rows to the log.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import io
-import json
-import re
 import secrets
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeAlias
+from typing import Any, Protocol
 
 import mlflow.artifacts
 import numpy as np
-import psycopg
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from psycopg import sql
 
 from common import registry
 from common.errors import UserError
 from common.settings import Settings
+from common.store.rows import log_rows
 from models.data import MISSING_CATEGORY
 from models.predict import Kind, Scorer
 
@@ -52,304 +45,43 @@ NAMESPACE = uuid.UUID("6f0c61d4-3b0e-5c39-9a53-2f7a3c1b8e42")
 
 PREDICTIONS_FILE = "predictions.parquet"
 REJECTS_FILE = "rejects.parquet"
-# CSV bytes read per block; about chunk_rows rows of a typical feature row.
-_CSV_BYTES_PER_ROW = 160
 _NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 _HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 # Where each of the 16 bytes' two hex digits go in the 36-character text form.
 _HEX_POS = np.array([i + (i >= 8) + (i >= 12) + (i >= 16) + (i >= 20) for i in range(32)])
 
 
-# -- input -------------------------------------------------------------------------------
+# -- the input's columns -----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class S3Options:
-    """Where s3:// paths live: the endpoint and credentials, passed in explicitly."""
-
-    endpoint_url: str | None = None
-    access_key: str | None = None
-    secret_key: str | None = None
-    region: str = "us-east-1"
-
-
-TABLE_PREFIX = "table:"
-"""A source `table:[schema.]name` is a table or view in the database of DATABASE_URL."""
-
-# PostgreSQL types read as numbers or booleans, like Parquet's; any other type as text.
-_PG_ARROW: dict[str, pa.DataType] = {
-    **dict.fromkeys(("int2", "int4", "int8"), pa.int64()),
-    **dict.fromkeys(("float4", "float8", "numeric"), pa.float64()),
-    "bool": pa.bool_(),
-}
-_PG_RELATIONS = ("r", "p", "v", "m", "f")  # tables, partitioned, views, materialized, foreign
-_PG_RESOLVE = """
-SELECT c.oid, n.nspname, c.relname, c.relkind
-FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE c.oid = to_regclass(%s::text)
-"""
-_PG_COLUMNS = """
-SELECT a.attname, coalesce(b.typname, t.typname)
-FROM pg_attribute a
-JOIN pg_type t ON t.oid = a.atttypid
-LEFT JOIN pg_type b ON b.oid = t.typbasetype AND t.typtype = 'd'
-WHERE a.attrelid = %s::oid AND a.attnum > 0 AND NOT a.attisdropped
-ORDER BY a.attnum
-"""
-# Row count and an order-free hash of every row: the table's content stamp, one scan.
-_PG_STAMP = "SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)), 0)::text FROM {} AS t"
-
-
-@dataclass(frozen=True)
-class FileInput:
-    """An opened file: its filesystem, path, format and a fingerprint of its content."""
-
-    source: str
-    fs: pafs.FileSystem
-    path: str
-    kind: Literal["parquet", "csv"]
-    size: int
-    mtime: str
-    columns: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class TableInput:
-    """An opened table or view: its columns and their types, and a fingerprint of its rows."""
-
-    source: str
-    database_url: str = field(repr=False)  # may carry a password
-    schema: str
-    name: str
-    columns: tuple[str, ...]
-    types: tuple[str, ...]  # PostgreSQL type names (a domain's base type), one per column
-    rows: int
-    digest: str
-
-
-Input: TypeAlias = FileInput | TableInput
-"""An opened batch source."""
-
-
-def _filesystem(source: str, s3: S3Options | None) -> tuple[pafs.FileSystem, str]:
-    if source.startswith("s3://"):
-        opts = s3 or S3Options()
-        kwargs: dict[str, Any] = {"region": opts.region}
-        if opts.endpoint_url:
-            scheme, _, host = opts.endpoint_url.partition("://")
-            kwargs |= {"endpoint_override": host or scheme, "scheme": scheme if host else "https"}
-        if opts.access_key and opts.secret_key:
-            kwargs |= {"access_key": opts.access_key, "secret_key": opts.secret_key}
-        return pafs.S3FileSystem(**kwargs), source.removeprefix("s3://")
-    return pafs.LocalFileSystem(), str(Path(source).resolve())
-
-
-def open_input(source: str, s3: S3Options | None = None, database_url: str | None = None) -> Input:
-    """Find the source and read its column names; a missing or unreadable one is a UserError.
-
-    `table:[schema.]name` is a table or view in the database at `database_url` (DATABASE_URL);
-    anything else is a Parquet or CSV path, local or `s3://`.
-    """
-    if source.startswith(TABLE_PREFIX):
-        return _open_table(source, database_url)
-    fs, path = _filesystem(source, s3)
-    suffix = Path(path).suffix.lower()
-    if suffix not in (".parquet", ".csv"):
-        raise UserError(f"{source}: unsupported file type '{suffix}'; use .parquet or .csv")
-    try:
-        info = fs.get_file_info(path)
-    except (OSError, pa.ArrowException) as exc:
-        raise UserError(f"{source}: cannot reach the file ({_first_line(exc)})") from exc
-    if info.type != pafs.FileType.File:
-        raise UserError(f"{source}: no such file")
-    kind: Literal["parquet", "csv"] = "parquet" if suffix == ".parquet" else "csv"
-    try:
-        if kind == "parquet":
-            with fs.open_input_file(path) as f:
-                names = tuple(pq.ParquetFile(f).schema_arrow.names)
-        else:
-            with fs.open_input_stream(path) as f:
-                names = tuple(pacsv.open_csv(f).schema.names)
-    except (OSError, pa.ArrowException, ValueError) as exc:
-        raise UserError(f"{source}: not a readable {kind} file ({_first_line(exc)})") from exc
-    mtime = info.mtime.isoformat() if info.mtime else ""
-    return FileInput(source, fs, path, kind, int(info.size or 0), mtime, names)
-
-
-def _pg_connect(source: str, database_url: str) -> psycopg.Connection[Any]:
-    """A connection to read from; one that cannot be made is a UserError naming DATABASE_URL."""
-    conninfo = re.sub(r"^postgres(?:ql)?(?:\+\w+)?://", "postgresql://", database_url)
-    try:
-        return psycopg.connect(
-            conninfo,
-            connect_timeout=5,
-            client_encoding="utf8",
-            keepalives=1,
-            keepalives_idle=30,
-            application_name="batch-score",
-        )
-    except psycopg.Error as exc:
-        raise UserError(
-            f"{source}: cannot connect to the database in DATABASE_URL ({_first_line(exc)})"
-        ) from exc
-
-
-def _open_table(source: str, database_url: str | None) -> TableInput:
-    """Resolve the name as SQL does (search_path, case folding), read its columns and stamp."""
-    name = source.removeprefix(TABLE_PREFIX).strip()
-    if not name:
-        raise UserError(f"{source}: no table name; use table:<name> or table:<schema>.<name>")
-    if not database_url:
-        raise UserError(
-            f"{source}: a table is read from the database in DATABASE_URL, which is not set"
-        )
-    with _pg_connect(source, database_url) as conn:
-        where = f"{conn.info.host}:{conn.info.port}/{conn.info.dbname}"
-        try:
-            found = conn.execute(_PG_RESOLVE, [name]).fetchone()
-        except psycopg.Error as exc:
-            raise UserError(f"{source}: not a table name ({_first_line(exc)})") from exc
-        if found is None:
-            folded = name != name.lower() and '"' not in name
-            hint = '; unquoted names fold to lower case: quote them, "Name"' if folded else ""
-            raise UserError(
-                f"{source}: no table or view {name!r} in the database of DATABASE_URL "
-                f"({where}){hint}"
-            )
-        oid, schema, relname, relkind = found
-        if relkind not in _PG_RELATIONS:
-            raise UserError(f"{source}: {schema}.{relname} is not a table or view")
-        columns = conn.execute(_PG_COLUMNS, [oid]).fetchall()
-        try:
-            stamp = conn.execute(
-                sql.SQL(_PG_STAMP).format(sql.Identifier(schema, relname))
-            ).fetchone()
-        except psycopg.Error as exc:
-            raise UserError(
-                f"{source}: cannot read {schema}.{relname} ({_first_line(exc)})"
-            ) from exc
-    rows, digest = stamp if stamp is not None else (0, "0")
-    return TableInput(
-        source,
-        database_url,
-        schema,
-        relname,
-        tuple(str(c) for c, _ in columns),
-        tuple(str(t) for _, t in columns),
-        int(rows),
-        str(digest),
-    )
-
-
-def default_batch_id(inp: Input) -> str:
-    """Same source, same content stamp, same id: a re-run on unchanged input is idempotent.
-
-    A file's stamp is its size and modification time; a table's, its row count and a hash
-    of its rows.
-    """
-    if isinstance(inp, TableInput):
-        stem, stamp = re.sub(r"[^\w.-]", "_", inp.name), f"{inp.rows}|{inp.digest}"
-    else:
-        stem, stamp = Path(inp.path).stem, f"{inp.size}|{inp.mtime}"
-    digest = hashlib.sha1(f"{inp.source}|{stamp}".encode()).hexdigest()[:10]
-    return f"{stem}-{digest}"
-
-
-def check_columns(inp: Input, features: Sequence[tuple[str, Kind]]) -> None:
+def check_columns(
+    source: str, columns: Sequence[str], features: Sequence[tuple[str, Kind]]
+) -> None:
     """Refuse the whole batch, before anything is written, if a feature column is absent."""
-    missing = [name for name, _ in features if name not in inp.columns]
+    missing = [name for name, _ in features if name not in columns]
     if missing:
         raise UserError(
-            f"{inp.source}: missing column(s) {missing}; the model needs "
-            f"{[name for name, _ in features]} (found {list(inp.columns)})"
+            f"{source}: missing column(s) {missing}; the model needs "
+            f"{[name for name, _ in features]} (found {list(columns)})"
         )
 
 
-def read_chunks(inp: Input, columns: Sequence[str], chunk_rows: int) -> Iterator[pa.RecordBatch]:
-    """The source's `columns`, at most `chunk_rows` rows at a time; CSV columns as text.
+def columns_to_read(
+    source: str,
+    columns: Sequence[str],
+    features: Sequence[tuple[str, Kind]],
+    keep: Sequence[str] = (),
+) -> list[str]:
+    """The columns a batch reads of an input with `columns`: the kept ones, then the features.
 
-    A table's rows come ORDER BY `columns`, in the order given (put the id column first), so
-    an unchanged table gives the same row numbers, hence request ids, on every run.
+    Kept columns (the id) come first, so a table read ORDER BY them numbers its rows the
+    same way on every run; a kept column the input lacks is left out. UserError if a
+    feature column is missing.
     """
-    if isinstance(inp, TableInput):
-        yield from _read_table(inp, columns, chunk_rows)
-        return
-    try:
-        if inp.kind == "parquet":
-            with inp.fs.open_input_file(inp.path) as f:
-                for batch in pq.ParquetFile(f).iter_batches(
-                    batch_size=chunk_rows, columns=list(columns)
-                ):
-                    yield from _sliced(batch, chunk_rows)
-            return
-        convert = pacsv.ConvertOptions(
-            column_types=dict.fromkeys(inp.columns, pa.string()),
-            include_columns=list(columns),
-            strings_can_be_null=True,
-        )
-        read = pacsv.ReadOptions(block_size=max(1 << 16, chunk_rows * _CSV_BYTES_PER_ROW))
-        with inp.fs.open_input_stream(inp.path) as f:
-            for batch in pacsv.open_csv(f, read_options=read, convert_options=convert):
-                yield from _sliced(batch, chunk_rows)
-    except (OSError, pa.ArrowException) as exc:
-        raise UserError(f"{inp.source}: reading failed ({_first_line(exc)})") from exc
-
-
-def _read_table(
-    inp: TableInput, columns: Sequence[str], chunk_rows: int
-) -> Iterator[pa.RecordBatch]:
-    """COPY the ordered rows out as CSV in one statement (one snapshot); parse chunk by chunk.
-
-    COPY sends one row per message, so a chunk is exactly `chunk_rows` rows and only one
-    chunk is held at a time. NULL is an unquoted empty field, '' a quoted one.
-    """
-    types = dict(zip(inp.columns, inp.types, strict=True))
-    names = sql.SQL(", ").join(sql.Identifier(c) for c in columns)
-    query = sql.SQL("COPY (SELECT {names} FROM {rel} ORDER BY {names}) TO STDOUT (FORMAT csv)")
-    read = pacsv.ReadOptions(column_names=list(columns))
-    parse = pacsv.ParseOptions(newlines_in_values=True)
-    convert = pacsv.ConvertOptions(
-        column_types={c: _PG_ARROW.get(types[c], pa.string()) for c in columns},
-        null_values=[""],
-        strings_can_be_null=True,
-        quoted_strings_can_be_null=False,
-        true_values=["t"],
-        false_values=["f"],
-    )
-
-    def parsed(buf: bytearray) -> Iterator[pa.RecordBatch]:
-        table = pacsv.read_csv(
-            io.BytesIO(buf), read_options=read, parse_options=parse, convert_options=convert
-        )
-        yield from table.combine_chunks().to_batches(max_chunksize=chunk_rows)
-
-    try:
-        with (
-            _pg_connect(inp.source, inp.database_url) as conn,
-            conn.cursor() as cur,
-            cur.copy(query.format(names=names, rel=sql.Identifier(inp.schema, inp.name))) as copy,
-        ):
-            buf, n = bytearray(), 0
-            for row in copy:
-                buf += row
-                n += 1
-                if n == chunk_rows:
-                    yield from parsed(buf)
-                    buf, n = bytearray(), 0
-            if n:
-                yield from parsed(buf)
-    except (psycopg.Error, pa.ArrowException) as exc:
-        raise UserError(f"{inp.source}: reading failed ({_first_line(exc)})") from exc
-
-
-def _sliced(batch: pa.RecordBatch, rows: int) -> Iterator[pa.RecordBatch]:
-    for start in range(0, batch.num_rows, rows):
-        yield batch.slice(start, rows)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    check_columns(source, columns, features)
+    names = [name for name, _ in features]
+    kept = [c for c in dict.fromkeys(keep) if c in columns and c not in names]
+    return [*kept, *names]
 
 
 # -- one chunk ---------------------------------------------------------------------------
@@ -465,88 +197,16 @@ def request_ids(batch_id: str, start: int, count: int) -> pa.Array:
 # -- the log rows ------------------------------------------------------------------------
 
 
-LOG_COLUMNS = (
-    "request_id",
-    "ts",
-    "model_name",
-    "model_version",
-    "inputs",
-    "predicted",
-    "probabilities",
-    "latency_ms",
-)
-"""Columns of the rows handed to a LogSink, as the `predictions` table names them."""
-
-
 class LogSink(Protocol):
-    """Where a batch's prediction-log rows go; nothing is visible before `commit`."""
+    """Where a batch's prediction-log rows go; nothing is visible before `commit`.
+
+    Each `write` gets one chunk's rows as `common.store.rows.log_rows` shapes them
+    (`BATCH_LOG_COLUMNS`); `common.store.BatchLogWriter` is the one for PostgreSQL.
+    """
 
     def write(self, rows: pa.Table) -> None: ...
 
     def commit(self) -> int: ...
-
-
-def _json_object(parts: Sequence[tuple[str, pa.Array]]) -> pa.Array:
-    """Per row, a JSON object text {key: value_text, ...} built column-wise."""
-    pieces: list[Any] = []
-    for i, (key, values) in enumerate(parts):
-        pieces += [("{" if i == 0 else ",") + json.dumps(key) + ":", values]
-    pieces.append("}")
-    return pc.binary_join_element_wise(*pieces, "")
-
-
-def _json_numbers(values: np.ndarray) -> pa.Array:
-    arr = pa.array(values, mask=~np.isfinite(values))
-    return pc.fill_null(pc.cast(arr, pa.string()), "null")
-
-
-def _json_texts(values: np.ndarray) -> pa.Array:
-    arr = pa.array(values, pa.string())
-    escaped = pc.replace_substring(pc.replace_substring(arr, "\\", "\\\\"), '"', '\\"')
-    quoted = pc.binary_join_element_wise('"', escaped, '"', "")
-    return pc.if_else(pc.equal(arr, MISSING_CATEGORY), "null", quoted)
-
-
-def log_rows(
-    ids: pa.Array,
-    columns: Mapping[str, np.ndarray],
-    predicted: pa.Array,
-    proba: np.ndarray,
-    scorer: Scorer,
-    *,
-    model_name: str,
-    model_version: str,
-    batch_id: str,
-    ts: datetime,
-    latency_ms: float,
-) -> pa.Table:
-    """Prediction-log rows of scored rows: inputs and probabilities as JSON text."""
-    n = len(ids)
-    inputs = _json_object(
-        [
-            (name, (_json_numbers if kind == "numeric" else _json_texts)(columns[name]))
-            for name, kind in scorer.features
-        ]
-    )
-    probabilities = _json_object(
-        [(c, pc.cast(pa.array(proba[:, j]), pa.string())) for j, c in enumerate(scorer.classes)]
-    )
-    stamp = pa.scalar(ts.astimezone(UTC).replace(tzinfo=None), pa.timestamp("us"))
-    return pa.table(
-        {
-            "request_id": ids,
-            "ts": pa.array(np.full(n, stamp.value, dtype="datetime64[us]")).cast(
-                pa.timestamp("us", tz="UTC")
-            ),
-            "model_name": _repeat(model_name, n),
-            "model_version": _repeat(model_version, n),
-            "inputs": inputs,
-            "predicted": predicted,
-            "probabilities": probabilities,
-            "latency_ms": pa.array(np.full(n, latency_ms, dtype=np.float32)),
-            "batch_id": _repeat(batch_id, n),
-        }
-    )
 
 
 # -- the batch ---------------------------------------------------------------------------
@@ -574,24 +234,11 @@ class BatchResult:
     def rows_per_second(self) -> float:
         return self.rows / self.seconds if self.seconds > 0 else 0.0
 
-
-def publish(result: BatchResult, output: str, s3: S3Options | None = None) -> BatchResult:
-    """Copy a finished batch's files to `output/<batch_id>/` (e.g. `s3://bucket/scored`).
-
-    Rejects first, predictions last: a reader waiting for predictions.parquet finds both.
-    """
-    fs, base = _filesystem(output.rstrip("/"), s3)
-    dest = f"{base}/{result.batch_id}"
-    shown = f"{output.rstrip('/')}/{result.batch_id}"
-    try:
-        if isinstance(fs, pafs.LocalFileSystem):
-            fs.create_dir(dest, recursive=True)  # S3 needs no directory (markers would show)
-        for path in (result.rejects_path, result.predictions_path):
-            with path.open("rb") as src, fs.open_output_stream(f"{dest}/{path.name}") as out:
-                shutil.copyfileobj(src, out, 8 << 20)
-    except OSError as exc:
-        raise UserError(f"{shown}: cannot write the batch's output: {_first_line(exc)}") from exc
-    return dataclasses.replace(result, published=shown)
+    @property
+    def files(self) -> tuple[Path, Path]:
+        """Rejects first, predictions last: the order to publish them in, so that a reader
+        waiting for predictions.parquet finds both."""
+        return self.rejects_path, self.predictions_path
 
 
 def proba_column(cls: str) -> str:
@@ -658,7 +305,9 @@ def _score_chunk(job: _Job, batch: pa.RecordBatch, start: int) -> _Chunk:
             cols,
             predicted,
             proba,
-            job.scorer,
+            features=features,
+            classes=classes,
+            missing=MISSING_CATEGORY,
             model_name=job.model_name,
             model_version=job.model_version,
             batch_id=job.batch_id,
@@ -673,27 +322,30 @@ def _repeat(value: str, n: int) -> pa.Array:
 
 
 def score_batch(
-    inp: Input,
+    chunks: Iterable[pa.RecordBatch],
     scorer: Scorer,
     *,
+    source: str,
+    columns: Sequence[str],
     model_name: str,
     model_version: str,
     batch_id: str,
     output_dir: Path,
-    chunk_rows: int,
     keep: Sequence[str] = (),
     sink: LogSink | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> BatchResult:
-    """Score every row of `inp`; write predictions and rejects Parquet, and log via `sink`.
+    """Score every row of `chunks`; write predictions and rejects Parquet, and log via `sink`.
 
-    Refuses the batch (UserError) before writing if a feature column is missing. Files
-    appear under `output_dir/batch_id/` only once everything, the log included, succeeded.
+    `chunks` are the rows of the input `source` (whose columns are `columns`), in order,
+    with at least the columns `columns_to_read` names. Refuses the batch (UserError) before
+    writing if a feature column is missing. Files appear under `output_dir/batch_id/` only
+    once everything, the log included, succeeded.
     """
     started = time.perf_counter()
-    check_columns(inp, scorer.features)
     names = [name for name, _ in scorer.features]
-    keep = [c for c in dict.fromkeys(keep) if c in inp.columns and c not in names]
+    read = columns_to_read(source, columns, scorer.features, keep)
+    keep = read[: len(read) - len(names)]
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-score")
     job = _Job(
         scorer, model_name, model_version, batch_id, keep, [*names, *keep], sink is not None, pool
@@ -707,7 +359,7 @@ def score_batch(
     writers: list[pq.ParquetWriter] = []
     rows = rejected = 0
     try:
-        for batch in read_chunks(inp, [*keep, *names], chunk_rows):  # id first: table order
+        for batch in chunks:
             chunk = _score_chunk(job, batch, rows)
             if not writers:
                 writers = [
@@ -745,7 +397,7 @@ def score_batch(
         pool.shutdown(wait=True)
     return BatchResult(
         batch_id=batch_id,
-        source=inp.source,
+        source=source,
         model_name=model_name,
         model_version=model_version,
         backend=scorer.backend,

@@ -34,8 +34,8 @@ from common import registry
 from common.errors import run_cli
 from common.localpg import EMBEDDED_DB, EMBEDDED_PG_PORT, LocalPostgres
 from common.params import load_params
-from common.predlog import _connect
 from common.settings import get_settings
+from common.store import connect
 from flows.monitor import Outcome, monitor
 from flows.retrain import retrain
 from models.generate import Drift, generate
@@ -78,7 +78,7 @@ def wait_logged(database_url: str, since: datetime, expected: int, timeout: floa
     """Predictions are logged off the request path: wait until the window holds them all."""
     deadline = time.monotonic() + timeout
     while True:
-        with _connect(database_url) as conn:
+        with connect(database_url) as conn:
             row = conn.execute(
                 "SELECT count(*) FROM predictions WHERE ts >= %s", [since]
             ).fetchone()
@@ -209,7 +209,7 @@ def run_loop(port: int, calm_rows: int, drift_rows: int, label_share: float) -> 
             if promoted
             else 0
         )
-        with _connect(database_url) as conn:
+        with connect(database_url) as conn:
             row = conn.execute("SELECT count(*) FROM monitoring_runs").fetchone()
         return LoopResult(
             first_version=first,

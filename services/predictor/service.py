@@ -1,7 +1,7 @@
 """The BentoML predictor: serves `models:/<name>@champion`, logs every prediction to PostgreSQL.
 
 Thin by design: scoring and request validation live in models.predict, the registry
-following in services.predictor.runtime, the prediction log in common.predlog.
+following in services.predictor.runtime, the prediction log in common.store.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from bentoml.exceptions import BadInput, NotFound
 from fastapi import FastAPI
 from pydantic import ValidationError
 
-from common.predlog import Feedback, Prediction, PredictionLog, migrate, prediction_exists
 from common.settings import get_settings
+from common.store import Feedback, Prediction, PredictionLog, migrate, prediction_exists
 from models.predict import validate_records
 from services.predictor.guard import RequestGuard
 from services.predictor.runtime import ModelRuntime

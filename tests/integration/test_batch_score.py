@@ -21,8 +21,8 @@ from prefect.testing.utilities import prefect_test_harness
 from common.errors import UserError
 from common.localpg import LocalPostgres
 from common.settings import get_settings
+from common.store import sources
 from flows.batch_score import batch_score
-from models import batch
 from models.batch import BatchResult
 from models.generate import generate
 from tests.servers import HttpServer, S3Endpoint, free_port
@@ -243,8 +243,8 @@ def test_an_unreachable_mlflow_fails_the_run_naming_it(
 def test_scores_a_table_in_chunks_like_the_same_rows_in_a_file(
     project: Path, incoming: pd.DataFrame, logdb: str
 ) -> None:
-    inp = batch.open_input(f"table:{TABLE}", database_url=logdb)
-    assert [b.num_rows for b in batch.read_chunks(inp, ["customer_id"], 700)] == [700, 700, 600]
+    inp = sources.open_input(f"table:{TABLE}", database_url=logdb)
+    assert [b.num_rows for b in sources.read_chunks(inp, ["customer_id"], 700)] == [700, 700, 600]
 
     result = batch_score(f"table:{TABLE}", batch_id="tbl-one", output_dir="out")
     good = TABLE_ROWS - len(BAD_TABLE_ROWS)
@@ -285,13 +285,13 @@ def test_rescoring_a_table_adds_no_rows_until_it_changes(
     # without a batch id, the id follows the table's content
     default = batch_score(f"table:{TABLE}", output_dir="out")
     assert default.batch_id.startswith("incoming-")
-    stamp = batch.default_batch_id(batch.open_input(f"table:{TABLE}", database_url=logdb))
+    stamp = sources.default_batch_id(sources.open_input(f"table:{TABLE}", database_url=logdb))
     assert stamp == default.batch_id
     with psycopg.connect(logdb) as conn:
         conn.execute(
             f"UPDATE {TABLE} SET age = 40 WHERE customer_id = %s", [incoming["customer_id"][0]]
         )
-    changed = batch.default_batch_id(batch.open_input(f"table:{TABLE}", database_url=logdb))
+    changed = sources.default_batch_id(sources.open_input(f"table:{TABLE}", database_url=logdb))
     assert changed != default.batch_id
 
 

@@ -31,7 +31,7 @@ from datetime import UTC, datetime, timedelta
 import mlflow
 from common import registry
 from common.params import load_params
-from common.predlog import _TEMP_TABLES, Feedback, Prediction, _connect, _write_batch, migrate
+from common.store import Feedback, Prediction, connect, create_staging, migrate, write_items
 from common.settings import get_settings
 from flows.monitor import monitor
 from models.data import model_frame
@@ -54,9 +54,9 @@ for i, (rec, p1) in enumerate(zip(df[data.feature_names].to_dict(orient="records
     if i % 2 == 0:
         items.append(Feedback(rid, str(df.loc[i, data.target]), start + timedelta(days=1)))
 migrate(settings.database_url)
-with _connect(settings.database_url) as conn:
-    conn.execute(_TEMP_TABLES)
-    _write_batch(conn, items)
+with connect(settings.database_url) as conn:
+    create_staging(conn)
+    write_items(conn, items)
 end = start + timedelta(seconds=1)
 out = monitor(window_hours=1 / 3600, end=end)
 print(json.dumps(out.__dict__))

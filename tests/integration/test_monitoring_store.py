@@ -12,10 +12,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from common import monitoring
 from common.localpg import LocalPostgres
 from common.params import load_params
-from common.predlog import _TEMP_TABLES, Feedback, Prediction, _connect, _write_batch, migrate
+from common.store import (
+    Feedback,
+    Prediction,
+    connect,
+    create_staging,
+    migrate,
+    monitoring,
+    write_items,
+)
 from models.generate import generate
 
 pytestmark = pytest.mark.integration
@@ -62,9 +69,9 @@ def log_rows(url: str, df: pd.DataFrame, version: str, start: datetime, labels: 
         )
         if i < labels:
             items.append(Feedback(rid, str(row["churned"]), start + timedelta(days=2)))
-    with _connect(url) as conn:
-        conn.execute(_TEMP_TABLES)
-        _write_batch(conn, items)
+    with connect(url) as conn:
+        create_staging(conn)
+        write_items(conn, items)
     return ids
 
 
@@ -175,7 +182,7 @@ def test_the_grafana_dashboard_queries_run_on_the_monitoring_tables(database: st
         if p["datasource"]["uid"] == "monitoring-pg"
     ]
     assert len(panels) >= 4
-    with _connect(database) as conn:
+    with connect(database) as conn:
         for panel in panels:
             rows = conn.execute(_grafana_sql(panel["targets"][0]["rawSql"])).fetchall()
             assert rows, panel["title"]

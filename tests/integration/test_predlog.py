@@ -19,7 +19,7 @@ import psycopg
 import pytest
 
 from common.localpg import LocalPostgres
-from common.predlog import (
+from common.store import (
     Feedback,
     Prediction,
     PredictionLog,

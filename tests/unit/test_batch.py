@@ -14,6 +14,7 @@ import pytest
 
 from common.errors import UserError
 from common.params import DataParams, Params
+from common.store import sources
 from models import batch
 from models.data import model_frame
 from models.generate import generate
@@ -71,14 +72,17 @@ def run(
     batch_id: str = "b1",
     sink: batch.LogSink | None = None,
 ) -> batch.BatchResult:
+    inp = sources.open_input(str(source))
+    read = batch.columns_to_read(inp.source, inp.columns, scorer.features, ["customer_id"])
     return batch.score_batch(
-        batch.open_input(str(source)),
+        sources.read_chunks(inp, read, chunk_rows),
         scorer,
+        source=inp.source,
+        columns=inp.columns,
         model_name="m",
         model_version="7",
         batch_id=batch_id,
         output_dir=out,
-        chunk_rows=chunk_rows,
         keep=["customer_id"],
         sink=sink,
     )
@@ -174,20 +178,20 @@ def test_failure_mid_batch_leaves_no_files(scorer: Scorer, parquet: Path, tmp_pa
 
 def test_non_existent_path_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"nope\.parquet: no such file"):
-        batch.open_input(str(tmp_path / "nope.parquet"))
+        sources.open_input(str(tmp_path / "nope.parquet"))
 
 
 def test_a_table_source_needs_a_name_and_database_url() -> None:
     with pytest.raises(UserError, match=r"table:: no table name; use table:<name>"):
-        batch.open_input("table:", database_url="postgresql://nowhere/db")
+        sources.open_input("table:", database_url="postgresql://nowhere/db")
     with pytest.raises(UserError, match=r"table:incoming: .* DATABASE_URL, which is not set"):
-        batch.open_input("table:incoming")
+        sources.open_input("table:incoming")
 
 
 def test_an_unreachable_database_is_a_clear_error(tmp_path: Path) -> None:
     url = f"postgresql://u@/db?host={tmp_path}"  # a socket directory nobody listens in
     with pytest.raises(UserError, match=r"table:incoming: cannot connect to the database in DATA"):
-        batch.open_input("table:incoming", database_url=url)
+        sources.open_input("table:incoming", database_url=url)
 
 
 def test_rerun_with_same_batch_id_gives_identical_ids_and_output(
@@ -212,8 +216,8 @@ def test_request_ids_are_uuid5_of_batch_and_row() -> None:
 def test_chunks_never_exceed_chunk_rows(rows: pd.DataFrame, tmp_path: Path) -> None:
     src = tmp_path / "in.csv"
     rows.to_csv(src, index=False)
-    inp = batch.open_input(str(src))
-    sizes = [b.num_rows for b in batch.read_chunks(inp, ["age", "region"], 100)]
+    inp = sources.open_input(str(src))
+    sizes = [b.num_rows for b in sources.read_chunks(inp, ["age", "region"], 100)]
     assert max(sizes) <= 100
     assert sum(sizes) == len(rows)
 

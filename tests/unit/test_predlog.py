@@ -9,9 +9,19 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
-from common.predlog import Feedback, Prediction, PredictionLog, from_line, to_line
+from common.store import (
+    BATCH_LOG_COLUMNS,
+    Feedback,
+    Prediction,
+    PredictionLog,
+    dumps,
+    from_line,
+    log_rows,
+    to_line,
+)
 from tests.servers import free_port
 
 
@@ -125,3 +135,40 @@ def test_spill_keeps_the_newest_rows_and_counts_what_it_drops(
     assert plog.dropped == 250 - len(kept)
     assert plog.depth == len(kept)
     assert set(kept) == {p.request_id for p in submitted[-len(kept) :]}
+
+
+def test_batch_log_rows_encode_inputs_and_probabilities_as_live_rows_do() -> None:
+    features = [("tenure", "numeric"), ("contract", "categorical"), ("note", "categorical")]
+    columns = {
+        "tenure": np.array([12.0, np.nan, np.inf]),
+        "contract": np.array(["one_year", "__missing__", 'a "quoted"\nline'], dtype=object),
+        "note": np.array(["é", "\\", "__missing__"], dtype=object),
+    }
+    proba = np.array([[0.25, 0.75], [1.0, 0.0], [np.nan, 0.5]])
+    table = log_rows(
+        pa.array([str(uuid.uuid4()) for _ in range(3)]),
+        columns,
+        pa.array(["yes", "no", "yes"]),
+        proba,
+        features=features,
+        classes=["no", "yes"],
+        missing="__missing__",
+        model_name="m",
+        model_version="1",
+        batch_id="b",
+        ts=datetime(2026, 5, 1, tzinfo=UTC),
+        latency_ms=1.0,
+    )
+    assert table.column_names == list(BATCH_LOG_COLUMNS)
+    live_inputs = [
+        {"tenure": 12.0, "contract": "one_year", "note": "é"},
+        {"tenure": float("nan"), "contract": None, "note": "\\"},
+        {"tenure": float("inf"), "contract": 'a "quoted"\nline', "note": None},
+    ]
+    live_proba = [{"no": 0.25, "yes": 0.75}, {"no": 1.0, "yes": 0.0}, {"no": None, "yes": 0.5}]
+    assert [json.loads(text) for text in table.column("inputs").to_pylist()] == [
+        json.loads(dumps(row)) for row in live_inputs
+    ]
+    assert [json.loads(text) for text in table.column("probabilities").to_pylist()] == [
+        json.loads(dumps(row)) for row in live_proba
+    ]

@@ -33,12 +33,10 @@ import atexit
 import contextlib
 import fcntl
 import functools
-import io
 import json
 import logging
 import math
 import os
-import re
 import secrets
 import threading
 import time
@@ -47,198 +45,31 @@ import weakref
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any
 
 import psycopg
-import pyarrow as pa
-import pyarrow.csv as pacsv
+
+from common.store.connection import connect
+from common.store.migrations import apply_migrations
+from common.store.rows import (
+    Feedback,
+    Item,
+    Prediction,
+    create_staging,
+    from_line,
+    to_line,
+    write_items,
+)
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(__file__).parent / "migrations"
-_MIGRATION_FILE = re.compile(r"^\d{4}_[a-z0-9_]+\.sql$")
-# pg_advisory_xact_lock key held while migrating; any constant no other code uses.
-_MIGRATION_LOCK_KEY = 0x7072_6564_6C6F_67  # "predlog"
-# Seconds; libpq honours nothing shorter.
-CONNECT_TIMEOUT = 2
 # How often a running writer looks for spill files left by processes that are gone.
 ADOPT_INTERVAL = 10.0
 SPILL_SUFFIX = ".jsonl"
 # Spilled batches a writer cycle replays before it turns to the rows in memory.
 REPLAY_BATCHES = 20
-
-
-# -- rows ------------------------------------------------------------------------------
-
-
-def _check_row(request_id: str, ts: datetime) -> None:
-    """Refuse at the boundary what PostgreSQL would refuse later, in a batch with others."""
-    uuid.UUID(request_id)  # ValueError if not a UUID
-    if ts.tzinfo is None or ts.utcoffset() is None:
-        raise ValueError(f"ts must be timezone-aware, got {ts!r}")
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One answered request, as monitoring reads it back."""
-
-    request_id: str
-    ts: datetime
-    model_name: str
-    model_version: str
-    inputs: dict[str, Any]
-    predicted: str
-    probabilities: dict[str, float]
-    latency_ms: float
-
-    def __post_init__(self) -> None:
-        _check_row(self.request_id, self.ts)
-
-
-@dataclass(frozen=True)
-class Feedback:
-    """The true label of an earlier request; a later one (by `ts`) replaces it."""
-
-    request_id: str
-    label: str
-    ts: datetime
-
-    def __post_init__(self) -> None:
-        _check_row(self.request_id, self.ts)
-
-
-Item: TypeAlias = Prediction | Feedback
-
-
-def _plain(value: Any) -> Any:
-    """JSON fallback: numpy scalars and arrays as numbers and lists, dates as ISO text."""
-    tolist = getattr(value, "tolist", None)
-    if callable(tolist):
-        return tolist()
-    if isinstance(value, datetime | date):
-        return value.isoformat()
-    return str(value)
-
-
-def _finite(value: Any) -> Any:
-    """`value` with NaN/inf as null and keys as text: jsonb has no NaN."""
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    if value is None or isinstance(value, str | int | float):
-        return None if isinstance(value, float) and not math.isfinite(value) else value
-    return _finite(_plain(value))
-
-
-def _dumps(value: Any) -> str:
-    """JSON that jsonb accepts, whatever numbers the model handed us."""
-    try:
-        return json.dumps(value, default=_plain, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError):
-        return json.dumps(_finite(value), allow_nan=False, separators=(",", ":"))
-
-
-def to_line(item: Item) -> bytes:
-    """One spill line; `kind` lets predictions and labels share a file."""
-    doc: dict[str, Any]
-    if isinstance(item, Prediction):
-        doc = {
-            "kind": "prediction",
-            "request_id": item.request_id,
-            "ts": item.ts.isoformat(),
-            "model_name": item.model_name,
-            "model_version": item.model_version,
-            "inputs": item.inputs,
-            "predicted": item.predicted,
-            "probabilities": item.probabilities,
-            "latency_ms": item.latency_ms,
-        }
-    else:
-        doc = {
-            "kind": "feedback",
-            "request_id": item.request_id,
-            "label": item.label,
-            "ts": item.ts.isoformat(),
-        }
-    return _dumps(doc).encode() + b"\n"
-
-
-def from_line(line: bytes | str) -> Item:
-    """Parse a spill line; ValueError if it is not one (e.g. cut short by a crash)."""
-    try:
-        doc = json.loads(line)
-        kind = doc.pop("kind")
-        doc["ts"] = datetime.fromisoformat(doc["ts"])
-        if kind == "prediction":
-            return Prediction(**doc)
-        if kind == "feedback":
-            return Feedback(**doc)
-    except (TypeError, KeyError, AttributeError, ValueError) as exc:
-        raise ValueError(f"not a prediction log line: {exc}") from exc
-    raise ValueError(f"not a prediction log line: unknown kind {kind!r}")
-
-
-# -- database --------------------------------------------------------------------------
-
-
-def _conninfo(database_url: str) -> str:
-    """libpq wants postgresql://; accept the SQLAlchemy spelling postgresql+psycopg:// too."""
-    return re.sub(r"^postgres(?:ql)?(?:\+\w+)?://", "postgresql://", database_url)
-
-
-def _connect(database_url: str) -> psycopg.Connection[Any]:
-    return psycopg.connect(
-        _conninfo(database_url),
-        autocommit=True,  # transactions are explicit: conn.transaction()
-        connect_timeout=CONNECT_TIMEOUT,
-        # A server that vanishes mid-call must fail the call, not hang the writer for minutes.
-        keepalives=1,
-        keepalives_idle=5,
-        keepalives_interval=2,
-        keepalives_count=2,
-        tcp_user_timeout=10_000,
-        options="-c statement_timeout=30000",
-        application_name="predlog",
-    )
-
-
-def _migration_files() -> list[Path]:
-    return sorted(p for p in MIGRATIONS_DIR.iterdir() if _MIGRATION_FILE.match(p.name))
-
-
-def _apply_migrations(conn: psycopg.Connection[Any]) -> list[str]:
-    """Apply pending migrations in one transaction; the advisory lock serialises workers."""
-    applied: list[str] = []
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", [_MIGRATION_LOCK_KEY])
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations ("
-            " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        done = {row[0] for row in conn.execute("SELECT name FROM schema_migrations")}
-        for path in _migration_files():
-            if path.stem in done:
-                continue
-            conn.execute(path.read_bytes())
-            conn.execute("INSERT INTO schema_migrations (name) VALUES (%s)", [path.stem])
-            applied.append(path.stem)
-    return applied
-
-
-def migrate(database_url: str) -> list[str]:
-    """Apply common/migrations/NNNN_*.sql not yet applied, in order; return their names.
-
-    Safe when several workers start at once: the second waits for the first, then finds
-    nothing to do.
-    """
-    with _connect(database_url) as conn:
-        applied = _apply_migrations(conn)
-    if applied:
-        log.info("prediction log: applied migrations %s", ", ".join(applied))
-    return applied
+_DATA_ERRORS = (psycopg.DataError, psycopg.IntegrityError)
 
 
 def prediction_exists(database_url: str, request_id: str) -> bool | None:
@@ -252,74 +83,13 @@ def prediction_exists(database_url: str, request_id: str) -> bool | None:
     except ValueError:
         return False
     try:
-        with _connect(database_url) as conn:
+        with connect(database_url) as conn:
             row = conn.execute(
                 "SELECT 1 FROM predictions WHERE request_id = %s", [request_id]
             ).fetchone()
     except psycopg.OperationalError:
         return None
     return row is not None
-
-
-_PREDICTION_COLUMNS = (
-    "request_id, ts, model_name, model_version, inputs, predicted, probabilities, latency_ms"
-)
-# Staging tables for COPY, one set per connection, emptied at each commit.
-_TEMP_TABLES = """
-CREATE TEMP TABLE IF NOT EXISTS predlog_predictions_in
-    (LIKE predictions INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;
-CREATE TEMP TABLE IF NOT EXISTS predlog_feedback_in
-    (LIKE feedback INCLUDING DEFAULTS) ON COMMIT DELETE ROWS
-"""
-_COPY_PREDICTIONS = f"COPY predlog_predictions_in ({_PREDICTION_COLUMNS}) FROM STDIN"
-_INSERT_PREDICTIONS = (
-    f"INSERT INTO predictions ({_PREDICTION_COLUMNS})"
-    f" SELECT {_PREDICTION_COLUMNS} FROM predlog_predictions_in"
-    " ON CONFLICT (request_id) DO NOTHING"
-)
-_COPY_FEEDBACK = "COPY predlog_feedback_in (request_id, label, ts) FROM STDIN"
-_UPSERT_FEEDBACK = """
-INSERT INTO feedback AS f (request_id, label, ts)
-SELECT request_id, label, ts FROM predlog_feedback_in
-ON CONFLICT (request_id) DO UPDATE
-SET label = EXCLUDED.label, ts = EXCLUDED.ts, received_at = now()
-WHERE f.ts <= EXCLUDED.ts
-"""
-_DATA_ERRORS = (psycopg.DataError, psycopg.IntegrityError)
-
-
-def _write_batch(conn: psycopg.Connection[Any], items: Sequence[Item]) -> None:
-    """Write `items` in one transaction; replaying them again changes nothing."""
-    predictions = [i for i in items if isinstance(i, Prediction)]
-    # One upsert statement may not touch a row twice: keep each request's latest label.
-    labels: dict[str, Feedback] = {}
-    for item in items:
-        if isinstance(item, Feedback):
-            seen = labels.get(item.request_id)
-            if seen is None or seen.ts <= item.ts:
-                labels[item.request_id] = item
-    with conn.transaction(), conn.cursor() as cur:
-        if predictions:
-            with cur.copy(_COPY_PREDICTIONS) as copy:
-                for p in predictions:
-                    copy.write_row(
-                        (
-                            p.request_id,
-                            p.ts,
-                            p.model_name,
-                            p.model_version,
-                            _dumps(p.inputs),
-                            p.predicted,
-                            _dumps(p.probabilities),
-                            float(p.latency_ms),
-                        )
-                    )
-            cur.execute(_INSERT_PREDICTIONS)
-        if labels:
-            with cur.copy(_COPY_FEEDBACK) as copy:
-                for f in labels.values():
-                    copy.write_row((f.request_id, f.label, f.ts))
-            cur.execute(_UPSERT_FEEDBACK)
 
 
 # -- spill files -----------------------------------------------------------------------
@@ -542,12 +312,12 @@ class PredictionLog:
         if self._conn is not None and not self._conn.broken and not self._conn.closed:
             return self._conn
         self._disconnect()
-        conn = _connect(self._url)
+        conn = connect(self._url)
         try:
             if not self._migrated:
-                _apply_migrations(conn)
+                apply_migrations(conn)
                 self._migrated = True
-            conn.execute(_TEMP_TABLES)
+            create_staging(conn)
         except BaseException:
             conn.close()
             raise
@@ -597,14 +367,14 @@ class PredictionLog:
     def _write(self, conn: psycopg.Connection[Any], batch: Sequence[Item]) -> None:
         """Write a batch; if PostgreSQL refuses a value, write row by row and set bad rows aside."""
         try:
-            _write_batch(conn, batch)
+            write_items(conn, batch)
         except _DATA_ERRORS as exc:
             if len(batch) == 1:
                 self._reject(to_line(batch[0]), exc)
                 return
             for item in batch:
                 try:
-                    _write_batch(conn, [item])
+                    write_items(conn, [item])
                 except _DATA_ERRORS as row_exc:
                     self._reject(to_line(item), row_exc)
 
@@ -783,73 +553,3 @@ class PredictionLog:
                 yield from_line(line)
             except ValueError as exc:  # a line cut short when its writer was killed
                 self._reject(line, exc)
-
-
-# -- batch jobs ------------------------------------------------------------------------
-
-_BATCH_STAGING = (
-    "CREATE TEMP TABLE predlog_batch_in (LIKE predictions INCLUDING DEFAULTS) ON COMMIT DROP"
-)
-_BATCH_COLUMNS = f"{_PREDICTION_COLUMNS}, batch_id"
-_COPY_BATCH = f"COPY predlog_batch_in ({_BATCH_COLUMNS}) FROM STDIN (FORMAT csv)"
-_INSERT_BATCH = (
-    f"INSERT INTO predictions ({_BATCH_COLUMNS})"
-    f" SELECT {_BATCH_COLUMNS} FROM predlog_batch_in"
-    " ON CONFLICT (request_id) DO NOTHING"
-)
-
-
-class BatchLogWriter:
-    """A batch job's predictions in one transaction: all of them, or none.
-
-    `write` COPYs an Arrow table (columns named as the `predictions` table's, inputs and
-    probabilities as JSON text) into a staging table; `commit` inserts the rows not logged
-    yet (ON CONFLICT DO NOTHING) and returns how many were new. Leaving the `with` block
-    without `commit` rolls everything back.
-    """
-
-    def __init__(self, database_url: str) -> None:
-        self._url = database_url
-        self._conn: psycopg.Connection[Any] | None = None
-
-    def __enter__(self) -> BatchLogWriter:
-        migrate(self._url)
-        self._conn = psycopg.connect(
-            _conninfo(self._url),
-            connect_timeout=CONNECT_TIMEOUT,
-            keepalives=1,
-            keepalives_idle=5,
-            keepalives_interval=2,
-            keepalives_count=2,
-            application_name="predlog-batch",
-        )
-        self._conn.execute(_BATCH_STAGING)
-        return self
-
-    def write(self, rows: pa.Table) -> None:
-        """COPY one chunk (a pyarrow Table with the prediction columns + batch_id) into staging."""
-        buf = io.BytesIO()
-        table = rows.select(_BATCH_COLUMNS.split(", "))
-        pacsv.write_csv(table, buf, pacsv.WriteOptions(include_header=False))
-        with self._connection().cursor() as cur, cur.copy(_COPY_BATCH) as copy:
-            copy.write(buf.getbuffer())
-
-    def commit(self) -> int:
-        """Insert what is new and commit; the number of rows inserted."""
-        conn = self._connection()
-        with conn.cursor() as cur:
-            cur.execute(_INSERT_BATCH)
-            inserted = cur.rowcount
-        conn.commit()
-        return inserted
-
-    def __exit__(self, *exc: object) -> None:
-        if self._conn is not None:
-            self._conn.rollback()
-            self._conn.close()
-            self._conn = None
-
-    def _connection(self) -> psycopg.Connection[Any]:
-        if self._conn is None:
-            raise RuntimeError("BatchLogWriter is used outside its `with` block")
-        return self._conn

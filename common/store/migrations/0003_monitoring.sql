@@ -1,6 +1,6 @@
 -- Monitoring results: one row per monitor run, and its headline numbers in long form
 -- (metric, column, value) so any dashboard tool can chart them over time.
--- Written by common/monitoring.py from flows/monitor.py.
+-- Written by common/store/monitoring.py from flows/monitor.py.
 
 CREATE TABLE monitoring_runs (
     run_id          uuid PRIMARY KEY,

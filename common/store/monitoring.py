@@ -21,7 +21,8 @@ import pyarrow.csv as pacsv
 from psycopg import sql
 
 from common.params import DataParams
-from common.predlog import _connect, migrate
+from common.store.connection import connect as _connect
+from common.store.migrations import migrate
 
 REQUEST_ID = "request_id"
 TS = "ts"

@@ -1,5 +1,5 @@
 -- The prediction log: one row per answered request, and the true labels that arrive later.
--- Written by common/predlog.py; read by the monitoring flow.
+-- Written by common/store (log.py, batch.py); read by the monitoring flow.
 
 CREATE TABLE predictions (
     request_id    uuid PRIMARY KEY,

@@ -1,0 +1,68 @@
+"""The store layer: everything that reads or writes the prediction database, and batch I/O.
+
+What lives where:
+- `connection`: the one connection factory (`connect`, `conninfo`) for the prediction
+  database; every caller (the writers, monitoring, batch `table:` sources, scripts) uses it.
+- `migrations`: the schema (`migrations/NNNN_*.sql`, the project's own) and its runner
+  (`migrate`, and `apply_migrations` on an open connection).
+- `rows`: the rows (`Prediction`, `Feedback`), their one JSON encoding (`dumps`), spill
+  lines (`to_line`, `from_line`), the batch log rows (`LOG_COLUMNS`, `log_rows`) and the
+  write of live rows in one transaction (`create_staging`, `write_items`).
+- `log`: `PredictionLog`, the service's writer off the request path (with spill files),
+  and `prediction_exists`, the feedback endpoint's lookup.
+- `batch`: `BatchLogWriter`, a batch job's log rows in one transaction.
+- `monitoring`: windows of the log in, monitoring results (`monitoring_runs`,
+  `monitoring_metrics`) out.
+- `sources`: batch inputs and outputs: Parquet/CSV files, local or `s3://`, and
+  PostgreSQL tables (`open_input`, `read_chunks`, `default_batch_id`, `publish`).
+
+It may import psycopg, pyarrow (with its S3 filesystem) and the rest of `common`; never
+Prefect, BentoML or `models`.
+"""
+
+from __future__ import annotations
+
+from common.store import monitoring, sources
+from common.store.batch import BatchLogWriter
+from common.store.connection import CONNECT_TIMEOUT, STATEMENT_TIMEOUT, connect, conninfo
+from common.store.log import PredictionLog, prediction_exists
+from common.store.migrations import MIGRATIONS_DIR, apply_migrations, migrate
+from common.store.rows import (
+    BATCH_LOG_COLUMNS,
+    LOG_COLUMNS,
+    Feedback,
+    Item,
+    Prediction,
+    create_staging,
+    dumps,
+    from_line,
+    log_rows,
+    to_line,
+    write_items,
+)
+
+__all__ = [
+    "BATCH_LOG_COLUMNS",
+    "CONNECT_TIMEOUT",
+    "LOG_COLUMNS",
+    "MIGRATIONS_DIR",
+    "STATEMENT_TIMEOUT",
+    "BatchLogWriter",
+    "Feedback",
+    "Item",
+    "Prediction",
+    "PredictionLog",
+    "apply_migrations",
+    "connect",
+    "conninfo",
+    "create_staging",
+    "dumps",
+    "from_line",
+    "log_rows",
+    "migrate",
+    "monitoring",
+    "prediction_exists",
+    "sources",
+    "to_line",
+    "write_items",
+]

@@ -1,0 +1,63 @@
+"""The prediction database's schema: `migrations/NNNN_*.sql`, applied once each, in order.
+
+The project owns its migrations (the prediction log, feedback, monitoring results); each
+file runs in the same transaction as its row in `schema_migrations`, under an advisory
+lock, so several workers starting at once apply each file exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from common.store.connection import connect
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+_MIGRATION_FILE = re.compile(r"^\d{4}_[a-z0-9_]+\.sql$")
+# pg_advisory_xact_lock key held while migrating; any constant no other code uses.
+_MIGRATION_LOCK_KEY = 0x7072_6564_6C6F_67  # "predlog"
+
+
+def _migration_files() -> list[Path]:
+    return sorted(p for p in MIGRATIONS_DIR.iterdir() if _MIGRATION_FILE.match(p.name))
+
+
+def apply_migrations(conn: psycopg.Connection[Any]) -> list[str]:
+    """Apply pending migrations on `conn` (autocommit) in one transaction; their names.
+
+    The advisory lock serialises workers: the second waits, then finds nothing to do.
+    """
+    applied: list[str] = []
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", [_MIGRATION_LOCK_KEY])
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {row[0] for row in conn.execute("SELECT name FROM schema_migrations")}
+        for path in _migration_files():
+            if path.stem in done:
+                continue
+            conn.execute(path.read_bytes())
+            conn.execute("INSERT INTO schema_migrations (name) VALUES (%s)", [path.stem])
+            applied.append(path.stem)
+    return applied
+
+
+def migrate(database_url: str) -> list[str]:
+    """Apply the migrations not yet applied, in order; return their names.
+
+    Safe when several workers start at once: the second waits for the first, then finds
+    nothing to do.
+    """
+    with connect(database_url) as conn:
+        applied = apply_migrations(conn)
+    if applied:
+        log.info("prediction log: applied migrations %s", ", ".join(applied))
+    return applied
