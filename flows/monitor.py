@@ -31,7 +31,8 @@ from common.errors import UserError
 from common.localpg import prediction_db
 from common.params import Params, load_params
 from common.settings import Settings, get_settings
-from models import monitor as drift_core
+from models import drift as drift_core
+from models.report import evidently_report
 from models.train import HOLDOUT_SCORED_FILE, REFERENCE_FILE
 
 DRIFT_EVENT = "mlops.drift.detected"
@@ -170,7 +171,7 @@ def keep(  # noqa: PLR0917  (a task's inputs are its signature)
         )
         if result.enough_rows:
             seed, rows = params.monitor.seed, params.monitor.report_rows
-            report = drift_core.evidently_report(
+            report = evidently_report(
                 _sample(reference, rows, seed),
                 _sample(current, rows, seed),
                 params.data,
