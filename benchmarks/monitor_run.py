@@ -6,8 +6,8 @@ Set-up (not timed): a throwaway PostgreSQL with N logged predictions of a drifte
 
 - `monitor run`: the flow's steps without the uploads: the window read
   (`common.store.monitoring.read_window`, one COPY), the verdicts on every row
-  (`models.monitor.drift`), the Evidently report on a `monitor.report_rows` sample written
-  to HTML and JSON;
+  (`models.drift.drift`), the Evidently report on a `monitor.report_rows` sample written
+  to HTML and JSON (`models.report.write`);
 - `Evidently, naive`: the same window read, then Evidently's `DataDriftPreset` and
   `DataSummaryPreset` on every row (what one would write first), its verdicts compared.
 
@@ -34,8 +34,9 @@ from benchmarks.monitoring import SHIFT, _peak_mib
 from common.params import load_params
 from common.store import connect, migrate, monitoring
 from models.data import model_frame
+from models.drift import _columns, _frame, drift
 from models.generate import generate
-from models.monitor import _as_objects, _columns, _frame, _run, drift, evidently_report
+from models.report import _as_objects, _drift_metrics, _run, write
 from models.train import build
 from tests.servers import throwaway_cluster
 from tests.workspace import ROOT
@@ -113,19 +114,12 @@ def child(path: str, url: str, reference_file: Path) -> dict[str, Any]:
         result = drift(reference, current, PARAMS.data, PARAMS.monitor)
         times["verdicts"] = time.perf_counter() - t
         t = time.perf_counter()
-        rows, seed = PARAMS.monitor.report_rows, PARAMS.monitor.seed
-        sample = current.sample(rows, random_state=seed) if len(current) > rows else current
-        ref = reference.sample(rows, random_state=seed) if len(reference) > rows else reference
-        report = evidently_report(ref, sample, PARAMS.data, PARAMS.monitor)
         with tempfile.TemporaryDirectory() as tmp:
-            report.save_html(str(Path(tmp) / "report.html"))
-            (Path(tmp) / "report.json").write_text(report.json())
+            write(result, reference, current, PARAMS.data, PARAMS.monitor, out=Path(tmp))
         times["report"] = time.perf_counter() - t
         out["drifted"] = {c.column: c.drifted for c in (*result.features, *result.prediction)}
     else:
         from evidently.presets import DataSummaryPreset  # type: ignore[import-untyped]  # noqa: PLC0415
-
-        from models.monitor import _drift_metrics  # noqa: PLC0415
 
         t = time.perf_counter()
         cols = _columns(reference, current, PARAMS.data, PARAMS.monitor)

@@ -1,4 +1,4 @@
-"""Drift of one window, side by side: Evidently's DataDriftPreset vs this module's fast path.
+"""Drift of one window, side by side: Evidently's DataDriftPreset vs `models.drift`'s fast path.
 
 Each path runs in a fresh subprocess; peak memory is that process's VmHWM, imports and the
 loaded Parquet included (ru_maxrss would carry the parent's peak across fork and exec).
@@ -22,8 +22,9 @@ from typing import Any
 import pandas as pd
 
 from common.params import load_params
+from models.drift import drift
 from models.generate import Drift, generate, write_table
-from models.monitor import Engine, drift
+from tests.oracle_evidently import evidently_drift
 from tests.workspace import ROOT
 
 REFERENCE_ROWS = 50_000
@@ -56,11 +57,11 @@ def child(path: str, reference: Path, current: Path, rounds: int) -> dict[str, A
         monitor = monitor.model_copy(update={"sample_rows": SAMPLE_ROWS})
     ref, cur = pd.read_parquet(reference), pd.read_parquet(current)
     loaded = _peak_mib()
-    engine: Engine = "evidently" if path == "evidently" else "fast"
+    decide = evidently_drift if path == "evidently" else drift
     times = []
     for _ in range(rounds):
         start = time.perf_counter()
-        result = drift(ref, cur, params.data, monitor, engine=engine)
+        result = decide(ref, cur, params.data, monitor)
         times.append(time.perf_counter() - start)
     columns = (*result.features, *result.prediction)
     return {

@@ -21,11 +21,7 @@ from evidently.sdk.panels import bar_plot_panel, line_plot_panel  # type: ignore
 from evidently.ui.workspace import RemoteWorkspace, Workspace  # type: ignore[import-untyped]
 
 from common.params import MonitorParams
-
-DRIFT_TAG = "drift"
-"""Tag of the snapshot computed on every row of a window (drift, data summary)."""
-PERFORMANCE_TAG = "performance"
-"""Tag of the snapshot computed on the window's labelled rows (classification quality)."""
+from models.report import DRIFT_TAG, PERFORMANCE_TAG
 
 DASHBOARD_TAB = "Monitoring"
 """Evidently OSS refuses a dashboard with more than one tab: every panel goes in this one."""
@@ -41,7 +37,7 @@ def add_snapshot(
     """Add one window's snapshots to the project `project_name`; return the project's id.
 
     `snapshots` are Evidently snapshots or objects holding them in `.snapshots` (such as
-    models.monitor.MonitorReport). The project and its dashboard are created on first
+    models.report.MonitorReport). The project and its dashboard are created on first
     use and reused after; `prediction_columns` (default: MonitorParams' prediction and
     probability columns) are the columns whose drift score the dashboard charts.
     `description` names the runs.

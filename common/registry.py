@@ -6,6 +6,7 @@ import os
 import shutil
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -94,3 +95,26 @@ def download_version(cache: Path, name: str, version: str) -> Path:
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def log_run(
+    settings: Settings,
+    experiment: str,
+    run_name: str,
+    *,
+    tags: Mapping[str, str],
+    metrics: Mapping[str, float],
+    artifacts: Path,
+    artifact_path: str,
+) -> tuple[str, str]:
+    """One finished run of `experiment`: its tags, metrics and the files under `artifacts`.
+
+    Returns the run id and the URI the files are under (`<artifact root>/<artifact_path>`).
+    """
+    client = connect(settings)
+    exp_id = experiment_id(client, settings, experiment)
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name) as run:
+        mlflow.set_tags(dict(tags))
+        mlflow.log_metrics(dict(metrics))
+        mlflow.log_artifacts(str(artifacts), artifact_path=artifact_path)
+    return run.info.run_id, f"{run.info.artifact_uri}/{artifact_path}"

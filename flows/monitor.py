@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import mlflow
 import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -32,7 +31,8 @@ from common.localpg import prediction_db
 from common.params import Params, load_params
 from common.settings import Settings, get_settings
 from common.store import monitoring
-from models import monitor as drift_core
+from models import drift as drift_core
+from models import report
 from models.train import HOLDOUT_SCORED_FILE, REFERENCE_FILE
 
 DRIFT_EVENT = "mlops.drift.detected"
@@ -48,23 +48,25 @@ class Served:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What one monitor run decided and where its results are."""
+    """What one monitor run decided and where its results are.
 
-    run_id: str
-    model_name: str
-    model_version: str
-    window_start: str
-    window_end: str
-    current_rows: int
-    labelled_rows: int
-    enough_rows: bool
-    drift_detected: bool
+    `run` is the row `monitoring_runs` keeps; the flow adds the drifted share and the alert.
+    """
+
+    run: monitoring.RunRecord
     share_drifted: float
-    summary: str
-    mlflow_run_id: str | None
-    report_uri: str | None
-    evidently_project: str | None
     alerted: bool
+
+    def payload(self) -> dict[str, Any]:
+        """One flat JSON-ready dict: the webhook's body, the drift event's payload, `_cli`'s print.
+
+        The keys are the run's fields, `share_drifted` and `alerted`; prefect.yaml's retrain
+        trigger reads `mlflow_run_id` from it.
+        """
+        run = asdict(self.run)
+        for key in ("window_start", "window_end"):
+            run[key] = run[key].isoformat(timespec="seconds")
+        return {**run, "share_drifted": self.share_drifted, "alerted": self.alerted}
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
@@ -124,83 +126,95 @@ def check(reference: pd.DataFrame, current: pd.DataFrame, params: Params) -> dri
     return drift_core.drift(reference, current, params.data, params.monitor)
 
 
-def _sample(df: pd.DataFrame, rows: int, seed: int) -> pd.DataFrame:
-    return df.sample(rows, random_state=seed) if len(df) > rows else df
-
-
-@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=[5])
-def keep(  # noqa: PLR0917  (a task's inputs are its signature)
-    settings: Settings,
+@task(cache_policy=NO_CACHE)
+def write_report(  # noqa: PLR0917  (a task's inputs are its signature)
     params: Params,
     served: Served,
     window: monitoring.Window,
     reference: pd.DataFrame,
     current: pd.DataFrame,
     result: drift_core.DriftResult,
+    out: Path,
+) -> report.MonitorReport | None:
+    """The files the run keeps (summary, Evidently report as HTML and JSON) in `out`."""
+    return report.write(
+        result,
+        reference,
+        current,
+        params.data,
+        params.monitor,
+        out=out,
+        timestamp=window.end,
+        metadata={"model_name": served.name, "model_version": served.version},
+    )
+
+
+@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=[5])
+def upload_report(
+    settings: Settings, served: Served, window: monitoring.Window, kept: report.MonitorReport
+) -> str:
+    """The window's snapshots in the model's Evidently project; the project's id."""
+    return evidently_store.add_snapshot(
+        settings.evidently_target,
+        f"{served.name} monitoring",
+        kept,
+        description=f"{served.name} v{served.version}, window to {window.end:%F %H:%M} UTC",
+    )
+
+
+@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=[5])
+def log_run(  # noqa: PLR0917  (a task's inputs are its signature)
+    settings: Settings,
+    params: Params,
+    served: Served,
+    window: monitoring.Window,
+    result: drift_core.DriftResult,
     run_id: str,
-) -> tuple[str, str | None, str | None]:
-    """The report in MLflow and the Evidently workspace: (mlflow run id, report uri, project)."""
-    client = registry.connect(settings)
-    exp_id = registry.experiment_id(client, settings, params.monitor.experiment)
-    project: str | None = None
-    with (
-        mlflow.start_run(experiment_id=exp_id, run_name=f"monitor v{served.version}") as run,
-        tempfile.TemporaryDirectory() as tmp,
-    ):
-        mlflow.set_tags(
-            {
-                "model.name": served.name,
-                "model.version": served.version,
-                "window.start": window.start.isoformat(),
-                "window.end": window.end.isoformat(),
-                "monitor.run_id": run_id,
-                "drift.detected": str(result.drift_detected).lower(),
-                "enough_rows": str(result.enough_rows).lower(),
-                **({"prefect.flow_run_id": str(flow_run.id)} if flow_run.id else {}),
-            }
-        )
-        mlflow.log_metrics(
-            {
-                (f"{m.metric}.{m.column}" if m.column else m.metric): float(m.value)
-                for m in result.to_rows()
-            }
-        )
-        out = Path(tmp)
-        (out / "summary.json").write_text(
-            json.dumps({"summary": result.summary(), "rows": _rows(result)}, indent=1)
-        )
-        if result.enough_rows:
-            seed, rows = params.monitor.seed, params.monitor.report_rows
-            report = drift_core.evidently_report(
-                _sample(reference, rows, seed),
-                _sample(current, rows, seed),
-                params.data,
-                params.monitor,
-                timestamp=window.end,
-                metadata={"model_name": served.name, "model_version": served.version},
-            )
-            report.save_html(str(out / "report.html"))
-            (out / "report.json").write_text(report.json())
-            project = evidently_store.add_snapshot(
-                settings.evidently_target,
-                f"{served.name} monitoring",
-                report,
-                description=f"{served.name} v{served.version}, window to {window.end:%F %H:%M} UTC",
-            )
-            mlflow.set_tag("evidently.project", project)
-        mlflow.log_artifacts(str(out), artifact_path="monitoring")
-        report_uri = f"{run.info.artifact_uri}/monitoring"
+    project: str | None,
+    files: Path,
+) -> tuple[str, str]:
+    """The run in the monitoring experiment, the kept files as its artifacts: (run id, uri)."""
+    tags = {
+        "model.name": served.name,
+        "model.version": served.version,
+        "window.start": window.start.isoformat(),
+        "window.end": window.end.isoformat(),
+        "monitor.run_id": run_id,
+        "drift.detected": str(result.drift_detected).lower(),
+        "enough_rows": str(result.enough_rows).lower(),
+        **({"prefect.flow_run_id": str(flow_run.id)} if flow_run.id else {}),
+        **({"evidently.project": project} if project else {}),
+    }
+    return registry.log_run(
+        settings,
+        params.monitor.experiment,
+        f"monitor v{served.version}",
+        tags=tags,
+        metrics=result.metrics(),
+        artifacts=files,
+        artifact_path="monitoring",
+    )
+
+
+@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=[5])
+def tag_version(
+    settings: Settings,
+    served: Served,
+    window: monitoring.Window,
+    result: drift_core.DriftResult,
+    mlflow_run: str,
+) -> None:
+    """The version remembers its last monitor run, window and verdict (`monitor.last_*`)."""
     registry.set_tags(
-        client,
+        registry.connect(settings),
         served.name,
         served.version,
         {
-            "monitor.last_run": run.info.run_id,
+            "monitor.last_run": mlflow_run,
             "monitor.last_window_end": window.end.isoformat(timespec="seconds"),
             "monitor.last_drift": str(result.drift_detected).lower(),
         },
     )
-    return run.info.run_id, report_uri, project
 
 
 def _rows(result: drift_core.DriftResult) -> list[tuple[str, str | None, float]]:
@@ -217,21 +231,22 @@ def record(database_url: str, run: monitoring.RunRecord, result: drift_core.Drif
 def alert(settings: Settings, outcome: Outcome, result: drift_core.DriftResult) -> None:
     """Warn, leave an artifact, POST the webhook (if set) and emit the retrain event."""
     logger = get_run_logger()
-    logger.warning("DRIFT %s v%s: %s", outcome.model_name, outcome.model_version, outcome.summary)
+    run = outcome.run
+    logger.warning("DRIFT %s v%s: %s", run.model_name, run.model_version, run.summary)
     drifted = [c for c in (*result.features, *result.prediction) if c.drifted]
     table = "\n".join(
         f"| {c.column} | {c.method} | {c.score:.3f} | {c.threshold} |" for c in drifted
     )
     create_markdown_artifact(
-        f"## Drift detected: {outcome.model_name} v{outcome.model_version}\n\n"
-        f"{outcome.summary}\n\n"
+        f"## Drift detected: {run.model_name} v{run.model_version}\n\n"
+        f"{run.summary}\n\n"
         f"| column | test | score | threshold |\n|---|---|---|---|\n{table}\n\n"
-        f"Report: `{outcome.report_uri}` (MLflow run `{outcome.mlflow_run_id}`). "
+        f"Report: `{run.report_uri}` (MLflow run `{run.mlflow_run_id}`). "
         f"Event `{DRIFT_EVENT}` emitted: the `retrain` deployment runs on it.",
         key="drift-alert",
-        description=f"drift in {outcome.model_name} v{outcome.model_version}",
+        description=f"drift in {run.model_name} v{run.model_version}",
     )
-    payload = {"event": DRIFT_EVENT, **asdict(outcome)}
+    payload = {"event": DRIFT_EVENT, **outcome.payload()}
     if settings.monitor_webhook_url:
         try:
             httpx.post(settings.monitor_webhook_url, json=payload, timeout=10).raise_for_status()
@@ -240,9 +255,9 @@ def alert(settings: Settings, outcome: Outcome, result: drift_core.DriftResult) 
     emit_event(
         event=DRIFT_EVENT,
         resource={
-            "prefect.resource.id": f"mlops.model.{outcome.model_name}",
-            "prefect.resource.name": outcome.model_name,
-            "mlops.model.version": outcome.model_version,
+            "prefect.resource.id": f"mlops.model.{run.model_name}",
+            "prefect.resource.name": run.model_name,
+            "mlops.model.version": run.model_version,
         },
         payload=payload,
     )
@@ -268,45 +283,31 @@ def monitor(
         current = read_window(database_url, window, params, reference)
         result = check(reference, current, params)
         logger.info("%s v%s: %s", served.name, served.version, result.summary())
-        mlflow_run, report_uri, project = keep(
-            settings, params, served, window, reference, current, result, run_id
-        )
-        outcome = Outcome(
+        with tempfile.TemporaryDirectory() as tmp:
+            files = Path(tmp)
+            kept = write_report(params, served, window, reference, current, result, files)
+            project = None if kept is None else upload_report(settings, served, window, kept)
+            mlflow_run, report_uri = log_run(
+                settings, params, served, window, result, run_id, project, files
+            )
+        tag_version(settings, served, window, result, mlflow_run)
+        run = monitoring.RunRecord(
             run_id=run_id,
             model_name=served.name,
             model_version=served.version,
-            window_start=start.isoformat(timespec="seconds"),
-            window_end=end.isoformat(timespec="seconds"),
+            window_start=start,
+            window_end=end,
             current_rows=result.current_rows,
             labelled_rows=result.labelled_rows,
             enough_rows=result.enough_rows,
             drift_detected=result.drift_detected,
-            share_drifted=result.share_drifted,
             summary=result.summary(),
             mlflow_run_id=mlflow_run,
             report_uri=report_uri,
             evidently_project=project,
-            alerted=result.drift_detected,
         )
-        record(
-            database_url,
-            monitoring.RunRecord(
-                run_id=run_id,
-                model_name=served.name,
-                model_version=served.version,
-                window_start=start,
-                window_end=end,
-                current_rows=result.current_rows,
-                labelled_rows=result.labelled_rows,
-                enough_rows=result.enough_rows,
-                drift_detected=result.drift_detected,
-                summary=outcome.summary,
-                mlflow_run_id=mlflow_run,
-                report_uri=report_uri,
-                evidently_project=project,
-            ),
-            result,
-        )
+        record(database_url, run, result)
+    outcome = Outcome(run, share_drifted=result.share_drifted, alerted=result.drift_detected)
     if result.drift_detected:
         alert(settings, outcome, result)
     create_markdown_artifact(
@@ -316,23 +317,25 @@ def monitor(
 
 
 def _markdown(o: Outcome) -> str:
+    r = o.run
     verdict = (
         "too few rows: no verdict"
-        if not o.enough_rows
-        else ("**drift detected**" if o.drift_detected else "no drift")
+        if not r.enough_rows
+        else ("**drift detected**" if r.drift_detected else "no drift")
     )
+    start, end = (t.isoformat(timespec="seconds") for t in (r.window_start, r.window_end))
     return (
-        f"## Monitoring {o.model_name} v{o.model_version}\n\n"
-        f"| | |\n|---|---|\n| window | {o.window_start} to {o.window_end} |\n"
-        f"| rows | {o.current_rows:,} ({o.labelled_rows:,} labelled) |\n"
+        f"## Monitoring {r.model_name} v{r.model_version}\n\n"
+        f"| | |\n|---|---|\n| window | {start} to {end} |\n"
+        f"| rows | {r.current_rows:,} ({r.labelled_rows:,} labelled) |\n"
         f"| verdict | {verdict} |\n| drifted features | {o.share_drifted:.0%} |\n"
-        f"| MLflow run | `{o.mlflow_run_id}` |\n| report | `{o.report_uri}` |\n"
-        f"| Evidently project | `{o.evidently_project}` |\n\n{o.summary}\n"
+        f"| MLflow run | `{r.mlflow_run_id}` |\n| report | `{r.report_uri}` |\n"
+        f"| Evidently project | `{r.evidently_project}` |\n\n{r.summary}\n"
     )
 
 
 def _cli() -> dict[str, Any]:
-    return asdict(monitor())
+    return monitor().payload()
 
 
 if __name__ == "__main__":

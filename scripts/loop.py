@@ -168,7 +168,7 @@ def run_loop(port: int, calm_rows: int, drift_rows: int, label_share: float) -> 
         wait_logged(database_url, start, len(calm))
         console.rule(f"2. {len(calm):,} requests like the training data -> monitor")
         calm_outcome = _monitor_since(start)
-        console.print(calm_outcome.summary)
+        console.print(calm_outcome.run.summary)
 
         drifted = generate(drift_rows, seed=202, drift=DRIFT)
         start = datetime.now(UTC)
@@ -185,15 +185,15 @@ def run_loop(port: int, calm_rows: int, drift_rows: int, label_share: float) -> 
             f"3. {len(drifted):,} drifted requests, {len(labelled):,} labels later -> monitor"
         )
         drift_outcome = _monitor_since(start)
-        console.print(drift_outcome.summary)
+        console.print(drift_outcome.run.summary)
 
         watcher = Watcher(url, _records(calm.head(1), features)[0])
         watcher.start()
         retrain_start = time.monotonic()
         promoted = False
-        if drift_outcome.drift_detected:
+        if drift_outcome.run.drift_detected:
             console.rule("4. drift -> retrain (labelled production rows join the data) -> gate")
-            promoted = retrain(project_dir=".", monitor_run_id=drift_outcome.mlflow_run_id)
+            promoted = retrain(project_dir=".", monitor_run_id=drift_outcome.run.mlflow_run_id)
         new = first
         swap: float | None = None
         if promoted:
@@ -247,13 +247,14 @@ def print_summary(r: LoopResult) -> None:
     evid = get_settings().evidently_target
     table.add_row("serve", f"v{r.first_version} answering", "POST /predict, /feedback")
     for label, o in (("monitor (calm traffic)", r.calm), ("monitor (drifted)", r.drifted)):
-        verdict = "DRIFT" if o.drift_detected else ("no drift" if o.enough_rows else "too few")
+        run = o.run
+        verdict = "DRIFT" if run.drift_detected else ("no drift" if run.enough_rows else "too few")
         table.add_row(
             label,
             f"{verdict}: {o.share_drifted:.0%} of features drifted, "
-            f"{o.current_rows:,} rows ({o.labelled_rows:,} labelled)",
-            f"MLflow run {o.mlflow_run_id}\n{o.report_uri}/report.html\n"
-            f"Evidently project {o.evidently_project}",
+            f"{run.current_rows:,} rows ({run.labelled_rows:,} labelled)",
+            f"MLflow run {run.mlflow_run_id}\n{run.report_uri}/report.html\n"
+            f"Evidently project {run.evidently_project}",
         )
     table.add_row(
         "retrain + gate",
@@ -289,7 +290,12 @@ def main() -> None:
     result = run_loop(args.port, args.calm_rows, args.drift_rows, args.label_share)
     print_summary(result)
     if args.json:
-        args.json.write_text(json.dumps(result, default=lambda o: o.__dict__, indent=1))
+        args.json.write_text(json.dumps(result, default=_as_json, indent=1))
+
+
+def _as_json(o: Any) -> Any:
+    """A monitor Outcome as its flat payload, any other dataclass as its fields."""
+    return o.payload() if isinstance(o, Outcome) else o.__dict__
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import pytest
 from common.evidently_store import add_snapshot, dashboard_panels
 from common.params import MonitorParams, load_params
 from models.generate import Drift, generate
-from models.monitor import MonitorReport, evidently_performance, evidently_report
+from models.report import MonitorReport, evidently_performance, evidently_report
 from tests.servers import VENV_BIN, Server, clean_env, free_port, http_ok
 
 pytestmark = pytest.mark.integration

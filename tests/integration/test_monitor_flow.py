@@ -59,7 +59,7 @@ with connect(settings.database_url) as conn:
     write_items(conn, items)
 end = start + timedelta(seconds=1)
 out = monitor(window_hours=1 / 3600, end=end)
-print(json.dumps(out.__dict__))
+print(json.dumps(out.payload()))
 """
 
 
@@ -154,6 +154,24 @@ def test_drift_is_reported_kept_and_paged(
     assert page["event"] == "mlops.drift.detected"
     assert page["model_version"] == "1"
     assert page["mlflow_run_id"] == out["mlflow_run_id"]
+    assert set(page) == {"event", *out}  # the flow's printed outcome is the page's payload
+    assert set(out) == {
+        "run_id",
+        "model_name",
+        "model_version",
+        "window_start",
+        "window_end",
+        "current_rows",
+        "labelled_rows",
+        "enough_rows",
+        "drift_detected",
+        "share_drifted",
+        "summary",
+        "mlflow_run_id",
+        "report_uri",
+        "evidently_project",
+        "alerted",
+    }
     # the report: HTML and JSON in the MLflow run, served from S3 through the server
     listed = ws.python(
         "-c",

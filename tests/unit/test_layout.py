@@ -51,27 +51,47 @@ def is_private(name: str) -> bool:
     return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
 
 
+def _in_store(module: str) -> bool:
+    return module == STORE or module.startswith(f"{STORE}.")
+
+
+def _private_module(module: str) -> bool:
+    return any(is_private(part) for part in module.split("."))
+
+
+def _from_store(node: ast.ImportFrom, found: list[str], modules: set[str]) -> None:
+    """`from common.store[.x] import ...`: private names taken, module names bound."""
+    module = node.module or ""
+    if node.level != 0 or not _in_store(module):
+        return
+    if _private_module(module):
+        found.append(f"line {node.lineno}: from {module} import ...")
+    for alias in node.names:
+        if is_private(alias.name):
+            found.append(f"line {node.lineno}: from {module} import {alias.name}")
+        elif alias.name[:1].islower():  # maybe a module: store.monitoring._x
+            modules.add(alias.asname or alias.name)
+
+
+def _import_store(node: ast.Import, found: list[str], modules: set[str]) -> None:
+    """`import common.store[.x] [as y]`: a private module, and the name it binds."""
+    for alias in node.names:
+        if not _in_store(alias.name):
+            continue
+        if _private_module(alias.name):
+            found.append(f"line {node.lineno}: import {alias.name}")
+        modules.add(alias.asname or alias.name)
+
+
 def store_private_uses(tree: ast.Module) -> list[str]:
     """`from common.store[.x] import _y`, `import common.store._x`, and `<store module>._y`."""
     found: list[str] = []
     modules: set[str] = set()  # local names bound to common.store or one of its modules
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            if node.module != STORE and not node.module.startswith(f"{STORE}."):
-                continue
-            if any(is_private(part) for part in node.module.split(".")):
-                found.append(f"line {node.lineno}: from {node.module} import ...")
-            for alias in node.names:
-                if is_private(alias.name):
-                    found.append(f"line {node.lineno}: from {node.module} import {alias.name}")
-                elif alias.name[:1].islower():  # maybe a module: store.monitoring._x
-                    modules.add(alias.asname or alias.name)
+        if isinstance(node, ast.ImportFrom):
+            _from_store(node, found, modules)
         elif isinstance(node, ast.Import):
-            for alias in node.names:
-                if alias.name == STORE or alias.name.startswith(f"{STORE}."):
-                    if any(is_private(part) for part in alias.name.split(".")):
-                        found.append(f"line {node.lineno}: import {alias.name}")
-                    modules.add(alias.asname or alias.name)
+            _import_store(node, found, modules)
     for node in ast.walk(tree):
         if (
             isinstance(node, ast.Attribute)

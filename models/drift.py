@@ -1,58 +1,35 @@
-"""monitor: data drift, prediction drift, data quality and performance of one window.
+"""drift: data drift, prediction drift, data quality and performance of one window.
 
-Two engines give the same verdicts. `evidently` runs Evidently 0.7's DataDriftPreset;
-`fast` (default) computes the very tests Evidently picks for a reference of more than
-1,000 rows (normed Wasserstein for numeric columns, Jensen-Shannon for categorical ones
-and for numeric columns with at most 5 values) straight with numpy, without the
-per-column plots and the second pass Evidently makes for its dataset-level count.
-With a reference of 1,000 rows or fewer it keeps those tests where Evidently would
-switch to p-value tests; there the verdicts are this module's, not Evidently's.
+The tests are the very ones Evidently 0.7's DataDriftPreset picks for a reference of more
+than 1,000 rows (normed Wasserstein for numeric columns, Jensen-Shannon for categorical
+ones and for numeric columns with at most 5 values), computed straight with numpy,
+without the per-column plots and the second pass Evidently makes for its dataset-level
+count. tests/oracle_evidently.py runs Evidently itself on the same windows and the tests
+hold both to the same scores and verdicts. With a reference of 1,000 rows or fewer the
+same tests stay where Evidently would switch to p-value tests; there the verdicts are
+this module's, not Evidently's.
 
-`evidently_report` keeps the window as Evidently snapshots: drift and a data summary on
-every row, classification performance on the rows whose label has arrived.
+The kept Evidently report of a window is `models.report`'s.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from evidently import (  # type: ignore[import-untyped]
-    BinaryClassification,
-    DataDefinition,
-    Dataset,
-    MulticlassClassification,
-    Report,
-)
-from evidently.core.report import Snapshot  # type: ignore[import-untyped]
-from evidently.metrics import RowCount, ValueDrift  # type: ignore[import-untyped]
-from evidently.presets import (  # type: ignore[import-untyped]
-    ClassificationPreset,
-    DataDriftPreset,
-    DataSummaryPreset,
-)
 from scipy.spatial import distance
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
 
-from common.evidently_store import DRIFT_TAG, PERFORMANCE_TAG
 from common.params import DataParams, MonitorParams
 
-Engine = Literal["fast", "evidently"]
 Kind = Literal["numeric", "categorical"]
 
 WASSERSTEIN = "wasserstein"
 JENSENSHANNON = "jensenshannon"
-_EVIDENTLY_METHODS = {
-    "Wasserstein distance (normed)": WASSERSTEIN,
-    "Jensen-Shannon distance": JENSENSHANNON,
-}
 
 
 @dataclass(frozen=True)
@@ -91,7 +68,6 @@ class MetricRow:
 class DriftResult:
     """Everything one monitoring window decided; `enough_rows=False` decides nothing."""
 
-    engine: Engine
     reference_rows: int
     current_rows: int
     tested_rows: int
@@ -165,6 +141,13 @@ class DriftResult:
                 rows.append(MetricRow(name, None, float(self.performance[name])))
         return rows
 
+    def metrics(self) -> dict[str, float]:
+        """`to_rows` as MLflow metrics, named `metric.column` (`drift_score.age`) or `metric`."""
+        return {
+            (f"{m.metric}.{m.column}" if m.column else m.metric): float(m.value)
+            for m in self.to_rows()
+        }
+
     def summary(self) -> str:
         """One paragraph for a log line or a flow run's description."""
         head = f"{self.current_rows:,} rows against a {self.reference_rows:,}-row reference"
@@ -172,7 +155,7 @@ class DriftResult:
             return f"{head}: too few rows to decide anything (no drift verdict)."
         drifted = [c.column for c in self.features if c.drifted]
         text = (
-            f"{head} ({self.engine} engine, {self.tested_rows:,} rows tested): "
+            f"{head} ({self.tested_rows:,} rows tested): "
             f"{self.n_drifted} of {len(self.features)} features drifted "
             f"({self.share_drifted:.0%}; dataset drift at {self.drift_share_threshold:.0%}: "
             f"{'yes' if self.dataset_drift else 'no'})"
@@ -234,7 +217,7 @@ def _columns(
 def _frame(df: pd.DataFrame, columns: Sequence[tuple[str, Kind]]) -> pd.DataFrame:
     """Numbers as float64, categories as pandas categoricals of strings, missing ("" too) as NaN.
 
-    Categoricals make counting a million rows cheap; both engines see the same values.
+    Categoricals make counting a million rows cheap; Evidently's report sees the same values.
     """
     out: dict[str, pd.Series] = {}
     for name, kind in columns:
@@ -253,19 +236,11 @@ def _frame(df: pd.DataFrame, columns: Sequence[tuple[str, Kind]]) -> pd.DataFram
     return pd.DataFrame(out, index=df.index)
 
 
-def _as_objects(df: pd.DataFrame) -> pd.DataFrame:
-    """Categoricals back to plain strings: what a user would hand Evidently."""
-    return df.astype(
-        {c: object for c in df.columns if isinstance(df[c].dtype, pd.CategoricalDtype)}
-    )
-
-
 def drift(
     reference: pd.DataFrame,
     current: pd.DataFrame,
     data: DataParams,
     params: MonitorParams,
-    engine: Engine = "fast",
 ) -> DriftResult:
     """Compare one window with the reference: features, predictions/labels, quality, performance.
 
@@ -276,7 +251,6 @@ def drift(
     cols = _columns(reference, current, data, params)
     labelled = int(current[data.target].notna().sum()) if data.target in current else 0
     base = {
-        "engine": engine,
         "reference_rows": len(reference),
         "current_rows": len(current),
         "drift_share_threshold": params.drift_share,
@@ -290,14 +264,9 @@ def drift(
     ref = _frame(reference, cols.all)
     cur = _frame(current, cols.all)
     quality = _quality(ref, cur, data)
-    if engine == "fast" and params.sample_rows is not None and len(cur) > params.sample_rows:
+    if params.sample_rows is not None and len(cur) > params.sample_rows:
         cur = cur.sample(params.sample_rows, random_state=params.seed)
-    if engine == "fast":
-        results = [_column_drift(ref[n], cur[n], n, k, _threshold(k, params)) for n, k in cols.all]
-    elif engine == "evidently":
-        results = _evidently_drift(ref, cur, cols, params)
-    else:
-        raise ValueError(f"engine must be 'fast' or 'evidently', not {engine!r}")
+    results = [_column_drift(ref[n], cur[n], n, k, _threshold(k, params)) for n, k in cols.all]
     by_name = {r.column: r for r in results}
     return DriftResult(
         tested_rows=len(cur),
@@ -314,7 +283,7 @@ def _threshold(kind: Kind, params: MonitorParams) -> float:
     return params.num_threshold if kind == "numeric" else params.cat_threshold
 
 
-# --- the fast engine: Evidently's own tests, computed directly --------------------------
+# --- Evidently's own tests, computed directly -------------------------------------------
 
 
 def _column_drift(
@@ -375,225 +344,6 @@ def _jensenshannon(
     p = np.array([ref_map.get(k, 0) for k in keys], dtype=np.float64) / ref_counts.sum()
     q = np.array([cur_map.get(k, 0) for k in keys], dtype=np.float64) / cur_counts.sum()
     return float(distance.jensenshannon(p, q))
-
-
-# --- the Evidently engine -------------------------------------------------------------
-
-
-def _definition(columns: Sequence[tuple[str, Kind]]) -> Any:
-    return DataDefinition(
-        numerical_columns=[n for n, k in columns if k == "numeric"],
-        categorical_columns=[n for n, k in columns if k == "categorical"],
-    )
-
-
-def _drift_metrics(cols: _Columns, params: MonitorParams) -> list[Any]:
-    preset = DataDriftPreset(
-        columns=[n for n, _ in cols.features],
-        drift_share=params.drift_share,
-        num_threshold=params.num_threshold,
-        cat_threshold=params.cat_threshold,
-    )
-    extra = [ValueDrift(column=n, threshold=_threshold(k, params)) for n, k in cols.extra]
-    return [preset, *extra]
-
-
-def _run(
-    metrics: list[Any], ref: pd.DataFrame, cur: pd.DataFrame, cols: _Columns, **run: Any
-) -> Any:
-    definition = _definition(cols.all)
-    return Report(metrics).run(
-        Dataset.from_pandas(cur, data_definition=definition),
-        Dataset.from_pandas(ref, data_definition=definition),
-        **run,
-    )
-
-
-def _evidently_drift(
-    ref: pd.DataFrame, cur: pd.DataFrame, cols: _Columns, params: MonitorParams
-) -> list[ColumnDrift]:
-    snapshot = _run(_drift_metrics(cols, params), _as_objects(ref), _as_objects(cur), cols)
-    kinds = dict(cols.all)
-    out = []
-    for metric in snapshot.dict()["metrics"]:
-        config = metric["config"]
-        if not config["type"].endswith(":ValueDrift"):
-            continue
-        name, score, threshold = (
-            config["column"],
-            float(metric["value"]),
-            float(config["threshold"]),
-        )
-        method = _EVIDENTLY_METHODS.get(config["method"], config["method"])
-        out.append(ColumnDrift(name, kinds[name], method, score, threshold, score >= threshold))
-    return out
-
-
-@dataclass(frozen=True)
-class MonitorReport:
-    """One window in Evidently: drift and data summary of every row, performance of the labelled.
-
-    An Evidently Report runs on one dataset, so the parts are two snapshots (tagged `drift`
-    and `performance`, with one timestamp); `save_html` and `json` keep both in one file
-    each. `performance` is None until the labelled rows hold two classes.
-    """
-
-    drift: Any
-    performance: Any | None
-    current_rows: int
-    labelled_rows: int
-
-    @property
-    def snapshots(self) -> tuple[Any, ...]:
-        """What goes to the Evidently workspace, one run each."""
-        return (self.drift,) if self.performance is None else (self.drift, self.performance)
-
-    def save_html(self, path: str | Path) -> None:
-        """One HTML report: the drift and summary widgets, then the performance ones."""
-        if self.performance is None:
-            self.drift.save_html(str(path))
-            return
-        drift, perf = self.drift.to_snapshot_model(), self.performance.to_snapshot_model()
-        both = drift.copy(
-            update={
-                "widgets": [*drift.widgets, *perf.widgets],
-                "tests_widgets": [*drift.tests_widgets, *perf.tests_widgets],
-            }
-        )
-        Snapshot.load_model(both).save_html(str(path))
-
-    def dict(self) -> dict[str, Any]:
-        """Evidently's dict of the drift snapshot, with the performance snapshot's under a key."""
-        perf = None if self.performance is None else json.loads(self.performance.json())
-        return {
-            **json.loads(self.drift.json()),
-            "current_rows": self.current_rows,
-            "labelled_rows": self.labelled_rows,
-            "performance": perf,
-        }
-
-    def json(self) -> str:
-        return json.dumps(self.dict())
-
-
-def evidently_report(
-    reference: pd.DataFrame,
-    current: pd.DataFrame,
-    data: DataParams,
-    params: MonitorParams | None = None,
-    *,
-    timestamp: datetime | None = None,
-    metadata: Mapping[str, str] | None = None,
-) -> MonitorReport:
-    """Evidently's snapshots of one window, to keep as HTML/JSON and in a workspace.
-
-    Drift of features and predictions (and of the label where it arrived) plus a data
-    summary on every row of `current`; classification performance (ClassificationPreset)
-    on its labelled rows only, against the reference's when the reference is scored.
-    `timestamp` (default now) places both snapshots on the dashboards' time axis;
-    `metadata` (e.g. model name and version) goes on both.
-    """
-    params = params or MonitorParams()
-    when = _naive_local(timestamp or datetime.now())
-    labelled = int(current[data.target].notna().sum()) if data.target in current else 0
-    meta = {"current_rows": str(len(current)), "labelled_rows": str(labelled), **(metadata or {})}
-    cols = _columns(reference, current, data, params)
-    ref, cur = _as_objects(_frame(reference, cols.all)), _as_objects(_frame(current, cols.all))
-    drift_snapshot = _run(
-        [*_drift_metrics(cols, params), DataSummaryPreset()],
-        ref,
-        cur,
-        cols,
-        timestamp=when,
-        tags=[DRIFT_TAG],
-        metadata={**meta, "part": DRIFT_TAG},
-    )
-    performance_snapshot = _performance_report(
-        reference, current, data, params, timestamp=when, metadata={**meta, "part": PERFORMANCE_TAG}
-    )
-    return MonitorReport(drift_snapshot, performance_snapshot, len(current), labelled)
-
-
-def _naive_local(when: datetime) -> datetime:
-    """Evidently stamps snapshots with naive local time; aware times are converted to it."""
-    return when.astimezone().replace(tzinfo=None) if when.tzinfo is not None else when
-
-
-def _performance_report(
-    reference: pd.DataFrame,
-    current: pd.DataFrame,
-    data: DataParams,
-    params: MonitorParams,
-    **run: Any,
-) -> Any | None:
-    """ClassificationPreset on the labelled rows, or None while they hold fewer than two classes.
-
-    Evidently 0.7 fails on one class (ROC AUC by label) and on a float label beside int
-    predictions, so labels are normalised as `performance` does and one class is skipped.
-    """
-    cur = _labelled(current, data, params)
-    if cur is None or cur[data.target].nunique() < 2:
-        return None
-    has_proba = params.probability_column in cur
-    ref = _labelled(reference, data, params)
-    if ref is not None and not (
-        ref[data.target].nunique() >= 2
-        and (params.probability_column in ref) == has_proba
-        and ref[data.target].dtype.kind == cur[data.target].dtype.kind
-    ):
-        ref = None
-    frames = [cur] if ref is None else [cur, ref]
-    labels = (data.target, params.prediction_column)
-    classes = sorted({v for f in frames for c in labels for v in f[c].unique().tolist()})
-    task: Any
-    if len(classes) == 2:
-        task = BinaryClassification(
-            target=data.target,
-            prediction_labels=params.prediction_column,
-            prediction_probas=params.probability_column if has_proba else None,
-            pos_label=classes[-1],
-        )
-    else:  # the logged probability is the positive class's; it means nothing for more classes
-        task = MulticlassClassification(
-            target=data.target, prediction_labels=params.prediction_column, prediction_probas=None
-        )
-    definition = DataDefinition(
-        numerical_columns=[params.probability_column] if has_proba else [],
-        categorical_columns=[data.target, params.prediction_column],
-        classification=[task],
-    )
-    return Report([RowCount(), ClassificationPreset()], tags=[PERFORMANCE_TAG]).run(
-        Dataset.from_pandas(cur, data_definition=definition),
-        None if ref is None else Dataset.from_pandas(ref, data_definition=definition),
-        **run,
-    )
-
-
-def evidently_performance(report: MonitorReport | Any) -> dict[str, Any] | None:
-    """The headline numbers as Evidently computed them, named as `performance` names them.
-
-    `report` is a MonitorReport or a performance snapshot; None when it has no performance
-    part. Macro F1 is the mean of Evidently's F1ByLabel; `f1` is its F1Score (for a binary
-    task, the positive class's).
-    """
-    snapshot = report.performance if isinstance(report, MonitorReport) else report
-    if snapshot is None:
-        return None
-    values = {
-        m["config"]["type"].rsplit(":", 1)[-1]: m["value"] for m in snapshot.dict()["metrics"]
-    }
-    if "Accuracy" not in values:
-        return None
-    by_label = values.get("F1ByLabel") or {}
-    return {
-        "n_labelled": int(values["RowCount"]),
-        "accuracy": float(values["Accuracy"]),
-        "f1_macro": float(np.mean(list(by_label.values()))) if by_label else math.nan,
-        "f1": float(values["F1Score"]),
-        "precision": float(values["Precision"]),
-        "recall": float(values["Recall"]),
-        "roc_auc": float(values["RocAuc"]) if "RocAuc" in values else None,
-    }
 
 
 # --- data quality and performance -----------------------------------------------------

@@ -1,9 +1,6 @@
-"""Drift monitoring: injected drift is caught, clean windows are not, both engines agree."""
+"""Drift verdicts: injected drift is caught, clean windows are not, Evidently agrees."""
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,43 +15,19 @@ from evidently.presets import ClassificationPreset  # type: ignore[import-untype
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from sklearn.pipeline import Pipeline
 
-from common.params import DataParams, MonitorParams, Params
+from common.params import DataParams, MonitorParams
 from models.data import model_frame
+from models.drift import DriftResult, drift, performance
 from models.generate import NUMERIC, Drift, generate
-from models.monitor import (
-    DriftResult,
-    drift,
-    evidently_performance,
-    evidently_report,
-    performance,
-)
-from models.train import build
+from tests.oracle_evidently import evidently_drift
 
 SCORE_TOLERANCE = 1e-9
-
-
-@pytest.fixture(scope="module")
-def monitor_params(params: Params) -> MonitorParams:
-    return params.monitor
-
-
-@pytest.fixture(scope="module")
-def model(params: Params) -> Pipeline:
-    """A small version of the real pipeline, trained on other rows than the reference."""
-    train = generate(8000, seed=7)
-    small = params.train.model_copy(update={"n_estimators": 25})
-    return build(params.data, small).fit(model_frame(train, params.data), train["churned"])
 
 
 def scored(df: pd.DataFrame, model: Pipeline, data: DataParams) -> pd.DataFrame:
     """The window as the prediction log would give it: inputs, prediction, probability, label."""
     proba = model.predict_proba(model_frame(df, data))[:, 1]
     return df.assign(predicted=(proba >= 0.5).astype(int), proba_1=proba)
-
-
-@pytest.fixture(scope="module")
-def reference(model: Pipeline, data_params: DataParams) -> pd.DataFrame:
-    return scored(generate(20000, seed=1), model, data_params)
 
 
 def drifted_columns(result: DriftResult) -> set[str]:
@@ -145,7 +118,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_fast_engine_reproduces_evidently_scores_and_verdicts(
+def test_drift_reproduces_evidently_scores_and_verdicts(
     case: str,
     reference: pd.DataFrame,
     model: Pipeline,
@@ -154,8 +127,8 @@ def test_fast_engine_reproduces_evidently_scores_and_verdicts(
 ) -> None:
     window = scored(generate(4000, seed=20, drift=CASES[case]), model, data_params)
     ref = reference.iloc[:6000]
-    fast = drift(ref, window, data_params, monitor_params, engine="fast")
-    slow = drift(ref, window, data_params, monitor_params, engine="evidently")
+    fast = drift(ref, window, data_params, monitor_params)
+    slow = evidently_drift(ref, window, data_params, monitor_params)
     pairs = list(
         zip((*fast.features, *fast.prediction), (*slow.features, *slow.prediction), strict=True)
     )
@@ -235,20 +208,6 @@ def test_sampling_a_large_window_keeps_the_verdicts(
     assert [c.drifted for c in sampled.features] == [c.drifted for c in full.features]
 
 
-def test_evidently_report_is_a_snapshot_that_saves_as_html_and_json(
-    reference: pd.DataFrame, model: Pipeline, data_params: DataParams, tmp_path: Path
-) -> None:
-    window = scored(generate(2000, seed=8), model, data_params)
-    snapshot = evidently_report(reference.iloc[:3000], window, data_params)
-    snapshot.save_html(str(tmp_path / "report.html"))
-    assert (tmp_path / "report.html").stat().st_size > 10_000
-    metrics = json.loads(snapshot.json())["metrics"]
-    drifts = {
-        m["config"].get("column") for m in metrics if m["config"]["type"].endswith("ValueDrift")
-    }
-    assert {"age", "contract_type", "predicted", "proba_1", "churned"} <= drifts
-
-
 def test_performance_on_labelled_rows_only() -> None:
     y = np.array([1, 0, 1, 1, np.nan, 0], dtype=object)
     pred = np.array([1, 0, 0, 1, 1, 1])
@@ -298,60 +257,3 @@ def test_evidently_classification_metrics_agree_with_scikit_learn(
         f1_score(window["churned"], window["predicted"]), abs=1e-12
     )
     assert ours["accuracy"] == accuracy_score(window["churned"], window["predicted"])
-
-
-def test_evidently_report_measures_performance_on_the_labelled_rows_only(
-    reference: pd.DataFrame, model: Pipeline, data_params: DataParams, tmp_path: Path
-) -> None:
-    window = scored(generate(4500, seed=21, drift=Drift(concept=0.5)), model, data_params)
-    window["churned"] = window["churned"].astype(float)
-    window.loc[window.sample(1500, random_state=0).index, "churned"] = np.nan  # not arrived yet
-    labelled = window[window["churned"].notna()]
-    report = evidently_report(reference.iloc[:3000], window, data_params)
-
-    ours = performance(
-        labelled["churned"].to_numpy(),
-        labelled["predicted"].to_numpy(),
-        labelled["proba_1"].to_numpy(),
-        [0, 1],
-    )
-    theirs = evidently_performance(report)
-    assert theirs is not None
-    assert theirs["n_labelled"] == ours["n_labelled"] == report.labelled_rows == 3000
-    for name in ("accuracy", "f1_macro", "roc_auc"):
-        assert theirs[name] == pytest.approx(ours[name], abs=1e-6), name
-    drift_rows = {
-        m["config"]["type"].rsplit(":", 1)[-1]: m["value"]
-        for m in json.loads(report.json())["metrics"]
-    }["RowCount"]
-    assert drift_rows == report.current_rows == 4500  # drift and summary saw every row
-    report.save_html(tmp_path / "report.html")
-    assert "Model Quality Metrics" in (tmp_path / "report.html").read_text()
-    assert len(report.snapshots) == 2
-
-
-@pytest.mark.parametrize("labels", ["none_arrived", "no_label_column", "one_class_only"])
-def test_a_window_without_two_labelled_classes_reports_drift_without_performance(
-    labels: str,
-    reference: pd.DataFrame,
-    model: Pipeline,
-    data_params: DataParams,
-    tmp_path: Path,
-) -> None:
-    window = scored(generate(1200, seed=22), model, data_params)
-    window["churned"] = np.nan if labels == "none_arrived" else window["churned"].astype(float)
-    if labels == "no_label_column":
-        window = window.drop(columns="churned")
-    if labels == "one_class_only":
-        window.loc[window.index[20:], "churned"] = np.nan
-        window.loc[window.index[:20], "churned"] = 0.0
-    report = evidently_report(reference.iloc[:2000], window, data_params)
-    assert report.performance is None
-    assert evidently_performance(report) is None
-    assert report.labelled_rows == (20 if labels == "one_class_only" else 0)
-    assert len(report.snapshots) == 1
-    saved = json.loads(report.json())
-    assert saved["performance"] is None
-    assert any(m["config"]["type"].endswith("DriftedColumnsCount") for m in saved["metrics"])
-    report.save_html(str(tmp_path / "report.html"))
-    assert (tmp_path / "report.html").stat().st_size > 10_000
