@@ -27,6 +27,7 @@ from prefect.tasks import Task
 from common.errors import UserError
 from common.params import load_params
 from common.predlog import BatchLogWriter
+from common.registry.served import ServedModel, resolve
 from common.settings import Settings, get_settings
 from models import batch
 
@@ -56,9 +57,10 @@ def _s3(settings: Settings) -> batch.S3Options:
     retry_condition_fn=_retry_unless_user_error,
     cache_policy=NO_CACHE,
 )
-def fetch_champion(settings: Settings) -> batch.ModelRef:
+def fetch_champion(settings: Settings) -> ServedModel:
     """Download the version the serving alias points at (cached by version)."""
-    return batch.fetch_model(settings, settings.mlops_home.resolve() / "batch-models")
+    cache = settings.mlops_home.resolve() / "batch-models"
+    return resolve(settings, settings.model_name, settings.model_alias, cache)
 
 
 @task(
@@ -75,7 +77,7 @@ def open_source(source: str, settings: Settings) -> batch.Input:
 @task(cache_policy=NO_CACHE)
 def score(
     inp: batch.Input,
-    model: batch.ModelRef,
+    model: ServedModel,
     batch_id: str,
     output_dir: Path,
     settings: Settings,
@@ -83,7 +85,7 @@ def score(
     """Score every chunk; files and log rows appear only if the whole batch succeeds."""
     logger = get_run_logger()
     params = load_params()
-    scorer = model.load()
+    scorer = model.scorer
     logger.info(
         "scoring %s as batch %s with %s v%s (%s), %d rows a chunk",
         inp.source,

@@ -27,22 +27,15 @@ from prefect.events import emit_event
 from prefect.runtime import flow_run
 
 from common import evidently_store, monitoring, registry
-from common.errors import UserError
 from common.localpg import prediction_db
 from common.params import Params, load_params
+from common.registry import tags as tag
+from common.registry.served import ServedModel, by_version, resolve
 from common.settings import Settings, get_settings
 from models import monitor as drift_core
-from models.train import HOLDOUT_SCORED_FILE, REFERENCE_FILE
 
 DRIFT_EVENT = "mlops.drift.detected"
 """The event the `retrain` deployment's trigger expects (prefect.yaml)."""
-
-
-@dataclass(frozen=True)
-class Served:
-    name: str
-    version: str
-    model_dir: Path
 
 
 @dataclass(frozen=True)
@@ -67,34 +60,18 @@ class Outcome:
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
-def served_version(settings: Settings, version: str | None) -> Served:
+def served_version(settings: Settings, version: str | None) -> ServedModel:
     """The version to monitor (default: the one the serving alias points at), downloaded."""
-    client = registry.connect(settings)
-    if version is None:
-        mv = registry.version_by_alias(client, settings.model_name, settings.model_alias)
-        if mv is None:
-            raise UserError(
-                f"model {settings.model_name!r} has no alias {settings.model_alias!r}: "
-                "nothing is served yet, so there is nothing to monitor (run `make demo`)."
-            )
-        version = str(mv.version)
     cache = settings.mlops_home.resolve() / "monitor-models"
-    return Served(
-        settings.model_name, version, registry.download_version(cache, settings.model_name, version)
-    )
+    if version is None:
+        return resolve(settings, settings.model_name, settings.model_alias, cache)
+    return by_version(settings, settings.model_name, version, cache)
 
 
 @task(cache_policy=NO_CACHE)
-def reference_of(served: Served) -> pd.DataFrame:
+def reference_of(served: ServedModel) -> pd.DataFrame:
     """The scored holdout logged with the version (features, label, predictions)."""
-    extra = served.model_dir / "extra_files"
-    for name in (HOLDOUT_SCORED_FILE, REFERENCE_FILE):  # older versions logged only the latter
-        if (extra / name).is_file():
-            return pd.read_parquet(extra / name)
-    raise UserError(
-        f"{served.name} v{served.version} carries no reference data "
-        f"(extra_files/{HOLDOUT_SCORED_FILE}); retrain it with this project's train stage."
-    )
+    return served.reference()
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
@@ -131,7 +108,7 @@ def _sample(df: pd.DataFrame, rows: int, seed: int) -> pd.DataFrame:
 def keep(  # noqa: PLR0917  (a task's inputs are its signature)
     settings: Settings,
     params: Params,
-    served: Served,
+    served: ServedModel,
     window: monitoring.Window,
     reference: pd.DataFrame,
     current: pd.DataFrame,
@@ -194,9 +171,9 @@ def keep(  # noqa: PLR0917  (a task's inputs are its signature)
         served.name,
         served.version,
         {
-            "monitor.last_run": run.info.run_id,
-            "monitor.last_window_end": window.end.isoformat(timespec="seconds"),
-            "monitor.last_drift": str(result.drift_detected).lower(),
+            tag.MONITOR_LAST_RUN: run.info.run_id,
+            tag.MONITOR_LAST_WINDOW_END: window.end.isoformat(timespec="seconds"),
+            tag.MONITOR_LAST_DRIFT: str(result.drift_detected).lower(),
         },
     )
     return run.info.run_id, report_uri, project
