@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from common.errors import run_cli
 from common.params import load_params
+from common.registry.served import resolve
 from common.settings import get_settings
 from common.store import BatchLogWriter, sources
 from models import batch
@@ -124,7 +125,8 @@ def main() -> None:
         root = Path(tmp)
         model_dir = args.model_dir
         if model_dir is None:
-            ref = batch.fetch_model(get_settings(), root / "models")
+            settings = get_settings()
+            ref = resolve(settings, settings.model_name, settings.model_alias, root / "models")
             model_dir = ref.path
             print(f"model: {ref.name} v{ref.version} from the registry")
         chunk = load_params().batch_score.chunk_rows

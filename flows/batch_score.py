@@ -27,6 +27,7 @@ from prefect.tasks import Task
 
 from common.errors import UserError
 from common.params import load_params
+from common.registry.served import ServedModel, resolve
 from common.settings import Settings, get_settings
 from common.store import BatchLogWriter, sources
 from models import batch
@@ -57,9 +58,10 @@ def _s3(settings: Settings) -> sources.S3Options:
     retry_condition_fn=_retry_unless_user_error,
     cache_policy=NO_CACHE,
 )
-def fetch_champion(settings: Settings) -> batch.ModelRef:
+def fetch_champion(settings: Settings) -> ServedModel:
     """Download the version the serving alias points at (cached by version)."""
-    return batch.fetch_model(settings, settings.mlops_home.resolve() / "batch-models")
+    cache = settings.mlops_home.resolve() / "batch-models"
+    return resolve(settings, settings.model_name, settings.model_alias, cache)
 
 
 @task(
@@ -76,7 +78,7 @@ def open_source(source: str, settings: Settings) -> sources.Input:
 @task(cache_policy=NO_CACHE)
 def score(
     inp: sources.Input,
-    model: batch.ModelRef,
+    model: ServedModel,
     batch_id: str,
     output_dir: Path,
     settings: Settings,
@@ -84,7 +86,7 @@ def score(
     """Score every chunk; files and log rows appear only if the whole batch succeeds."""
     logger = get_run_logger()
     params = load_params()
-    scorer = model.load()
+    scorer = model.scorer
     logger.info(
         "scoring %s as batch %s with %s v%s (%s), %d rows a chunk",
         inp.source,

@@ -26,24 +26,17 @@ from prefect.events import emit_event
 from prefect.runtime import flow_run
 
 from common import evidently_store, registry
-from common.errors import UserError
 from common.localpg import prediction_db
 from common.params import Params, load_params
+from common.registry import tags as tag
+from common.registry.served import ServedModel, by_version, resolve
 from common.settings import Settings, get_settings
 from common.store import monitoring
 from models import drift as drift_core
 from models import report
-from models.train import HOLDOUT_SCORED_FILE, REFERENCE_FILE
 
 DRIFT_EVENT = "mlops.drift.detected"
 """The event the `retrain` deployment's trigger expects (prefect.yaml)."""
-
-
-@dataclass(frozen=True)
-class Served:
-    name: str
-    version: str
-    model_dir: Path
 
 
 @dataclass(frozen=True)
@@ -70,34 +63,18 @@ class Outcome:
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
-def served_version(settings: Settings, version: str | None) -> Served:
+def served_version(settings: Settings, version: str | None) -> ServedModel:
     """The version to monitor (default: the one the serving alias points at), downloaded."""
-    client = registry.connect(settings)
-    if version is None:
-        mv = registry.version_by_alias(client, settings.model_name, settings.model_alias)
-        if mv is None:
-            raise UserError(
-                f"model {settings.model_name!r} has no alias {settings.model_alias!r}: "
-                "nothing is served yet, so there is nothing to monitor (run `make demo`)."
-            )
-        version = str(mv.version)
     cache = settings.mlops_home.resolve() / "monitor-models"
-    return Served(
-        settings.model_name, version, registry.download_version(cache, settings.model_name, version)
-    )
+    if version is None:
+        return resolve(settings, settings.model_name, settings.model_alias, cache)
+    return by_version(settings, settings.model_name, version, cache)
 
 
 @task(cache_policy=NO_CACHE)
-def reference_of(served: Served) -> pd.DataFrame:
+def reference_of(served: ServedModel) -> pd.DataFrame:
     """The scored holdout logged with the version (features, label, predictions)."""
-    extra = served.model_dir / "extra_files"
-    for name in (HOLDOUT_SCORED_FILE, REFERENCE_FILE):  # older versions logged only the latter
-        if (extra / name).is_file():
-            return pd.read_parquet(extra / name)
-    raise UserError(
-        f"{served.name} v{served.version} carries no reference data "
-        f"(extra_files/{HOLDOUT_SCORED_FILE}); retrain it with this project's train stage."
-    )
+    return served.reference()
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
@@ -129,7 +106,7 @@ def check(reference: pd.DataFrame, current: pd.DataFrame, params: Params) -> dri
 @task(cache_policy=NO_CACHE)
 def write_report(  # noqa: PLR0917  (a task's inputs are its signature)
     params: Params,
-    served: Served,
+    served: ServedModel,
     window: monitoring.Window,
     reference: pd.DataFrame,
     current: pd.DataFrame,
@@ -151,7 +128,7 @@ def write_report(  # noqa: PLR0917  (a task's inputs are its signature)
 
 @task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=[5])
 def upload_report(
-    settings: Settings, served: Served, window: monitoring.Window, kept: report.MonitorReport
+    settings: Settings, served: ServedModel, window: monitoring.Window, kept: report.MonitorReport
 ) -> str:
     """The window's snapshots in the model's Evidently project; the project's id."""
     return evidently_store.add_snapshot(
@@ -166,7 +143,7 @@ def upload_report(
 def log_run(  # noqa: PLR0917  (a task's inputs are its signature)
     settings: Settings,
     params: Params,
-    served: Served,
+    served: ServedModel,
     window: monitoring.Window,
     result: drift_core.DriftResult,
     run_id: str,
@@ -199,7 +176,7 @@ def log_run(  # noqa: PLR0917  (a task's inputs are its signature)
 @task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=[5])
 def tag_version(
     settings: Settings,
-    served: Served,
+    served: ServedModel,
     window: monitoring.Window,
     result: drift_core.DriftResult,
     mlflow_run: str,
@@ -210,9 +187,9 @@ def tag_version(
         served.name,
         served.version,
         {
-            "monitor.last_run": mlflow_run,
-            "monitor.last_window_end": window.end.isoformat(timespec="seconds"),
-            "monitor.last_drift": str(result.drift_detected).lower(),
+            tag.MONITOR_LAST_RUN: mlflow_run,
+            tag.MONITOR_LAST_WINDOW_END: window.end.isoformat(timespec="seconds"),
+            tag.MONITOR_LAST_DRIFT: str(result.drift_detected).lower(),
         },
     )
 

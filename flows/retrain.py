@@ -15,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from common import registry
 from common.localpg import has_prediction_db, prediction_db
 from common.params import load_params
+from common.registry import tags as tag
 from common.settings import get_settings
 from common.store import monitoring
 from flows.promote import promote
@@ -55,13 +56,13 @@ def link(version: str, monitor_run_id: str | None, production_rows: int) -> None
     """Tie the new version to the monitoring report that set off its training."""
     settings = get_settings()
     client = registry.connect(settings)
-    tags: dict[str, object] = {"data.production_rows": production_rows}
+    tags: dict[str, object] = {tag.DATA_PRODUCTION_ROWS: production_rows}
     if monitor_run_id:
         run = client.get_run(monitor_run_id)
         tags |= {
-            "retrain.trigger": "mlops.drift.detected",
-            "retrain.monitor_run": monitor_run_id,
-            "retrain.report": f"{run.info.artifact_uri}/monitoring/report.html",
+            tag.RETRAIN_TRIGGER: "mlops.drift.detected",
+            tag.RETRAIN_MONITOR_RUN: monitor_run_id,
+            tag.RETRAIN_REPORT: f"{run.info.artifact_uri}/monitoring/report.html",
         }
     registry.set_tags(client, settings.model_name, version, tags)
 

@@ -27,15 +27,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-import mlflow.artifacts
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from common import registry
 from common.errors import UserError
-from common.settings import Settings
 from common.store.rows import log_rows
 from models.data import MISSING_CATEGORY
 from models.predict import Kind, Scorer
@@ -438,50 +435,3 @@ def _empty_predictions(classes: Sequence[str], keep: Sequence[str]) -> pa.Schema
         *((proba_column(c), pa.float64()) for c in classes),
     ]
     return pa.schema(fields)
-
-
-# -- the model ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A registry version downloaded to a local directory, ready for `Scorer.load`."""
-
-    name: str
-    version: str
-    path: Path
-    prefer_onnx: bool
-
-    def load(self) -> Scorer:
-        scorer = Scorer.load(self.path, prefer_onnx=self.prefer_onnx)
-        scorer.self_check()
-        return scorer
-
-
-def fetch_model(settings: Settings, cache_dir: Path, alias: str | None = None) -> ModelRef:
-    """Download `models:/<name>@<alias>` (champion by default) once into `cache_dir`.
-
-    An unreachable MLflow server or a missing alias is a UserError naming what to fix.
-    """
-    name, alias = settings.model_name, alias or settings.model_alias
-    client = registry.connect(settings)
-    mv = registry.version_by_alias(client, name, alias)
-    if mv is None:
-        raise UserError(
-            f"models:/{name}@{alias} does not exist at MLFLOW_TRACKING_URI="
-            f"{settings.tracking_uri}; train and register a model first (make demo)."
-        )
-    version = str(mv.version)
-    target = cache_dir / name / version
-    if not (target / "MLmodel").exists():
-        tmp = cache_dir / name / f".{version}.{secrets.token_hex(4)}.tmp"
-        tmp.mkdir(parents=True)
-        try:
-            mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(tmp))
-            tmp.rename(target)
-        except OSError:
-            if not (target / "MLmodel").exists():
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return ModelRef(name, version, target, dict(mv.tags).get("onnx.parity") == "passed")

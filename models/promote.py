@@ -20,9 +20,10 @@ from mlflow.tracking import MlflowClient
 from common import paths, registry
 from common.errors import UserError
 from common.params import DataParams, PromoteParams
+from common.registry import tags as tag
 from models.evaluate import LOWER_IS_BETTER, score
 
-PREVIOUS = f"alias.{registry.CHAMPION}.previous"
+PREVIOUS = tag.alias_tag(registry.CHAMPION, tag.ALIAS_PREVIOUS)
 
 
 @dataclass(frozen=True)
@@ -112,10 +113,10 @@ def record(
         name,
         version,
         {
-            "promote.decision": decision,
-            "promote.decided_by": by,
-            "promote.decided_at": _now(),
-            "promote.reason": reason,
+            tag.PROMOTE_DECISION: decision,
+            tag.PROMOTE_DECIDED_BY: by,
+            tag.PROMOTE_DECIDED_AT: _now(),
+            tag.PROMOTE_REASON: reason,
         },
     )
 

@@ -18,6 +18,7 @@ from common import paths, registry
 from common.errors import run_cli
 from common.lineage import file_md5, git_commit
 from common.params import Params, PromoteParams, load_params
+from common.registry import tags as tag
 from common.settings import Settings, get_settings
 from models.evaluate import score
 from models.promote import judge
@@ -86,22 +87,22 @@ def run(params: Params, settings: Settings) -> Decision:
         name,
         version,
         {
-            "git.commit": git_commit(),
-            "dvc.raw_md5": client.get_run(train_run["run_id"]).data.tags.get(
-                "dvc.raw_md5", "unknown"
+            tag.GIT_COMMIT: git_commit(),
+            tag.DVC_RAW_MD5: client.get_run(train_run["run_id"]).data.tags.get(
+                tag.DVC_RAW_MD5, "unknown"
             ),
-            "dvc.train_md5": file_md5(paths.TRAIN),
-            "dvc.holdout_md5": file_md5(paths.HOLDOUT),
-            "params.train": json.dumps(params.train.model_dump(), sort_keys=True),
-            "metrics": json.dumps(
+            tag.DVC_TRAIN_MD5: file_md5(paths.TRAIN),
+            tag.DVC_HOLDOUT_MD5: file_md5(paths.HOLDOUT),
+            tag.PARAMS_TRAIN: json.dumps(params.train.model_dump(), sort_keys=True),
+            tag.METRICS: json.dumps(
                 {k: round(v, 6) for k, v in holdout_metrics.items()}, sort_keys=True
             ),
-            **{f"metric.{k}": round(v, 6) for k, v in holdout_metrics.items() if k != "rows"},
-            "onnx.parity": "passed" if train_run["onnx_parity"] else "failed",
-            "onnx.max_abs_diff": f"{train_run['onnx_max_abs_diff']:.3e}",
-            "mlflow.run_id": train_run["run_id"],
+            **{tag.metric_tag(k): round(v, 6) for k, v in holdout_metrics.items() if k != "rows"},
+            tag.ONNX_PARITY: tag.parity(train_run["onnx_parity"]),
+            tag.ONNX_MAX_ABS_DIFF: f"{train_run['onnx_max_abs_diff']:.3e}",
+            tag.MLFLOW_RUN_ID: train_run["run_id"],
             **(
-                {"prefect.flow_run_id": settings.prefect_flow_run_id}
+                {tag.PREFECT_FLOW_RUN_ID: settings.prefect_flow_run_id}
                 if settings.prefect_flow_run_id
                 else {}
             ),
@@ -125,9 +126,9 @@ def run(params: Params, settings: Settings) -> Decision:
         name,
         version,
         {
-            "gate.decision": "held" if held else "promoted" if promoted else "rejected",
-            "gate.reason": reason,
-            "gate.decided_by": by,
+            tag.GATE_DECISION: "held" if held else "promoted" if promoted else "rejected",
+            tag.GATE_REASON: reason,
+            tag.GATE_DECIDED_BY: by,
         },
     )
     if promoted:

@@ -23,6 +23,7 @@ from common import paths, registry
 from common.errors import UserError, run_cli
 from common.lineage import file_md5, git_commit
 from common.params import DataParams, MonitorParams, TrainParams, load_params
+from common.registry import tags as tag
 from common.settings import Settings, get_settings
 from models import export
 from models.data import model_frame, target
@@ -111,13 +112,13 @@ def run(
     ):
         mlflow.set_tags(
             {
-                "git.commit": git_commit(),
-                "dvc.raw_md5": file_md5(raw) if raw.exists() else "unknown",
-                "dvc.train_md5": train_md5,
+                tag.GIT_COMMIT: git_commit(),
+                tag.DVC_RAW_MD5: file_md5(raw) if raw.exists() else "unknown",
+                tag.DVC_TRAIN_MD5: train_md5,
                 "data.path": data.path,
                 "pipeline.stage": "train",
                 **(
-                    {"prefect.flow_run_id": settings.prefect_flow_run_id}
+                    {tag.PREFECT_FLOW_RUN_ID: settings.prefect_flow_run_id}
                     if settings.prefect_flow_run_id
                     else {}
                 ),
@@ -177,7 +178,7 @@ def run(
                 "onnx_label_mismatches": float(parity.label_mismatches),
             }
         )
-        mlflow.set_tag("onnx.parity", "passed" if parity.passed else "failed")
+        mlflow.set_tag(tag.ONNX_PARITY, tag.parity(parity.passed))
         result = TrainResult(
             run_id=active.info.run_id,
             experiment_id=exp_id,

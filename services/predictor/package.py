@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import shutil
 import subprocess
 import sys
@@ -19,39 +18,33 @@ import tempfile
 from pathlib import Path
 
 import bentoml
-import mlflow
 import yaml
 
-from common import registry
 from common.errors import UserError, run_cli
+from common.registry import served
 from common.settings import Settings, get_settings
-from services.predictor.runtime import TAGS_FILE
+from services.predictor.runtime import model_cache
 from services.predictor.service import BUNDLE
 
 BENTOFILE = "services/predictor/bentofile.yaml"
 
 
 def bundle(settings: Settings) -> str:
-    """Store `models:/<name>@<alias>` as the bundled model; return its BentoML tag."""
-    client = registry.connect(settings)
-    mv = registry.version_by_alias(client, settings.model_name, settings.model_alias)
-    if mv is None:
-        raise UserError(
-            f"models:/{settings.model_name}@{settings.model_alias} does not exist in "
-            f"{settings.tracking_uri}: run `make demo` (or `dvc repro`) first."
-        )
-    labels = {"model_name": settings.model_name, "model_version": str(mv.version)}
+    """Store `models:/<name>@<alias>` as the bundled model; return its BentoML tag.
+
+    The version is downloaded into the predictor's own cache, so a predictor started next
+    with the same MLOPS_HOME finds it there.
+    """
+    version = served.resolve(
+        settings, settings.model_name, settings.model_alias, model_cache(settings)
+    )
+    labels = {"model_name": version.name, "model_version": version.version}
     with contextlib.suppress(bentoml.exceptions.NotFound):
         latest = bentoml.models.get(f"{BUNDLE}:latest")
         if latest.info.labels == labels:
             return str(latest.tag)  # this version is bundled already
     with bentoml.models.create(BUNDLE, labels=labels) as model:
-        mlflow.artifacts.download_artifacts(
-            f"models:/{settings.model_name}/{mv.version}", dst_path=model.path
-        )
-        tags = {**mv.tags, "version": str(mv.version)}
-        with open(model.path_of(TAGS_FILE), "w") as fh:
-            json.dump(tags, fh, indent=2)
+        version.bundle(Path(model.path))
     return str(model.tag)
 
 

@@ -7,54 +7,26 @@ assignment, so a request sees either the old model or the new one, never a mix.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from mlflow.tracking import MlflowClient
-from pydantic import BaseModel
 
 from common import registry
+from common.registry import served
+from common.registry.served import ServedModel
 from common.settings import Settings
-from models.predict import Scorer, record_model
 
 log = logging.getLogger("predictor")
 
-LINEAGE_TAGS = (
-    "git.commit",
-    "dvc.raw_md5",
-    "dvc.train_md5",
-    "metrics",
-    "onnx.parity",
-    "gate.decision",
-    "gate.reason",
-    "mlflow.run_id",
-)
 
-
-@dataclass(frozen=True)
-class Served:
-    """One loaded model version: what scores requests and what validates them."""
-
-    name: str
-    version: str
-    scorer: Scorer
-    record: type[BaseModel]
-    tags: dict[str, str]
-    source: str  # "registry" or "bundled"
-    loaded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
-
-
-def load_dir(name: str, version: str, model_dir: Path, tags: dict[str, str], source: str) -> Served:
-    """Load and self-check a downloaded model directory."""
-    scorer = Scorer.load(model_dir, prefer_onnx=tags.get("onnx.parity") == "passed")
-    scorer.self_check()
-    return Served(name, version, scorer, record_model(scorer), tags, source)
+def model_cache(settings: Settings) -> Path:
+    """Where the predictor (and the Bento packaging before it) keeps downloaded versions."""
+    return settings.mlops_home.resolve() / "served-models"
 
 
 class ModelRuntime:
@@ -64,7 +36,7 @@ class ModelRuntime:
         self.settings = settings
         self.name = settings.model_name
         self.alias = settings.model_alias
-        self.cache = settings.mlops_home.resolve() / "served-models"
+        self.cache = model_cache(settings)
         self.bundled_dir = bundled_dir
         self.registry_ok = False
         self.last_error: str | None = None
@@ -76,19 +48,17 @@ class ModelRuntime:
         self._thread: threading.Thread | None = None
         self.current = self._initial()
 
-    def _initial(self) -> Served:
+    def _initial(self) -> ServedModel:
         try:
-            served = self._from_registry()
-            if served is not None:
-                return served
+            found = self._from_registry()
+            if found is not None:
+                return found
         except Exception as exc:  # any registry failure falls back to the bundle
             self._note_failure(exc)
         if self.bundled_dir is not None and (self.bundled_dir / "MLmodel").exists():
-            tags = _read_tags(self.bundled_dir)
-            log.warning("registry unavailable; serving the bundled model v%s", tags.get("version"))
-            return load_dir(
-                self.name, tags.get("version", "bundled"), self.bundled_dir, tags, "bundled"
-            )
+            bundled = served.from_dir(self.bundled_dir, self.name, alias=self.alias)
+            log.warning("registry unavailable; serving the bundled model v%s", bundled.version)
+            return bundled.load()
         raise RuntimeError(
             f"no model to serve: models:/{self.name}@{self.alias} is not reachable "
             f"({self.last_error or 'alias not set'}) and no bundled model is present"
@@ -99,41 +69,39 @@ class ModelRuntime:
             self._client = registry.connect(self.settings)
         return self._client
 
-    def _from_registry(self, skip_version: str | None = None) -> Served | None:
+    def _from_registry(self, skip_version: str | None = None) -> ServedModel | None:
         client = self._registry()
         mv = registry.version_by_alias(client, self.name, self.alias)
         self.registry_ok, self.last_error = True, None
         self.last_check = datetime.now(UTC).isoformat(timespec="seconds")
         if mv is None or str(mv.version) == skip_version:
             return None
-        version = str(mv.version)
-        target = registry.download_version(self.cache, self.name, version)
-        return load_dir(self.name, version, target, dict(mv.tags), "registry")
+        return served.fetch(mv, self.cache, alias=self.alias).load()
 
     def _note_failure(self, exc: BaseException) -> None:
         self.registry_ok = False
         self.last_error = f"{type(exc).__name__}: {exc}"[:500]
         self.last_check = datetime.now(UTC).isoformat(timespec="seconds")
-        served = getattr(self, "current", None)
+        current = getattr(self, "current", None)
         log.warning(
             "registry check failed; serving %s: %s",
-            f"v{served.version}" if served else "nothing yet",
+            f"v{current.version}" if current else "nothing yet",
             self.last_error,
         )
 
     def check_now(self) -> bool:
         """Look at the alias once; swap if it moved. Returns whether a swap happened."""
         try:
-            served = self._from_registry(skip_version=self.current.version)
+            new = self._from_registry(skip_version=self.current.version)
         except Exception as exc:  # keep serving whatever goes wrong
             self._note_failure(exc)
             return False
-        if served is None:
+        if new is None:
             return False
         old = self.current
-        self.current = served
+        self.current = new
         self.swaps += 1
-        log.info("swapped %s v%s -> v%s", self.name, old.version, served.version)
+        log.info("swapped %s v%s -> v%s", self.name, old.version, new.version)
         return True
 
     def wake(self) -> None:
@@ -172,7 +140,7 @@ class ModelRuntime:
             "source": cur.source,
             "backend": cur.scorer.backend,
             "loaded_at": cur.loaded_at,
-            "lineage": {k: cur.tags[k] for k in LINEAGE_TAGS if k in cur.tags},
+            "lineage": cur.lineage,
             "registry": {
                 "reachable": self.registry_ok,
                 "last_check": self.last_check,
@@ -181,12 +149,3 @@ class ModelRuntime:
             },
             "swaps": self.swaps,
         }
-
-
-TAGS_FILE = "registry_tags.json"
-"""Written beside a bundled model: its registry tags and version, for /model when offline."""
-
-
-def _read_tags(model_dir: Path) -> dict[str, str]:
-    path = model_dir / TAGS_FILE
-    return dict(json.loads(path.read_text())) if path.exists() else {}

@@ -27,9 +27,6 @@ ALLOWED_IN_MODELS: dict[str, set[str]] = {
     "models/promote.py": {"mlflow"},
     "models/register.py": {"mlflow"},
     "models/train.py": {"mlflow"},
-    # `fetch_model` (the section `# -- the model`), replaced by the registry's served-model
-    # handle in a parallel change; the lead removes this entry then.
-    "models/batch.py": {"mlflow"},
     # moved by the tidy/monitor change (models/monitor.py needs no exception today)
     "models/pipeline.py": {"subprocess"},
 }

@@ -1,8 +1,13 @@
-"""MLflow tracking and registry helpers shared by the pipeline, flows and the service."""
+"""MLflow tracking and registry helpers shared by the pipeline, flows and the service.
+
+`common.registry.tags` names every model-version tag; `common.registry.served` is the
+handle on one version to serve (alias -> version -> local files -> scorer).
+"""
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import urllib.error
 import urllib.request
@@ -17,6 +22,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from common.errors import UserError
+from common.registry import tags as tag
 from common.settings import Settings
 
 CHAMPION = "champion"
@@ -68,8 +74,9 @@ def move_alias(
     """Point `alias` at `version` and record on that version who moved it, when and why."""
     client.set_registered_model_alias(name, alias, version)
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    for key, value in {"set_by": by, "set_at": now, "reason": reason}.items():
-        client.set_model_version_tag(name, version, f"alias.{alias}.{key}", value)
+    record = {tag.ALIAS_SET_BY: by, tag.ALIAS_SET_AT: now, tag.ALIAS_REASON: reason}
+    for key, value in record.items():
+        client.set_model_version_tag(name, version, tag.alias_tag(alias, key), value)
 
 
 def set_tags(client: MlflowClient, name: str, version: str, tags: dict[str, Any]) -> None:
@@ -81,18 +88,20 @@ def download_version(cache: Path, name: str, version: str) -> Path:
     """The model version's files under `cache/name/version`, downloaded once.
 
     Processes that download side by side each use a folder of their own; the first
-    rename wins and the others drop theirs.
+    rename wins and the others drop theirs. A failed download leaves nothing behind.
     """
     target = cache / name / version
     if (target / "MLmodel").exists():
         return target
-    tmp = cache / name / f".{version}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = cache / name / f".{version}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     tmp.mkdir(parents=True)
-    mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(tmp))
     try:
+        mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(tmp))
         tmp.rename(target)
     except OSError:
+        if not (target / "MLmodel").exists():
+            raise
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 

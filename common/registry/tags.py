@@ -1,0 +1,117 @@
+"""The model-version tags this project writes: one name for each, so writers and readers agree.
+
+Stored registries, dashboards and the MLflow UI read these exact strings: never rename one.
+The train stage also sets the lineage tags (git, dvc, onnx, prefect) on its MLflow run,
+where register reads `dvc.raw_md5` back from.
+
+tag                          written by       means
+---------------------------  ---------------  ----------------------------------------------------
+git.commit                   train, register  HEAD when trained (`-dirty`: tracked files changed)
+dvc.raw_md5                  train, register  DVC md5 of the raw table it was trained from
+dvc.train_md5                train, register  DVC md5 of data/prepared/train.parquet
+dvc.holdout_md5              register         DVC md5 of the holdout it was scored on
+params.train                 register         params.yaml's `train` section, JSON
+metrics                      register         every holdout metric, JSON
+metric.<name>                register         one holdout metric
+onnx.parity                  train, register  `passed`/`failed`: ONNX agrees with sklearn; only
+                                              a `passed` version is served through ONNX
+onnx.max_abs_diff            register         largest ONNX-vs-sklearn probability gap
+mlflow.run_id                register         the MLflow run that trained it
+prefect.flow_run_id          train, register  the Prefect flow run that trained it, if any
+gate.decision                register         `promoted`/`held`/`rejected` by the gate
+gate.reason                  register         why
+gate.decided_by              register         who (the register stage)
+promote.decision             promote          `promoted`/`rejected`/`rolled back`
+promote.decided_by           promote          who decided
+promote.decided_at           promote          when (UTC)
+promote.reason               promote          why
+alias.<alias>.set_by         move_alias       who pointed <alias> at this version
+alias.<alias>.set_at         move_alias       when (UTC)
+alias.<alias>.reason         move_alias       why
+alias.champion.previous      promote          the champion it replaced: where rollback goes
+monitor.last_run             monitor flow     MLflow run of the latest monitoring report
+monitor.last_window_end      monitor flow     end of that report's window (UTC)
+monitor.last_drift           monitor flow     `true`/`false`: did that window drift
+retrain.trigger              retrain flow     the event that started its training
+retrain.monitor_run          retrain flow     the monitoring run that found the drift
+retrain.report               retrain flow     that run's Evidently report (URI)
+data.production_rows         retrain flow     labelled production rows added to its training
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+# lineage: what the version was made from
+GIT_COMMIT = "git.commit"
+DVC_RAW_MD5 = "dvc.raw_md5"
+DVC_TRAIN_MD5 = "dvc.train_md5"
+DVC_HOLDOUT_MD5 = "dvc.holdout_md5"
+PARAMS_TRAIN = "params.train"
+MLFLOW_RUN_ID = "mlflow.run_id"
+PREFECT_FLOW_RUN_ID = "prefect.flow_run_id"
+
+# evaluation
+METRICS = "metrics"
+METRIC_PREFIX = "metric."
+ONNX_PARITY = "onnx.parity"
+ONNX_MAX_ABS_DIFF = "onnx.max_abs_diff"
+PARITY_PASSED = "passed"
+PARITY_FAILED = "failed"
+
+# decisions
+GATE_DECISION = "gate.decision"
+GATE_REASON = "gate.reason"
+GATE_DECIDED_BY = "gate.decided_by"
+PROMOTE_DECISION = "promote.decision"
+PROMOTE_DECIDED_BY = "promote.decided_by"
+PROMOTE_DECIDED_AT = "promote.decided_at"
+PROMOTE_REASON = "promote.reason"
+
+# alias moves: alias_tag(alias, key)
+ALIAS_PREFIX = "alias."
+ALIAS_SET_BY = "set_by"
+ALIAS_SET_AT = "set_at"
+ALIAS_REASON = "reason"
+ALIAS_PREVIOUS = "previous"
+
+# the loop after serving
+MONITOR_LAST_RUN = "monitor.last_run"
+MONITOR_LAST_WINDOW_END = "monitor.last_window_end"
+MONITOR_LAST_DRIFT = "monitor.last_drift"
+RETRAIN_TRIGGER = "retrain.trigger"
+RETRAIN_MONITOR_RUN = "retrain.monitor_run"
+RETRAIN_REPORT = "retrain.report"
+DATA_PRODUCTION_ROWS = "data.production_rows"
+
+LINEAGE = (
+    GIT_COMMIT,
+    DVC_RAW_MD5,
+    DVC_TRAIN_MD5,
+    METRICS,
+    ONNX_PARITY,
+    GATE_DECISION,
+    GATE_REASON,
+    MLFLOW_RUN_ID,
+)
+"""The tags the predictor's /model shows as the served version's lineage, in this order."""
+
+
+def alias_tag(alias: str, key: str) -> str:
+    """`alias.<alias>.<key>`, e.g. alias_tag("champion", ALIAS_PREVIOUS)."""
+    return f"{ALIAS_PREFIX}{alias}.{key}"
+
+
+def metric_tag(metric: str) -> str:
+    """`metric.<metric>`: one holdout metric of the version."""
+    return f"{METRIC_PREFIX}{metric}"
+
+
+def parity(passed: bool) -> str:
+    """The `onnx.parity` value for a parity check's result."""
+    return PARITY_PASSED if passed else PARITY_FAILED
+
+
+def onnx_ok(tags: Mapping[str, str]) -> bool:
+    """Whether the version's ONNX export may serve: its parity check passed."""
+    return tags.get(ONNX_PARITY) == PARITY_PASSED
