@@ -11,6 +11,7 @@ the Prefect event `mlops.drift.detected` that triggers the `retrain` deployment.
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
@@ -111,6 +112,7 @@ def read_window(
         positive_class=positive,
         prediction_column=params.monitor.prediction_column,
         probability_column=params.monitor.probability_column,
+        class_columns=drift_core.class_columns(reference, params.data),
     )
     for col in (target, params.monitor.prediction_column):
         current[col] = monitoring.target_like(current[col], reference[target])
@@ -160,7 +162,7 @@ def keep(  # noqa: PLR0917  (a task's inputs are its signature)
         )
         mlflow.log_metrics(
             {
-                (f"{m.metric}.{m.column}" if m.column else m.metric): float(m.value)
+                _metric_key(f"{m.metric}.{m.column}" if m.column else m.metric): float(m.value)
                 for m in result.to_rows()
             }
         )
@@ -200,6 +202,11 @@ def keep(  # noqa: PLR0917  (a task's inputs are its signature)
         },
     )
     return run.info.run_id, report_uri, project
+
+
+def _metric_key(name: str) -> str:
+    """An MLflow metric name: a column's other characters ("bill length (mm)") as `_`."""
+    return re.sub(r"[^\w.\- ]", "_", name)
 
 
 def _rows(result: drift_core.DriftResult) -> list[tuple[str, str | None, float]]:
