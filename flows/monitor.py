@@ -91,6 +91,7 @@ def read_window(
         positive_class=positive,
         prediction_column=params.monitor.prediction_column,
         probability_column=params.monitor.probability_column,
+        class_columns=drift_core.class_columns(reference, params.data),
     )
     for col in (target, params.monitor.prediction_column):
         current[col] = monitoring.target_like(current[col], reference[target])

@@ -53,3 +53,12 @@ def model_frame(df: pd.DataFrame, data: DataParams) -> pd.DataFrame:
 def target(df: pd.DataFrame, data: DataParams) -> np.ndarray:
     """The label column as a numpy array."""
     return df[data.target].to_numpy()
+
+
+PROBA_PREFIX = "proba_"
+"""Scored tables hold each class's probability in `proba_<class>` (see `proba_column`)."""
+
+
+def proba_column(label: object) -> str:
+    """The column of one class's probability in scored tables and monitoring windows."""
+    return f"{PROBA_PREFIX}{label}"

@@ -15,7 +15,8 @@ The kept Evidently report of a window is `models.report`'s.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -25,11 +26,16 @@ from scipy.spatial import distance
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
 
 from common.params import DataParams, MonitorParams
+from models.data import PROBA_PREFIX
 
 Kind = Literal["numeric", "categorical"]
 
 WASSERSTEIN = "wasserstein"
 JENSENSHANNON = "jensenshannon"
+
+
+def _metric_key(name: str) -> str:
+    return re.sub(r"[^\w.\- ]", "_", name)
 
 
 @dataclass(frozen=True)
@@ -142,9 +148,13 @@ class DriftResult:
         return rows
 
     def metrics(self) -> dict[str, float]:
-        """`to_rows` as MLflow metrics, named `metric.column` (`drift_score.age`) or `metric`."""
+        """`to_rows` as MLflow metrics, named `metric.column` (`drift_score.age`) or `metric`.
+
+        MLflow refuses other characters in a metric name, so a column's ("bill length (mm)")
+        become `_`.
+        """
         return {
-            (f"{m.metric}.{m.column}" if m.column else m.metric): float(m.value)
+            _metric_key(f"{m.metric}.{m.column}" if m.column else m.metric): float(m.value)
             for m in self.to_rows()
         }
 
@@ -199,14 +209,29 @@ class _Columns:
         return self.features + self.extra
 
 
+def class_columns(reference: pd.DataFrame, data: DataParams) -> dict[str, str]:
+    """A multiclass model's probability columns in its reference: {`proba_<class>`: class}.
+
+    models.train scores the reference with every class's probability for a multiclass
+    model and with `probability_column` alone for a binary one: empty for a binary model.
+    """
+    found = {
+        str(c): str(c).removeprefix(PROBA_PREFIX)
+        for c in reference.columns
+        if str(c).startswith(PROBA_PREFIX) and c not in data.features
+    }
+    return found if len(found) > 2 else {}
+
+
 def _columns(
     reference: pd.DataFrame, current: pd.DataFrame, data: DataParams, params: MonitorParams
 ) -> _Columns:
     features: list[tuple[str, Kind]] = [(c, data.features[c].type) for c in data.feature_names]
     extra: list[tuple[str, Kind]] = []
+    probabilities = list(class_columns(reference, data)) or [params.probability_column]
     for name, kind in (
         (params.prediction_column, "categorical"),
-        (params.probability_column, "numeric"),
+        *((p, "numeric") for p in probabilities),
         (data.target, "categorical"),
     ):
         if name in reference and name in current and current[name].notna().sum() > 0:
@@ -245,8 +270,9 @@ def drift(
     """Compare one window with the reference: features, predictions/labels, quality, performance.
 
     Prediction drift covers `params.prediction_column` (class balance) and
-    `params.probability_column` (positive-class probability) when both frames have them;
-    label drift covers the target when the current window has labels.
+    `params.probability_column` (positive-class probability) when both frames have them,
+    or for a multiclass model every class's probability (`class_columns`); label drift
+    covers the target when the current window has labels.
     """
     cols = _columns(reference, current, data, params)
     labelled = int(current[data.target].notna().sum()) if data.target in current else 0
@@ -258,7 +284,7 @@ def drift(
     }
     if len(current) < params.min_rows:
         return DriftResult(tested_rows=0, enough_rows=False, **base)  # type: ignore[arg-type]
-    performance_ = _window_performance(current, data, params)
+    performance_ = _window_performance(current, data, params, class_columns(reference, data))
     if labelled < params.min_rows:
         cols = _Columns(cols.features, [c for c in cols.extra if c[0] != data.target])
     ref = _frame(reference, cols.all)
@@ -384,12 +410,23 @@ def _present(values: pd.Series) -> set[str]:
 
 
 def _window_performance(
-    current: pd.DataFrame, data: DataParams, params: MonitorParams
+    current: pd.DataFrame,
+    data: DataParams,
+    params: MonitorParams,
+    class_probabilities: Mapping[str, str] | None = None,
 ) -> dict[str, Any] | None:
+    """`performance` of the labelled rows; `class_probabilities` as `class_columns` gives them."""
     rows = _labelled(current, data, params)
     if rows is None:
         return None
     y_true, y_pred = rows[data.target].to_numpy(), rows[params.prediction_column].to_numpy()
+    if class_probabilities and all(c in current for c in class_probabilities):
+        # multiclass: one-vs-rest AUC over every class, when every class has labelled rows
+        labels = list(class_probabilities.values())
+        y_true, y_pred = y_true.astype(str), y_pred.astype(str)
+        matrix = current.loc[current[data.target].notna(), list(class_probabilities)]
+        usable = set(y_true.tolist()) == set(labels)
+        return performance(y_true, y_pred, matrix.to_numpy(np.float64) if usable else None, labels)
     classes = np.unique(np.concatenate([y_true, y_pred]))
     proba = (
         rows[params.probability_column].to_numpy(np.float64)

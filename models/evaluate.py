@@ -1,4 +1,9 @@
-"""evaluate: holdout metrics and confusion matrix, as DVC metrics/plots and in the MLflow run."""
+"""evaluate: holdout metrics, confusion matrix and ROC curve, as DVC metrics/plots and in MLflow.
+
+The ROC plot (plots/roc.csv: fpr, tpr) is the positive class's curve for a binary target
+and the micro-averaged one-vs-rest curve for a multiclass one, one line either way, as
+DVC's `simple` template draws it; the MLflow run also gets every class's one-vs-rest curve.
+"""
 
 from __future__ import annotations
 
@@ -48,14 +53,39 @@ def score(model: Any, holdout: pd.DataFrame, data: DataParams) -> dict[str, floa
     return metrics(target(holdout, data), proba, model.classes_)
 
 
-def _write_plots(y: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> None:
+MICRO = "micro"
+"""The `class` of the micro-averaged curve in `roc_curves` (every class's scores pooled)."""
+
+
+def _curve(positive: np.ndarray, score: np.ndarray, points: int = 200) -> pd.DataFrame:
+    """One ROC curve, thinned to at most `points` points (first and last kept)."""
+    fpr, tpr, _ = roc_curve(positive, score)
+    keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), points)).astype(int))
+    return pd.DataFrame({"fpr": fpr[keep], "tpr": tpr[keep]})
+
+
+def roc_curves(y: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> pd.DataFrame:
+    """ROC curves as rows (class, fpr, tpr): the positive class's for a binary target; for a
+    multiclass one, each class against the rest and the micro average (class MICRO)."""
+    if len(classes) == 2:
+        return _curve(y == classes[1], proba[:, 1]).assign(**{"class": str(classes[1])})
+    onehot = y[:, None] == classes[None, :]
+    curves = [
+        _curve(onehot[:, i], proba[:, i]).assign(**{"class": str(c)}) for i, c in enumerate(classes)
+    ]
+    curves.append(_curve(onehot.ravel(), proba.ravel()).assign(**{"class": MICRO}))
+    return pd.concat(curves, ignore_index=True)[["class", "fpr", "tpr"]]
+
+
+def _write_plots(y: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> pd.DataFrame:
+    """plots/confusion.csv and plots/roc.csv (one curve: see the module doc); return every curve."""
     pred = classes[proba.argmax(axis=1)]
     paths.CONFUSION.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame({"actual": y, "predicted": pred}).to_csv(paths.CONFUSION, index=False)
-    if len(classes) == 2:
-        fpr, tpr, _ = roc_curve(y == classes[1], proba[:, 1])
-        keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), 200)).astype(int))
-        pd.DataFrame({"fpr": fpr[keep], "tpr": tpr[keep]}).to_csv(paths.ROC, index=False)
+    curves = roc_curves(y, proba, classes)
+    plotted = curves["class"] == (str(classes[1]) if len(classes) == 2 else MICRO)
+    curves.loc[plotted, ["fpr", "tpr"]].to_csv(paths.ROC, index=False)
+    return curves
 
 
 def run(data: DataParams, settings: Settings) -> dict[str, float]:
@@ -70,7 +100,7 @@ def run(data: DataParams, settings: Settings) -> dict[str, float]:
 
     paths.METRICS.parent.mkdir(parents=True, exist_ok=True)
     paths.METRICS.write_text(json.dumps({**result, "rows": len(holdout)}, indent=2) + "\n")
-    _write_plots(y, proba, model.classes_)
+    curves = _write_plots(y, proba, model.classes_)
 
     with mlflow.start_run(run_id=train_run["run_id"]):
         holdout_ds = from_pandas(
@@ -91,6 +121,7 @@ def run(data: DataParams, settings: Settings) -> dict[str, float]:
         )
         predictions["actual"] = y
         mlflow.log_table(predictions.reset_index(), "evaluation/holdout_predictions.json")
+        mlflow.log_table(curves, "evaluation/roc_curves.json")
     return result
 
 

@@ -7,6 +7,7 @@ Missing values are normalised exactly as `models.data.model_frame` does at train
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ Record = Mapping[str, Any]
 
 ONNX_ARTIFACT = Path("extra_files", "model.onnx")
 """Where train.py's log_model(extra_files=...) puts the ONNX export inside the model dir."""
+ONNX_INPUTS_KEY = "mlops.onnx_inputs"
+"""ONNX metadata entry: JSON {column: input name}, written by models.export.export."""
 
 _KINDS: dict[str, Kind] = {
     "double": "numeric",
@@ -79,6 +82,7 @@ class Scorer:
         self._names = [name for name, _ in schema.features]
         self._classes = [str(c) for c in pipeline.classes_]
         self._session = session
+        self._inputs = onnx_inputs(session, self._names) if session else {}
         self._proba_output = _proba_output(session, schema, len(self._classes)) if session else ""
         self._example = example
 
@@ -133,7 +137,7 @@ class Scorer:
         if not records:
             return np.empty((0, len(self._classes)))
         if self._session is not None:
-            feed = self._columns(records, np.float32)
+            feed = self._columns(records, np.float32, self._inputs)
             out = self._session.run([self._proba_output], feed)[0]
             return np.asarray(out, dtype=np.float64)
         frame = pd.DataFrame(
@@ -153,7 +157,7 @@ class Scorer:
             return np.empty((0, len(self._classes)))
         if self._session is not None:
             feed = {
-                name: np.asarray(
+                self._inputs[name]: np.asarray(
                     columns[name], np.float32 if kind == "numeric" else object
                 ).reshape(-1, 1)
                 for name, kind in self._schema.features
@@ -205,17 +209,26 @@ class Scorer:
                     f"(allowed {atol:.0e}); is extra_files/model.onnx from this model?"
                 )
 
-    def _columns(self, records: Sequence[Record], dtype: type[np.floating]) -> dict[str, Any]:
-        """One (n, 1) array per feature, missing values as model_frame makes them."""
+    def _columns(
+        self,
+        records: Sequence[Record],
+        dtype: type[np.floating],
+        keys: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """One (n, 1) array per feature, missing values as model_frame makes them.
+
+        Keyed by `keys` (feature -> ONNX input name) when given, else by feature name.
+        """
         out: dict[str, np.ndarray] = {}
         for name, kind in self._schema.features:
+            key = keys[name] if keys else name
             try:
                 if kind == "numeric":
-                    out[name] = np.array(
+                    out[key] = np.array(
                         [[_NAN if (v := r[name]) is None else v] for r in records], dtype
                     )
                 else:
-                    out[name] = np.array([[_category(r[name])] for r in records], dtype=object)
+                    out[key] = np.array([[_category(r[name])] for r in records], dtype=object)
             except KeyError:
                 raise ValueError(f"a record has no value for feature {name!r}") from None
             except (TypeError, ValueError) as exc:
@@ -328,10 +341,21 @@ def _session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+def onnx_inputs(session: ort.InferenceSession, columns: Sequence[str]) -> dict[str, str]:
+    """Each column's ONNX input name: as the export recorded it, else the column's own name.
+
+    Models exported before the mapping existed named their inputs after the columns.
+    """
+    recorded = session.get_modelmeta().custom_metadata_map.get(ONNX_INPUTS_KEY)
+    names: dict[str, str] = json.loads(recorded) if recorded else {}
+    return {column: names.get(column, column) for column in columns}
+
+
 def _proba_output(session: ort.InferenceSession, schema: Schema, classes: int) -> str:
     """Check the ONNX inputs against the signature; return the probabilities output's name."""
     got = {i.name: i.type for i in session.get_inputs()}
-    want = {name: _ONNX_TYPES[kind] for name, kind in schema.features}
+    inputs = onnx_inputs(session, [name for name, _ in schema.features])
+    want = {inputs[name]: _ONNX_TYPES[kind] for name, kind in schema.features}
     if got != want:
         raise ModelError(f"the ONNX model's inputs {got} do not match the signature's {want}")
     for out in session.get_outputs():

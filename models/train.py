@@ -26,7 +26,7 @@ from common.params import DataParams, MonitorParams, TrainParams, load_params
 from common.registry import tags as tag
 from common.settings import Settings, get_settings
 from models import export
-from models.data import model_frame, target
+from models.data import model_frame, proba_column, target
 
 ONNX_FILE = "model.onnx"
 REFERENCE_FILE = "reference.parquet"
@@ -74,11 +74,19 @@ def _requirements() -> list[str]:
 def scored_holdout(
     pipeline: Pipeline, holdout: pd.DataFrame, data: DataParams, monitor: MonitorParams
 ) -> pd.DataFrame:
-    """Features, label, predicted class and P(last class) of every holdout row."""
+    """Features, label, predicted class and probabilities of every holdout row.
+
+    Binary: P(last class) in `monitor.probability_column`. Multiclass: every class's
+    probability in `proba_<class>` (models.data.proba_column), as monitoring reads them.
+    """
     proba = pipeline.predict_proba(model_frame(holdout, data))
     out = holdout[[*data.feature_names, data.target]].copy()
     out[monitor.prediction_column] = pipeline.classes_[proba.argmax(axis=1)]
-    out[monitor.probability_column] = proba[:, -1]
+    if len(pipeline.classes_) == 2:
+        out[monitor.probability_column] = proba[:, -1]
+    else:
+        for i, label in enumerate(pipeline.classes_):
+            out[proba_column(label)] = proba[:, i]
     return out
 
 

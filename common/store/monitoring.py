@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -40,7 +40,11 @@ class Window:
 
 
 def _select(
-    data: DataParams, positive: str, prediction_column: str, probability_column: str
+    data: DataParams,
+    positive: str,
+    prediction_column: str,
+    probability_column: str,
+    class_columns: Mapping[str, str] | None = None,
 ) -> sql.Composed:
     cols: list[sql.Composable] = [
         sql.SQL("p.request_id::text AS {}").format(sql.Identifier(REQUEST_ID)),
@@ -53,10 +57,15 @@ def _select(
             # A value the service refused never got here; NaN/inf were refused too.
             value = sql.SQL("({})::float8").format(value)
         cols.append(sql.SQL("{} AS {}").format(value, sql.Identifier(name)))
+    # P(positive) for a binary model; every class's probability for a multiclass one
+    probabilities = dict(class_columns or {}) or {probability_column: positive}
     cols += [
         sql.SQL("p.predicted AS {}").format(sql.Identifier(prediction_column)),
-        sql.SQL("(p.probabilities ->> {})::float8 AS {}").format(
-            sql.Literal(positive), sql.Identifier(probability_column)
+        *(
+            sql.SQL("(p.probabilities ->> {})::float8 AS {}").format(
+                sql.Literal(label), sql.Identifier(column)
+            )
+            for column, label in probabilities.items()
         ),
         sql.SQL("f.label AS {}").format(sql.Identifier(data.target)),
     ]
@@ -90,10 +99,13 @@ def read_window(
     positive_class: str,
     prediction_column: str = "predicted",
     probability_column: str = "proba_1",
+    class_columns: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
     """The window's predictions: features, predicted class, P(positive), label or missing.
 
-    Labels (the target column) are text as logged; `target_like` converts them.
+    `class_columns` ({column: class}, a multiclass model's) replaces P(positive) with each
+    class's logged probability. Labels (the target column) are text as logged;
+    `target_like` converts them.
     """
     migrate(database_url)
     where = [
@@ -107,7 +119,7 @@ def read_window(
         "SELECT {} FROM predictions p LEFT JOIN feedback f USING (request_id)"
         " WHERE {} ORDER BY p.ts"
     ).format(
-        _select(data, positive_class, prediction_column, probability_column),
+        _select(data, positive_class, prediction_column, probability_column, class_columns),
         sql.SQL(" AND ").join(where),
     )
     text = [REQUEST_ID, MODEL_VERSION, *data.categorical, prediction_column, data.target]

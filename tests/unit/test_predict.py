@@ -9,6 +9,7 @@ from typing import Any
 
 import mlflow.sklearn
 import numpy as np
+import onnx
 import pandas as pd
 import pytest
 from mlflow.models import infer_signature
@@ -27,6 +28,8 @@ from models.predict import (
     record_model,
     validate_records,
 )
+from tests.penguins import DATA as PENGUINS
+from tests.penguins import penguins
 
 
 def save_model_dir(
@@ -237,6 +240,46 @@ def test_onnx_artifact_is_where_train_logs_it() -> None:
 def test_a_directory_without_a_model_is_a_model_error(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="MLmodel"):
         Scorer.load(tmp_path, prefer_onnx=True)
+
+
+def test_odd_column_names_and_three_classes_score_by_the_original_names(
+    params: Params, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    data = DataParams(**PENGUINS)
+    small = TrainParams(**(params.train.model_dump() | {"n_estimators": 25}))
+    train_df = penguins(1_500, seed=1)
+    pipeline = train.build(data, small).fit(model_frame(train_df, data), train_df["species"])
+    model_dir = save_model_dir(pipeline, data, train_df, tmp_path_factory.mktemp("p") / "model")
+    rows = penguins(300, seed=2)
+    records = as_records(rows, data)
+    expected = pipeline.predict_proba(model_frame(rows, data))
+    columns = {c: model_frame(rows, data)[c].to_numpy() for c in data.feature_names}
+
+    for prefer_onnx, atol in ((True, 1e-5), (False, 1e-12)):
+        scorer = Scorer.load(model_dir, prefer_onnx=prefer_onnx)
+        assert scorer.backend == ("onnx" if prefer_onnx else "sklearn")
+        assert scorer.classes == ["Adelie", "Chinstrap", "Gentoo"]
+        assert [name for name, _ in scorer.features] == data.feature_names
+        scorer.self_check()
+        np.testing.assert_allclose(scorer.proba(records), expected, atol=atol, rtol=0)
+        np.testing.assert_allclose(scorer.proba_columns(columns), expected, atol=atol, rtol=0)
+        assert {s.label for s in scorer.predict(records)} == set(scorer.classes)
+
+
+def test_an_onnx_file_without_the_input_mapping_is_fed_by_column_names(
+    model_dir: Path, tmp_path: Path, records: list[dict[str, Any]], expected: np.ndarray
+) -> None:
+    """Models exported before the mapping was recorded keep serving through ONNX."""
+    copy = Path(shutil.copytree(model_dir, tmp_path / "model"))
+    older = onnx.load(str(copy / ONNX_ARTIFACT))
+    del older.metadata_props[:]
+    onnx.save(older, str(copy / ONNX_ARTIFACT))
+
+    scorer = Scorer.load(copy, prefer_onnx=True)
+
+    assert scorer.backend == "onnx"
+    scorer.self_check()
+    np.testing.assert_allclose(scorer.proba(records), expected, atol=1e-5, rtol=0)
 
 
 # Self-check
