@@ -21,16 +21,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from common.localpg import LocalPostgres
-from tests.servers import (
-    VENV_BIN,
-    HttpServer,
-    Server,
-    clean_env,
-    free_port,
-    http_ok,
-    throwaway_cluster,
-)
-from tests.workspace import ROOT, Workspace
+from tests.integration.serving import register_copies, serve_predictor
+from tests.servers import VENV_BIN, HttpServer, throwaway_cluster
+from tests.workspace import Workspace
 
 SERVED = "churn-serving"
 MAX_BATCH = 50
@@ -39,20 +32,7 @@ MAX_BATCH = 50
 @pytest.fixture(scope="module")
 def registry(mlflow_server: HttpServer, pipeline: Workspace) -> MlflowClient:
     """`churn-serving` v1 and v2 (same artifacts as the pipeline's champion), champion -> v1."""
-    client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
-    source = client.get_model_version_by_alias("churn-classifier", "champion")
-    client.create_registered_model(SERVED)
-    assert source.source is not None
-    for _ in range(2):
-        client.create_model_version(
-            SERVED,
-            source.source,
-            source.run_id,
-            source.tags,
-            model_id=source.source[len("models:/") :],
-        )
-    client.set_registered_model_alias(SERVED, "champion", "1")
-    return client
+    return register_copies(mlflow_server.url, SERVED)
 
 
 @pytest.fixture(scope="module")
@@ -70,30 +50,14 @@ def predictor(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[str]:
     home = tmp_path_factory.mktemp("predictor")
-    env = clean_env(
-        MLFLOW_TRACKING_URI=mlflow_server.url,
-        MODEL_NAME=SERVED,
-        MODEL_POLL_SECONDS="1",
-        PREDICT_MAX_BATCH=str(MAX_BATCH),
-        DATABASE_URL=logdb.url("predictions"),
-        MLOPS_HOME=str(home / ".mlops"),
-        BENTOML_HOME=str(home / "bentoml"),
-        OMP_NUM_THREADS="1",
-    )
-    bundle = [str(VENV_BIN / "python"), "-m", "services.predictor.package"]
-    subprocess.run(bundle, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [str(VENV_BIN / "bentoml"), "serve", "services.predictor.service:Predictor"]
-    server = Server(
-        "bentoml serve",
-        [*cmd, "--port", str(port), "--host", "127.0.0.1"],
-        log_path=home / "bentoml.log",
-        healthy=http_ok(f"{url}/readyz"),
-        env=env,
-        cwd=ROOT,
-    )
-    with server.start(timeout=120):
+    env = {
+        "MLFLOW_TRACKING_URI": mlflow_server.url,
+        "MODEL_NAME": SERVED,
+        "MODEL_POLL_SECONDS": "1",
+        "PREDICT_MAX_BATCH": str(MAX_BATCH),
+        "DATABASE_URL": logdb.url("predictions"),
+    }
+    with serve_predictor(home, env) as url:
         yield url
 
 
