@@ -114,6 +114,11 @@ BAD_INPUTS = {
     "nan": ({**RECORD, "monthly_charges": math.nan}, "monthly_charges"),
     "empty list": ([], "empty"),
     "oversized batch": ([RECORD] * (MAX_BATCH + 1), str(MAX_BATCH)),
+    "above the trained range": ({**RECORD, "age": 1e308}, "age"),
+    "huge integer": ({**RECORD, "tenure_months": 10**40}, "tenure_months"),
+    "below the trained range": ([RECORD, {**RECORD, "num_products": 0}], "num_products"),
+    "empty record": ({}, "tenure_months"),
+    "empty record in a list": ([{}], "tenure_months"),
 }
 
 
