@@ -393,10 +393,8 @@ def check_chunk(
                 | (values > high if high is not None else False)
             )
             if np.any(outside):
-                shown = (
-                    f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
-                )
-                rules.append((outside, f"{name}: outside the trained range {shown}", arr))
+                span = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+                rules.append((outside, f"{name}: outside the trained range {span}", arr))
             columns[name] = values
         else:
             text, missing = _texts(arr)

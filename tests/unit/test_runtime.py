@@ -78,7 +78,11 @@ def test_a_wake_reaches_every_worker_sharing_the_model_cache(bundled: Path, tmp_
     workers = [ModelRuntime(settings, bundled_dir=bundled) for _ in range(2)]
     checks = [threading.Event() for _ in workers]
     for worker, checked in zip(workers, checks, strict=True):
-        worker.start(on_check=lambda _swapped, done=checked: done.set())
+
+        def note(_swapped: bool, done: threading.Event = checked) -> None:
+            done.set()
+
+        worker.start(on_check=note)
     try:
         time.sleep(0.2)
         assert not any(c.is_set() for c in checks)
