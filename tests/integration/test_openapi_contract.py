@@ -52,6 +52,7 @@ def _serve(
 def test_api_conforms_to_its_openapi_document_under_every_check(
     predictor: str, tmp_path: Path
 ) -> None:
+    junit = tmp_path / "junit.xml"
     proc = subprocess.run(
         [
             str(VENV_BIN / "schemathesis"),
@@ -66,6 +67,7 @@ def test_api_conforms_to_its_openapi_document_under_every_check(
             *("--workers", "1"),
             # A failure names its operation and the request that provoked it.
             *("--no-color", "--output-truncate", "false"),
+            *("--report", "junit", "--report-junit-path", str(junit)),
         ],
         capture_output=True,
         text=True,
@@ -75,5 +77,6 @@ def test_api_conforms_to_its_openapi_document_under_every_check(
     )
     report = proc.stdout[-12000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, report
+    tested = junit.read_text()  # one testcase per operation
     for operation in ("POST /predict", "POST /feedback", "POST /webhooks/mlflow", "GET /livez"):
-        assert operation in proc.stdout, report
+        assert f'name="{operation}"' in tested, tested
