@@ -140,7 +140,7 @@ class Predictor:
         self.log.start()
         self.runtime = ModelRuntime(settings, bundled_dir=Path(self.bundled.path))
         self._flag_range = settings.predict_out_of_range == "flag"
-        self._unbounded: dict[int, type[BaseModel]] = {}
+        self._unbounded: tuple[Served, type[BaseModel]] | None = None
         self._publish()
         self._observe(swapped=False)
         self.runtime.start(on_check=self._observe)
@@ -167,10 +167,11 @@ class Predictor:
         """The request model: bounded by the data contract unless out-of-range is flagged."""
         if not self._flag_range:
             return served.record
-        key = id(served)
-        if key not in self._unbounded:
-            self._unbounded = {key: record_model(served.scorer, bounded=False)}
-        return self._unbounded[key]
+        cached = self._unbounded
+        if cached is None or cached[0] is not served:
+            cached = (served, record_model(served.scorer, bounded=False))
+            self._unbounded = cached  # one assignment: requests on other threads see either
+        return cached[1]
 
     @bentoml.api(route="/predict", output_spec=Predictions)
     async def predict(
