@@ -71,6 +71,13 @@ class MlflowEvent(BaseModel):
     data: dict[str, Any] | None = None
 
 
+FEEDBACK_FROM_PREDICTION = {
+    "request_id": "$response.body#/predictions/0/request_id",
+    "label": "$response.body#/predictions/0/predicted_class",
+}
+"""An OpenAPI link's body: /feedback for the first prediction of a /predict answer."""
+
+
 @dataclass(frozen=True)
 class Contract:
     """What the served model makes of a request: its record, batch limit and classes."""
@@ -135,6 +142,11 @@ def document(spec: dict[str, Any], contract: Contract | None = None) -> dict[str
     ready = paths.get("/readyz", {}).get("get")
     if ready is not None:
         ready["responses"]["503"] = {"description": "Not ready yet (still loading)."}
+    answered = paths.get("/predict", {}).get("post", {}).get("responses", {}).get("200")
+    feedback = paths.get("/feedback", {}).get("post", {}).get("operationId")
+    if answered is not None and feedback:  # stateful tests chain a prediction to its feedback
+        link = {"operationId": feedback, "requestBody": FEEDBACK_FROM_PREDICTION}
+        answered["links"] = {"Feedback": link}
     # BentoML's flattened schema drops the `null` that `data` may be.
     _set_body(paths, "/webhooks/mlflow", _schema(MlflowEvent))
     if contract is not None:

@@ -31,7 +31,9 @@ GENERATED: dict[str, Any] = {
                 "requestBody": {"content": {"application/json": {"schema": {}}}},
             }
         },
-        "/feedback": {"post": {"responses": {"200": {"description": "ok"}}}},
+        "/feedback": {
+            "post": {"operationId": "svc__feedback", "responses": {"200": {"description": "ok"}}}
+        },
     },
 }
 """The shape of what BentoML generates, reduced to what `document` rewrites."""
@@ -113,6 +115,9 @@ def test_docs_publish_the_served_record_and_the_errors_really_sent(client: TestC
         "413",
         "415",
     ]
+    link = predict["responses"]["200"]["links"]["Feedback"]
+    assert link["operationId"] == "svc__feedback"
+    assert link["requestBody"]["request_id"] == "$response.body#/predictions/0/request_id"
     assert "405" in spec["paths"]["/livez"]["get"]["responses"]
     assert "503" in spec["paths"]["/readyz"]["get"]["responses"]
 
