@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -41,6 +42,11 @@ class Settings(BaseSettings):
     # Serving: how often the predictor checks the alias, and the largest batch it accepts.
     model_poll_seconds: float = Field(default=10.0, gt=0, alias="MODEL_POLL_SECONDS")
     predict_max_batch: int = Field(default=1000, ge=1, alias="PREDICT_MAX_BATCH")
+    # A value outside the range the served model's data contract declares: "refuse" (400
+    # naming the field) or "flag" (scored, with a `warnings` list on that prediction).
+    predict_out_of_range: Literal["refuse", "flag"] = Field(
+        default="refuse", alias="PREDICT_OUT_OF_RANGE"
+    )
     # Monitoring: the Evidently workspace (a directory, or an `evidently ui` URL to upload
     # to) and an optional URL that drift alerts are POSTed to (a paging or chat webhook).
     evidently_workspace: str | None = Field(default=None, alias="EVIDENTLY_WORKSPACE")

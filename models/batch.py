@@ -98,8 +98,12 @@ def check_chunk(
     batch: pa.RecordBatch,
     features: Sequence[tuple[str, Kind]],
     categories: Mapping[str, Sequence[str]],
+    bounds: Mapping[str, tuple[float | None, float | None]] | None = None,
 ) -> Checked:
-    """Turn a chunk into model columns; mark rows that break the contract, vectorised."""
+    """Turn a chunk into model columns; mark rows that break the contract, vectorised.
+
+    `bounds` are the (min, max) the model's data contract declares (Schema.bounds).
+    """
     n = batch.num_rows
     columns: dict[str, np.ndarray] = {}
     rules: list[tuple[np.ndarray, str, pa.Array | None]] = []
@@ -112,6 +116,14 @@ def check_chunk(
             infinite = np.isinf(values)
             if infinite.any():
                 rules.append((infinite, f"{name}: not finite", None))
+            low, high = (bounds or {}).get(name, (None, None))
+            outside = ~infinite & (
+                (values < low if low is not None else False)
+                | (values > high if high is not None else False)
+            )
+            if np.any(outside):
+                span = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+                rules.append((outside, f"{name}: outside the trained range {span}", arr))
             columns[name] = values
         else:
             text, missing = _texts(arr)
@@ -268,7 +280,7 @@ def _score_chunk(job: _Job, batch: pa.RecordBatch, start: int) -> _Chunk:
     t0 = time.perf_counter()
     n = batch.num_rows
     features, classes = job.scorer.features, job.scorer.classes
-    checked = check_chunk(batch, features, job.scorer.categories)
+    checked = check_chunk(batch, features, job.scorer.categories, job.scorer.schema.bounds)
     row_numbers = np.arange(start, start + n, dtype=np.int64)
     good = ~checked.bad
     cols = checked.columns

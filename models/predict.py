@@ -29,11 +29,14 @@ from models.data import MISSING_CATEGORY
 Kind = Literal["numeric", "categorical"]
 Backend = Literal["onnx", "sklearn"]
 Record = Mapping[str, Any]
+Bounds = tuple[float | None, float | None]
 
 ONNX_ARTIFACT = Path("extra_files", "model.onnx")
 """Where train.py's log_model(extra_files=...) puts the ONNX export inside the model dir."""
 ONNX_INPUTS_KEY = "mlops.onnx_inputs"
 """ONNX metadata entry: JSON {column: input name}, written by models.export.export."""
+CONTRACT_ARTIFACT = Path("extra_files", "data_contract.json")
+"""The features' declared min/max as trained (train.CONTRACT_FILE); older versions lack it."""
 
 _KINDS: dict[str, Kind] = {
     "double": "numeric",
@@ -60,11 +63,15 @@ class Scored:
 
 @dataclass(frozen=True)
 class Schema:
-    """What a request record holds: features in order, known categories, example values."""
+    """What a request record holds: features in order, known categories, example values.
+
+    `bounds` holds (min, max) of the numeric features the model's data contract declares.
+    """
 
     features: tuple[tuple[str, Kind], ...]
     categories: Mapping[str, tuple[str, ...]]
     examples: Mapping[str, float | str] = field(default_factory=dict)
+    bounds: Mapping[str, Bounds] = field(default_factory=dict)
 
 
 class Scorer:
@@ -103,10 +110,12 @@ class Scorer:
         except (MlflowException, OSError, ValueError):
             frame = None  # self_check says so; scoring does not need it
         example = _example_records(frame, features) if isinstance(frame, pd.DataFrame) else None
+        bounds = _contract_bounds(model_dir, features)
         schema = Schema(
             features=tuple(features),
             categories=categories,
-            examples=_example_values(example, features, categories),
+            examples=_example_values(example, features, categories, bounds),
+            bounds=bounds,
         )
         onnx_path = model_dir / ONNX_ARTIFACT
         session = _session(onnx_path) if prefer_onnx and onnx_path.is_file() else None
@@ -314,17 +323,43 @@ def _example_records(frame: pd.DataFrame, features: list[tuple[str, Kind]]) -> l
     return records
 
 
+def _contract_bounds(model_dir: Path, features: list[tuple[str, Kind]]) -> dict[str, Bounds]:
+    """(min, max) per numeric feature from the model's data contract; none without one."""
+    path = model_dir / CONTRACT_ARTIFACT
+    if not path.is_file():
+        return {}
+    try:
+        declared = json.loads(path.read_text())["features"]
+        out: dict[str, Bounds] = {}
+        for name, kind in features:
+            spec = declared.get(name) or {}
+            low, high = spec.get("min"), spec.get("max")
+            if kind == "numeric" and (low is not None or high is not None):
+                out[name] = (
+                    None if low is None else float(low),
+                    None if high is None else float(high),
+                )
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ModelError(f"{path}: not a data contract ({type(exc).__name__}: {exc})") from exc
+    return out
+
+
 def _example_values(
     example: list[dict[str, Any]] | None,
     features: list[tuple[str, Kind]],
     categories: Mapping[str, tuple[str, ...]],
+    bounds: Mapping[str, Bounds],
 ) -> dict[str, float | str]:
     """A plausible value per feature for the JSON schema: from the input example if it has one."""
     out: dict[str, float | str] = {}
     for name, kind in features:
         seen = [r[name] for r in example or [] if r.get(name) is not None]
         if kind == "numeric":
-            out[name] = float(seen[0]) if seen else 0.0
+            low, high = bounds.get(name, (None, None))
+            inside = [
+                float(v) for v in seen if (low is None or v >= low) and (high is None or v <= high)
+            ]
+            out[name] = inside[0] if inside else low if low is not None else high or 0.0
         else:
             known = categories.get(name, ())
             usable = [v for v in seen if v in known]
@@ -365,11 +400,14 @@ def _proba_output(session: ort.InferenceSession, schema: Schema, classes: int) -
     raise ModelError(f"the ONNX model has no (n, {classes}) float probabilities output")
 
 
-def record_model(source: Scorer | Schema, *, name: str = "Record") -> type[BaseModel]:
+def record_model(
+    source: Scorer | Schema, *, name: str = "Record", bounded: bool = True
+) -> type[BaseModel]:
     """A pydantic model of one request record: every feature required, null for missing.
 
-    Numbers must be finite JSON numbers (no strings, no booleans); a category must be one
-    the model was trained on; unknown fields are rejected.
+    Numbers must be finite JSON numbers (no strings, no booleans) and, when `bounded`,
+    inside the range the model's data contract declares; a category must be one the
+    model was trained on; unknown fields are rejected.
     """
     schema = source.schema if isinstance(source, Scorer) else source
     fields: dict[str, Any] = {}
@@ -377,13 +415,16 @@ def record_model(source: Scorer | Schema, *, name: str = "Record") -> type[BaseM
         example = schema.examples.get(feature)
         examples = [example] if example is not None else None
         if kind == "numeric":
+            low, high = schema.bounds.get(feature, (None, None))
             annotation: Any = Annotated[
                 float | None,
                 Field(
                     strict=True,
                     allow_inf_nan=False,
+                    ge=low if bounded else None,
+                    le=high if bounded else None,
                     examples=examples,
-                    description="A number; null when missing.",
+                    description=f"A number{_range_text(low, high)}; null when missing.",
                 ),
             ]
         else:
@@ -404,6 +445,39 @@ def record_model(source: Scorer | Schema, *, name: str = "Record") -> type[BaseM
     )
     model: type[BaseModel] = create_model(name, __config__=config, **fields)
     return model
+
+
+def _range_text(low: float | None, high: float | None) -> str:
+    if low is None and high is None:
+        return ""
+    if high is None:
+        return f" >= {low:g}"
+    if low is None:
+        return f" <= {high:g}"
+    return f" in [{low:g}, {high:g}]"
+
+
+def records_type(record: type[BaseModel], *, max_batch: int) -> Any:
+    """What a request's `records` may be: one record, or a list of 1..max_batch of them."""
+    batch = Annotated[list[record], Field(min_length=1, max_length=max_batch)]  # type: ignore[valid-type]
+    return batch | record
+
+
+def out_of_range(schema: Schema, rows: Sequence[Record]) -> list[list[str]]:
+    """Per row, one message for each value outside its feature's declared range."""
+    out: list[list[str]] = []
+    for row in rows:
+        found = []
+        for name, (low, high) in schema.bounds.items():
+            value = row.get(name)
+            if value is None:
+                continue
+            if low is not None and value < low:
+                found.append(f"{name}: {value:g} is below the trained minimum {low:g}")
+            elif high is not None and value > high:
+                found.append(f"{name}: {value:g} is above the trained maximum {high:g}")
+        out.append(found)
+    return out
 
 
 @lru_cache(maxsize=16)

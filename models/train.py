@@ -32,6 +32,8 @@ ONNX_FILE = "model.onnx"
 REFERENCE_FILE = "reference.parquet"
 HOLDOUT_SCORED_FILE = "holdout_scored.parquet"
 """The holdout with the model's predictions: monitoring's reference for prediction drift."""
+CONTRACT_FILE = "data_contract.json"
+"""Each feature's type, min/max and categories as trained: the predictor's request bounds."""
 SKOPS_TRUSTED = ["numpy.dtype", "sklearn.tree._tree.Tree"]
 
 
@@ -69,6 +71,17 @@ class TrainResult:
 def _requirements() -> list[str]:
     # Passing these skips MLflow's requirement inference, which takes ~8 s per model.
     return [f"{p}=={version(p)}" for p in ("scikit-learn", "numpy", "pandas", "scipy", "skops")]
+
+
+def data_contract(data: DataParams) -> dict[str, dict[str, object]]:
+    """The features' declared contract, kept with the model: later params may differ."""
+    keep = {"type", "min", "max", "categories"}
+    return {
+        "features": {
+            name: spec.model_dump(include=keep, exclude_none=True)
+            for name, spec in data.features.items()
+        }
+    }
 
 
 def scored_holdout(
@@ -166,6 +179,8 @@ def run(
         scored_holdout(pipeline, holdout_df, data, monitor or MonitorParams()).to_parquet(
             scored_path
         )
+        contract_path = Path(tmp) / CONTRACT_FILE
+        contract_path.write_text(json.dumps(data_contract(data), indent=2) + "\n")
         example = x_train.head(5)
         info = mlflow.sklearn.log_model(
             pipeline,
@@ -174,7 +189,7 @@ def run(
             input_example=example,
             pyfunc_predict_fn="predict_proba",
             pip_requirements=_requirements(),
-            extra_files=[str(onnx_path), str(reference_path), str(scored_path)],
+            extra_files=[str(p) for p in (onnx_path, reference_path, scored_path, contract_path)],
             # Types skops will not load unless told; this model was made here, by this stage.
             skops_trusted_types=SKOPS_TRUSTED,
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,6 +23,11 @@ from common.registry.served import ServedModel
 from common.settings import Settings
 
 log = logging.getLogger("predictor")
+
+WAKE_FILE = ".wake"
+"""Touched by `wake` in the model cache: every worker of the service sharing it checks."""
+WAKE_CHECK_SECONDS = 0.5
+"""How often a worker looks at the wake file between polls (one stat call)."""
 
 
 def model_cache(settings: Settings) -> Path:
@@ -105,18 +111,36 @@ class ModelRuntime:
         return True
 
     def wake(self) -> None:
-        """Check the alias now (a registry webhook calls this)."""
+        """Check the alias now, in every worker (a registry webhook reaches only one)."""
         self._wake.set()
+        try:
+            self.cache.mkdir(parents=True, exist_ok=True)
+            (self.cache / WAKE_FILE).touch()
+        except OSError as exc:  # this worker still checks; the others at their next poll
+            log.warning("could not wake the other workers through %s: %s", self.cache, exc)
+
+    def _woken_at(self) -> float:
+        try:
+            return (self.cache / WAKE_FILE).stat().st_mtime
+        except OSError:
+            return 0.0
 
     def start(self, on_check: Callable[[bool], None] | None = None) -> None:
-        """Poll the alias every MODEL_POLL_SECONDS; `on_check(swapped)` runs after each look."""
+        """Poll the alias every MODEL_POLL_SECONDS, and when woken; then `on_check(swapped)`."""
 
         def loop() -> None:
+            seen = self._woken_at()
+            due = time.monotonic() + self.settings.model_poll_seconds
             while not self._stop.is_set():
-                self._wake.wait(self.settings.model_poll_seconds)
-                self._wake.clear()
+                self._wake.wait(min(WAKE_CHECK_SECONDS, max(due - time.monotonic(), 0)))
                 if self._stop.is_set():
                     return
+                woken = self._woken_at()
+                if not self._wake.is_set() and woken == seen and time.monotonic() < due:
+                    continue
+                self._wake.clear()
+                seen = woken
+                due = time.monotonic() + self.settings.model_poll_seconds
                 swapped = self.check_now()
                 if on_check is not None:
                     on_check(swapped)

@@ -12,18 +12,21 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired
 
 import bentoml
 import psycopg
-from bentoml.exceptions import BadInput, NotFound
 from fastapi import FastAPI
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.responses import JSONResponse
+from typing_extensions import TypedDict
 
+from common.registry.served import ServedModel
 from common.settings import get_settings
 from common.store import Feedback, Prediction, PredictionLog, migrate, prediction_exists
-from models.predict import validate_records
+from models.predict import out_of_range, record_model, validate_records
 from services.predictor.guard import RequestGuard
+from services.predictor.openapi import PUBLISHED, Contract, MlflowEvent
 from services.predictor.runtime import ModelRuntime
 
 log = logging.getLogger("predictor")
@@ -70,6 +73,41 @@ SERVED_VERSION = bentoml.metrics.Gauge(
     multiprocess_mode="livemax",
 )
 
+
+class Answer(TypedDict):
+    """One record's prediction."""
+
+    request_id: str
+    predicted_class: str
+    probabilities: dict[str, float]
+    model_name: str
+    model_version: str
+    warnings: NotRequired[list[str]]  # PREDICT_OUT_OF_RANGE=flag: values outside the range
+
+
+class Predictions(TypedDict):
+    model_name: str
+    model_version: str
+    predictions: list[Answer]
+
+
+class FeedbackAccepted(TypedDict):
+    request_id: str
+    label: str
+    accepted: bool
+
+
+class WebhookAnswer(TypedDict):
+    status: str
+    entity: str
+    action: str
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    """A 4xx with the documented body; BentoML's own wraps it in a list (1.4)."""
+    return JSONResponse({"error": message}, status_code=status)
+
+
 info = FastAPI(title="predictor info")
 
 
@@ -102,20 +140,44 @@ class Predictor:
         self.log = PredictionLog(self.database_url, settings.mlops_home.resolve() / "spill")
         self.log.start()
         self.runtime = ModelRuntime(settings, bundled_dir=Path(self.bundled.path))
+        self._flag_range = settings.predict_out_of_range == "flag"
+        self._unbounded: tuple[ServedModel, type[BaseModel]] | None = None
+        self._publish()
         self._observe(swapped=False)
         self.runtime.start(on_check=self._observe)
 
     def _observe(self, swapped: bool) -> None:
         if swapped:
             SWAPS.inc()
+            self._publish()
         REGISTRY_UP.set(1 if self.runtime.registry_ok else 0)
         SERVED_VERSION.set(
             float(self.runtime.current.version) if self.runtime.current.version.isdigit() else -1
         )
         QUEUE_DEPTH.set(self.log.depth)
 
-    @bentoml.api(route="/predict")
-    async def predict(self, records: list[dict[str, Any]] | dict[str, Any]) -> dict[str, Any]:
+    def _publish(self) -> None:
+        """Give /docs.json the request contract of the model this worker now serves."""
+        served = self.runtime.current
+        record = self._record(served)
+        PUBLISHED.set(
+            Contract(record, self.settings.predict_max_batch, tuple(served.scorer.classes))
+        )
+
+    def _record(self, served: ServedModel) -> type[BaseModel]:
+        """The request model: bounded by the data contract unless out-of-range is flagged."""
+        if not self._flag_range:
+            return served.record
+        cached = self._unbounded
+        if cached is None or cached[0] is not served:
+            cached = (served, record_model(served.scorer, bounded=False))
+            self._unbounded = cached  # one assignment: requests on other threads see either
+        return cached[1]
+
+    @bentoml.api(route="/predict", output_spec=Predictions)
+    async def predict(
+        self, records: list[dict[str, Any]] | dict[str, Any]
+    ) -> Predictions | JSONResponse:
         """Score one record or a list; each answer carries its request id and model version.
 
         Async on purpose: a one-record ONNX score takes ~0.1 ms, less than the thread-pool
@@ -125,12 +187,13 @@ class Predictor:
         served = self.runtime.current  # one snapshot: the whole request uses one version
         try:
             rows = validate_records(
-                served.record, records, max_batch=self.settings.predict_max_batch
+                self._record(served), records, max_batch=self.settings.predict_max_batch
             )
         except ValidationError:
             raise  # BentoML answers 400 with each error's field and message
         except ValueError as exc:
-            raise BadInput(str(exc)) from exc
+            return _error(400, str(exc))
+        flagged = out_of_range(served.scorer.schema, rows) if self._flag_range else None
         if len(rows) <= INLINE_ROWS:
             scored = served.scorer.predict(rows)
         else:  # a big batch would hold the event loop; score it on a thread
@@ -138,18 +201,19 @@ class Predictor:
         elapsed = time.perf_counter() - start
         now = datetime.now(UTC)
         per_row_ms = elapsed * 1000 / len(rows)
-        answers = []
-        for row, result in zip(rows, scored, strict=True):
+        answers: list[Answer] = []
+        for i, (row, result) in enumerate(zip(rows, scored, strict=True)):
             request_id = str(uuid.uuid4())
-            answers.append(
-                {
-                    "request_id": request_id,
-                    "predicted_class": result.label,
-                    "probabilities": result.probabilities,
-                    "model_name": served.name,
-                    "model_version": served.version,
-                }
-            )
+            answer: Answer = {
+                "request_id": request_id,
+                "predicted_class": result.label,
+                "probabilities": result.probabilities,
+                "model_name": served.name,
+                "model_version": served.version,
+            }
+            if flagged is not None:
+                answer["warnings"] = flagged[i]
+            answers.append(answer)
             self.log.submit(
                 Prediction(
                     request_id,
@@ -167,16 +231,16 @@ class Predictor:
         QUEUE_DEPTH.set(self.log.depth)
         return {"model_name": served.name, "model_version": served.version, "predictions": answers}
 
-    @bentoml.api(route="/feedback")
-    def feedback(self, request_id: uuid.UUID, label: str) -> dict[str, Any]:
+    @bentoml.api(route="/feedback", output_spec=FeedbackAccepted)
+    def feedback(self, request_id: uuid.UUID, label: str) -> FeedbackAccepted | JSONResponse:
         """The true label for an earlier prediction; labels may arrive days later."""
         classes = self.runtime.current.scorer.classes
         if label not in classes:
-            raise BadInput(
-                f"label {label!r} is not a class of this model; expected one of {classes}"
+            return _error(
+                400, f"label {label!r} is not a class of this model; expected one of {classes}"
             )
         if not self._known(str(request_id)):
-            raise NotFound(f"no prediction with request_id {request_id}")
+            return _error(404, f"no prediction with request_id {request_id}")
         self.log.submit(Feedback(str(request_id), label, datetime.now(UTC)))
         QUEUE_DEPTH.set(self.log.depth)
         return {"request_id": str(request_id), "label": label, "accepted": True}
@@ -190,10 +254,10 @@ class Predictor:
             time.sleep(0.25)
         return False
 
-    @bentoml.api(route="/webhooks/mlflow")
+    @bentoml.api(route="/webhooks/mlflow", input_spec=MlflowEvent)
     def mlflow_webhook(
         self, entity: str = "", action: str = "", data: dict[str, Any] | None = None
-    ) -> dict[str, str]:
+    ) -> WebhookAnswer:
         """MLflow registry webhook (alias events): check the alias now, not at the next poll."""
         self.runtime.wake()
         return {"status": "checking", "entity": entity, "action": action}

@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,16 +22,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from common.localpg import LocalPostgres
-from tests.servers import (
-    VENV_BIN,
-    HttpServer,
-    Server,
-    clean_env,
-    free_port,
-    http_ok,
-    throwaway_cluster,
-)
-from tests.workspace import ROOT, Workspace
+from tests.integration.serving import register_copies, serve_predictor
+from tests.servers import VENV_BIN, HttpServer, throwaway_cluster
+from tests.workspace import Workspace
 
 SERVED = "churn-serving"
 MAX_BATCH = 50
@@ -39,20 +33,7 @@ MAX_BATCH = 50
 @pytest.fixture(scope="module")
 def registry(mlflow_server: HttpServer, pipeline: Workspace) -> MlflowClient:
     """`churn-serving` v1 and v2 (same artifacts as the pipeline's champion), champion -> v1."""
-    client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
-    source = client.get_model_version_by_alias("churn-classifier", "champion")
-    client.create_registered_model(SERVED)
-    assert source.source is not None
-    for _ in range(2):
-        client.create_model_version(
-            SERVED,
-            source.source,
-            source.run_id,
-            source.tags,
-            model_id=source.source[len("models:/") :],
-        )
-    client.set_registered_model_alias(SERVED, "champion", "1")
-    return client
+    return register_copies(mlflow_server.url, SERVED)
 
 
 @pytest.fixture(scope="module")
@@ -70,30 +51,14 @@ def predictor(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[str]:
     home = tmp_path_factory.mktemp("predictor")
-    env = clean_env(
-        MLFLOW_TRACKING_URI=mlflow_server.url,
-        MODEL_NAME=SERVED,
-        MODEL_POLL_SECONDS="1",
-        PREDICT_MAX_BATCH=str(MAX_BATCH),
-        DATABASE_URL=logdb.url("predictions"),
-        MLOPS_HOME=str(home / ".mlops"),
-        BENTOML_HOME=str(home / "bentoml"),
-        OMP_NUM_THREADS="1",
-    )
-    bundle = [str(VENV_BIN / "python"), "-m", "services.predictor.package"]
-    subprocess.run(bundle, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [str(VENV_BIN / "bentoml"), "serve", "services.predictor.service:Predictor"]
-    server = Server(
-        "bentoml serve",
-        [*cmd, "--port", str(port), "--host", "127.0.0.1"],
-        log_path=home / "bentoml.log",
-        healthy=http_ok(f"{url}/readyz"),
-        env=env,
-        cwd=ROOT,
-    )
-    with server.start(timeout=120):
+    env = {
+        "MLFLOW_TRACKING_URI": mlflow_server.url,
+        "MODEL_NAME": SERVED,
+        "MODEL_POLL_SECONDS": "1",
+        "PREDICT_MAX_BATCH": str(MAX_BATCH),
+        "DATABASE_URL": logdb.url("predictions"),
+    }
+    with serve_predictor(home, env) as url:
         yield url
 
 
@@ -150,6 +115,11 @@ BAD_INPUTS = {
     "nan": ({**RECORD, "monthly_charges": math.nan}, "monthly_charges"),
     "empty list": ([], "empty"),
     "oversized batch": ([RECORD] * (MAX_BATCH + 1), str(MAX_BATCH)),
+    "above the trained range": ({**RECORD, "age": 1e308}, "age"),
+    "huge integer": ({**RECORD, "tenure_months": 10**40}, "tenure_months"),
+    "below the trained range": ([RECORD, {**RECORD, "num_products": 0}], "num_products"),
+    "empty record": ({}, "tenure_months"),
+    "empty record in a list": ([{}], "tenure_months"),
 }
 
 
@@ -326,8 +296,9 @@ def test_alias_move_swaps_live_with_no_failed_request(
     assert info["model_version"] == "2"
 
 
-def test_generated_requests_never_get_a_server_error(predictor: str) -> None:
+def test_generated_requests_never_get_a_server_error(predictor: str, tmp_path: Path) -> None:
     """Schemathesis drives every API operation from the service's OpenAPI; no 5xx allowed."""
+    junit = tmp_path / "junit.xml"
     proc = subprocess.run(
         [
             str(VENV_BIN / "schemathesis"),
@@ -338,6 +309,8 @@ def test_generated_requests_never_get_a_server_error(predictor: str) -> None:
             "--max-examples",
             "15",
             "--generation-deterministic",
+            # Only failures name their operation on stdout; the report lists every one.
+            *("--report", "junit", "--report-junit-path", str(junit)),
         ],
         capture_output=True,
         text=True,
@@ -345,4 +318,4 @@ def test_generated_requests_never_get_a_server_error(predictor: str) -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "/predict" in proc.stdout
+    assert "/predict" in junit.read_text()

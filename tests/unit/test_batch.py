@@ -236,3 +236,19 @@ def test_log_rows_carry_inputs_and_probabilities_as_json(
     assert set(probs) == set(scorer.classes)
     assert abs(sum(probs.values()) - 1) < 1e-6
     assert log.loc[0, "predicted"] in scorer.classes
+
+
+def test_marks_values_outside_the_declared_range_as_rejects() -> None:
+    chunk = pa.RecordBatch.from_pydict(
+        {"age": [41.0, 150.0, None, 17.0], "tenure": [1.0, 2.0, 3.0, 4.0]}
+    )
+    checked = batch.check_chunk(
+        chunk, [("age", "numeric"), ("tenure", "numeric")], {}, {"age": (18.0, 120.0)}
+    )
+    assert checked.bad.tolist() == [False, True, False, True]
+    assert checked.reasons == [
+        "age: outside the trained range [18.0, 120.0] 150.0",
+        "age: outside the trained range [18.0, 120.0] 17.0",
+    ]
+    unbounded = batch.check_chunk(chunk, [("age", "numeric"), ("tenure", "numeric")], {})
+    assert not unbounded.bad.any()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -21,10 +22,12 @@ from models import export, train
 from models.data import model_frame
 from models.generate import TARGET, Drift, generate
 from models.predict import (
+    CONTRACT_ARTIFACT,
     ONNX_ARTIFACT,
     ModelError,
     Schema,
     Scorer,
+    out_of_range,
     record_model,
     validate_records,
 )
@@ -446,3 +449,86 @@ def test_validate_records_rejects_a_payload_that_is_not_records(
 ) -> None:
     with pytest.raises(ValueError, match="expected a record"):
         validate_records(record, payload, max_batch=10)
+
+
+# The data contract logged with the model: declared ranges become request bounds
+
+
+@pytest.fixture(scope="module")
+def bounded_scorer(
+    model_dir: Path, data_params: DataParams, tmp_path_factory: pytest.TempPathFactory
+) -> Scorer:
+    """The module's model with the data contract train.run logs beside it."""
+    copy = Path(shutil.copytree(model_dir, tmp_path_factory.mktemp("bounded") / "model"))
+    (copy / CONTRACT_ARTIFACT).write_text(json.dumps(train.data_contract(data_params)))
+    return Scorer.load(copy, prefer_onnx=True)
+
+
+def in_range(scorer: Scorer) -> dict[str, Any]:
+    low = {name: bounds[0] for name, bounds in scorer.schema.bounds.items()}
+    return good_record(scorer) | low
+
+
+def test_train_logs_the_contract_where_the_scorer_reads_it() -> None:
+    assert Path("extra_files", train.CONTRACT_FILE) == CONTRACT_ARTIFACT
+
+
+def test_scorer_reads_the_declared_ranges_of_numeric_features(
+    bounded_scorer: Scorer, data_params: DataParams
+) -> None:
+    bounds = bounded_scorer.schema.bounds
+    assert set(bounds) == set(data_params.numeric)
+    assert bounds["age"] == (data_params.features["age"].min, data_params.features["age"].max)
+
+
+def test_a_model_without_a_contract_has_no_bounds(onnx_scorer: Scorer) -> None:
+    assert onnx_scorer.schema.bounds == {}
+    record_model(onnx_scorer).model_validate(good_record(onnx_scorer) | {"age": 1e308})
+
+
+@pytest.mark.parametrize(("field", "value"), [("age", 1e308), ("tenure_months", 10**40)])
+def test_record_refuses_a_value_outside_the_declared_range_naming_the_field(
+    bounded_scorer: Scorer, field: str, value: float
+) -> None:
+    model = record_model(bounded_scorer)
+    [error] = errors(model, in_range(bounded_scorer) | {field: value})
+    assert (error["type"], error["loc"]) == ("less_than_equal", (field,))
+    [error] = errors(model, in_range(bounded_scorer) | {field: -1})
+    assert (error["type"], error["loc"]) == ("greater_than_equal", (field,))
+
+
+def test_record_accepts_the_range_ends_and_null(bounded_scorer: Scorer) -> None:
+    model = record_model(bounded_scorer)
+    high = {name: bounds[1] for name, bounds in bounded_scorer.schema.bounds.items()}
+    model.model_validate(in_range(bounded_scorer))
+    model.model_validate(in_range(bounded_scorer) | high)
+    model.model_validate(in_range(bounded_scorer) | {"age": None})
+
+
+def test_record_json_schema_shows_the_bounds_and_examples_inside_them(
+    bounded_scorer: Scorer,
+) -> None:
+    schema = record_model(bounded_scorer).model_json_schema()
+    number = schema["properties"]["age"]["anyOf"][0]
+    assert (number["minimum"], number["maximum"]) == bounded_scorer.schema.bounds["age"]
+    [example] = schema["examples"]
+    record_model(bounded_scorer).model_validate(example)
+
+
+def test_unbounded_record_accepts_and_out_of_range_names_each_field(
+    bounded_scorer: Scorer,
+) -> None:
+    model = record_model(bounded_scorer, bounded=False)
+    good = in_range(bounded_scorer)
+    rows = validate_records(model, [good, good | {"age": 1e308, "num_products": 0}], max_batch=2)
+    first, second = out_of_range(bounded_scorer.schema, rows)
+    assert first == []
+    assert [w.split(":")[0] for w in second] == ["num_products", "age"]
+    assert "above the trained maximum 120" in second[1]
+
+
+def test_a_malformed_contract_is_a_model_error(model_dir: Path, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(model_dir, tmp_path / "model"))
+    (copy / CONTRACT_ARTIFACT).write_text('{"features": {"age": {"min": "young"}}}')
+    with pytest.raises(ModelError, match="data contract"):
+        Scorer.load(copy, prefer_onnx=False)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -67,3 +69,26 @@ def test_refuses_to_start_with_no_registry_and_no_bundle(tmp_path: Path) -> None
     with pytest.raises(RuntimeError, match="churn-classifier@champion"):
         ModelRuntime(offline_settings(tmp_path), bundled_dir=empty)
     shutil.rmtree(empty)
+
+
+def test_a_wake_reaches_every_worker_sharing_the_model_cache(bundled: Path, tmp_path: Path) -> None:
+    """A webhook lands on one worker; the others check at once too, not at their next poll."""
+    settings = Settings(
+        MLFLOW_TRACKING_URI=UNREACHABLE, MLOPS_HOME=tmp_path, MODEL_POLL_SECONDS=3600
+    )
+    workers = [ModelRuntime(settings, bundled_dir=bundled) for _ in range(2)]
+    checks = [threading.Event() for _ in workers]
+    for worker, checked in zip(workers, checks, strict=True):
+
+        def note(_swapped: bool, done: threading.Event = checked) -> None:
+            done.set()
+
+        worker.start(on_check=note)
+    try:
+        time.sleep(0.2)
+        assert not any(c.is_set() for c in checks)
+        workers[0].wake()
+        assert all(c.wait(5) for c in checks)
+    finally:
+        for worker in workers:
+            worker.stop()
