@@ -4,13 +4,19 @@ The target (settings.evidently_target) is a directory, Evidently's local Workspa
 `evidently ui --workspace DIR` serves, or the http(s) URL of a running `evidently ui`,
 reached through its RemoteWorkspace. Each monitored model has one project, created on
 first use with a dashboard of the headline numbers; each window adds its snapshots.
+
+A directory may be served by a running `evidently ui` while a monitor run writes to it:
+every file this module writes there appears whole, by a rename (see _RenamedInLocation).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from evidently.sdk.models import (  # type: ignore[import-untyped]
     DashboardPanelPlot,
@@ -18,6 +24,9 @@ from evidently.sdk.models import (  # type: ignore[import-untyped]
     PanelMetric,
 )
 from evidently.sdk.panels import bar_plot_panel, line_plot_panel  # type: ignore[import-untyped]
+from evidently.ui.service.storage.fslocation import (  # type: ignore[import-untyped]
+    FSLocation,
+)
 from evidently.ui.workspace import RemoteWorkspace, Workspace  # type: ignore[import-untyped]
 
 from common.params import MonitorParams
@@ -58,7 +67,51 @@ def open_workspace(target: str) -> Any:
         return RemoteWorkspace(target.rstrip("/"))
     path = Path(target).expanduser()
     path.mkdir(parents=True, exist_ok=True)
-    return Workspace(str(path))
+    workspace = Workspace(str(path))
+    # Evidently's local Workspace writes every file (project metadata.json, dashboard.json,
+    # snapshots) through this one object; swapped, each file is renamed in whole.
+    workspace.state.location = _RenamedInLocation(str(path))
+    return workspace
+
+
+class _RenamedInLocation(FSLocation):  # type: ignore[misc]
+    """A workspace directory whose files appear whole: written beside it, then renamed in.
+
+    `evidently ui` (0.7) watches its directory (watchdog) and reads a project's
+    metadata.json on the file's create event, before a plain write has ended; the
+    JSONDecodeError of the half-written file is not caught and ends the watcher thread, so
+    nothing written later reaches the UI until it restarts. Rewriting or moving the file
+    again afterwards (tried first) comes too late: the watcher is already dead. A rename
+    within the watched tree does not help either: the handler looks only at a move's source
+    path. A rename from outside the tree is one create event for the complete file.
+    """
+
+    @contextlib.contextmanager
+    def open(self, path: str, mode: str = "r") -> Iterator[IO[Any]]:
+        target = Path(self._resolve_path(path))
+        staging = Path(self.path).parent  # beside the workspace: outside the watched tree
+        if "w" not in mode or not _same_filesystem(staging, target.parent):
+            with super().open(path, mode) as f:  # reads; or no rename possible: as Evidently
+                yield f
+            return
+        tmp = staging / f".{target.name}.{secrets.token_hex(8)}.tmp"
+        # os.open, not mkstemp: the file keeps the umask's mode (0644), readable by the UI
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, mode) as f:
+                yield f
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def _same_filesystem(a: Path, b: Path) -> bool:
+    """Whether a file in `a` can be renamed into `b` (same device, `a` writable)."""
+    try:
+        return a.stat().st_dev == b.stat().st_dev and os.access(a, os.W_OK)
+    except OSError:
+        return False
 
 
 def ensure_project(

@@ -1,4 +1,4 @@
-"""retrain: export the labelled production rows, `train`, then `promote`.
+"""retrain: export the labelled production rows, run the `pipeline`, then `promote`.
 
 The deployment of this flow is triggered by the `mlops.drift.detected` event that the
 monitor flow emits. The new version is trained on the raw table plus every logged
@@ -12,15 +12,14 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from common import registry
+from common import dvc_pipeline, registry
 from common.localpg import has_prediction_db, prediction_db
 from common.params import load_params
 from common.registry import tags as tag
 from common.settings import get_settings
 from common.store import monitoring
+from flows.pipeline import pipeline
 from flows.promote import promote
-from flows.train import train
-from models import pipeline
 from models.generate import write_table
 
 PRODUCTION_FILE = "labelled.parquet"
@@ -46,7 +45,9 @@ def collect(project_dir: str) -> int:
         return 0
     path = root / params.data.production_dir / PRODUCTION_FILE
     write_table(rows, path)
-    pipeline.run((*pipeline.DVC, "add", "--quiet", str(path.relative_to(root))), root, logger.info)
+    dvc_pipeline.run(
+        (*dvc_pipeline.DVC, "add", "--quiet", str(path.relative_to(root))), root, logger.info
+    )
     logger.info("%d labelled production rows -> %s", len(rows), path.relative_to(root))
     return len(rows)
 
@@ -77,7 +78,7 @@ def retrain(project_dir: str = ".", monitor_run_id: str | None = None) -> bool:
     then there is no challenger left for `promote` to judge. True if a new champion was made.
     """
     rows = collect(project_dir)
-    result = train(project_dir)
+    result = pipeline(project_dir)
     link(result.version, monitor_run_id, rows)
     if result.promoted:
         return True

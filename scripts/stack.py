@@ -369,7 +369,7 @@ class Stack:
             print(
                 "predictor: not started, no champion yet. Register one against this stack:\n"
                 f"  source {self.home / 'stack.env'}\n"
-                "  prefect deployment run train/train --watch   # the worker trains\n"
+                "  prefect deployment run pipeline/pipeline --watch   # the worker trains\n"
                 "  make up                                      # again: the predictor starts"
             )
             return False

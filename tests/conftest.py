@@ -1,8 +1,10 @@
-"""Suite-wide set-up: markers by folder, and a Prefect home per pytest-xdist worker.
+"""Suite-wide set-up: markers by folder, a Prefect home per pytest-xdist worker, no user state.
 
 tests/unit -> unit, tests/integration -> integration, tests/e2e -> e2e. Flows run
 in-process against Prefect's ephemeral API, which keeps its state in a SQLite file under
-PREFECT_HOME; workers sharing one file would lock each other out.
+PREFECT_HOME; workers sharing one file would lock each other out. A user's own settings
+(MLFLOW_TRACKING_URI, DATABASE_URL, MLOPS_HOME, ...) are dropped, and MLOPS_HOME is a fresh
+directory: no test reads the checkout's .mlops/ or writes into it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.workspace import USER_VARIABLES
+
 KINDS = ("unit", "integration", "e2e")
 
 
@@ -20,6 +24,11 @@ def pytest_configure(config: pytest.Config) -> None:
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     if "PREFECT_HOME" not in os.environ or worker != "main":
         os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix=f"prefect-home-{worker}-")
+    for name in USER_VARIABLES:
+        os.environ.pop(name, None)
+    home = Path(tempfile.mkdtemp(prefix=f"mlops-home-{worker}-"))
+    home.chmod(0o755)  # an embedded PostgreSQL runs as `postgres` when we are root
+    os.environ["MLOPS_HOME"] = str(home)
     # a fresh ephemeral server migrates its database first: give it time on a busy machine
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 

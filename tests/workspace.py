@@ -1,4 +1,9 @@
-"""A throwaway copy of the project (git + DVC initialised) to run the real pipeline in."""
+"""A throwaway copy of the project (git + DVC initialised) to run the real pipeline in.
+
+Only the project's own files are copied, never what a user's runs leave in the checkout
+(labelled production rows, dvc.lock, outputs, .mlops/), and commands run without the
+user's settings variables: a test starts from the same state on every machine.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +17,18 @@ from typing import Any
 
 import yaml
 
+from common.settings import Settings
+
 ROOT = Path(__file__).resolve().parents[1]
-COPIED = ("dvc.yaml", "params.yaml", ".dvcignore", "models", "common", "data/production")
+COPIED = ("dvc.yaml", "params.yaml", ".dvcignore", "models", "common")
+EMPTY_DIRS = {"data/production": "README.md"}
+"""Folders the retrain flow fills in a user's checkout: only their tracked README is copied."""
+USER_VARIABLES = frozenset(
+    {str(f.alias) for f in Settings.model_fields.values() if f.alias != "PG_BIN"}
+    | {"MLOPS_PROJECT_DIR", "MLFLOW_REGISTRY_URI"}
+)
+"""A user's settings (common/settings.py; PG_BIN only finds binaries) and `make deploy`'s
+project dir: each points at that user's state, so tests never inherit them."""
 FAST = {
     "generate": {"rows": 4000},
     "train": {"n_estimators": 30},
@@ -45,7 +60,7 @@ class Workspace:
         env = {
             k: v
             for k, v in os.environ.items()
-            if not k.startswith(("MLFLOW_", "AWS_", "DATABASE_URL"))
+            if not k.startswith(("MLFLOW_", "AWS_")) and k not in USER_VARIABLES
         }
         venv_bin = str(Path(sys.executable).parent)
         env |= {
@@ -92,15 +107,20 @@ def make_workspace(
     env: dict[str, str] | None = None,
     *,
     fast: bool = True,
+    root: Path = ROOT,
 ) -> Workspace:
-    """Copy the pipeline into `path`, shrink it (FAST unless fast=False), init git + DVC."""
+    """Copy the pipeline from `root` into `path`, shrink it (FAST unless fast=False), init
+    git + DVC."""
     path.mkdir(parents=True, exist_ok=True)
     for name in COPIED:
-        src = ROOT / name
+        src = root / name
         if src.is_dir():
             shutil.copytree(src, path / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(src, path / name)
+    for folder, readme in EMPTY_DIRS.items():
+        (path / folder).mkdir(parents=True)
+        shutil.copy2(root / folder / readme, path / folder / readme)
     ws = Workspace(path, env or {})
     ws.set_params(_merge(FAST if fast else {}, overrides or {}))
     ws.run("git", "init", "-q")

@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
+from common import dvc_pipeline
 from common.lineage import file_md5
-from flows.train import PULL
-from models import pipeline
+from flows.pipeline import PULL
 from tests.servers import DVC_BUCKET, S3Endpoint
 from tests.workspace import make_workspace
 
@@ -52,6 +52,6 @@ def test_the_train_flows_pull_passes_on_a_project_not_yet_run(
     ws.run("dvc", "remote", "modify", "store", "endpointurl", s3.url)
     assert ws.run("dvc", *PULL.split()[:1], check=False).returncode != 0  # plain pull fails
     lines: list[str] = []
-    pipeline.run(
-        (*pipeline.DVC, *PULL.split()), ws.path, lines.append, env={**os.environ, **s3.creds}
+    dvc_pipeline.run(
+        (*dvc_pipeline.DVC, *PULL.split()), ws.path, lines.append, env={**os.environ, **s3.creds}
     )

@@ -1,8 +1,8 @@
-"""prefect.yaml against a real Prefect server and worker: `train` trains, `batch_score` scores.
+"""prefect.yaml against a real Prefect server and worker: `pipeline` trains, `batch_score` scores.
 
 A throwaway workspace gets the flows and prefect.yaml; `prefect deploy --all` runs there
 with MLOPS_PROJECT_DIR pointing the pull step at it, so the worker's flow runs execute in
-the workspace: `train` runs the pipeline and registers into its embedded store (.mlops/),
+the workspace: `pipeline` runs every dvc.yaml stage and registers into its embedded store (.mlops/),
 then `batch_score` scores a file with that champion into the workspace's data/scored/ and
 the prediction log (DATABASE_URL, a database in the session's PostgreSQL, reaches the flow
 runs through the worker's environment).
@@ -136,15 +136,15 @@ def run_deployment(
 
 @pytest.fixture(scope="module")
 def trained(worker_log: Path, prefect_env: dict[str, str]) -> str:
-    """One run of the `train` deployment (the workspace's first version, champion)."""
-    return run_deployment(prefect_env, worker_log.parent, "train/train")
+    """One run of the `pipeline` deployment (the workspace's first version, champion)."""
+    return run_deployment(prefect_env, worker_log.parent, "pipeline/pipeline")
 
 
 def test_deploy_creates_the_deployments_and_the_drift_trigger(
     deployed: str, prefect_env: dict[str, str], workspace: Workspace
 ) -> None:
     for name in (
-        "train/train",
+        "pipeline/pipeline",
         "batch_score/batch_score",
         "monitor/monitor",
         "retrain/retrain",
@@ -161,7 +161,7 @@ def test_deploy_creates_the_deployments_and_the_drift_trigger(
     assert schedule["active"] is False  # paused in test workspaces (add_deployments)
 
 
-def test_train_deployment_registers_a_model_version_in_the_workspace(
+def test_the_pipeline_deployment_registers_a_model_version_in_the_workspace(
     trained: str, workspace: Workspace, worker_log: Path
 ) -> None:
     assert "Completed" in trained, f"{trained}\n--- worker log ---\n{log_tail(worker_log)}"

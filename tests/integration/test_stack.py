@@ -83,7 +83,7 @@ def _client(stack: Stack) -> MlflowClient:
 @pytest.fixture(scope="module")
 def trained(stack: Stack) -> str:
     """One run of the `train` deployment through the worker; then the predictor serves it."""
-    out = _run_deployment(stack, "train/train")
+    out = _run_deployment(stack, "pipeline/pipeline")
     assert stack.serve_if_champion(timeout=180)
     return out
 
@@ -134,7 +134,7 @@ def test_every_service_is_healthy_with_the_compose_variables(stack: Stack) -> No
     for name in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "DATABASE_URL", "EVIDENTLY_WORKSPACE"):
         assert name in env
     deployments = _cli(stack, sys.executable, "-m", "prefect", "deployment", "ls")
-    for name in ("train", "monitor", "retrain", "batch_score"):
+    for name in ("pipeline", "monitor", "retrain", "batch_score"):
         assert name in deployments
 
 

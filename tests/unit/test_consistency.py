@@ -1,4 +1,9 @@
-"""dvc.yaml, common/paths.py and models/ describe the same pipeline with the same words."""
+"""dvc.yaml, params.yaml, common/paths.py, models/, flows/ and prefect.yaml use the same words.
+
+A dvc.yaml stage is a module of models/ and reads its own params.yaml section; a Prefect
+deployment is a flow of flows/ with the same name. The exceptions are listed here, each with
+its reason, and the tests fail if one stops being needed.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +28,24 @@ OUTS = {
 """What each stage writes, in paths.py's names; dvc.yaml must declare exactly these."""
 
 DVC: dict[str, Any] = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+PARAMS: dict[str, Any] = yaml.safe_load((ROOT / "params.yaml").read_text())
+DEPLOYMENTS: dict[str, Any] = {
+    d["name"]: d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+}
+
+SHARED_SECTIONS = {"data"}
+"""The data contract (paths, columns, label): every stage that touches rows reads it."""
+BORROWED_SECTIONS = {
+    # The gate IS the promotion policy: `register` judges a new version against champion
+    # with the very rules the `promote` flow applies, so there is one `promote:` section,
+    # not a `register:` copy that could drift from it.
+    ("register", "promote"),
+    # train writes the prediction columns under the names that monitoring reads.
+    ("train", "monitor"),
+}
+"""(stage, section): a stage that reads another step's params section, and why."""
+FLOW_MODULES = {"rollback": "promote"}
+"""Deployments whose flow lives in another flow's module: rollback undoes what promote did."""
 
 
 def _names(entries: list[Any]) -> set[Path]:
@@ -93,10 +116,47 @@ def test_stage_params_name_keys_of_params_yaml() -> None:
                 node = node[part]
 
 
+def test_each_stage_reads_its_own_params_section_or_a_listed_exception() -> None:
+    """`register` reading `promote:` is the one stage-to-flow exception (BORROWED_SECTIONS)."""
+    borrowed = set()
+    for stage in STAGES:
+        for name in DVC[stage].get("params", []):
+            section = name.split(".")[0]
+            if section == stage or section in SHARED_SECTIONS:
+                continue
+            assert (stage, section) in BORROWED_SECTIONS, f"{stage} reads {name}"
+            borrowed.add((stage, section))
+    assert borrowed == BORROWED_SECTIONS, "an exception no stage needs any more: drop it"
+    assert "register" not in PARAMS, "a register: section beside promote: is a second policy"
+
+
+def test_every_params_section_belongs_to_a_stage_or_a_deployment() -> None:
+    owners = set(STAGES) | set(DEPLOYMENTS) | SHARED_SECTIONS
+    assert set(PARAMS) <= owners, set(PARAMS) - owners
+
+
+@pytest.mark.parametrize("name", list(DEPLOYMENTS))
+def test_each_deployment_runs_the_flow_of_its_name_from_its_module(name: str) -> None:
+    import importlib  # noqa: PLC0415  (the flows import Prefect: only here)
+
+    path, function = DEPLOYMENTS[name]["entrypoint"].split(":")
+    module = FLOW_MODULES.get(name, name)
+    assert (path, function) == (f"flows/{module}.py", name)
+    flow = getattr(importlib.import_module(f"flows.{module}"), function)
+    assert flow.name == name
+
+
+def test_no_deployment_is_named_after_a_single_stage() -> None:
+    """`pipeline` runs every stage (what `make pipeline` runs); a deployment named `train`
+    would read as the one stage of that name."""
+    assert not set(DEPLOYMENTS) & set(STAGES)
+    assert DEPLOYMENTS["pipeline"]["entrypoint"] == "flows/pipeline.py:pipeline"
+    assert "pipeline:" in (ROOT / "Makefile").read_text()
+
+
 def test_the_retrain_trigger_expects_the_event_the_monitor_emits() -> None:
     from flows.monitor import DRIFT_EVENT  # noqa: PLC0415  (imports Prefect: only here)
 
-    deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
-    retrain = next(d for d in deployments if d["name"] == "retrain")
+    retrain = DEPLOYMENTS["retrain"]
     assert retrain["triggers"][0]["expect"] == [DRIFT_EVENT]
     assert "event.payload.mlflow_run_id" in retrain["triggers"][0]["parameters"]["monitor_run_id"]

@@ -1,6 +1,6 @@
-"""The flows under Prefect's test harness: train's stages and failures, promote's decisions.
+"""The flows under Prefect's test harness: pipeline's stages and failures, promote's decisions.
 
-`train` runs on a tiny DVC project whose stages are one script (fast, no ML); `promote`
+`pipeline` runs on a tiny DVC project whose stages are one script (fast, no ML); `promote`
 and `rollback` run against an embedded MLflow registry with the scoring replaced by
 fixed metrics, so the tests are about the decisions, the aliases and the tags.
 """
@@ -32,12 +32,11 @@ from prefect.client.schemas.objects import StateType
 from prefect.flow_runs import resume_flow_run
 from prefect.testing.utilities import prefect_test_harness
 
-from common import registry
+from common import dvc_pipeline, registry
 from common.settings import get_settings
+from flows.pipeline import pipeline
 from flows.promote import promote, rollback
 from flows.retrain import retrain
-from flows.train import train
-from models import pipeline
 from models import promote as policy
 from tests.workspace import ROOT
 
@@ -95,7 +94,7 @@ def _order(project: Path) -> list[str]:
 
 
 def test_stages_come_from_dvc_yaml_in_its_order() -> None:
-    assert pipeline.stages(ROOT) == [
+    assert dvc_pipeline.stages(ROOT) == [
         "generate",
         "prepare",
         "validate",
@@ -105,14 +104,14 @@ def test_stages_come_from_dvc_yaml_in_its_order() -> None:
     ]
 
 
-def test_train_runs_each_stage_in_order_and_publishes_a_summary(project: Path) -> None:
-    result = train(project_dir=str(project))
+def test_the_pipeline_flow_runs_each_stage_in_order_and_publishes_a_summary(project: Path) -> None:
+    result = pipeline(project_dir=str(project))
 
     assert _order(project) == ["prepare", "validate", "register"]
     assert (result.version, result.promoted, result.metrics) == ("7", True, {"roc_auc": 0.81})
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["train-summary"]))
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["pipeline-summary"]))
         )
     assert artifacts
     text = str(artifacts[0].data)
@@ -127,7 +126,7 @@ def test_a_validation_failure_fails_the_run_with_its_error_and_is_not_retried(
 ) -> None:
     (project / "BAD").touch()
 
-    state = train(project_dir=str(project), return_state=True)
+    state = pipeline(project_dir=str(project), return_state=True)
 
     assert state.is_failed()
     assert "validation failed: column age: 3 values above max 120 (rows 1, 4, 9)." in str(
@@ -139,20 +138,20 @@ def test_a_validation_failure_fails_the_run_with_its_error_and_is_not_retried(
 def test_a_crashing_stage_is_retried(project: Path) -> None:
     (project / "FLAKY").touch()
 
-    train(project_dir=str(project))
+    pipeline(project_dir=str(project))
 
     assert _order(project) == ["prepare", "prepare", "validate", "register"]
 
 
 def test_a_dvc_remote_is_detected(project: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
-    assert not pipeline.has_remote(project)
+    assert not dvc_pipeline.has_remote(project)
     remote = tmp_path_factory.mktemp("remote")
     subprocess.run(
         [sys.executable, "-m", "dvc", "remote", "add", "-d", "store", str(remote)],
         cwd=project,
         check=True,
     )
-    assert pipeline.has_remote(project)
+    assert dvc_pipeline.has_remote(project)
 
 
 # promote / rollback
@@ -336,7 +335,7 @@ def test_an_unanswered_approval_times_out_without_promotion(
     assert _tags(client, new)["promote.reason"].startswith("no approval within 1 s")
 
 
-def test_retrain_stops_after_train_when_the_gate_already_promoted(
+def test_retrain_stops_after_the_pipeline_when_the_gate_already_promoted(
     project: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MLOPS_HOME", str(project / ".mlops"))  # no prediction log to export

@@ -1,4 +1,7 @@
-"""train: the DVC pipeline as Prefect tasks, one per dvc.yaml stage, with a summary artifact."""
+"""pipeline: the whole DVC pipeline as Prefect tasks, one per dvc.yaml stage, with a summary.
+
+Named after `make pipeline` (`dvc repro`), not after `train`, which is one of its stages.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +13,8 @@ from prefect.client.schemas.objects import State, TaskRun
 from prefect.runtime import flow_run
 from prefect.tasks import Task
 
+from common import dvc_pipeline
 from common.settings import get_settings
-from models import pipeline
 
 PULL = "pull --allow-missing"
 """What the remote lacks (on a first run there is no dvc.lock yet), the stages make."""
@@ -21,7 +24,7 @@ def _retry_unless_rejected(_task: Task[..., None], _run: TaskRun, state: State) 
     """Retry crashes and network errors, never a stage that refused its input."""
     try:
         state.result()
-    except pipeline.StageRejectedError:
+    except dvc_pipeline.StageRejectedError:
         return False
     except Exception:  # any other failure may be transient
         return True
@@ -31,7 +34,7 @@ def _retry_unless_rejected(_task: Task[..., None], _run: TaskRun, state: State) 
 @task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retry_unless_rejected)
 def dvc(command: str, root: Path) -> None:
     """`dvc pull` / `dvc push` (command and options), its output in the flow's log."""
-    pipeline.run((*pipeline.DVC, *command.split()), root, get_run_logger().info)
+    dvc_pipeline.run((*dvc_pipeline.DVC, *command.split()), root, get_run_logger().info)
 
 
 @task(
@@ -43,24 +46,24 @@ def dvc(command: str, root: Path) -> None:
 def stage(stage: str, root: Path) -> None:
     """One dvc.yaml stage through `dvc repro --single-item`, streamed to the log."""
     run_id = flow_run.get_id()
-    pipeline.run_stage(stage, root, get_run_logger().info, str(run_id) if run_id else None)
+    dvc_pipeline.run_stage(stage, root, get_run_logger().info, str(run_id) if run_id else None)
 
 
-@flow(name="train")
-def train(project_dir: str = ".") -> pipeline.RunSummary:
+@flow(name="pipeline")
+def pipeline(project_dir: str = ".") -> dvc_pipeline.RunSummary:
     """Pull data, run every dvc.yaml stage in order, push, and summarise the new version."""
     root = Path(project_dir).resolve()
-    remote = pipeline.has_remote(root)
+    remote = dvc_pipeline.has_remote(root)
     if remote:
         dvc(PULL, root)
-    for name in pipeline.stages(root):
+    for name in dvc_pipeline.stages(root):
         stage(name, root)
     if remote:
         dvc("push", root)
-    result = pipeline.summary(root)
+    result = dvc_pipeline.summary(root)
     create_markdown_artifact(
-        pipeline.summary_markdown(result, get_settings().tracking_uri),
-        key="train-summary",
+        dvc_pipeline.summary_markdown(result, get_settings().tracking_uri),
+        key="pipeline-summary",
         description=f"{result.model_name} v{result.version}",
     )
     get_run_logger().info(

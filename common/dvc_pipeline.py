@@ -1,8 +1,9 @@
 """Run the DVC pipeline one stage at a time through DVC's CLI; dvc.yaml stays the definition.
 
-Used by the `train` flow: each stage is its own step, its output is streamed line by
-line, and a stage that fails with a user-facing error (the `error: ...` paragraph of
-common.errors.run_cli) is told apart from a crash that may be worth retrying.
+Used by the `pipeline` flow (and `retrain`'s `dvc add`): each stage is its own step, its
+output is streamed line by line, and a stage that fails with a user-facing error (the
+`error: ...` paragraph of common.errors.run_cli) is told apart from a crash that may be
+worth retrying.
 """
 
 from __future__ import annotations
