@@ -164,7 +164,7 @@ class PredictionLog:
         self._dropped = 0
         self._rejected = 0
 
-        self._spill_lock = threading.Lock()  # the segments and their files
+        self._spill_lock = threading.RLock()  # the segments and their files; before _lock
         self._segments: list[_Segment] = []  # ours, oldest first
         self._orphans: list[_Segment] = []  # adopted from processes that are gone
 
@@ -225,9 +225,9 @@ class PredictionLog:
     @property
     def depth(self) -> int:
         """Rows not yet in PostgreSQL: in memory, in flight and in spill files."""
-        with self._lock:
+        # Both locks at once: a row moving from flight to a spill file is counted once.
+        with self._spill_lock, self._lock:
             waiting = len(self._buffer) + self._inflight
-        with self._spill_lock:
             return waiting + sum(s.pending for s in (*self._segments, *self._orphans))
 
     @property
@@ -343,9 +343,13 @@ class PredictionLog:
             self._inflight -= len(batch)
 
     def _spill_memory(self) -> None:
-        batch = self._take()
-        self._spill(batch)
-        self._done(batch)
+        self._spill_from_flight(self._take())
+
+    def _spill_from_flight(self, batch: Sequence[Item]) -> None:
+        """Spill rows taken from the buffer: they leave flight and enter the file in one step."""
+        with self._spill_lock:
+            self._spill(batch)
+            self._done(batch)
 
     def _drain(self, conn: psycopg.Connection[Any]) -> None:
         """Write the rows buffered now; under steady traffic the buffer is never empty."""
@@ -359,10 +363,10 @@ class PredictionLog:
             try:
                 self._write(conn, batch)
             except BaseException:
-                self._spill(batch)  # an unacknowledged commit is replayed harmlessly
+                # An unacknowledged commit is replayed harmlessly.
+                self._spill_from_flight(batch)
                 raise
-            finally:
-                self._done(batch)
+            self._done(batch)
 
     def _write(self, conn: psycopg.Connection[Any], batch: Sequence[Item]) -> None:
         """Write a batch; if PostgreSQL refuses a value, write row by row and set bad rows aside."""

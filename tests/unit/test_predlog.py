@@ -103,6 +103,28 @@ def test_submit_never_blocks_when_the_database_is_down(down_url: str, tmp_path: 
         plog.close()
 
 
+def test_depth_never_counts_a_spilled_row_twice(down_url: str, tmp_path: Path) -> None:
+    """The writer moves rows from memory to a spill file; a reader of `depth` meanwhile
+    (the predictor's queue gauge, on every request) sees each row once."""
+    for round_ in range(10):
+        plog = PredictionLog(
+            down_url,
+            tmp_path / str(round_),
+            max_buffer=300,
+            retry_interval=0.01,
+            flush_interval=0.001,
+        )
+        plog.start()
+        try:
+            highest = 0
+            for submitted in range(1, 1001):
+                plog.submit(make_prediction())
+                highest = max(highest, plog.depth - submitted)
+            assert highest <= 0, f"depth ran {highest} rows over what was submitted"
+        finally:
+            plog.close()
+
+
 def test_close_spills_everything_to_the_file(down_url: str, tmp_path: Path) -> None:
     plog = PredictionLog(down_url, tmp_path, max_buffer=100, flush_interval=0.05)
     plog.start()
