@@ -1,8 +1,8 @@
 """The store layer: everything that reads or writes the prediction database, and batch I/O.
 
 What lives where:
-- `connection`: the one connection factory (`connect`, `conninfo`) for the prediction
-  database; every caller (the writers, monitoring, batch `table:` sources, scripts) uses it.
+- `connection`: the one connection factory (`connect`, `conninfo`) and pool (`pool`) for
+  the prediction database; every caller (the writers, monitoring, batch `table:` sources, scripts) uses it.
 - `migrations`: the schema (`migrations/NNNN_*.sql`, the project's own) and its runner
   (`migrate`, and `apply_migrations` on an open connection).
 - `rows`: the rows (`Prediction`, `Feedback`), their one JSON encoding (`dumps`), spill
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from common.store import monitoring, sources
 from common.store.batch import BatchLogWriter
-from common.store.connection import CONNECT_TIMEOUT, STATEMENT_TIMEOUT, connect, conninfo
+from common.store.connection import CONNECT_TIMEOUT, STATEMENT_TIMEOUT, connect, conninfo, pool
 from common.store.log import PredictionLog, prediction_exists
 from common.store.migrations import MIGRATIONS_DIR, apply_migrations, migrate
 from common.store.rows import (
@@ -61,6 +61,7 @@ __all__ = [
     "log_rows",
     "migrate",
     "monitoring",
+    "pool",
     "prediction_exists",
     "sources",
     "to_line",

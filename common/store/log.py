@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from common.store.connection import connect
 from common.store.migrations import apply_migrations
@@ -72,22 +73,30 @@ REPLAY_BATCHES = 20
 _DATA_ERRORS = (psycopg.DataError, psycopg.IntegrityError)
 
 
-def prediction_exists(database_url: str, request_id: str) -> bool | None:
+_EXISTS = "SELECT 1 FROM predictions WHERE request_id = %s"
+
+
+def prediction_exists(
+    database: str | ConnectionPool[psycopg.Connection[Any]], request_id: str
+) -> bool | None:
     """Whether `request_id` is logged; None when PostgreSQL cannot be reached.
 
-    False may also mean the prediction is still buffered, so feedback should be accepted
-    either way (the feedback table has no foreign key for this reason).
+    `database` is a DATABASE_URL (a connection for this one call) or an open `pool`. False
+    may also mean the prediction is still buffered, so feedback should be accepted either
+    way (the feedback table has no foreign key for this reason).
     """
     try:
         uuid.UUID(request_id)
     except ValueError:
         return False
     try:
-        with connect(database_url) as conn:
-            row = conn.execute(
-                "SELECT 1 FROM predictions WHERE request_id = %s", [request_id]
-            ).fetchone()
-    except psycopg.OperationalError:
+        if isinstance(database, str):
+            with connect(database) as conn:
+                row = conn.execute(_EXISTS, [request_id]).fetchone()
+        else:
+            with database.connection() as conn:
+                row = conn.execute(_EXISTS, [request_id]).fetchone()
+    except (psycopg.OperationalError, PoolTimeout):
         return None
     return row is not None
 

@@ -23,7 +23,7 @@ from typing_extensions import TypedDict
 
 from common.registry.served import ServedModel
 from common.settings import get_settings
-from common.store import Feedback, Prediction, PredictionLog, migrate, prediction_exists
+from common.store import Feedback, Prediction, PredictionLog, migrate, pool, prediction_exists
 from models.predict import out_of_range, record_model, validate_records
 from services.predictor.guard import RequestGuard
 from services.predictor.openapi import PUBLISHED, Contract, MlflowEvent
@@ -139,6 +139,9 @@ class Predictor:
             log.warning("prediction log database not reachable at start-up: %s", exc)
         self.log = PredictionLog(self.database_url, settings.mlops_home.resolve() / "spill")
         self.log.start()
+        # Feedback's lookups reuse connections; opened here, in the worker, after the fork.
+        self.lookups = pool(self.database_url)
+        self.lookups.open(wait=False)
         self.runtime = ModelRuntime(settings, bundled_dir=Path(self.bundled.path))
         self._flag_range = settings.predict_out_of_range == "flag"
         self._unbounded: tuple[ServedModel, type[BaseModel]] | None = None
@@ -248,7 +251,7 @@ class Predictor:
     def _known(self, request_id: str) -> bool:
         """Whether the prediction exists (waits out log batching; yes if the DB is down)."""
         for _ in range(FEEDBACK_LOOKUPS):
-            found = prediction_exists(self.database_url, request_id)
+            found = prediction_exists(self.lookups, request_id)
             if found is None or found:
                 return True
             time.sleep(0.25)
@@ -275,6 +278,7 @@ class Predictor:
     def close(self) -> None:
         self.runtime.stop()
         self.log.close()
+        self.lookups.close()
 
 
 # @bentoml.service returns a Service; mypy sees the class.

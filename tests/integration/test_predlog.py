@@ -24,6 +24,7 @@ from common.store import (
     Prediction,
     PredictionLog,
     migrate,
+    pool,
     prediction_exists,
     to_line,
 )
@@ -131,6 +132,29 @@ def test_a_prediction_lands_with_its_columns(database: str, tmp_path: Path) -> N
     assert prediction_exists(database, str(uuid.uuid4())) is False
     down = f"postgresql://postgres@127.0.0.1:{free_port()}/predlog"
     assert prediction_exists(down, prediction.request_id) is None
+
+
+def test_feedback_lookups_through_a_pool_survive_an_outage(
+    running: LocalPostgres, database: str, tmp_path: Path
+) -> None:
+    """The predictor's pool answers None (not an error) while PostgreSQL is away, and its
+    broken connections are replaced once it is back."""
+    prediction = make_prediction()
+    plog = PredictionLog(database, tmp_path, flush_interval=0.05)
+    plog.start()
+    plog.submit(prediction)
+    plog.close()
+    lookups = pool(database, max_size=2)
+    lookups.open(wait=True)
+    try:
+        assert prediction_exists(lookups, prediction.request_id) is True
+        assert prediction_exists(lookups, str(uuid.uuid4())) is False
+        running.stop(mode="immediate")
+        assert prediction_exists(lookups, prediction.request_id) is None
+        running.start()
+        wait_for(lambda: prediction_exists(lookups, prediction.request_id) is True, what="back")
+    finally:
+        lookups.close()
 
 
 def test_the_latest_label_wins_whatever_order_labels_arrive_in(
