@@ -74,16 +74,21 @@ format: bootstrap ## apply ruff's fixes and formatting
 # with coverage (fail_under in pyproject.toml), then the checkout as clean as it was committed:
 # a hook or test that rewrites a tracked file or leaves an untracked one fails the run.
 # PYTEST_ARGS narrows the suite, e.g. `make test PYTEST_ARGS='-m unit'`.
-test: bootstrap ## everything CI runs: pre-commit hooks, uv lock --check, licences, the suite with coverage, clean checkout
-	@git diff --quiet && test -z "$$(git status --porcelain)" || \
-		echo "make test: the checkout has uncommitted changes; its last step will fail on them" >&2
+# What a run must leave as it found it: tracked changes and the list of untracked files. A
+# clean clone (CI) must stay clean; after `make demo` its outputs (dvc.lock, metrics/, ...) stay.
+TREE_STATE = { git status --porcelain --untracked-files=all; git diff; }
+TREE_BEFORE = $(shell git rev-parse --git-path make-test-tree.before 2>/dev/null)
+
+test: bootstrap ## everything CI runs: pre-commit hooks, uv lock --check, licences, the suite with coverage, an unchanged checkout
+	@$(TREE_STATE) > $(TREE_BEFORE)
+	@test ! -s $(TREE_BEFORE) || \
+		echo "make test: the checkout has uncommitted changes; they are checked too, and the run must add none" >&2
 	PATH="$(dir $(UV)):$$PATH" $(RUN) pre-commit run --all-files --show-diff-on-failure
 	$(UV) lock --check
 	$(RUN) python scripts/check_licenses.py
 	$(RUN) pytest -n $(PYTEST_WORKERS) --dist loadfile --cov --cov-report=term:skip-covered $(PYTEST_ARGS)
-	git diff --exit-code
-	@test -z "$$(git status --porcelain)" || { git status --porcelain; \
-		echo "make test: the run left files in the checkout (listed above)" >&2; exit 1; }
+	@$(TREE_STATE) | diff -u $(TREE_BEFORE) - || { \
+		echo "make test: the run changed the checkout (the diff above: - before, + after)" >&2; exit 1; }
 
 unit: bootstrap ## unit tests only
 	$(RUN) pytest -m unit
