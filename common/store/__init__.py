@@ -2,7 +2,8 @@
 
 What lives where:
 - `connection`: the one connection factory (`connect`, `conninfo`) and pool (`pool`) for
-  the prediction database; every caller (the writers, monitoring, batch `table:` sources, scripts) uses it.
+  the prediction database; every caller (the writers, monitoring, batch `table:` sources,
+  scripts) uses it.
 - `migrations`: the schema (`migrations/NNNN_*.sql`, the project's own) and its runner
   (`migrate`, and `apply_migrations` on an open connection).
 - `rows`: the rows (`Prediction`, `Feedback`), their one JSON encoding (`dumps`), spill
