@@ -27,7 +27,7 @@ from prefect.tasks import Task
 
 from common.errors import UserError
 from common.params import load_params
-from common.registry.served import ServedModel, resolve
+from common.registry.served import ServedModel, cache_dir, resolve
 from common.settings import Settings, get_settings
 from common.store import BatchLogWriter, sources
 from models import batch
@@ -60,7 +60,7 @@ def _s3(settings: Settings) -> sources.S3Options:
 )
 def fetch_champion(settings: Settings) -> ServedModel:
     """Download the version the serving alias points at (cached by version)."""
-    cache = settings.mlops_home.resolve() / "batch-models"
+    cache = cache_dir(settings)
     return resolve(settings, settings.model_name, settings.model_alias, cache)
 
 

@@ -28,6 +28,7 @@ from prefect.runtime import flow_run
 from common import evidently_store, registry
 from common.localpg import prediction_db
 from common.params import Params, load_params
+from common.registry import served as served_model
 from common.registry import tags as tag
 from common.registry.served import ServedModel, by_version, resolve
 from common.settings import Settings, get_settings
@@ -65,7 +66,7 @@ class Outcome:
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
 def served_version(settings: Settings, version: str | None) -> ServedModel:
     """The version to monitor (default: the one the serving alias points at), downloaded."""
-    cache = settings.mlops_home.resolve() / "monitor-models"
+    cache = served_model.cache_dir(settings)
     if version is None:
         return resolve(settings, settings.model_name, settings.model_alias, cache)
     return by_version(settings, settings.model_name, version, cache)

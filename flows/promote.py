@@ -12,6 +12,7 @@ from prefect.runtime import flow_run
 
 from common import registry
 from common.params import load_params
+from common.registry import served
 from common.settings import get_settings
 from models import promote as policy
 
@@ -35,7 +36,11 @@ def compare(project_dir: str) -> tuple[policy.Candidates, policy.Verdict]:
     params = load_params(root / "params.yaml")
     client = registry.connect(get_settings())
     c = policy.candidates(
-        client, get_settings().model_name, params.data, root / "data/prepared/holdout.parquet"
+        client,
+        get_settings().model_name,
+        params.data,
+        served.cache_dir(get_settings()),
+        root / "data/prepared/holdout.parquet",
     )
     return c, policy.judge(params.promote, c.challenger_metrics, c.champion_metrics)
 

@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import mlflow
 import pandas as pd
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
 from common import paths, registry
 from common.errors import UserError
 from common.params import DataParams, PromoteParams
+from common.registry import served
 from common.registry import tags as tag
 from models.evaluate import LOWER_IS_BETTER, score
 
@@ -78,14 +79,19 @@ def judge(
 
 
 def _score_version(
-    client: MlflowClient, name: str, version: str, holdout: pd.DataFrame, data: DataParams
+    mv: ModelVersion, cache: Path, holdout: pd.DataFrame, data: DataParams
 ) -> dict[str, float]:
-    model = mlflow.sklearn.load_model(f"models:/{name}/{version}")
-    return score(model, holdout, data)
+    """One version's metrics on the holdout: its sklearn pipeline, through the served-model
+    handle (downloaded once into `cache`), as `evaluate` scored it."""
+    return score(served.fetch(mv, cache).pipeline, holdout, data)
 
 
 def candidates(
-    client: MlflowClient, name: str, data: DataParams, holdout_path: Path = paths.HOLDOUT
+    client: MlflowClient,
+    name: str,
+    data: DataParams,
+    cache: Path,
+    holdout_path: Path = paths.HOLDOUT,
 ) -> Candidates:
     """Score challenger and champion on the holdout; a missing challenger is a UserError."""
     challenger = registry.version_by_alias(client, name, registry.CHALLENGER)
@@ -93,10 +99,10 @@ def candidates(
         raise UserError(f"{name} has no '{registry.CHALLENGER}' version: nothing to promote.")
     champion = registry.version_by_alias(client, name, registry.CHAMPION)
     holdout = pd.read_parquet(holdout_path)
-    new = _score_version(client, name, str(challenger.version), holdout, data)
+    new = _score_version(challenger, cache, holdout, data)
     if champion is None:
         return Candidates(str(challenger.version), None, new, None)
-    old = _score_version(client, name, str(champion.version), holdout, data)
+    old = _score_version(champion, cache, holdout, data)
     return Candidates(str(challenger.version), str(champion.version), new, old)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -18,6 +19,7 @@ from common import paths, registry
 from common.errors import run_cli
 from common.lineage import file_md5, git_commit
 from common.params import Params, PromoteParams, load_params
+from common.registry import served
 from common.registry import tags as tag
 from common.settings import Settings, get_settings
 from models.evaluate import score
@@ -53,14 +55,14 @@ def gate(
 
 
 def _champion_metrics(
-    client: MlflowClient, name: str, holdout: pd.DataFrame, params: Params
+    client: MlflowClient, name: str, holdout: pd.DataFrame, params: Params, cache: Path
 ) -> tuple[str | None, dict[str, float] | None, str | None]:
     """Score the champion on this holdout; (version, metrics, why-not) when it cannot be."""
     current = registry.version_by_alias(client, name, registry.CHAMPION)
     if current is None:
         return None, None, None
     try:
-        model = mlflow.sklearn.load_model(f"models:/{name}/{current.version}")
+        model = served.fetch(current, cache).pipeline
         return current.version, score(model, holdout, params.data), None
     except (KeyError, ValueError) as exc:
         return (
@@ -77,7 +79,7 @@ def run(params: Params, settings: Settings) -> Decision:
     name = settings.model_name
     holdout = pd.read_parquet(paths.HOLDOUT)
     champion_version, champion_metrics, unscorable = _champion_metrics(
-        client, name, holdout, params
+        client, name, holdout, params, served.cache_dir(settings)
     )
 
     mv = mlflow.register_model(train_run["model_uri"], name)

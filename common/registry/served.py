@@ -21,6 +21,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
+import mlflow.sklearn
 import pandas as pd
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
@@ -41,6 +42,12 @@ VERSION_KEY = "version"
 """The key of the version number in TAGS_FILE (beside the version's own tags)."""
 EXTRA_FILES = "extra_files"
 """Where `log_model(extra_files=...)` puts the files a version carries, in its directory."""
+
+
+def cache_dir(settings: Settings) -> Path:
+    """Where this machine keeps downloaded versions: one folder for every process (the
+    predictor, the flows, the gate), each version downloaded once (`download_version`)."""
+    return settings.mlops_home.resolve() / "model-cache"
 
 
 class AliasNotFoundError(UserError):
@@ -69,6 +76,11 @@ class ServedModel:
     def prefers_onnx(self) -> bool:
         """ONNX only when the version's parity check passed; otherwise the sklearn pipeline."""
         return tag.onnx_ok(self.tags)
+
+    @cached_property
+    def pipeline(self) -> Any:
+        """The fitted sklearn pipeline itself, as `evaluate` scored it: what the gate compares."""
+        return mlflow.sklearn.load_model(str(self.path))
 
     @cached_property
     def scorer(self) -> Scorer:

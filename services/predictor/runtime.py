@@ -32,7 +32,7 @@ WAKE_CHECK_SECONDS = 0.5
 
 def model_cache(settings: Settings) -> Path:
     """Where the predictor (and the Bento packaging before it) keeps downloaded versions."""
-    return settings.mlops_home.resolve() / "served-models"
+    return served.cache_dir(settings)
 
 
 class ModelRuntime:

@@ -169,7 +169,7 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Pat
     (tmp_path / "data/prepared").mkdir(parents=True)
     pd.DataFrame({"x": [1]}).to_parquet(tmp_path / "data/prepared/holdout.parquet")
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
-    monkeypatch.setattr(policy, "_score_version", lambda _c, _n, v, _h, _d: SCORES[v])
+    monkeypatch.setattr(policy, "_score_version", lambda mv, _c, _h, _d: SCORES[str(mv.version)])
     client = registry.connect(get_settings())
     client.create_registered_model(NAME)
     yield tmp_path, client
