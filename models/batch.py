@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from common.errors import UserError
 from common.store.rows import log_rows
-from models.data import MISSING_CATEGORY
+from models.data import MISSING_CATEGORY, proba_column
 from models.predict import Kind, Scorer
 
 NAMESPACE = uuid.UUID("6f0c61d4-3b0e-5c39-9a53-2f7a3c1b8e42")
@@ -248,10 +248,6 @@ class BatchResult:
         """Rejects first, predictions last: the order to publish them in, so that a reader
         waiting for predictions.parquet finds both."""
         return self.rejects_path, self.predictions_path
-
-
-def proba_column(cls: str) -> str:
-    return f"proba_{cls}"
 
 
 @dataclass(frozen=True)

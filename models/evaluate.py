@@ -27,7 +27,7 @@ from common import paths, registry
 from common.errors import run_cli
 from common.params import DataParams, load_params
 from common.settings import Settings, get_settings
-from models.data import model_frame, target
+from models.data import model_frame, proba_column, target
 
 LOWER_IS_BETTER = {"log_loss"}
 
@@ -117,7 +117,7 @@ def run(data: DataParams, settings: Settings) -> dict[str, float]:
             "evaluation/confusion_matrix.json",
         )
         predictions = pd.DataFrame(
-            proba, columns=[f"proba_{c}" for c in labels], index=holdout.index
+            proba, columns=[proba_column(c) for c in labels], index=holdout.index
         )
         predictions["actual"] = y
         mlflow.log_table(predictions.reset_index(), "evaluation/holdout_predictions.json")
