@@ -21,7 +21,7 @@ import pyarrow.csv as pacsv
 from psycopg import sql
 
 from common.params import DataParams
-from common.store.connection import connect as _connect
+from common.store.connection import connect
 from common.store.migrations import migrate
 
 REQUEST_ID = "request_id"
@@ -123,7 +123,7 @@ def read_window(
         sql.SQL(" AND ").join(where),
     )
     text = [REQUEST_ID, MODEL_VERSION, *data.categorical, prediction_column, data.target]
-    with _connect(database_url) as conn:
+    with connect(database_url) as conn:
         conn.execute("SET statement_timeout = 0")
         return _copy_frame(conn, query, data, text)
 
@@ -148,7 +148,7 @@ def labelled_rows(database_url: str, model_name: str, data: DataParams) -> pd.Da
         "SELECT {} FROM predictions p JOIN feedback f USING (request_id)"
         " WHERE p.model_name = {} ORDER BY p.ts, p.request_id"
     ).format(sql.SQL(", ").join(cols), sql.Literal(model_name))
-    with _connect(database_url) as conn:
+    with connect(database_url) as conn:
         conn.execute("SET statement_timeout = 0")
         return _copy_frame(conn, query, data, [id_column, *data.categorical, data.target])
 
@@ -189,7 +189,7 @@ def write_results(
     """The run and its (metric, column, value) rows, in one transaction; rerunning replaces them."""
     migrate(database_url)
     fields = list(RunRecord.__dataclass_fields__)
-    with _connect(database_url) as conn, conn.transaction():
+    with connect(database_url) as conn, conn.transaction():
         conn.execute("DELETE FROM monitoring_runs WHERE run_id = %s", [run.run_id])
         conn.execute(
             sql.SQL("INSERT INTO monitoring_runs ({}) VALUES ({})").format(
@@ -219,7 +219,7 @@ def write_results(
 
 def history(database_url: str, model_name: str, metric: str) -> list[dict[str, Any]]:
     """A metric over time (window end, version, column, value): what a dashboard charts."""
-    with _connect(database_url) as conn:
+    with connect(database_url) as conn:
         rows = conn.execute(
             "SELECT window_end, model_version, column_name, value FROM monitoring_metrics"
             " WHERE model_name = %s AND metric = %s ORDER BY window_end, column_name",

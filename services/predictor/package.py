@@ -23,7 +23,6 @@ import yaml
 from common.errors import UserError, run_cli
 from common.registry import served
 from common.settings import Settings, get_settings
-from services.predictor.runtime import model_cache
 from services.predictor.service import BUNDLE
 
 BENTOFILE = "services/predictor/bentofile.yaml"
@@ -36,7 +35,7 @@ def bundle(settings: Settings) -> str:
     with the same MLOPS_HOME finds it there.
     """
     version = served.resolve(
-        settings, settings.model_name, settings.model_alias, model_cache(settings)
+        settings, settings.model_name, settings.model_alias, served.cache_dir(settings)
     )
     labels = {"model_name": version.name, "model_version": version.version}
     with contextlib.suppress(bentoml.exceptions.NotFound):

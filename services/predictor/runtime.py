@@ -30,11 +30,6 @@ WAKE_CHECK_SECONDS = 0.5
 """How often a worker looks at the wake file between polls (one stat call)."""
 
 
-def model_cache(settings: Settings) -> Path:
-    """Where the predictor (and the Bento packaging before it) keeps downloaded versions."""
-    return served.cache_dir(settings)
-
-
 class ModelRuntime:
     """Holds the served model; a background thread follows the alias in the registry."""
 
@@ -42,7 +37,7 @@ class ModelRuntime:
         self.settings = settings
         self.name = settings.model_name
         self.alias = settings.model_alias
-        self.cache = model_cache(settings)
+        self.cache = served.cache_dir(settings)
         self.bundled_dir = bundled_dir
         self.registry_ok = False
         self.last_error: str | None = None
