@@ -19,6 +19,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -30,6 +31,7 @@ from psycopg import sql
 
 from common.errors import UserError
 from common.settings import Settings, get_settings
+from common.store import migrate, roles
 
 PG_OS_USER = "postgres"
 INSTALL_HINT = (
@@ -334,12 +336,16 @@ def _left_running(pg: LocalPostgres) -> int | None:
 
 
 @contextlib.contextmanager
-def prediction_db(settings: Settings, *, reuse_running: bool = False) -> Iterator[str]:
+def prediction_db(
+    settings: Settings, *, reuse_running: bool = False, role: str | None = None
+) -> Iterator[str]:
     """DATABASE_URL if set; else the embedded PostgreSQL under MLOPS_HOME/postgres.
 
     The embedded server is started here and stopped when the block ends. One already
     running (`make serve` in another terminal) is an error, or with `reuse_running` is
-    used as it is and left running.
+    used as it is and left running. Its schema is brought up to date, and with `role`
+    (a service role of common.store.roles) the URL logs in as that role, not as the
+    cluster's superuser, so row-level security holds in the embedded mode too.
     """
     if settings.database_url:
         yield settings.database_url
@@ -347,7 +353,7 @@ def prediction_db(settings: Settings, *, reuse_running: bool = False) -> Iterato
     pg = LocalPostgres(settings.mlops_home / "postgres", port=EMBEDDED_PG_PORT)
     left = _left_running(pg)
     if left is not None and reuse_running:
-        yield pg.url(EMBEDDED_DB)
+        yield _as_role(pg.url(EMBEDDED_DB), role)
         return
     if left is not None:
         raise UserError(
@@ -357,10 +363,22 @@ def prediction_db(settings: Settings, *, reuse_running: bool = False) -> Iterato
     pg.start()
     try:
         pg.create_database(EMBEDDED_DB)
-        print(f"prediction log: embedded PostgreSQL at 127.0.0.1:{EMBEDDED_PG_PORT}/{EMBEDDED_DB}")
-        yield pg.url(EMBEDDED_DB)
+        print(
+            f"prediction log: embedded PostgreSQL at 127.0.0.1:{EMBEDDED_PG_PORT}/{EMBEDDED_DB}",
+            file=sys.stderr,
+        )
+        yield _as_role(pg.url(EMBEDDED_DB), role)
     finally:
         pg.stop()
+
+
+def _as_role(admin_url: str, role: str | None) -> str:
+    """The embedded database migrated, and its URL as `role` (the superuser's if None)."""
+    migrate(admin_url)
+    if role is None:
+        return admin_url
+    roles.enable_login(admin_url, role)  # host logins are trusted in the embedded cluster
+    return roles.role_url(admin_url, role)
 
 
 def has_prediction_db(settings: Settings) -> bool:

@@ -32,7 +32,7 @@ from common.registry import served as served_model
 from common.registry import tags as tag
 from common.registry.served import ServedModel, by_version, resolve
 from common.settings import Settings, get_settings
-from common.store import monitoring
+from common.store import monitoring, roles
 from models import drift as drift_core
 from models import report
 
@@ -258,7 +258,7 @@ def monitor(
     window = monitoring.Window(served.name, served.version, start, end)
     reference = reference_of(served)
     run_id = monitoring.new_run_id()
-    with prediction_db(settings, reuse_running=True) as database_url:
+    with prediction_db(settings, reuse_running=True, role=roles.FLOWS) as database_url:
         current = read_window(database_url, window, params, reference)
         result = check(reference, current, params)
         logger.info("%s v%s: %s", served.name, served.version, result.summary())

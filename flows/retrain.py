@@ -17,7 +17,7 @@ from common.localpg import has_prediction_db, prediction_db
 from common.params import load_params
 from common.registry import tags as tag
 from common.settings import get_settings
-from common.store import monitoring
+from common.store import monitoring, roles
 from flows.pipeline import pipeline
 from flows.promote import promote
 from models.generate import write_table
@@ -38,7 +38,7 @@ def collect(project_dir: str) -> int:
     if not has_prediction_db(settings):
         logger.info("no prediction log (DATABASE_URL unset, no embedded one): raw table only")
         return 0
-    with prediction_db(settings, reuse_running=True) as database_url:
+    with prediction_db(settings, reuse_running=True, role=roles.FLOWS) as database_url:
         rows = monitoring.labelled_rows(database_url, settings.model_name, params.data)
     if rows.empty:
         logger.info("no labelled production rows yet: training on the raw table only")

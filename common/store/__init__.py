@@ -14,6 +14,10 @@ What lives where:
 - `batch`: `BatchLogWriter`, a batch job's log rows in one transaction.
 - `monitoring`: windows of the log in, monitoring results (`monitoring_runs`,
   `monitoring_metrics`) out.
+- `tenants`: tenants, their API keys (`authenticate`), and `scope`, which sets the
+  tenant(s) a transaction may see under row-level security.
+- `roles`: the service roles (`PREDICTOR`, `FLOWS`, `GRAFANA`) and URLs logging in as them.
+- `readback`: a tenant's own predictions and labels, a page at a time.
 - `sources`: batch inputs and outputs: Parquet/CSV files, local or `s3://`, and
   PostgreSQL tables (`open_input`, `read_chunks`, `default_batch_id`, `publish`).
 
@@ -23,11 +27,11 @@ Prefect, BentoML or `models`.
 
 from __future__ import annotations
 
-from common.store import monitoring, sources
+from common.store import monitoring, readback, roles, sources, tenants
 from common.store.batch import BatchLogWriter
 from common.store.connection import CONNECT_TIMEOUT, STATEMENT_TIMEOUT, connect, conninfo, pool
 from common.store.log import PredictionLog, prediction_exists
-from common.store.migrations import MIGRATIONS_DIR, apply_migrations, migrate
+from common.store.migrations import MIGRATIONS_DIR, apply_migrations, migrate, pending
 from common.store.rows import (
     BATCH_LOG_COLUMNS,
     LOG_COLUMNS,
@@ -62,9 +66,13 @@ __all__ = [
     "log_rows",
     "migrate",
     "monitoring",
+    "pending",
     "pool",
     "prediction_exists",
+    "readback",
+    "roles",
     "sources",
+    "tenants",
     "to_line",
     "write_items",
 ]

@@ -12,6 +12,7 @@ import pyarrow.csv as pacsv
 from common.store.connection import connect
 from common.store.migrations import migrate
 from common.store.rows import BATCH_LOG_COLUMNS
+from common.store.tenants import scope
 
 _COLUMNS = ", ".join(BATCH_LOG_COLUMNS)
 _BATCH_STAGING = (
@@ -20,7 +21,7 @@ _BATCH_STAGING = (
 _COPY_BATCH = f"COPY predlog_batch_in ({_COLUMNS}) FROM STDIN (FORMAT csv)"
 _INSERT_BATCH = (
     f"INSERT INTO predictions ({_COLUMNS})"
-    f" SELECT {_COLUMNS} FROM predlog_batch_in"
+    f" SELECT {_COLUMNS} FROM predlog_batch_in WHERE tenant_id = %s"
     " ON CONFLICT (request_id) DO NOTHING"
 )
 
@@ -55,11 +56,18 @@ class BatchLogWriter:
             copy.write(buf.getbuffer())
 
     def commit(self) -> int:
-        """Insert what is new and commit; the number of rows inserted."""
+        """Insert what is new and commit; the number of rows inserted.
+
+        Each tenant's rows go in under its own scope, so row-level security checks them.
+        """
         conn = self._connection()
+        inserted = 0
         with conn.cursor() as cur:
-            cur.execute(_INSERT_BATCH)
-            inserted = cur.rowcount
+            tenants = [r[0] for r in cur.execute("SELECT DISTINCT tenant_id FROM predlog_batch_in")]
+            for tenant in tenants:
+                scope(conn, tenant)
+                cur.execute(_INSERT_BATCH, [tenant])
+                inserted += cur.rowcount
         conn.commit()
         return inserted
 

@@ -62,6 +62,7 @@ from common.store.rows import (
     to_line,
     write_items,
 )
+from common.store.tenants import scope
 
 log = logging.getLogger(__name__)
 
@@ -77,24 +78,28 @@ _EXISTS = "SELECT 1 FROM predictions WHERE request_id = %s"
 
 
 def prediction_exists(
-    database: str | ConnectionPool[psycopg.Connection[Any]], request_id: str
+    database: str | ConnectionPool[psycopg.Connection[Any]], request_id: str, tenant: str
 ) -> bool | None:
-    """Whether `request_id` is logged; None when PostgreSQL cannot be reached.
+    """Whether `tenant` logged `request_id`; None when PostgreSQL cannot be reached.
 
-    `database` is a DATABASE_URL (a connection for this one call) or an open `pool`. False
-    may also mean the prediction is still buffered, so feedback should be accepted either
-    way (the feedback table has no foreign key for this reason).
+    Another tenant's prediction is not found, exactly as an unknown one is: the lookup runs
+    in `tenant`'s scope, so row-level security hides every other row. `database` is a
+    DATABASE_URL (a connection for this one call) or an open `pool`. False may also mean
+    the prediction is still buffered, so feedback should be accepted either way (the
+    feedback table has no foreign key for this reason).
     """
     try:
         uuid.UUID(request_id)
     except ValueError:
         return False
     try:
-        if isinstance(database, str):
-            with connect(database) as conn:
-                row = conn.execute(_EXISTS, [request_id]).fetchone()
-        else:
-            with database.connection() as conn:
+        with contextlib.ExitStack() as stack:
+            if isinstance(database, str):
+                conn = stack.enter_context(connect(database))
+            else:
+                conn = stack.enter_context(database.connection())
+            with conn.transaction():
+                scope(conn, tenant)
                 row = conn.execute(_EXISTS, [request_id]).fetchone()
     except (psycopg.OperationalError, PoolTimeout):
         return None

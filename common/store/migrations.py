@@ -14,6 +14,7 @@ from typing import Any
 
 import psycopg
 
+from common.errors import UserError
 from common.store.connection import connect
 
 log = logging.getLogger(__name__)
@@ -28,11 +29,25 @@ def _migration_files() -> list[Path]:
     return sorted(p for p in MIGRATIONS_DIR.iterdir() if _MIGRATION_FILE.match(p.name))
 
 
+def pending(conn: psycopg.Connection[Any], names: list[str] | None = None) -> list[str]:
+    """The migrations not applied yet on `conn`'s database, in order."""
+    names = names if names is not None else [p.stem for p in _migration_files()]
+    try:
+        with conn.transaction():
+            done = {row[0] for row in conn.execute("SELECT name FROM schema_migrations")}
+    except (psycopg.errors.UndefinedTable, psycopg.errors.InsufficientPrivilege):
+        return names  # a database from before migrations, or a role that may not tell
+    return [n for n in names if n not in done]
+
+
 def apply_migrations(conn: psycopg.Connection[Any]) -> list[str]:
     """Apply pending migrations on `conn` (autocommit) in one transaction; their names.
 
     The advisory lock serialises workers: the second waits, then finds nothing to do.
     """
+    names = [p.stem for p in _migration_files()]
+    if not pending(conn, names):  # a service role reads this, but may not migrate
+        return []
     applied: list[str] = []
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", [_MIGRATION_LOCK_KEY])
@@ -57,7 +72,15 @@ def migrate(database_url: str) -> list[str]:
     nothing to do.
     """
     with connect(database_url) as conn:
-        applied = apply_migrations(conn)
+        try:
+            applied = apply_migrations(conn)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            user = conn.info.user
+            raise UserError(
+                f"the prediction database's schema is behind ({', '.join(pending(conn))} not "
+                f"applied) and {user!r} may not change it: run `python -m common.store upgrade` "
+                f"with the owner's DATABASE_URL first ({exc.diag.message_primary})"
+            ) from exc
     if applied:
         log.info("prediction log: applied migrations %s", ", ".join(applied))
     return applied

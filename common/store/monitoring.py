@@ -23,6 +23,7 @@ from psycopg import sql
 from common.params import DataParams
 from common.store.connection import connect
 from common.store.migrations import migrate
+from common.store.tenants import scope, tenant_ids
 
 REQUEST_ID = "request_id"
 TS = "ts"
@@ -72,6 +73,14 @@ def _select(
     return sql.SQL(", ").join(cols)
 
 
+_JOIN_LABEL = sql.SQL("ON f.tenant_id = p.tenant_id AND f.request_id = p.request_id")
+
+
+def _scope(conn: Any, tenants: Sequence[str] | None) -> None:
+    """Scope the transaction to `tenants`, or to every tenant there is."""
+    scope(conn, tenant_ids(conn) if tenants is None else tenants)
+
+
 def _copy_frame(
     conn: Any, query: sql.Composable, data: DataParams, text: Sequence[str]
 ) -> pd.DataFrame:
@@ -100,12 +109,14 @@ def read_window(
     prediction_column: str = "predicted",
     probability_column: str = "proba_1",
     class_columns: Mapping[str, str] | None = None,
+    tenants: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """The window's predictions: features, predicted class, P(positive), label or missing.
 
     `class_columns` ({column: class}, a multiclass model's) replaces P(positive) with each
     class's logged probability. Labels (the target column) are text as logged;
-    `target_like` converts them.
+    `target_like` converts them. `tenants` limits the window to their traffic; None reads
+    every tenant's (the shared model's monitor).
     """
     migrate(database_url)
     where = [
@@ -116,22 +127,28 @@ def read_window(
     if window.model_version is not None:
         where.append(sql.SQL("p.model_version = {}").format(sql.Literal(window.model_version)))
     query = sql.SQL(
-        "SELECT {} FROM predictions p LEFT JOIN feedback f USING (request_id)"
-        " WHERE {} ORDER BY p.ts"
+        "SELECT {} FROM predictions p LEFT JOIN feedback f {} WHERE {} ORDER BY p.ts"
     ).format(
         _select(data, positive_class, prediction_column, probability_column, class_columns),
+        _JOIN_LABEL,
         sql.SQL(" AND ").join(where),
     )
     text = [REQUEST_ID, MODEL_VERSION, *data.categorical, prediction_column, data.target]
-    with connect(database_url) as conn:
-        conn.execute("SET statement_timeout = 0")
+    with connect(database_url, statement_timeout=None) as conn, conn.transaction():
+        _scope(conn, tenants)
         return _copy_frame(conn, query, data, text)
 
 
-def labelled_rows(database_url: str, model_name: str, data: DataParams) -> pd.DataFrame:
+def labelled_rows(
+    database_url: str,
+    model_name: str,
+    data: DataParams,
+    tenants: Sequence[str] | None = None,
+) -> pd.DataFrame:
     """Every logged prediction of `model_name` that has its true label: features and target.
 
-    The request id goes in the id column, so `prepare` keeps each row on its side of the split.
+    The request id goes in the id column, so `prepare` keeps each row on its side of the
+    split. `tenants` limits the rows to their traffic; None reads every tenant's.
     """
     migrate(database_url)
     id_column = data.id_column or REQUEST_ID
@@ -145,11 +162,11 @@ def labelled_rows(database_url: str, model_name: str, data: DataParams) -> pd.Da
         cols.append(sql.SQL("{} AS {}").format(value, sql.Identifier(name)))
     cols.append(sql.SQL("f.label AS {}").format(sql.Identifier(data.target)))
     query = sql.SQL(
-        "SELECT {} FROM predictions p JOIN feedback f USING (request_id)"
+        "SELECT {} FROM predictions p JOIN feedback f {}"
         " WHERE p.model_name = {} ORDER BY p.ts, p.request_id"
-    ).format(sql.SQL(", ").join(cols), sql.Literal(model_name))
-    with connect(database_url) as conn:
-        conn.execute("SET statement_timeout = 0")
+    ).format(sql.SQL(", ").join(cols), _JOIN_LABEL, sql.Literal(model_name))
+    with connect(database_url, statement_timeout=None) as conn, conn.transaction():
+        _scope(conn, tenants)
         return _copy_frame(conn, query, data, [id_column, *data.categorical, data.target])
 
 
@@ -177,6 +194,7 @@ class RunRecord:
     mlflow_run_id: str | None = None
     report_uri: str | None = None
     evidently_project: str | None = None
+    tenant_id: str | None = None  # None: the shared model, over every tenant's traffic
 
 
 def new_run_id() -> str:
@@ -190,6 +208,8 @@ def write_results(
     migrate(database_url)
     fields = list(RunRecord.__dataclass_fields__)
     with connect(database_url) as conn, conn.transaction():
+        if run.tenant_id is not None:
+            scope(conn, run.tenant_id)
         conn.execute("DELETE FROM monitoring_runs WHERE run_id = %s", [run.run_id])
         conn.execute(
             sql.SQL("INSERT INTO monitoring_runs ({}) VALUES ({})").format(
@@ -201,7 +221,7 @@ def write_results(
         with conn.cursor() as cur:
             cur.executemany(
                 "INSERT INTO monitoring_metrics (run_id, window_end, model_name, model_version,"
-                " metric, column_name, value) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                " metric, column_name, value, tenant_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
                 [
                     (
                         run.run_id,
@@ -211,19 +231,28 @@ def write_results(
                         metric,
                         column or "",
                         float(value),
+                        run.tenant_id,
                     )
                     for metric, column, value in metrics
                 ],
             )
 
 
-def history(database_url: str, model_name: str, metric: str) -> list[dict[str, Any]]:
-    """A metric over time (window end, version, column, value): what a dashboard charts."""
-    with connect(database_url) as conn:
+def history(
+    database_url: str, model_name: str, metric: str, tenant: str | None = None
+) -> list[dict[str, Any]]:
+    """A metric over time (window end, version, column, value): what a dashboard charts.
+
+    `tenant` None is the shared model's monitoring; a tenant id, that tenant's own.
+    """
+    with connect(database_url) as conn, conn.transaction():
+        if tenant is not None:
+            scope(conn, tenant)
         rows = conn.execute(
             "SELECT window_end, model_version, column_name, value FROM monitoring_metrics"
-            " WHERE model_name = %s AND metric = %s ORDER BY window_end, column_name",
-            [model_name, metric],
+            " WHERE model_name = %s AND metric = %s AND tenant_id IS NOT DISTINCT FROM %s"
+            " ORDER BY window_end, column_name",
+            [model_name, metric, tenant],
         ).fetchall()
     return [
         {"window_end": r[0], "model_version": r[1], "column": r[2] or None, "value": r[3]}

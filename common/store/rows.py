@@ -23,10 +23,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from common.store.tenants import DEFAULT_TENANT, scope
+
 if TYPE_CHECKING:
     import psycopg
 
 LOG_COLUMNS = (
+    "tenant_id",
     "request_id",
     "ts",
     "model_name",
@@ -64,6 +67,7 @@ class Prediction:
     predicted: str
     probabilities: dict[str, float]
     latency_ms: float
+    tenant_id: str
 
     def __post_init__(self) -> None:
         _check_row(self.request_id, self.ts)
@@ -71,11 +75,16 @@ class Prediction:
 
 @dataclass(frozen=True)
 class Feedback:
-    """The true label of an earlier request; a later one (by `ts`) replaces it."""
+    """The true label of an earlier request of `tenant_id`; a later one (by `ts`) replaces it.
+
+    `source` says where it came from (`key:<key_id>` for a label sent through the API).
+    """
 
     request_id: str
     label: str
     ts: datetime
+    tenant_id: str
+    source: str | None = None
 
     def __post_init__(self) -> None:
         _check_row(self.request_id, self.ts)
@@ -156,6 +165,7 @@ def to_line(item: Item) -> bytes:
             "predicted": item.predicted,
             "probabilities": item.probabilities,
             "latency_ms": item.latency_ms,
+            "tenant_id": item.tenant_id,
         }
     else:
         doc = {
@@ -163,6 +173,8 @@ def to_line(item: Item) -> bytes:
             "request_id": item.request_id,
             "label": item.label,
             "ts": item.ts.isoformat(),
+            "tenant_id": item.tenant_id,
+            "source": item.source,
         }
     return dumps(doc).encode() + b"\n"
 
@@ -173,6 +185,7 @@ def from_line(line: bytes | str) -> Item:
         doc = json.loads(line)
         kind = doc.pop("kind")
         doc["ts"] = datetime.fromisoformat(doc["ts"])
+        doc.setdefault("tenant_id", DEFAULT_TENANT)  # spilled before tenants existed
         if kind == "prediction":
             return Prediction(**doc)
         if kind == "feedback":
@@ -193,17 +206,18 @@ CREATE TEMP TABLE IF NOT EXISTS predlog_feedback_in
     (LIKE feedback INCLUDING DEFAULTS) ON COMMIT DELETE ROWS
 """
 _COPY_PREDICTIONS = f"COPY predlog_predictions_in ({_COLUMNS}) FROM STDIN"
+# Row-level security checks each row against the transaction's tenant: one INSERT a tenant.
 _INSERT_PREDICTIONS = (
     f"INSERT INTO predictions ({_COLUMNS})"
-    f" SELECT {_COLUMNS} FROM predlog_predictions_in"
+    f" SELECT {_COLUMNS} FROM predlog_predictions_in WHERE tenant_id = %s"
     " ON CONFLICT (request_id) DO NOTHING"
 )
-_COPY_FEEDBACK = "COPY predlog_feedback_in (request_id, label, ts) FROM STDIN"
+_COPY_FEEDBACK = "COPY predlog_feedback_in (tenant_id, request_id, label, ts, source) FROM STDIN"
 _UPSERT_FEEDBACK = """
-INSERT INTO feedback AS f (request_id, label, ts)
-SELECT request_id, label, ts FROM predlog_feedback_in
-ON CONFLICT (request_id) DO UPDATE
-SET label = EXCLUDED.label, ts = EXCLUDED.ts, received_at = now()
+INSERT INTO feedback AS f (tenant_id, request_id, label, ts, source)
+SELECT tenant_id, request_id, label, ts, source FROM predlog_feedback_in WHERE tenant_id = %s
+ON CONFLICT (tenant_id, request_id) DO UPDATE
+SET label = EXCLUDED.label, ts = EXCLUDED.ts, source = EXCLUDED.source, received_at = now()
 WHERE f.ts <= EXCLUDED.ts
 """
 
@@ -213,26 +227,35 @@ def create_staging(conn: psycopg.Connection[Any]) -> None:
     conn.execute(_STAGING)
 
 
+def _latest_labels(items: Sequence[Item]) -> dict[tuple[str, str], Feedback]:
+    """Each (tenant, request)'s latest label: one upsert may not touch a row twice."""
+    labels: dict[tuple[str, str], Feedback] = {}
+    for item in items:
+        if isinstance(item, Feedback):
+            seen = labels.get((item.tenant_id, item.request_id))
+            if seen is None or seen.ts <= item.ts:
+                labels[(item.tenant_id, item.request_id)] = item
+    return labels
+
+
 def write_items(conn: psycopg.Connection[Any], items: Sequence[Item]) -> None:
     """Write `items` in one transaction; replaying them again changes nothing.
 
     A prediction is inserted unless logged already; a label replaces an earlier one only if
-    its `ts` is not older. `conn` is in autocommit mode and has had `create_staging`.
+    its `ts` is not older. Each tenant's rows are inserted under that tenant's scope, so
+    row-level security checks every row. `conn` is in autocommit mode and has had
+    `create_staging`.
     """
     predictions = [i for i in items if isinstance(i, Prediction)]
-    # One upsert statement may not touch a row twice: keep each request's latest label.
-    labels: dict[str, Feedback] = {}
-    for item in items:
-        if isinstance(item, Feedback):
-            seen = labels.get(item.request_id)
-            if seen is None or seen.ts <= item.ts:
-                labels[item.request_id] = item
+    labels = _latest_labels(items)
+    tenants = sorted({i.tenant_id for i in predictions} | {t for t, _ in labels})
     with conn.transaction(), conn.cursor() as cur:
         if predictions:
             with cur.copy(_COPY_PREDICTIONS) as copy:
                 for p in predictions:
                     copy.write_row(
                         (
+                            p.tenant_id,
                             p.request_id,
                             p.ts,
                             p.model_name,
@@ -243,12 +266,16 @@ def write_items(conn: psycopg.Connection[Any], items: Sequence[Item]) -> None:
                             float(p.latency_ms),
                         )
                     )
-            cur.execute(_INSERT_PREDICTIONS)
         if labels:
             with cur.copy(_COPY_FEEDBACK) as copy:
                 for f in labels.values():
-                    copy.write_row((f.request_id, f.label, f.ts))
-            cur.execute(_UPSERT_FEEDBACK)
+                    copy.write_row((f.tenant_id, f.request_id, f.label, f.ts, f.source))
+        for tenant in tenants:
+            scope(conn, tenant)
+            if predictions:
+                cur.execute(_INSERT_PREDICTIONS, [tenant])
+            if labels:
+                cur.execute(_UPSERT_FEEDBACK, [tenant])
 
 
 # -- batch rows ------------------------------------------------------------------------------
@@ -272,6 +299,7 @@ def log_rows(
     batch_id: str,
     ts: datetime,
     latency_ms: float,
+    tenant_id: str = DEFAULT_TENANT,
 ) -> pa.Table:
     """A batch's log rows (`BATCH_LOG_COLUMNS`) of scored rows: inputs and probabilities as JSON.
 
@@ -296,6 +324,7 @@ def log_rows(
     stamp = pa.scalar(ts.astimezone(UTC).replace(tzinfo=None), pa.timestamp("us"))
     return pa.table(
         {
+            "tenant_id": _repeat(tenant_id, n),
             "request_id": ids,
             "ts": pa.array(np.full(n, stamp.value, dtype="datetime64[us]")).cast(
                 pa.timestamp("us", tz="UTC")

@@ -23,6 +23,7 @@ from common.errors import UserError, run_cli
 from common.health import http_ok
 from common.localpg import prediction_db
 from common.settings import Settings, get_settings
+from common.store import roles
 from services.predictor.package import bundle
 
 SERVICE = "services.predictor.service:Predictor"
@@ -33,7 +34,7 @@ def serving(
     settings: Settings, port: int, timeout: float = 120
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Bundle the champion, start `bentoml serve`, wait for /readyz; stop it all afterwards."""
-    with prediction_db(settings) as database_url:
+    with prediction_db(settings, role=roles.PREDICTOR) as database_url:
         print(f"bundled {bundle(settings)}")
         env = {
             **os.environ,

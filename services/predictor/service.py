@@ -24,6 +24,7 @@ from typing_extensions import TypedDict
 from common.registry.served import ServedModel
 from common.settings import get_settings
 from common.store import Feedback, Prediction, PredictionLog, migrate, pool, prediction_exists
+from common.store.tenants import DEFAULT_TENANT
 from models.predict import out_of_range, record_model, validate_records
 from services.predictor.guard import RequestGuard
 from services.predictor.openapi import PUBLISHED, Contract, MlflowEvent
@@ -227,6 +228,7 @@ class Predictor:
                     result.label,
                     result.probabilities,
                     per_row_ms,
+                    DEFAULT_TENANT,
                 )
             )
             PREDICTIONS.labels(model_version=served.version, predicted_class=result.label).inc()
@@ -244,14 +246,14 @@ class Predictor:
             )
         if not self._known(str(request_id)):
             return _error(404, f"no prediction with request_id {request_id}")
-        self.log.submit(Feedback(str(request_id), label, datetime.now(UTC)))
+        self.log.submit(Feedback(str(request_id), label, datetime.now(UTC), DEFAULT_TENANT))
         QUEUE_DEPTH.set(self.log.depth)
         return {"request_id": str(request_id), "label": label, "accepted": True}
 
     def _known(self, request_id: str) -> bool:
         """Whether the prediction exists (waits out log batching; yes if the DB is down)."""
         for _ in range(FEEDBACK_LOOKUPS):
-            found = prediction_exists(self.lookups, request_id)
+            found = prediction_exists(self.lookups, request_id, DEFAULT_TENANT)
             if found is None or found:
                 return True
             time.sleep(0.25)

@@ -49,7 +49,7 @@ scored = scorer.predict(records)
 start = datetime.now(UTC)
 items = [
     Prediction(str(uuid.uuid4()), start + timedelta(microseconds=i), served.name,
-               served.version, record, s.label, s.probabilities, 1.0)
+               served.version, record, s.label, s.probabilities, 1.0, "default")
     for i, (record, s) in enumerate(zip(records, scored, strict=True))
 ]
 migrate(settings.database_url)

@@ -50,9 +50,11 @@ for i, (rec, p1) in enumerate(zip(df[data.feature_names].to_dict(orient="records
     rid = str(uuid.uuid4())
     inputs = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()}
     items.append(Prediction(rid, start + timedelta(microseconds=i), settings.model_name, "1",
-                            inputs, str(int(p1 >= 0.5)), {"0": 1 - p1, "1": float(p1)}, 1.0))
+                            inputs, str(int(p1 >= 0.5)), {"0": 1 - p1, "1": float(p1)}, 1.0,
+                            "default"))
     if i % 2 == 0:
-        items.append(Feedback(rid, str(df.loc[i, data.target]), start + timedelta(days=1)))
+        label = str(df.loc[i, data.target])
+        items.append(Feedback(rid, label, start + timedelta(days=1), "default"))
 migrate(settings.database_url)
 with connect(settings.database_url) as conn:
     create_staging(conn)

@@ -65,10 +65,11 @@ def log_rows(url: str, df: pd.DataFrame, version: str, start: datetime, labels: 
                 str(int(p1 > 0.5)),
                 {"0": 1 - p1, "1": p1},
                 1.0,
+                "default",
             )
         )
         if i < labels:
-            items.append(Feedback(rid, str(row["churned"]), start + timedelta(days=2)))
+            items.append(Feedback(rid, str(row["churned"]), start + timedelta(days=2), "default"))
     with connect(url) as conn:
         create_staging(conn)
         write_items(conn, items)

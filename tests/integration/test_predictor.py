@@ -160,7 +160,7 @@ def test_feedback_joins_a_prediction_by_request_id(predictor: str, logdb: LocalP
         while time.monotonic() < deadline:
             row = conn.execute(
                 "SELECT p.model_version, f.label FROM predictions p "
-                "JOIN feedback f USING (request_id) WHERE request_id = %s",
+                "JOIN feedback f USING (tenant_id, request_id) WHERE request_id = %s",
                 (request_id,),
             ).fetchone()
             if row:

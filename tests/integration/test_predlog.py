@@ -41,6 +41,7 @@ def make_prediction(**changes: Any) -> Prediction:
         "predicted": "yes",
         "probabilities": {"no": 0.25, "yes": 0.75},
         "latency_ms": 3.5,
+        "tenant_id": "default",
     }
     return Prediction(**(fields | changes))
 
@@ -96,12 +97,14 @@ def test_migrate_applies_each_migration_once_when_two_workers_start_together(
     for t in threads:
         t.join(30)
 
-    assert sorted(results) == [[], ["0001_prediction_log", "0002_batch_id", "0003_monitoring"]]
+    every = ["0001_prediction_log", "0002_batch_id", "0003_monitoring", "0004_tenants"]
+    assert sorted(results) == [[], every]
     assert migrate(database) == []
     assert query(database, "SELECT name FROM schema_migrations ORDER BY name") == [
         ("0001_prediction_log",),
         ("0002_batch_id",),
         ("0003_monitoring",),
+        ("0004_tenants",),
     ]
 
 
@@ -126,12 +129,13 @@ def test_a_prediction_lands_with_its_columns(database: str, tmp_path: Path) -> N
             {"no": 0.25, "yes": 0.75},
             3.5,
             None,  # batch_id: an online prediction belongs to no batch
+            "default",
         )
     ]
-    assert prediction_exists(database, prediction.request_id) is True
-    assert prediction_exists(database, str(uuid.uuid4())) is False
+    assert prediction_exists(database, prediction.request_id, "default") is True
+    assert prediction_exists(database, str(uuid.uuid4()), "default") is False
     down = f"postgresql://postgres@127.0.0.1:{free_port()}/predlog"
-    assert prediction_exists(down, prediction.request_id) is None
+    assert prediction_exists(down, prediction.request_id, "default") is None
 
 
 def test_feedback_lookups_through_a_pool_survive_an_outage(
@@ -147,12 +151,15 @@ def test_feedback_lookups_through_a_pool_survive_an_outage(
     lookups = pool(database, max_size=2)
     lookups.open(wait=True)
     try:
-        assert prediction_exists(lookups, prediction.request_id) is True
-        assert prediction_exists(lookups, str(uuid.uuid4())) is False
+        assert prediction_exists(lookups, prediction.request_id, "default") is True
+        assert prediction_exists(lookups, str(uuid.uuid4()), "default") is False
         running.stop(mode="immediate")
-        assert prediction_exists(lookups, prediction.request_id) is None
+        assert prediction_exists(lookups, prediction.request_id, "default") is None
         running.start()
-        wait_for(lambda: prediction_exists(lookups, prediction.request_id) is True, what="back")
+        wait_for(
+            lambda: prediction_exists(lookups, prediction.request_id, "default") is True,
+            what="back",
+        )
     finally:
         lookups.close()
 
@@ -166,9 +173,9 @@ def test_the_latest_label_wins_whatever_order_labels_arrive_in(
     plog.start()
     # Labels for requests whose predictions were never logged are kept (no foreign key).
     for label, minutes in [("no", 1), ("yes", 2), ("maybe", 0)]:
-        plog.submit(Feedback(one_batch, label, now + timedelta(minutes=minutes)))
+        plog.submit(Feedback(one_batch, label, now + timedelta(minutes=minutes), "default"))
     for label, minutes in [("no", 1), ("yes", 2), ("maybe", 0)]:
-        plog.submit(Feedback(across_batches, label, now + timedelta(minutes=minutes)))
+        plog.submit(Feedback(across_batches, label, now + timedelta(minutes=minutes), "default"))
         wait_for(lambda: plog.depth == 0 and plog.db_up, what="written")
     plog.close()
 

@@ -35,6 +35,7 @@ def make_prediction(**changes: object) -> Prediction:
         "predicted": "yes",
         "probabilities": {"no": 0.25, "yes": 0.75},
         "latency_ms": 3.5,
+        "tenant_id": "acme",
     }
     return Prediction(**(fields | changes))  # type: ignore[arg-type]
 
@@ -58,7 +59,7 @@ def test_prediction_round_trips_through_a_spill_line() -> None:
 
 
 def test_feedback_round_trips_through_a_spill_line() -> None:
-    feedback = Feedback(str(uuid.uuid4()), "no", datetime.now(UTC))
+    feedback = Feedback(str(uuid.uuid4()), "no", datetime.now(UTC), "acme", "key:0123456789abcdef")
     assert from_line(to_line(feedback)) == feedback
 
 
@@ -74,7 +75,7 @@ def test_non_finite_and_numpy_values_become_plain_json() -> None:
 
 def test_rejects_a_request_id_that_is_not_a_uuid() -> None:
     with pytest.raises(ValueError, match="UUID"):
-        Feedback("42", "no", datetime.now(UTC))
+        Feedback("42", "no", datetime.now(UTC), "acme")
 
 
 def test_rejects_a_naive_timestamp() -> None:
@@ -131,7 +132,7 @@ def test_close_spills_everything_to_the_file(down_url: str, tmp_path: Path) -> N
     predictions = [make_prediction() for _ in range(500)]
     submitted: list[Prediction | Feedback] = [
         *predictions,
-        Feedback(predictions[0].request_id, "no", datetime.now(UTC)),
+        Feedback(predictions[0].request_id, "no", datetime.now(UTC), "acme"),
     ]
     for item in submitted:
         plog.submit(item)
