@@ -172,6 +172,7 @@ def test_drift_is_reported_kept_and_paged(
         "mlflow_run_id",
         "report_uri",
         "evidently_project",
+        "tenant_id",  # None: the shared model, over every tenant's traffic
         "alerted",
     }
     # the report: HTML and JSON in the MLflow run, served from S3 through the server
