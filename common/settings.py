@@ -3,6 +3,9 @@
 Variable names are the tools' own (MLFLOW_TRACKING_URI, MLFLOW_S3_ENDPOINT_URL,
 AWS_ACCESS_KEY_ID, PREFECT_API_URL, ...) plus the project's DATABASE_URL, MODEL_NAME
 and MODEL_ALIAS. With nothing set, everything is embedded under MLOPS_HOME (.mlops/).
+
+The dotenv file is `.env` in the working directory, or the file MLOPS_ENV_FILE names (the
+test suite points it at nothing, so a user's `.env` in the checkout never reaches a test).
 """
 
 from __future__ import annotations
@@ -13,9 +16,17 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, ValidationError, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from common.errors import UserError
+
+ENV_FILE = "MLOPS_ENV_FILE"
+"""The variable naming the dotenv file to read instead of `.env` in the working directory."""
 
 
 class Settings(BaseSettings):
@@ -51,6 +62,22 @@ class Settings(BaseSettings):
     # to) and an optional URL that drift alerts are POSTed to (a paging or chat webhook).
     evidently_workspace: str | None = Field(default=None, alias="EVIDENTLY_WORKSPACE")
     monitor_webhook_url: str | None = Field(default=None, alias="MONITOR_WEBHOOK_URL")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """pydantic-settings' order (arguments, environment, dotenv, secrets); the dotenv
+        file is MLOPS_ENV_FILE's when set (a missing file, or os.devnull, reads nothing)."""
+        chosen = os.environ.get(ENV_FILE)
+        if chosen is not None:
+            dotenv_settings = DotEnvSettingsSource(settings_cls, env_file=Path(chosen))
+        return init_settings, env_settings, dotenv_settings, file_secret_settings
 
     @model_validator(mode="after")
     def _s3_needs_credentials(self) -> Settings:

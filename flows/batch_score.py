@@ -15,7 +15,6 @@ same batch id rewrites the same files and adds no log rows.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -25,11 +24,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.tasks import Task
 
+from common import batch_job
 from common.errors import UserError
 from common.params import load_params
 from common.registry.served import ServedModel, cache_dir, resolve
 from common.settings import Settings, get_settings
-from common.store import BatchLogWriter, sources
+from common.store import sources
 from models import batch
 
 
@@ -86,42 +86,29 @@ def score(
     """Score every chunk; files and log rows appear only if the whole batch succeeds."""
     logger = get_run_logger()
     params = load_params()
-    scorer = model.scorer
     logger.info(
         "scoring %s as batch %s with %s v%s (%s), %d rows a chunk",
         inp.source,
         batch_id,
         model.name,
         model.version,
-        scorer.backend,
+        model.scorer.backend,
         params.batch_score.chunk_rows,
     )
-
-    def progress(rows: int, rejected: int) -> None:
-        logger.info("%s rows read, %s rejected", f"{rows:,}", f"{rejected:,}")
-
-    keep = [params.data.id_column] if params.data.id_column else []
-    read = batch.columns_to_read(inp.source, inp.columns, scorer.features, keep)
-
-    with contextlib.ExitStack() as stack:
-        sink = None
-        if settings.database_url:
-            sink = stack.enter_context(BatchLogWriter(settings.database_url))
-        else:
-            logger.warning("DATABASE_URL is not set: predictions are not logged")
-        return batch.score_batch(
-            sources.read_chunks(inp, read, params.batch_score.chunk_rows),
-            scorer,
-            source=inp.source,
-            columns=inp.columns,
-            model_name=model.name,
-            model_version=model.version,
-            batch_id=batch_id,
-            output_dir=output_dir,
-            keep=keep,
-            sink=sink,
-            progress=progress,
-        )
+    if not settings.database_url:
+        logger.warning("DATABASE_URL is not set: predictions are not logged")
+    return batch_job.run(
+        inp,
+        model,
+        batch_id,
+        output_dir,
+        chunk_rows=params.batch_score.chunk_rows,
+        id_column=params.data.id_column,
+        database_url=settings.database_url,
+        progress=lambda rows, rejected: logger.info(
+            "%s rows read, %s rejected", f"{rows:,}", f"{rejected:,}"
+        ),
+    )
 
 
 @task(

@@ -17,7 +17,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -25,7 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 from prefect.runtime import flow_run
 
-from common import evidently_store, registry
+from common import alerts, evidently_store, registry
 from common.localpg import prediction_db
 from common.params import Params, load_params
 from common.registry import served as served_model
@@ -207,30 +206,24 @@ def record(database_url: str, run: monitoring.RunRecord, result: drift_core.Drif
 
 
 @task(cache_policy=NO_CACHE)
-def alert(settings: Settings, outcome: Outcome, result: drift_core.DriftResult) -> None:
-    """Warn, leave an artifact, POST the webhook (if set) and emit the retrain event."""
-    logger = get_run_logger()
+def alert(settings: Settings, payload: dict[str, Any]) -> None:
+    """POST the alert to MONITOR_WEBHOOK_URL, if set; a failure is logged, not raised."""
+    failure = alerts.post_webhook(settings.monitor_webhook_url, payload)
+    if failure:  # the alert is also in the log, the `drift-alert` artifact and the event
+        get_run_logger().error(failure)
+
+
+def _raise_alarm(settings: Settings, outcome: Outcome, result: drift_core.DriftResult) -> None:
+    """Over threshold: warn, leave the `drift-alert` artifact, page, emit the retrain event."""
     run = outcome.run
-    logger.warning("DRIFT %s v%s: %s", run.model_name, run.model_version, run.summary)
-    drifted = [c for c in (*result.features, *result.prediction) if c.drifted]
-    table = "\n".join(
-        f"| {c.column} | {c.method} | {c.score:.3f} | {c.threshold} |" for c in drifted
-    )
+    get_run_logger().warning("DRIFT %s v%s: %s", run.model_name, run.model_version, run.summary)
     create_markdown_artifact(
-        f"## Drift detected: {run.model_name} v{run.model_version}\n\n"
-        f"{run.summary}\n\n"
-        f"| column | test | score | threshold |\n|---|---|---|---|\n{table}\n\n"
-        f"Report: `{run.report_uri}` (MLflow run `{run.mlflow_run_id}`). "
-        f"Event `{DRIFT_EVENT}` emitted: the `retrain` deployment runs on it.",
+        _alert_markdown(outcome, result),
         key="drift-alert",
         description=f"drift in {run.model_name} v{run.model_version}",
     )
     payload = {"event": DRIFT_EVENT, **outcome.payload()}
-    if settings.monitor_webhook_url:
-        try:
-            httpx.post(settings.monitor_webhook_url, json=payload, timeout=10).raise_for_status()
-        except httpx.HTTPError as exc:  # the alert is also in the log, the artifact and the event
-            logger.error("webhook %s failed: %s", settings.monitor_webhook_url, exc)
+    alert(settings, payload)
     emit_event(
         event=DRIFT_EVENT,
         resource={
@@ -288,11 +281,26 @@ def monitor(
         record(database_url, run, result)
     outcome = Outcome(run, share_drifted=result.share_drifted, alerted=result.drift_detected)
     if result.drift_detected:
-        alert(settings, outcome, result)
+        _raise_alarm(settings, outcome, result)
     create_markdown_artifact(
         _markdown(outcome), key="monitor-summary", description=f"{served.name} v{served.version}"
     )
     return outcome
+
+
+def _alert_markdown(o: Outcome, result: drift_core.DriftResult) -> str:
+    r = o.run
+    drifted = [c for c in (*result.features, *result.prediction) if c.drifted]
+    table = "\n".join(
+        f"| {c.column} | {c.method} | {c.score:.3f} | {c.threshold} |" for c in drifted
+    )
+    return (
+        f"## Drift detected: {r.model_name} v{r.model_version}\n\n"
+        f"{r.summary}\n\n"
+        f"| column | test | score | threshold |\n|---|---|---|---|\n{table}\n\n"
+        f"Report: `{r.report_uri}` (MLflow run `{r.mlflow_run_id}`). "
+        f"Event `{DRIFT_EVENT}` emitted: the `retrain` deployment runs on it."
+    )
 
 
 def _markdown(o: Outcome) -> str:

@@ -10,7 +10,7 @@ from prefect.exceptions import FlowPauseTimeout
 from prefect.input import RunInput
 from prefect.runtime import flow_run
 
-from common import registry
+from common import paths, registry
 from common.params import load_params
 from common.registry import served
 from common.settings import get_settings
@@ -34,15 +34,15 @@ def compare(project_dir: str) -> tuple[policy.Candidates, policy.Verdict]:
     """Score challenger and champion on the same holdout and apply the policy."""
     root = Path(project_dir)
     params = load_params(root / "params.yaml")
-    client = registry.connect(get_settings())
-    c = policy.candidates(
-        client,
-        get_settings().model_name,
+    settings = get_settings()
+    return policy.compare(
+        registry.connect(settings),
+        settings.model_name,
         params.data,
-        served.cache_dir(get_settings()),
-        root / "data/prepared/holdout.parquet",
+        params.promote,
+        cache=served.cache_dir(settings),
+        holdout_path=root / paths.HOLDOUT,
     )
-    return c, policy.judge(params.promote, c.challenger_metrics, c.champion_metrics)
 
 
 @task

@@ -12,44 +12,23 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from common import dvc_pipeline, registry
-from common.localpg import has_prediction_db, prediction_db
+from common import production, registry
 from common.params import load_params
 from common.registry import tags as tag
 from common.settings import get_settings
-from common.store import monitoring, roles
 from flows.pipeline import pipeline
 from flows.promote import promote
-from models.generate import write_table
-
-PRODUCTION_FILE = "labelled.parquet"
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
 def collect(project_dir: str) -> int:
     """Write the labelled production rows to `data.production_dir` and `dvc add` them."""
-    root = Path(project_dir).resolve()
-    params = load_params(root / "params.yaml")
     logger = get_run_logger()
-    if not params.data.production_dir:
-        logger.info("data.production_dir is not set: training on the raw table only")
-        return 0
-    settings = get_settings()
-    if not has_prediction_db(settings):
-        logger.info("no prediction log (DATABASE_URL unset, no embedded one): raw table only")
-        return 0
-    with prediction_db(settings, reuse_running=True, role=roles.FLOWS) as database_url:
-        rows = monitoring.labelled_rows(database_url, settings.model_name, params.data)
-    if rows.empty:
-        logger.info("no labelled production rows yet: training on the raw table only")
-        return 0
-    path = root / params.data.production_dir / PRODUCTION_FILE
-    write_table(rows, path)
-    dvc_pipeline.run(
-        (*dvc_pipeline.DVC, "add", "--quiet", str(path.relative_to(root))), root, logger.info
-    )
-    logger.info("%d labelled production rows -> %s", len(rows), path.relative_to(root))
-    return len(rows)
+    root = Path(project_dir).resolve()
+    data = load_params(root / "params.yaml").data
+    exported = production.export(root, data, get_settings(), logger.info)
+    logger.info(exported.note)
+    return exported.rows
 
 
 @task(cache_policy=NO_CACHE)

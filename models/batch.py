@@ -1,7 +1,7 @@
 """batch_score: score a whole file or table with one model version, in chunks, so memory stays flat.
 
-The input comes chunk by chunk (common.store.sources reads files and tables; the flow
-wires source -> chunks -> `score_batch` -> prediction-log sink). Each chunk is
+The input comes chunk by chunk (common.store.sources reads files and tables;
+common.batch_job wires source -> chunks -> `score_batch` -> prediction-log sink). Each chunk is
 checked column-wise: a row with a non-numeric text in a numeric column, an infinite
 number or a category the model never saw goes to the rejects file with a `reason`; missing
 values are allowed, as in serving. Good rows are scored straight from their columns

@@ -14,9 +14,11 @@ The kept Evidently report of a window is `models.report`'s.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -34,8 +36,23 @@ WASSERSTEIN = "wasserstein"
 JENSENSHANNON = "jensenshannon"
 
 
-def _metric_key(name: str) -> str:
-    return re.sub(r"[^\w.\- ]", "_", name)
+def metric_names(columns: Iterable[str]) -> dict[str, str]:
+    """Each column's part of an MLflow metric name, one per column, the same on every run.
+
+    A column keeps its name when MLflow takes it; otherwise each character MLflow refuses
+    becomes `_`. When that makes two columns one name (`bill/length` and `bill_length`),
+    the rewritten column gets `-` and 8 hex digits of its own name's SHA-1.
+    """
+    unique = list(dict.fromkeys(columns))
+    safe = {c: re.sub(r"[^\w.\- ]", "_", c) for c in unique}
+    taken = Counter(safe.values())
+    out = {}
+    for column in unique:
+        name = safe[column]
+        if taken[name] > 1 and name != column:
+            name = f"{name}-{hashlib.sha1(column.encode()).hexdigest()[:8]}"
+        out[column] = name
+    return out
 
 
 @dataclass(frozen=True)
@@ -151,11 +168,14 @@ class DriftResult:
         """`to_rows` as MLflow metrics, named `metric.column` (`drift_score.age`) or `metric`.
 
         MLflow refuses other characters in a metric name, so a column's ("bill length (mm)")
-        become `_`.
+        become `_`, and a column that then meets another's name gets a suffix of its own
+        (`metric_names`): no column's numbers overwrite another's.
         """
+        rows = self.to_rows()
+        names = metric_names(m.column for m in rows if m.column is not None)
         return {
-            _metric_key(f"{m.metric}.{m.column}" if m.column else m.metric): float(m.value)
-            for m in self.to_rows()
+            f"{m.metric}.{names[m.column]}" if m.column is not None else m.metric: float(m.value)
+            for m in rows
         }
 
     def summary(self) -> str:

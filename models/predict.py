@@ -407,11 +407,14 @@ def record_model(
 
     Numbers must be finite JSON numbers (no strings, no booleans) and, when `bounded`,
     inside the range the model's data contract declares; a category must be one the
-    model was trained on; unknown fields are rejected.
+    model was trained on; unknown fields are rejected. Any column name works as a field
+    (`field_names`); dump with `by_alias=True` to get the records keyed by feature.
     """
     schema = source.schema if isinstance(source, Scorer) else source
+    names = field_names([feature for feature, _ in schema.features])
     fields: dict[str, Any] = {}
     for feature, kind in schema.features:
+        alias = feature if names[feature] != feature else None
         example = schema.examples.get(feature)
         examples = [example] if example is not None else None
         if kind == "numeric":
@@ -419,6 +422,7 @@ def record_model(
             annotation: Any = Annotated[
                 float | None,
                 Field(
+                    alias=alias,
                     strict=True,
                     allow_inf_nan=False,
                     ge=low if bounded else None,
@@ -433,11 +437,12 @@ def record_model(
             annotation = Annotated[
                 allowed,
                 Field(
+                    alias=alias,
                     examples=examples,
                     description=f"One of {list(known)}; null when missing.",
                 ),
             ]
-        fields[feature] = (annotation, ...)
+        fields[names[feature]] = (annotation, ...)
     config = ConfigDict(
         extra="forbid",
         frozen=True,
@@ -445,6 +450,23 @@ def record_model(
     )
     model: type[BaseModel] = create_model(name, __config__=config, **fields)
     return model
+
+
+def field_names(features: Sequence[str]) -> dict[str, str]:
+    """Each feature's attribute name in the request model: its own, unless pydantic cannot
+    take it (a leading `_`, the `model_` namespace, a BaseModel attribute such as `schema`
+    or `copy`); then `field_<i>`, and the feature's name is the field's alias, so requests,
+    errors, dumps and the JSON schema still use the feature's name."""
+    out: dict[str, str] = {}
+    for i, feature in enumerate(features):
+        if not feature.startswith(("_", "model_")) and not hasattr(BaseModel, feature):
+            out[feature] = feature
+            continue
+        name = f"field_{i}"
+        while name in features:  # a column may itself be called field_<i>
+            name += "_"
+        out[feature] = name
+    return out
 
 
 def _range_text(low: float | None, high: float | None) -> str:
@@ -495,7 +517,7 @@ def validate_records(
     oversized batch, or a payload that is neither an object nor a list.
     """
     if isinstance(payload, Mapping):
-        return [model.model_validate(payload).model_dump()]
+        return [model.model_validate(payload).model_dump(by_alias=True)]
     if not isinstance(payload, list):
         raise ValueError(
             f"expected a record (JSON object) or a list of records, got {type(payload).__name__}"
@@ -506,4 +528,6 @@ def validate_records(
         raise ValueError(
             f"the batch has {len(payload):,} records; at most {max_batch:,} are allowed per request"
         )
-    return [item.model_dump() for item in _batch_adapter(model).validate_python(payload)]
+    return [
+        item.model_dump(by_alias=True) for item in _batch_adapter(model).validate_python(payload)
+    ]

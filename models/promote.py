@@ -106,6 +106,20 @@ def candidates(
     return Candidates(str(challenger.version), str(champion.version), new, old)
 
 
+def compare(
+    client: MlflowClient,
+    name: str,
+    data: DataParams,
+    policy: PromoteParams,
+    *,
+    cache: Path,
+    holdout_path: Path = paths.HOLDOUT,
+) -> tuple[Candidates, Verdict]:
+    """Score challenger and champion on the same holdout and apply the policy to them."""
+    c = candidates(client, name, data, cache, holdout_path)
+    return c, judge(policy, c.challenger_metrics, c.champion_metrics)
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 

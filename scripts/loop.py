@@ -42,7 +42,8 @@ from models.generate import Drift, generate
 from services.predictor.demo import show_answers
 from services.predictor.launch import serving
 
-console = Console(highlight=False)
+console = Console(highlight=False, markup=False)
+"""Plain text: what the loop prints is data (column lists in [...], paths), never rich markup."""
 
 DRIFT = Drift(
     covariate={"tenure_months": -0.8, "monthly_charges": 0.8, "contract_type": 0.3},
@@ -144,6 +145,11 @@ class LoopResult:
     monitoring_runs: int
 
 
+def show_verdict(outcome: Outcome) -> None:
+    """A monitor run's summary, drifted columns (`[a, b]`) included, exactly as written."""
+    console.print(outcome.run.summary, markup=False)
+
+
 def _monitor_since(start: datetime) -> Outcome:
     end = datetime.now(UTC)
     return monitor(window_hours=(end - start).total_seconds() / 3600 + 1e-6, end=end)
@@ -168,7 +174,7 @@ def run_loop(port: int, calm_rows: int, drift_rows: int, label_share: float) -> 
         wait_logged(database_url, start, len(calm))
         console.rule(f"2. {len(calm):,} requests like the training data -> monitor")
         calm_outcome = _monitor_since(start)
-        console.print(calm_outcome.run.summary)
+        show_verdict(calm_outcome)
 
         drifted = generate(drift_rows, seed=202, drift=DRIFT)
         start = datetime.now(UTC)
@@ -185,7 +191,7 @@ def run_loop(port: int, calm_rows: int, drift_rows: int, label_share: float) -> 
             f"3. {len(drifted):,} drifted requests, {len(labelled):,} labels later -> monitor"
         )
         drift_outcome = _monitor_since(start)
-        console.print(drift_outcome.run.summary)
+        show_verdict(drift_outcome)
 
         watcher = Watcher(url, _records(calm.head(1), features)[0])
         watcher.start()

@@ -3,8 +3,10 @@
 tests/unit -> unit, tests/integration -> integration, tests/e2e -> e2e. Flows run
 in-process against Prefect's ephemeral API, which keeps its state in a SQLite file under
 PREFECT_HOME; workers sharing one file would lock each other out. A user's own settings
-(MLFLOW_TRACKING_URI, DATABASE_URL, MLOPS_HOME, ...) are dropped, and MLOPS_HOME is a fresh
-directory: no test reads the checkout's .mlops/ or writes into it.
+(MLFLOW_TRACKING_URI, DATABASE_URL, MLOPS_HOME, ...) are dropped, MLOPS_HOME is a fresh
+directory (no test reads the checkout's .mlops/ or writes into it), and MLOPS_ENV_FILE reads
+no dotenv file: a `.env` the user keeps in the checkout reaches no test, nor the processes
+the tests start.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from common.settings import ENV_FILE
 from tests.workspace import USER_VARIABLES
 
 KINDS = ("unit", "integration", "e2e")
@@ -29,6 +32,7 @@ def pytest_configure(config: pytest.Config) -> None:
     home = Path(tempfile.mkdtemp(prefix=f"mlops-home-{worker}-"))
     home.chmod(0o755)  # an embedded PostgreSQL runs as `postgres` when we are root
     os.environ["MLOPS_HOME"] = str(home)
+    os.environ[ENV_FILE] = os.devnull
     # a fresh ephemeral server migrates its database first: give it time on a busy machine
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 

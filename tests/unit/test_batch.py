@@ -12,8 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from common import batch_job
 from common.errors import UserError
 from common.params import DataParams, Params
+from common.registry import served
 from common.store import sources
 from models import batch
 from models.data import model_frame
@@ -252,3 +254,28 @@ def test_marks_values_outside_the_declared_range_as_rejects() -> None:
     ]
     unbounded = batch.check_chunk(chunk, [("age", "numeric"), ("tenure", "numeric")], {})
     assert not unbounded.bad.any()
+
+
+def test_a_batch_job_scores_a_file_with_a_served_version_without_a_log(
+    model_dir: Path, rows: pd.DataFrame, parquet: Path, tmp_path: Path
+) -> None:
+    model = served.from_dir(model_dir, "churn-classifier")
+    seen: list[tuple[int, int]] = []
+
+    result = batch_job.run(
+        sources.open_input(str(parquet)),
+        model,
+        "job-1",
+        tmp_path / "out",
+        chunk_rows=500,
+        id_column="customer_id",
+        database_url=None,
+        progress=lambda read, rejected: seen.append((read, rejected)),
+    )
+
+    assert (result.rows, result.scored, result.logged) == (len(rows), len(rows), None)
+    assert (result.model_name, result.model_version) == ("churn-classifier", "bundled")
+    assert seen == [(500, 0), (1000, 0), (len(rows), 0)]
+    got = pd.read_parquet(result.predictions_path)
+    assert got["customer_id"].tolist() == rows["customer_id"].tolist()
+    assert result.predictions_path == tmp_path / "out" / "job-1" / batch.PREDICTIONS_FILE

@@ -12,12 +12,13 @@ from evidently import (  # type: ignore[import-untyped]
     Report,
 )
 from evidently.presets import ClassificationPreset  # type: ignore[import-untyped]
+from mlflow.utils.validation import _validate_metric_name
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from sklearn.pipeline import Pipeline
 
 from common.params import DataParams, MonitorParams
 from models.data import model_frame
-from models.drift import DriftResult, drift, performance
+from models.drift import ColumnDrift, ColumnQuality, DriftResult, drift, performance
 from models.generate import NUMERIC, Drift, generate
 from tests.oracle_evidently import evidently_drift
 
@@ -206,6 +207,37 @@ def test_sampling_a_large_window_keeps_the_verdicts(
     assert sampled.tested_rows == 20000
     assert full.tested_rows == 60000
     assert [c.drifted for c in sampled.features] == [c.drifted for c in full.features]
+
+
+def _result_for(columns: list[str]) -> DriftResult:
+    return DriftResult(
+        reference_rows=2000,
+        current_rows=2000,
+        tested_rows=2000,
+        enough_rows=True,
+        drift_share_threshold=0.5,
+        features=tuple(
+            ColumnDrift(c, "numeric", "wasserstein", 0.01 * i, 0.1, False)
+            for i, c in enumerate(columns)
+        ),
+        quality=tuple(ColumnQuality(c, 0.0, 0.0, i) for i, c in enumerate(columns)),
+    )
+
+
+def test_columns_that_differ_only_in_punctuation_keep_metrics_of_their_own() -> None:
+    columns = ["bill_length", "bill/length", "bill:length", "bill length (mm)", "bill length _mm_"]
+    result = _result_for(columns)
+
+    metrics = result.metrics()
+
+    assert len(metrics) == len(result.to_rows())  # no column's number overwrote another's
+    assert metrics["drift_score.bill_length"] == 0.0  # a name MLflow takes stays as it is
+    assert metrics["out_of_range.bill length _mm_"] == 4
+    scores = sorted(v for k, v in metrics.items() if k.startswith("drift_score."))
+    assert scores == pytest.approx([0.0, 0.01, 0.02, 0.03, 0.04])
+    for name in metrics:
+        _validate_metric_name(name)  # type: ignore[no-untyped-call]  # raises if MLflow refuses it
+    assert set(_result_for(list(reversed(columns))).metrics()) == set(metrics)  # in any order
 
 
 def test_performance_on_labelled_rows_only() -> None:

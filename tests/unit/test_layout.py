@@ -6,6 +6,7 @@ Read from the source with `ast`, so a forbidden import fails here before it ship
 from __future__ import annotations
 
 import ast
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -143,3 +144,156 @@ def test_models_import_no_database_s3_process_or_http_client() -> None:
         if extra:
             offences[name] = sorted(extra)
     assert offences == {}, "models/ holds ML only: move I/O to common/ (e.g. common.store)"
+
+
+# -- each Prefect task calls one function ------------------------------------------------
+
+TASK_ACCESSORS = {
+    "common.settings.get_settings",
+    "common.params.load_params",
+    "common.registry.connect",
+    "common.registry.served.cache_dir",
+    "prefect.get_run_logger",
+}
+"""What a task may call besides its one function: the settings, the params, the registry
+client, the model cache folder and its logger are its inputs, not steps (so are Prefect's
+runtime context, the standard library and constructors)."""
+
+TASK_EXCEPTIONS = {
+    # One store read whose options come from the reference (models.drift.class_columns) and
+    # whose labels then take the reference's dtype: the store may not import models/, so the
+    # two meet here until the store's read_window takes the reference's dtype itself.
+    "flows/monitor.py:read_window",
+}
+"""Tasks that still make more than one call, each with its reason."""
+
+
+def _dotted(node: ast.expr) -> list[str] | None:
+    """`a.b.c` as ["a", "b", "c"]; None for anything else (a call's result, a subscript)."""
+    parts: list[str] = []
+    while isinstance(node, ast.Attribute):
+        parts.insert(0, node.attr)
+        node = node.value
+    return [node.id, *parts] if isinstance(node, ast.Name) else None
+
+
+class _TaskCalls:
+    """Counts the calls a flows/ module's tasks make into the project and other libraries."""
+
+    def __init__(self, tree: ast.Module) -> None:
+        self.imports: dict[str, str] = {}
+        for node in tree.body:
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    local = alias.asname or alias.name.split(".")[0]
+                    self.imports[local] = alias.name if alias.asname else local
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                for alias in node.names:
+                    self.imports[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+        functions = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
+        self.tasks = {f.name: f for f in functions if self._is_task(f)}
+        self.helpers = {f.name: f for f in functions if not f.decorator_list}
+
+    def _qualified(self, node: ast.expr) -> str | None:
+        parts = _dotted(node)
+        if parts is None or parts[0] not in self.imports:
+            return None
+        return ".".join([self.imports[parts[0]], *parts[1:]])
+
+    def _is_task(self, f: ast.FunctionDef) -> bool:
+        for d in f.decorator_list:
+            if self._qualified(d.func if isinstance(d, ast.Call) else d) == "prefect.task":
+                return True
+        return False
+
+    def _counts(self, name: str) -> bool:
+        root, last = name.split(".", maxsplit=1)[0], name.rsplit(".", 1)[-1]
+        return not (
+            name in TASK_ACCESSORS
+            or name.startswith("prefect.runtime.")
+            or root in sys.stdlib_module_names
+            or last[:1].isupper()  # a constructor: builds an argument, does no step
+        )
+
+    def calls(self, node: ast.AST, seen: frozenset[str] = frozenset()) -> int:
+        """Calls under `node` on the path that makes the most (if/else: one side)."""
+        if isinstance(node, ast.IfExp):
+            return self.calls(node.test, seen) + max(
+                self.calls(node.body, seen), self.calls(node.orelse, seen)
+            )
+        own = 0
+        if isinstance(node, ast.Call):
+            parts = _dotted(node.func)
+            helper = parts[0] if parts and len(parts) == 1 else None
+            if helper in self.tasks:
+                own = 1
+            elif helper in self.helpers and helper not in seen:
+                own = self.block(self.helpers[helper].body, seen | {helper})
+            elif (name := self._qualified(node.func)) is not None and self._counts(name):
+                own = 1
+        return own + sum(self.calls(child, seen) for child in ast.iter_child_nodes(node))
+
+    def block(self, body: list[ast.stmt], seen: frozenset[str] = frozenset()) -> int:
+        """The calls of a statement list on its busiest path (an `if` forks the rest)."""
+        total = 0
+        for i, stmt in enumerate(body):
+            if isinstance(stmt, ast.If):
+                rest = body[i + 1 :]
+                branches = (
+                    self.block(stmt.body + rest, seen),
+                    self.block(stmt.orelse + rest, seen),
+                )
+                return total + self.calls(stmt.test, seen) + max(branches)
+            total += self.calls(stmt, seen)
+            if isinstance(stmt, ast.Return | ast.Raise):
+                break
+        return total
+
+
+def task_calls(tree: ast.Module) -> dict[str, int]:
+    """Each task's calls on its busiest path (see _TaskCalls)."""
+    counter = _TaskCalls(tree)
+    return {name: counter.block(f.body) for name, f in counter.tasks.items()}
+
+
+def test_each_flow_task_calls_one_function() -> None:
+    found = {
+        f"flows/{path.name}:{name}": n
+        for path in sorted((ROOT / "flows").glob("*.py"))
+        for name, n in task_calls(ast.parse(path.read_text(), str(path))).items()
+    }
+    assert len(found) >= 15, "the checker no longer finds the flows' tasks"
+    offences = {task: n for task, n in found.items() if n > 1}
+    assert offences.keys() - TASK_EXCEPTIONS == set(), (
+        "a task calls one function of models/ or common/ (flows/README.md); "
+        "put the steps in one function there"
+    )
+    assert TASK_EXCEPTIONS - offences.keys() == set(), "an exception is no longer needed"
+
+
+def test_the_task_checker_counts_steps_not_inputs_and_one_side_of_an_if() -> None:
+    source = (
+        "import dataclasses\n"
+        "from pathlib import Path\n"
+        "from prefect import get_run_logger, task\n"
+        "from common import registry\n"
+        "from common.settings import get_settings\n"
+        "from models import promote as policy\n"
+        "def _helper(c):\n"
+        "    return policy.judge(c)\n"
+        "@task\n"
+        "def thin(version):\n"
+        "    client = registry.connect(get_settings())\n"
+        "    get_run_logger().info('deciding %s', Path(version))\n"
+        "    if version:\n"
+        "        return policy.promote(client)\n"
+        "    return dataclasses.replace(policy.reject(client))\n"
+        "@task(retries=2)\n"
+        "def thick(x):\n"
+        "    c = policy.candidates(x)\n"
+        "    return c, _helper(c)\n"
+        "@task\n"
+        "def branchy(x):\n"
+        "    return policy.a(x) if x else policy.b(policy.c(x))\n"
+    )
+    assert task_calls(ast.parse(source)) == {"thin": 1, "thick": 2, "branchy": 2}

@@ -24,6 +24,7 @@ from models.generate import TARGET, Drift, generate
 from models.predict import (
     CONTRACT_ARTIFACT,
     ONNX_ARTIFACT,
+    Kind,
     ModelError,
     Schema,
     Scorer,
@@ -405,6 +406,48 @@ def test_record_model_builds_from_a_schema_without_a_model() -> None:
     assert model.model_validate({"x": 2, "c": "b"}).model_dump() == {"x": 2.0, "c": "b"}
     with pytest.raises(ValidationError):
         model.model_validate({"x": 2, "c": "z"})
+
+
+AWKWARD = ("_id", "schema", "model_config", "copy", "model_fields", "field_0", "bill length (mm)")
+"""Column names pydantic cannot take as field names (or that look like the stand-ins for them)."""
+
+
+def _awkward_model(**options: Any) -> type[BaseModel]:
+    features: tuple[tuple[str, Kind], ...] = (
+        *((name, "numeric") for name in AWKWARD),
+        ("kind", "categorical"),
+    )
+    return record_model(
+        Schema(features=features, categories={"kind": ("a", "b")}, bounds={"_id": (0, 10)}),
+        **options,
+    )
+
+
+@pytest.mark.parametrize("bounded", [True, False])
+def test_any_column_name_is_a_request_field(bounded: bool) -> None:
+    model = _awkward_model(bounded=bounded)
+    record = {name: float(i) for i, name in enumerate(AWKWARD)} | {"kind": "b"}
+
+    assert validate_records(model, record, max_batch=1) == [record]
+    assert validate_records(model, [record, record], max_batch=2) == [record, record]
+    assert list(model.model_json_schema()["properties"]) == [*AWKWARD, "kind"]
+    assert model.model_json_schema()["required"] == [*AWKWARD, "kind"]
+
+
+def test_an_awkward_column_is_named_in_the_error_and_its_stand_in_is_refused() -> None:
+    model = _awkward_model()
+    record = {name: 1.0 for name in AWKWARD} | {"kind": "a"}
+
+    with pytest.raises(ValidationError) as info:
+        validate_records(model, record | {"_id": 11.0, "schema": "x"}, max_batch=1)
+    assert sorted(e["loc"] for e in info.value.errors()) == [("_id",), ("schema",)]
+    stand_in = {("field_1" if k == "schema" else k): v for k, v in record.items()}
+    with pytest.raises(ValidationError) as info:
+        validate_records(model, stand_in, max_batch=1)
+    assert sorted((e["type"], e["loc"]) for e in info.value.errors()) == [
+        ("extra_forbidden", ("field_1",)),
+        ("missing", ("schema",)),
+    ]
 
 
 def test_validated_records_score(record: type[BaseModel], onnx_scorer: Scorer) -> None:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from common.errors import UserError
-from common.settings import Settings, get_settings
+from common.settings import ENV_FILE, Settings, get_settings
+from tests.workspace import ROOT
 
 VARIABLES = [
     str(field.alias) for field in Settings.model_fields.values() if field.alias is not None
@@ -26,6 +29,56 @@ def bare_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
     get_settings.cache_clear()
     yield tmp_path
     get_settings.cache_clear()
+
+
+@pytest.fixture
+def as_a_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As a user's shell runs a CLI: no MLOPS_ENV_FILE (the suite sets one), so `.env` is read."""
+    monkeypatch.delenv(ENV_FILE, raising=False)
+
+
+def _cli_model_name(cwd: Path, env: dict[str, str]) -> str:
+    """What a fresh process started in `cwd` with `env` takes MODEL_NAME to be."""
+    code = "from common.settings import get_settings; print(get_settings().model_name)"
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return proc.stdout.strip()
+
+
+def test_a_dotenv_in_the_checkout_reaches_no_test_nor_the_processes_tests_start(
+    bare_environment: Path,
+) -> None:
+    """The checkout is the working directory of most test runs; here a stand-in for it."""
+    (bare_environment / ".env").write_text("MODEL_NAME=wrong\nMLOPS_HOME=/nowhere\n")
+
+    assert os.environ[ENV_FILE] == os.devnull  # set for the whole session by tests/conftest.py
+    assert get_settings().model_name == "churn-classifier"
+    assert get_settings().mlops_home != Path("/nowhere")
+    assert _cli_model_name(bare_environment, dict(os.environ)) == "churn-classifier"
+
+
+@pytest.mark.usefixtures("as_a_user")
+def test_a_users_dotenv_still_configures_the_cli(bare_environment: Path) -> None:
+    (bare_environment / ".env").write_text("MODEL_NAME=wrong\n")
+
+    assert _cli_model_name(bare_environment, dict(os.environ)) == "wrong"
+    assert get_settings().model_name == "wrong"
+
+
+def test_mlops_env_file_names_the_dotenv_to_read(
+    bare_environment: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (bare_environment / ".env").write_text("MODEL_NAME=from-dotenv\n")
+    (bare_environment / "prod.env").write_text("MODEL_NAME=from-prod\n")
+    monkeypatch.setenv(ENV_FILE, str(bare_environment / "prod.env"))
+
+    assert get_settings().model_name == "from-prod"
 
 
 def test_knows_the_tools_own_variable_names() -> None:
@@ -61,11 +114,13 @@ def test_a_tracking_server_turns_off_embedded_mode(monkeypatch: pytest.MonkeyPat
     assert settings.artifact_root is None
 
 
+@pytest.mark.usefixtures("as_a_user")
 def test_reads_a_dotenv_file_in_the_working_directory(bare_environment: Path) -> None:
     (bare_environment / ".env").write_text("MODEL_NAME=from-dotenv\n")
     assert get_settings().model_name == "from-dotenv"
 
 
+@pytest.mark.usefixtures("as_a_user")
 def test_environment_wins_over_dotenv(
     bare_environment: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -91,6 +146,7 @@ def test_s3_endpoint_without_secret_names_the_secret(monkeypatch: pytest.MonkeyP
         get_settings()
 
 
+@pytest.mark.usefixtures("as_a_user")
 def test_s3_settings_from_dotenv_are_handed_to_the_tools(bare_environment: Path) -> None:
     (bare_environment / ".env").write_text(
         "MLFLOW_S3_ENDPOINT_URL=http://minio:9000\n"
