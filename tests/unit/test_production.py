@@ -18,7 +18,7 @@ import pytest
 from common import production
 from common.params import DataParams
 from common.settings import Settings
-from common.store import monitoring
+from common.store import monitoring, roles
 
 
 @pytest.fixture
@@ -40,8 +40,9 @@ def logged(monkeypatch: pytest.MonkeyPatch) -> list[pd.DataFrame]:
     frames: list[pd.DataFrame] = []
 
     @contextmanager
-    def database(_settings: Settings, *, reuse_running: bool) -> Iterator[str]:
+    def database(_settings: Settings, *, reuse_running: bool, role: str | None) -> Iterator[str]:
         assert reuse_running  # a predictor may be serving from the same embedded database
+        assert role == roles.FLOWS  # not the superuser: row-level security holds
         yield "postgresql://log"
 
     monkeypatch.setattr(production, "has_prediction_db", lambda _settings: True)
