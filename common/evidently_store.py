@@ -72,7 +72,7 @@ def open_workspace(target: str, secret: str | None = None) -> Any:
     """
     if target.startswith(("http://", "https://")):
         if secret is None and (configured := get_settings().evidently_secret) is not None:
-            secret = configured.get_secret_value()
+            secret = configured.get_secret_value() or None
         return RemoteWorkspace(target.rstrip("/"), secret=secret)
     path = Path(target).expanduser()
     path.mkdir(parents=True, exist_ok=True)
