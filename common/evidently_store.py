@@ -3,7 +3,9 @@
 The target (settings.evidently_target) is a directory, Evidently's local Workspace that
 `evidently ui --workspace DIR` serves, or the http(s) URL of a running `evidently ui`,
 reached through its RemoteWorkspace. Each monitored model has one project, created on
-first use with a dashboard of the headline numbers; each window adds its snapshots.
+first use with a dashboard of the headline numbers; each window adds its snapshots. A UI
+started with EVIDENTLY_SECRET refuses writes without it: uploads send settings'
+EVIDENTLY_SECRET (or the `secret` given) in its `evidently-secret` header.
 
 A directory may be served by a running `evidently ui` while a monitor run writes to it:
 every file this module writes there appears whole, by a rename (see _RenamedInLocation).
@@ -30,6 +32,7 @@ from evidently.ui.service.storage.fslocation import (  # type: ignore[import-unt
 from evidently.ui.workspace import RemoteWorkspace, Workspace  # type: ignore[import-untyped]
 
 from common.params import MonitorParams
+from common.settings import get_settings
 from models.report import DRIFT_TAG, PERFORMANCE_TAG
 
 DASHBOARD_TAB = "Monitoring"
@@ -42,6 +45,7 @@ def add_snapshot(
     *snapshots: Any,
     description: str | None = None,
     prediction_columns: Sequence[str] | None = None,
+    secret: str | None = None,
 ) -> str:
     """Add one window's snapshots to the project `project_name`; return the project's id.
 
@@ -49,22 +53,27 @@ def add_snapshot(
     models.report.MonitorReport). The project and its dashboard are created on first
     use and reused after; `prediction_columns` (default: MonitorParams' prediction and
     probability columns) are the columns whose drift score the dashboard charts.
-    `description` names the runs.
+    `description` names the runs; `secret` is the UI's write secret (open_workspace).
     """
     runs = list(_flatten(snapshots))
     if not runs:
         raise ValueError("add_snapshot needs at least one snapshot")
-    workspace = open_workspace(target)
+    workspace = open_workspace(target, secret)
     project = ensure_project(workspace, project_name, prediction_columns)
     for run in runs:
         workspace.add_run(project.id, run, name=_run_name(run, description))
     return str(project.id)
 
 
-def open_workspace(target: str) -> Any:
-    """RemoteWorkspace for an http(s) URL (checks it answers), else the local directory."""
+def open_workspace(target: str, secret: str | None = None) -> Any:
+    """RemoteWorkspace for an http(s) URL (checks it answers), else the local directory.
+
+    A URL's writes carry `secret`, by default settings' EVIDENTLY_SECRET (none if unset).
+    """
     if target.startswith(("http://", "https://")):
-        return RemoteWorkspace(target.rstrip("/"))
+        if secret is None and (configured := get_settings().evidently_secret) is not None:
+            secret = configured.get_secret_value() or None
+        return RemoteWorkspace(target.rstrip("/"), secret=secret)
     path = Path(target).expanduser()
     path.mkdir(parents=True, exist_ok=True)
     workspace = Workspace(str(path))

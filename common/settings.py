@@ -1,8 +1,9 @@
 """The one settings object: infrastructure from the environment and `.env`.
 
-Variable names are the tools' own (MLFLOW_TRACKING_URI, MLFLOW_S3_ENDPOINT_URL,
-AWS_ACCESS_KEY_ID, PREFECT_API_URL, ...) plus the project's DATABASE_URL, MODEL_NAME
-and MODEL_ALIAS. With nothing set, everything is embedded under MLOPS_HOME (.mlops/).
+Variable names are the tools' own (MLFLOW_TRACKING_URI, MLFLOW_TRACKING_USERNAME,
+MLFLOW_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, PREFECT_API_URL, EVIDENTLY_SECRET, ...) plus the
+project's DATABASE_URL, MODEL_NAME and MODEL_ALIAS. With nothing set, everything is
+embedded under MLOPS_HOME (.mlops/). Secrets have no defaults and never appear in a repr.
 
 The dotenv file is `.env` in the working directory, or the file MLOPS_ENV_FILE names (the
 test suite points it at nothing, so a user's `.env` in the checkout never reaches a test).
@@ -15,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     DotEnvSettingsSource,
@@ -38,6 +39,11 @@ class Settings(BaseSettings):
 
     mlops_home: Path = Field(default=Path(".mlops"), alias="MLOPS_HOME")
     mlflow_tracking_uri: str | None = Field(default=None, alias="MLFLOW_TRACKING_URI")
+    # An MLflow server with its basic-auth app: this service's user (MLflow reads both too).
+    mlflow_tracking_username: str | None = Field(default=None, alias="MLFLOW_TRACKING_USERNAME")
+    mlflow_tracking_password: SecretStr | None = Field(
+        default=None, alias="MLFLOW_TRACKING_PASSWORD"
+    )
     mlflow_experiment_name: str = Field(default="churn-training", alias="MLFLOW_EXPERIMENT_NAME")
     mlflow_s3_endpoint_url: str | None = Field(default=None, alias="MLFLOW_S3_ENDPOINT_URL")
     aws_access_key_id: str | None = Field(default=None, alias="AWS_ACCESS_KEY_ID")
@@ -61,6 +67,8 @@ class Settings(BaseSettings):
     # Monitoring: the Evidently workspace (a directory, or an `evidently ui` URL to upload
     # to) and an optional URL that drift alerts are POSTed to (a paging or chat webhook).
     evidently_workspace: str | None = Field(default=None, alias="EVIDENTLY_WORKSPACE")
+    # The secret an `evidently ui` started with EVIDENTLY_SECRET wants for writes (uploads).
+    evidently_secret: SecretStr | None = Field(default=None, alias="EVIDENTLY_SECRET")
     monitor_webhook_url: str | None = Field(default=None, alias="MONITOR_WEBHOOK_URL")
 
     @classmethod
@@ -85,6 +93,14 @@ class Settings(BaseSettings):
             for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
                 if not getattr(self, name.lower()):
                     raise ValueError(f"{name} must be set when MLFLOW_S3_ENDPOINT_URL is set")
+        return self
+
+    @model_validator(mode="after")
+    def _mlflow_user_needs_password(self) -> Settings:
+        user, password = self.mlflow_tracking_username, self.mlflow_tracking_password
+        if bool(user) != bool(password):
+            given, missing = ("USERNAME", "PASSWORD") if user else ("PASSWORD", "USERNAME")
+            raise ValueError(f"MLFLOW_TRACKING_{missing} must be set with MLFLOW_TRACKING_{given}")
         return self
 
     @property
@@ -119,9 +135,20 @@ class Settings(BaseSettings):
         return (self.mlops_home / "mlartifacts").resolve().as_uri()
 
     def export_tool_env(self) -> None:
-        """Hand the S3 settings to boto3/MLflow, which read them from the process env."""
-        for name in ("MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        """Hand the S3 settings and MLflow's user to boto3/MLflow, which read the process env.
+
+        (They may have come from `.env`, which those libraries do not read.)
+        """
+        for name in (
+            "MLFLOW_S3_ENDPOINT_URL",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "MLFLOW_TRACKING_USERNAME",
+            "MLFLOW_TRACKING_PASSWORD",
+        ):
             value = getattr(self, name.lower())
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
             if value:
                 os.environ[name] = value
 

@@ -9,6 +9,11 @@ use the databases are stopped for a restore or an upgrade and started again afte
 For another deployment (e.g. compose with the Postgres port published) pass --pg-url and
 --s3-endpoint (credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and stop the
 clients yourself: `docker compose stop mlflow prefect-server prefect-worker predictor`.
+
+The URL's user is a superuser (it reads every database); each database keeps its owner
+(the service role that owns it) through a restore or an upgrade, so the services can
+still use it. Passwords reach pg_dump, pg_restore and `mlflow db upgrade` as PGPASSWORD,
+never on their command lines.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import boto3
 import psycopg
@@ -59,6 +64,25 @@ class Target:
         parts = urlsplit(self.pg_url)
         return urlunsplit((parts.scheme, parts.netloc, f"/{database}", parts.query, ""))
 
+    def libpq(self, database: str) -> tuple[str, dict[str, str]]:
+        """`database`'s URL without the password, and an environment carrying it (PGPASSWORD)."""
+        parts = urlsplit(self.db_url(database))
+        env = dict(os.environ)
+        userinfo, _, hostport = parts.netloc.rpartition("@")
+        user, _, password = userinfo.partition(":")
+        if password:
+            env["PGPASSWORD"] = unquote(password)
+        netloc = f"{user}@{hostport}" if user else hostport
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, "")), env
+
+    def owner(self, database: str) -> str | None:
+        """The role that owns `database`, or None if there is no such database."""
+        with psycopg.connect(self.db_url("postgres")) as conn:
+            row = conn.execute(
+                "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s", [database]
+            ).fetchone()
+        return str(row[0]) if row else None
+
     @contextmanager
     def clients_stopped(self, clients: tuple[str, ...] = CLIENTS) -> Iterator[None]:
         """Stop these services of the stack for the block (no-op without a local stack)."""
@@ -84,15 +108,16 @@ def _pg_tool(name: str) -> str:
     return str(find_bin_dir(get_settings().pg_bin) / name)
 
 
-def _run(cmd: list[str], what: str) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+def _run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         raise UserError(f"{what} failed:\n{proc.stderr.strip() or proc.stdout.strip()}")
 
 
 def _dump(target: Target, db: str, out: Path) -> None:
     """`pg_dump -Fc` of one database into `out`."""
-    _run([_pg_tool("pg_dump"), "-Fc", "-f", str(out), target.db_url(db)], f"pg_dump {db}")
+    url, env = target.libpq(db)
+    _run([_pg_tool("pg_dump"), "-Fc", "-f", str(out), url], f"pg_dump {db}", env)
 
 
 def backup(target: Target, dest: Path) -> dict[str, Any]:
@@ -106,7 +131,11 @@ def backup(target: Target, dest: Path) -> dict[str, Any]:
     for db in target.databases:
         out = dest / f"{db}.dump"
         _dump(target, db, out)
-        manifest["databases"][db] = {"file": out.name, "bytes": out.stat().st_size}
+        manifest["databases"][db] = {
+            "file": out.name,
+            "bytes": out.stat().st_size,
+            "owner": target.owner(db),
+        }
         print(f"  {db:12} {out.stat().st_size:>12,} bytes  {out}")
     for bucket in target.buckets:
         count = size = 0
@@ -136,21 +165,42 @@ def restore(target: Target, src: Path) -> dict[str, Any]:
         raise UserError(f"{src}: backup incomplete, missing {', '.join(missing)}")
     with target.clients_stopped():
         for db, info in manifest["databases"].items():
+            # A backup that recorded its owners is restored by the superuser with every
+            # object's owner as dumped (service roles exist in both stacks). An older one,
+            # made when the superuser owned everything, goes to the database's owner.
+            recorded = info.get("owner")
+            owner = recorded or target.owner(db)
+            name = sql.Identifier(db)
             with psycopg.connect(target.db_url("postgres"), autocommit=True) as conn:
-                conn.execute(
-                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db))
-                )
-                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
+                grants = _database_grants(conn, db)  # who may connect: kept across the drop
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(name))
+                create = sql.SQL("CREATE DATABASE {}").format(name)
+                if owner:
+                    create += sql.SQL(" OWNER {}").format(sql.Identifier(owner))
+                conn.execute(create)
+                if grants is not None:
+                    conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(name))
+                    for grantee, privilege in grants:
+                        conn.execute(
+                            sql.SQL("GRANT {} ON DATABASE {} TO {}").format(
+                                sql.SQL(privilege),
+                                name,
+                                sql.SQL("PUBLIC") if grantee is None else sql.Identifier(grantee),
+                            )
+                        )
+            url, env = target.libpq(db)
+            reown = [] if recorded else ["--no-owner", *([f"--role={owner}"] if owner else [])]
             _run(
                 [
                     _pg_tool("pg_restore"),
-                    "--no-owner",
+                    *reown,
                     "--exit-on-error",
                     "-d",
-                    target.db_url(db),
+                    url,
                     str(src / info["file"]),
                 ],
                 f"pg_restore {db}",
+                env,
             )
             print(f"  {db:12} restored from {info['file']}")
         for bucket in manifest["buckets"]:
@@ -166,6 +216,21 @@ def restore(target: Target, src: Path) -> dict[str, Any]:
     return manifest
 
 
+def _database_grants(conn: psycopg.Connection[Any], db: str) -> list[tuple[str | None, str]] | None:
+    """`db`'s privileges as (grantee or None for PUBLIC, privilege); None: the defaults."""
+    row = conn.execute("SELECT datacl IS NULL FROM pg_database WHERE datname = %s", [db]).fetchone()
+    if row is None or row[0]:
+        return None
+    return [
+        (None if grantee == 0 else str(role), str(privilege))
+        for grantee, role, privilege in conn.execute(
+            "SELECT a.grantee, pg_get_userbyid(a.grantee), a.privilege_type"
+            " FROM pg_database d, aclexplode(d.datacl) a WHERE d.datname = %s",
+            [db],
+        )
+    ]
+
+
 def db_upgrade(target: Target, backups: Path) -> None:
     """Back up MLflow's database, then migrate it to this MLflow's schema."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -173,10 +238,15 @@ def db_upgrade(target: Target, backups: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     _dump(target, "mlflow", out)
     print(f"backup of the mlflow database: {out}")
-    url = target.db_url("mlflow").replace("postgresql://", "postgresql+psycopg://", 1)
+    url, env = target.libpq("mlflow")
+    url = url.replace("postgresql://", "postgresql+psycopg://", 1)
+    if owner := target.owner("mlflow"):  # new tables must be the mlflow role's, not ours
+        url += ("&" if "?" in url else "?") + "options=" + quote(f"-c role={owner}")
     with target.clients_stopped(("mlflow",)):  # its only client; the rest speak HTTP to it
         _run(
-            [str(Path(sys.executable).parent / "mlflow"), "db", "upgrade", url], "mlflow db upgrade"
+            [str(Path(sys.executable).parent / "mlflow"), "db", "upgrade", url],
+            "mlflow db upgrade",
+            env,
         )
     print("mlflow db upgrade: the schema is at this MLflow's head")
 

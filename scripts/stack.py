@@ -6,6 +6,14 @@ server`, `prefect server` + a worker with the deployments of the project's prefe
 applied, `evidently ui` over the monitoring workspace, and the predictor once a champion
 exists. `up` waits on each service's health endpoint; each logs to
 MLOPS_HOME/stack/logs/<name>.log; `down` stops everything supervisord started, nothing else.
+
+Locked as compose is: every server listens on 127.0.0.1; PostgreSQL wants a password over
+TCP (scram) and each service logs in as its own role (infra/docker/initdb/roles.psql);
+MLflow runs its basic-auth app with a user per service (common.registry.access); Prefect
+wants its auth string and a CSRF token; the Evidently UI wants its secret for writes. The
+secrets are generated once into secrets.env (0600) beside the stack's data and reach each
+program through its environment, never its command line. stack.env (0600) is the
+operator's: MLflow's admin, Prefect's auth string, the database's owner.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import argparse
 import functools
 import json
 import os
+import secrets
 import shlex
 import socket
 import subprocess
@@ -29,13 +38,60 @@ import boto3
 from common.errors import UserError, run_cli
 from common.health import http_ok
 from common.localpg import LocalPostgres
+from common.registry.access import FLOWS, PREDICTOR, auth_config, ensure_service_users
 from common.settings import get_settings
+from common.store import migrate
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-DATABASES = ("mlflow", "prefect", "predictions")
+DATABASES = ("mlflow", "mlflow_auth", "prefect", "predictions")
 BUCKETS = ("mlflow", "dvc", "evidently")
+# moto checks no credentials: any pair works, and every client here uses this one.
 DEV_CREDS = {"AWS_ACCESS_KEY_ID": "stack-local", "AWS_SECRET_ACCESS_KEY": "stack-local-secret"}
+ROLES_SQL = ROOT / "infra/docker/initdb/roles.psql"
+PG_ROLES = {
+    "owner": ("mlops_owner", "POSTGRES_OWNER_PASSWORD"),
+    "predictor": ("mlops_predictor", "POSTGRES_PREDICTOR_PASSWORD"),
+    "flows": ("mlops_flows", "POSTGRES_FLOWS_PASSWORD"),
+    "grafana": ("mlops_grafana", "POSTGRES_GRAFANA_PASSWORD"),
+    "mlflow": ("mlflow", "POSTGRES_MLFLOW_PASSWORD"),
+    "prefect": ("prefect", "POSTGRES_PREFECT_PASSWORD"),
+}
+"""Each service's PostgreSQL role (roles.psql creates them) and its password's variable."""
+MLFLOW_ADMIN = "admin"
+SECRETS = (
+    "POSTGRES_PASSWORD",  # the cluster's superuser: this script and scripts/ops.py only
+    *(env for _, env in PG_ROLES.values()),
+    "MLFLOW_AUTH_ADMIN_PASSWORD",
+    "MLFLOW_FLASK_SERVER_SECRET_KEY",
+    FLOWS.password_env,
+    PREDICTOR.password_env,
+    "PREFECT_API_AUTH_STRING",
+    "EVIDENTLY_SECRET",
+)
+"""What `up` generates once into secrets.env; the names are compose's .env names."""
+
+
+def _new_secret(name: str) -> str:
+    token = secrets.token_urlsafe(24)  # URL-safe: goes into connection URLs as it is
+    return f"prefect:{token}" if name == "PREFECT_API_AUTH_STRING" else token  # user:password
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write `text` to a file only its owner may read (0600 before the first byte)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def load_secrets(home: Path) -> dict[str, str]:
+    """The stack's secrets.env (KEY=value lines), or nothing before the first `up`."""
+    try:
+        lines = (home / "secrets.env").read_text().splitlines()
+    except FileNotFoundError:
+        return {}
+    return dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
 
 
 @dataclass(frozen=True)
@@ -62,7 +118,38 @@ class Stack:
         self.project = project.resolve()
         self.conf = self.home / "supervisord.conf"
         self.logs = self.home / "logs"
-        self.pg = LocalPostgres(self.home / "postgres", ports.postgres)
+        self.secrets = load_secrets(self.home)
+        self.pg = self._postgres()
+
+    def _postgres(self) -> LocalPostgres:
+        """The cluster, its superuser's password from secrets.env (host logins: scram)."""
+        password = self.secrets.get("POSTGRES_PASSWORD")
+        return LocalPostgres(self.home / "postgres", self.ports.postgres, password=password)
+
+    def ensure_secrets(self) -> None:
+        """Generate what secrets.env lacks (all of it on the first `up`), keep the rest."""
+        if (self.pg.data_dir / "PG_VERSION").exists() and not (self.home / "secrets.env").exists():
+            raise UserError(
+                f"the stack in {self.home} was made before its services had credentials (its "
+                f"PostgreSQL trusts every connection): `make down`, move {self.home} away, "
+                "then `make up` for a new one (scripts/ops.py backup/restore carries data over)"
+            )
+        missing = [name for name in SECRETS if not self.secrets.get(name)]
+        if missing:
+            self.secrets |= {name: _new_secret(name) for name in missing}
+            self.home.mkdir(parents=True, exist_ok=True)
+            _write_private(
+                self.home / "secrets.env",
+                "# Generated by `make up`; each service gets its own through its environment.\n"
+                + "".join(f"{k}={v}\n" for k, v in sorted(self.secrets.items())),
+            )
+        self.pg = self._postgres()
+
+    def db_url(self, role: str, database: str, driver: str | None = None) -> str:
+        """`database` as the service role `role` (a PG_ROLES key), password included."""
+        name, env = PG_ROLES[role]
+        scheme = f"postgresql+{driver}" if driver else "postgresql"
+        return f"{scheme}://{name}:{self.secrets[env]}@127.0.0.1:{self.ports.postgres}/{database}"
 
     @classmethod
     def load(cls, home: Path) -> Stack:
@@ -75,25 +162,61 @@ class Stack:
 
     # -- the environment compose gives its services -------------------------------------
 
-    def env(self) -> dict[str, str]:
-        p = self.ports
+    def _common_env(self) -> dict[str, str]:
+        """What every client of the stack gets: where things are, no credentials."""
         return {
-            **DEV_CREDS,
-            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{p.mlflow}",
-            "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{p.s3}",
-            "PREFECT_API_URL": f"http://127.0.0.1:{p.prefect}/api",
-            "DATABASE_URL": self.pg.url("predictions"),
-            "EVIDENTLY_WORKSPACE": f"http://127.0.0.1:{p.evidently}",
+            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{self.ports.mlflow}",
             "MLOPS_HOME": str(self.home / "state"),
             "BENTOML_HOME": str(self.home / "state/bentoml"),
             "OMP_NUM_THREADS": "1",
             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         }
 
+    def _flows_env(self) -> dict[str, str]:
+        """Where the flows' servers are: S3, Prefect, the Evidently UI (credentials apart)."""
+        p = self.ports
+        return {
+            **self._common_env(),
+            **DEV_CREDS,
+            "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{p.s3}",
+            "PREFECT_API_URL": f"http://127.0.0.1:{p.prefect}/api",
+            "EVIDENTLY_WORKSPACE": f"http://127.0.0.1:{p.evidently}",
+        }
+
+    def env(self) -> dict[str, str]:
+        """The operator's environment (`source stack.env`): every URL, admin credentials."""
+        return {
+            **self._flows_env(),
+            "MLFLOW_TRACKING_USERNAME": MLFLOW_ADMIN,
+            "MLFLOW_TRACKING_PASSWORD": self.secrets["MLFLOW_AUTH_ADMIN_PASSWORD"],
+            "PREFECT_API_AUTH_STRING": self.secrets["PREFECT_API_AUTH_STRING"],
+            "EVIDENTLY_SECRET": self.secrets["EVIDENTLY_SECRET"],
+            "DATABASE_URL": self.db_url("owner", "predictions"),
+        }
+
+    def worker_env(self) -> dict[str, str]:
+        """The Prefect worker's, which its flow runs inherit: the `flows` identities."""
+        return {
+            **self._flows_env(),
+            "MLFLOW_TRACKING_USERNAME": FLOWS.name,
+            "MLFLOW_TRACKING_PASSWORD": self.secrets[FLOWS.password_env],
+            "PREFECT_API_AUTH_STRING": self.secrets["PREFECT_API_AUTH_STRING"],
+            "EVIDENTLY_SECRET": self.secrets["EVIDENTLY_SECRET"],
+            "DATABASE_URL": self.db_url("flows", "predictions"),
+        }
+
+    def predictor_env(self) -> dict[str, str]:
+        """The predictor's: read-only MLflow user, its own role; no S3 key, no Prefect."""
+        return {
+            **self._common_env(),
+            "MLFLOW_TRACKING_USERNAME": PREDICTOR.name,
+            "MLFLOW_TRACKING_PASSWORD": self.secrets[PREDICTOR.password_env],
+            "DATABASE_URL": self.db_url("predictor", "predictions"),
+        }
+
     def _programs(self) -> dict[str, tuple[list[str], dict[str, str], bool]]:
-        p, env = self.ports, self.env()
-        pg = self.pg
-        server_env = {k: env[k] for k in ("MLFLOW_S3_ENDPOINT_URL", *DEV_CREDS)}
+        p, pg, secret = self.ports, self.pg, self.secrets
+        mlflow_hosts = f"127.0.0.1:{p.mlflow},localhost:{p.mlflow}"
         return {
             "postgres": (
                 [
@@ -106,6 +229,8 @@ class Stack:
                     str(pg.socket_dir),
                     "-c",
                     "listen_addresses=127.0.0.1",
+                    "-c",
+                    "unix_socket_permissions=0700",  # local logins are trusted: owner only
                 ],
                 {},
                 True,
@@ -115,8 +240,10 @@ class Stack:
                 [
                     str(BIN / "mlflow"),
                     "server",
-                    "--backend-store-uri",
-                    pg.url("mlflow", driver="psycopg"),
+                    "--app-name",
+                    "basic-auth",
+                    "--backend-store-uri",  # no password: libpq takes PGPASSWORD
+                    f"postgresql+psycopg://mlflow@127.0.0.1:{p.postgres}/mlflow",
                     "--artifacts-destination",
                     "s3://mlflow/",
                     "--serve-artifacts",
@@ -126,8 +253,19 @@ class Stack:
                     str(p.mlflow),
                     "--workers",
                     "1",
+                    "--allowed-hosts",
+                    mlflow_hosts,
                 ],
-                {**server_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                {
+                    **DEV_CREDS,
+                    "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{p.s3}",
+                    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+                    "PGPASSWORD": secret["POSTGRES_MLFLOW_PASSWORD"],
+                    "MLFLOW_AUTH_CONFIG_PATH": str(self.home / "mlflow/basic_auth.ini"),
+                    "MLFLOW_AUTH_ADMIN_USERNAME": MLFLOW_ADMIN,
+                    "MLFLOW_AUTH_ADMIN_PASSWORD": secret["MLFLOW_AUTH_ADMIN_PASSWORD"],
+                    "MLFLOW_FLASK_SERVER_SECRET_KEY": secret["MLFLOW_FLASK_SERVER_SECRET_KEY"],
+                },
                 False,
             ),
             "prefect-server": (
@@ -142,8 +280,12 @@ class Stack:
                 ],
                 {
                     "PREFECT_HOME": str(self.home / "prefect"),
-                    "PREFECT_API_DATABASE_CONNECTION_URL": pg.url("prefect", driver="asyncpg"),
+                    "PREFECT_API_DATABASE_CONNECTION_URL": self.db_url(
+                        "prefect", "prefect", driver="asyncpg"
+                    ),
                     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                    "PREFECT_SERVER_API_AUTH_STRING": secret["PREFECT_API_AUTH_STRING"],
+                    "PREFECT_SERVER_CSRF_PROTECTION_ENABLED": "true",
                 },
                 False,
             ),
@@ -159,7 +301,7 @@ class Stack:
                     "--with-healthcheck",
                 ],
                 {
-                    **env,
+                    **self.worker_env(),
                     # dvc.yaml's stages call `python`: this environment's, however up was run.
                     "PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}",
                     "PREFECT_HOME": str(self.home / "prefect"),
@@ -180,7 +322,7 @@ class Stack:
                     "--port",
                     str(p.evidently),
                 ],
-                {"DO_NOT_TRACK": "1"},
+                {"DO_NOT_TRACK": "1", "EVIDENTLY_SECRET": secret["EVIDENTLY_SECRET"]},
                 True,
             ),
             "predictor": (
@@ -195,7 +337,7 @@ class Stack:
                     "--port",
                     str(p.predictor),
                 ],
-                env,
+                self.predictor_env(),
                 False,
             ),
         }
@@ -241,7 +383,7 @@ class Stack:
                 pairs = ",".join(f'{k}="{v}"' for k, v in env.items())
                 lines.append(f"environment={pairs}")
             lines.append("")
-        self.conf.write_text("\n".join(lines))
+        _write_private(self.conf, "\n".join(lines))  # it holds every program's secrets
 
     def ctl(self, *args: str, check: bool = True) -> str:
         proc = subprocess.run(
@@ -299,19 +441,25 @@ class Stack:
                     f"port in use: {', '.join(taken)}; stop what holds it or pick another "
                     "(e.g. --mlflow-port 5001)"
                 )
+        self.ensure_secrets()
         (self.home / "stack.json").write_text(
             json.dumps({"ports": self.ports.__dict__, "project": str(self.project)}, indent=1)
         )
-        (self.home / "stack.env").write_text(
-            "".join(f"export {k}={shlex.quote(v)}\n" for k, v in self.env().items())
+        _write_private(
+            self.home / "stack.env",
+            "".join(f"export {k}={shlex.quote(v)}\n" for k, v in self.env().items()),
+        )
+        (self.home / "mlflow").mkdir(exist_ok=True)
+        (self.home / "mlflow/basic_auth.ini").write_text(
+            auth_config(f"postgresql+psycopg://mlflow@127.0.0.1:{self.ports.postgres}/mlflow_auth")
         )
         self.pg.init()
         self.write_conf()
         if not running:
             subprocess.run([str(BIN / "supervisord"), "-c", str(self.conf)], check=True)
         self._wait("postgres", lambda: _pg_ready(self.pg), timeout)
-        for db in DATABASES:
-            self.pg.create_database(db)
+        self.create_roles()
+        migrate(self.db_url("owner", "predictions"))  # as its owner, before any service
         self.wait_healthy("s3", timeout=timeout)
         s3 = self.s3()
         existing = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
@@ -319,12 +467,39 @@ class Stack:
             s3.create_bucket(Bucket=bucket)
         self.start("mlflow", "prefect-server")
         self.wait_healthy("mlflow", "prefect-server", "evidently", timeout=timeout)
+        ensure_service_users(
+            self.env()["MLFLOW_TRACKING_URI"],
+            (MLFLOW_ADMIN, self.secrets["MLFLOW_AUTH_ADMIN_PASSWORD"]),
+            self.secrets,
+        )
         if not (self.project / "prefect.yaml").exists():
             raise UserError(f"{self.project / 'prefect.yaml'} not found: nothing to deploy")
         self._deploy()
         self.start("prefect-worker")
         self.wait_healthy("prefect-worker", timeout=timeout)
         self.serve_if_champion(timeout)
+
+    def create_roles(self) -> None:
+        """Compose's initdb roles.psql on this cluster: each service's role and database.
+
+        Passwords reach psql through its environment (\\getenv), never its command line.
+        """
+        env = {
+            **os.environ,
+            "PGPASSWORD": self.secrets["POSTGRES_PASSWORD"],
+            **{env: self.secrets[env] for _, env in PG_ROLES.values()},
+        }
+        psql = [str(self.pg.bin_dir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1"]
+        where = ["-h", "127.0.0.1", "-p", str(self.ports.postgres), "-U", self.pg.user]
+        proc = subprocess.run(
+            [*psql, *where, "-d", "postgres", "-f", str(ROLES_SQL)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise UserError(f"{ROLES_SQL.name} failed: {proc.stderr.strip()}")
 
     def _deploy(self) -> None:
         env = {
@@ -356,7 +531,7 @@ class Stack:
 
     def serve_if_champion(self, timeout: float) -> bool:
         """Start the predictor when the registry has a champion; say how to get one otherwise."""
-        env = {**os.environ, **self.env()}
+        env = {**os.environ, **self.predictor_env()}
         bundle = subprocess.run(
             [str(BIN / "python"), "-m", "services.predictor.package"],
             cwd=ROOT,
@@ -436,7 +611,7 @@ class Stack:
             ("Evidently UI", f"http://127.0.0.1:{p.evidently}"),
             ("Predictor (Swagger UI)", f"http://127.0.0.1:{p.predictor}"),
             ("S3 endpoint (moto)", f"http://127.0.0.1:{p.s3}"),
-            ("PostgreSQL", self.pg.url()),
+            ("PostgreSQL", f"127.0.0.1:{p.postgres} (roles and passwords: secrets.env)"),
         ]
 
 

@@ -59,13 +59,29 @@ def experiment_id(client: MlflowClient, settings: Settings, name: str | None = N
 
 
 def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
-    """The version an alias points at, or None when the model or alias does not exist."""
+    """The version an alias points at, or None when the model or alias does not exist.
+
+    MLflow's basic-auth app answers an alias lookup on a model that does not exist with
+    403, not 404: then the model itself is looked up, which says which it is.
+    """
     try:
         return client.get_model_version_by_alias(name, alias)
     except MlflowException as exc:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
             return None
+        if exc.error_code == "PERMISSION_DENIED" and not _model_exists(client, name):
+            return None
         raise
+
+
+def _model_exists(client: MlflowClient, name: str) -> bool:
+    try:
+        client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
 
 
 def move_alias(

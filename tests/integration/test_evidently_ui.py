@@ -239,3 +239,42 @@ def test_uploads_through_the_ui_url_create_then_reuse_a_project(ui: Ui, windows:
     charts = series(ui.url, first)
     assert set(charts) == PANELS
     assert len(charts["Share of drifted features"][0]["values"]) == 2
+
+
+SECRET = "evidently-write-secret"
+
+
+@pytest.fixture(scope="module")
+def locked_ui(tmp_path_factory: pytest.TempPathFactory, server_logs: Path) -> Iterator[str]:
+    """`evidently ui` started as the stack starts it: EVIDENTLY_SECRET in its environment."""
+    workspace = tmp_path_factory.mktemp("evidently-locked") / "workspace"
+    workspace.mkdir()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = Server(
+        "evidently ui (secret)",
+        [str(VENV_BIN / "evidently"), "ui", "--workspace", str(workspace), "--port", str(port)],
+        log_path=server_logs / "evidently-ui-locked.log",
+        healthy=http_ok(f"{url}/api/version"),
+        env=clean_env(DO_NOT_TRACK="1", EVIDENTLY_SECRET=SECRET),
+    )
+    with server.start(timeout=60):
+        yield url
+
+
+def test_a_ui_with_a_secret_refuses_writes_without_it_and_keeps_reads_open(
+    locked_ui: str, windows: Windows
+) -> None:
+    project = {"name": "intruder", "description": "", "dashboard": {"name": "", "panels": []}}
+    for headers in ({}, {"evidently-secret": "wrong"}):
+        refused = httpx.post(f"{locked_ui}/api/projects", json=project, headers=headers)
+        assert refused.status_code == 403, refused.text
+    with pytest.raises(Exception, match="Not enough permissions"):  # its 403
+        add_snapshot(locked_ui, PROJECT, windows.labelled, description="anonymous")
+    assert get(f"{locked_ui}/api/projects") == []  # reading needs no secret (Evidently OSS)
+
+
+def test_uploads_with_the_secret_reach_a_locked_ui(locked_ui: str, windows: Windows) -> None:
+    project_id = add_snapshot(locked_ui, PROJECT, windows.labelled, secret=SECRET)
+    assert [p["id"] for p in get(f"{locked_ui}/api/projects")] == [project_id]
+    assert len(get(f"{locked_ui}/api/projects/{project_id}/snapshots")) == 2

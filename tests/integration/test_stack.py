@@ -4,13 +4,18 @@ One stack on free ports, its worker deploying a throwaway project: `train` runs 
 worker against the MLflow server (PostgreSQL backend, S3 artifacts), the predictor serves
 the new champion, traffic is logged, `monitor` runs through the worker into PostgreSQL and
 the Evidently UI; then the operations: MLflow and the predictor restarted mid-traffic,
-`mlflow db upgrade`, backup and restore; `down` last.
+`mlflow db upgrade`, backup and restore; `down` last. The locks are checked on the way:
+MLflow, Prefect and the Evidently UI refuse requests without credentials, each service
+logs in as its own identity, and no secret is on a command line or in a log.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import stat
 import sys
 import tempfile
 import threading
@@ -24,10 +29,11 @@ import mlflow.artifacts
 import psutil
 import psycopg
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from models.generate import generate
-from scripts.stack import Ports, Stack
+from scripts.stack import PG_ROLES, Ports, Stack
 from tests.servers import VENV_BIN, Server, clean_env, free_port, http_ok, run_ok
 from tests.workspace import ROOT, Workspace, add_deployments, make_workspace
 
@@ -53,7 +59,11 @@ def stack(workspace: Workspace) -> Iterator[Stack]:
     stack = Stack(home / "stack", Ports(*(free_port() for _ in range(7))), workspace.path)
     try:
         stack.up(timeout=240)
-        yield stack
+        # This process's MLflow clients sign in as the operator (stack.env's admin).
+        with pytest.MonkeyPatch.context() as env:
+            for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+                env.setenv(name, stack.env()[name])
+            yield stack
     finally:
         stack.down()
         shutil.rmtree(home, ignore_errors=True)
@@ -66,7 +76,7 @@ def _cli(stack: Stack, *cmd: str, timeout: float = 300) -> str:
     return run_ok(cmd, cwd=stack.project, env=env, timeout=timeout)
 
 
-def _run_deployment(stack: Stack, name: str, timeout: int = 300) -> str:
+def _run_deployment(stack: Stack, name: str, timeout: int = 600) -> str:
     return _cli(
         stack,
         *(sys.executable, "-m", "prefect", "deployment", "run", name),
@@ -78,6 +88,10 @@ def _run_deployment(stack: Stack, name: str, timeout: int = 300) -> str:
 def _client(stack: Stack) -> MlflowClient:
     uri = stack.env()["MLFLOW_TRACKING_URI"]
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _evidently_write(stack: Stack) -> dict[str, str]:
+    return {"evidently-secret": stack.secrets["EVIDENTLY_SECRET"]}
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +152,54 @@ def test_every_service_is_healthy_with_the_compose_variables(stack: Stack) -> No
         assert name in deployments
 
 
+def test_mlflow_prefect_and_evidently_refuse_requests_without_credentials(stack: Stack) -> None:
+    p, secret = stack.ports, stack.secrets
+    search = f"http://127.0.0.1:{p.mlflow}/api/2.0/mlflow/experiments/search?max_results=1"
+    admin = ("admin", secret["MLFLOW_AUTH_ADMIN_PASSWORD"])
+    assert httpx.get(search).status_code == 401
+    assert httpx.get(search, auth=("admin", "not-the-password")).status_code == 401
+    assert httpx.get(search, auth=admin).status_code == 200
+    assert httpx.get(search, auth=admin, headers={"Host": "evil.example"}).status_code == 403
+
+    api = f"http://127.0.0.1:{p.prefect}/api"
+    user, _, password = secret["PREFECT_API_AUTH_STRING"].partition(":")
+    auth = (user, password)
+    assert httpx.get(f"{api}/admin/version").status_code == 401
+    assert httpx.get(f"{api}/admin/version", auth=("prefect", "wrong")).status_code == 401
+    assert httpx.get(f"{api}/admin/version", auth=auth).status_code == 200
+    # CSRF protection: a state-changing request needs a token the client fetched first.
+    assert httpx.post(f"{api}/flows/filter", json={}, auth=auth).status_code == 403
+    token = httpx.get(f"{api}/csrf-token", params={"client": "t"}, auth=auth).json()["token"]
+    csrf = {"Prefect-Csrf-Token": token, "Prefect-Csrf-Client": "t"}
+    assert httpx.post(f"{api}/flows/filter", json={}, headers=csrf).status_code == 401
+    assert httpx.post(f"{api}/flows/filter", json={}, auth=auth, headers=csrf).status_code == 200
+
+    ui = f"http://127.0.0.1:{p.evidently}/api/v2/projects"
+    project = {"name": "anonymous", "description": ""}
+    assert httpx.post(ui, json=project).status_code == 403
+    assert httpx.post(ui, json=project, headers={"evidently-secret": "wrong"}).status_code == 403
+    created = httpx.post(ui, json=project, headers=_evidently_write(stack))
+    assert created.status_code < 300, created.text
+    gone = httpx.delete(f"{ui}/{created.json()}", headers=_evidently_write(stack))
+    assert gone.status_code < 300, gone.text
+
+
+def test_secrets_are_private_files_never_on_a_command_line_or_in_a_log(stack: Stack) -> None:
+    for name in ("secrets.env", "stack.env", "supervisord.conf"):
+        assert stat.S_IMODE((stack.home / name).stat().st_mode) == 0o600, name
+    values = [v.rpartition(":")[2] for v in stack.secrets.values()]
+    assert len(values) == len(set(values)) >= 13  # one each, none shared
+    pids = [int(p) for p in stack.ctl("pid", "all", check=False).split() if p.isdigit()]
+    procs = [psutil.Process(p) for p in pids if p and psutil.pid_exists(p)]
+    for proc in procs + [c for p in procs for c in p.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            cmdline = " ".join(proc.cmdline())
+            assert not [v for v in values if v in cmdline], cmdline
+    for log in [*stack.logs.glob("*.log"), stack.home / "supervisord.log", stack.pg.log_path]:
+        text = log.read_text(errors="replace") if log.is_file() else ""
+        assert not [v for v in values if v in text], log
+
+
 def test_train_runs_through_the_worker_into_postgres_and_s3(stack: Stack, trained: str) -> None:
     assert "Completed" in trained, trained + (stack.logs / "prefect-worker.log").read_text()[-3000:]
     (version,) = _client(stack).search_model_versions(f"name = '{MODEL}'")
@@ -176,6 +238,61 @@ def test_the_predictor_serves_the_champion_and_monitor_runs_on_its_traffic(
     snapshots = httpx.get(f"{stack.env()['EVIDENTLY_WORKSPACE']}/api/projects/{project}/snapshots")
     assert snapshots.status_code == 200, snapshots.text
     assert snapshots.json(), project
+
+
+def test_only_the_flows_identity_may_move_an_alias(stack: Stack, trained: str) -> None:
+    """MLflow's basic-auth grants per model, not per alias: the predictor may move none."""
+    uri = stack.env()["MLFLOW_TRACKING_URI"]
+    as_predictor = {
+        "MLFLOW_TRACKING_USERNAME": "predictor",
+        "MLFLOW_TRACKING_PASSWORD": stack.predictor_env()["MLFLOW_TRACKING_PASSWORD"],
+    }
+    as_flows = {
+        "MLFLOW_TRACKING_USERNAME": "flows",
+        "MLFLOW_TRACKING_PASSWORD": stack.worker_env()["MLFLOW_TRACKING_PASSWORD"],
+    }
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in as_predictor.items():
+            env.setenv(name, value)
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        assert client.get_model_version_by_alias(MODEL, "champion").version == "1"
+        for alias in ("champion", "challenger"):
+            with pytest.raises(MlflowException, match="Permission denied"):
+                client.set_registered_model_alias(MODEL, alias, "1")
+        with pytest.raises(MlflowException, match="Permission denied"):
+            client.set_model_version_tag(MODEL, "1", "alias.champion.set_by", "predictor")
+        for name, value in as_flows.items():
+            env.setenv(name, value)
+        MlflowClient(tracking_uri=uri, registry_uri=uri).set_registered_model_alias(
+            MODEL, "champion", "1"
+        )
+
+
+def test_each_service_logs_in_to_postgres_as_its_own_role(stack: Stack, trained: str) -> None:
+    with psycopg.connect(stack.pg.url("postgres")) as conn:
+        sessions = set(
+            conn.execute(
+                "SELECT datname, usename FROM pg_stat_activity"
+                " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+            ).fetchall()
+        )
+        superusers = {r[0] for r in conn.execute("SELECT rolname FROM pg_roles WHERE rolsuper")}
+        roles = {
+            r[0]: r[1:]
+            for r in conn.execute("SELECT rolname, rolsuper, rolcreaterole FROM pg_roles")
+        }
+    assert not {user for _, user in sessions} & superusers, sessions
+    assert {("mlflow", "mlflow"), ("prefect", "prefect")} <= sessions
+    assert ("predictions", "mlops_predictor") in sessions  # the predictor's feedback pool
+    assert roles["mlops_owner"] == (False, True)  # CREATEROLE for the tenants' read roles
+    for name, _ in PG_ROLES.values():
+        assert roles[name][0] is False, name
+    predictor = stack.db_url("predictor", "mlflow")
+    with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
+        psycopg.connect(predictor, connect_timeout=5)
+    no_password = f"postgresql://mlflow@127.0.0.1:{stack.ports.postgres}/mlflow"
+    with pytest.raises(psycopg.OperationalError, match="password"):
+        psycopg.connect(no_password, connect_timeout=5, passfile=os.devnull)
 
 
 def test_restarting_mlflow_and_the_predictor_mid_traffic_loses_nothing(
@@ -296,7 +413,8 @@ def test_backup_then_restore_brings_back_databases_and_buckets(
     dest = tmp_path / "backup"
     _ops(stack, "backup", "--dest", str(dest))
     manifest = json.loads((dest / "manifest.json").read_text())
-    assert set(manifest["databases"]) == {"mlflow", "prefect", "predictions"}
+    assert set(manifest["databases"]) == {"mlflow", "mlflow_auth", "prefect", "predictions"}
+    assert manifest["databases"]["mlflow"]["owner"] == "mlflow"
     assert manifest["buckets"]["mlflow"]["objects"] == len(keys)
     # The same backup through --pg-url/--s3-endpoint (how one backs up compose from its host).
     remote = tmp_path / "by-url"
@@ -317,7 +435,11 @@ def test_backup_then_restore_brings_back_databases_and_buckets(
     with psycopg.connect(stack.pg.url("predictions")) as conn:
         conn.execute("DELETE FROM predictions")
     for project in projects:
-        gone = httpx.delete(f"{stack.health_urls()['evidently']}/{project['id']}", timeout=30)
+        gone = httpx.delete(
+            f"{stack.health_urls()['evidently']}/{project['id']}",
+            headers=_evidently_write(stack),
+            timeout=30,
+        )
         assert gone.status_code < 300, gone.text
     assert httpx.get(stack.health_urls()["evidently"], timeout=30).json() == []
     _client(stack).delete_registered_model(MODEL)
@@ -327,6 +449,11 @@ def test_backup_then_restore_brings_back_databases_and_buckets(
     with psycopg.connect(stack.pg.url("predictions")) as conn:
         row = conn.execute("SELECT count(*) FROM predictions").fetchone()
     assert row == (logged,)
+    with psycopg.connect(stack.pg.url("mlflow")) as conn:  # owners and CONNECT rights kept
+        row = conn.execute("SELECT tableowner FROM pg_tables WHERE tablename = 'runs'").fetchone()
+    assert row == ("mlflow",)
+    with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
+        psycopg.connect(stack.db_url("predictor", "mlflow"), connect_timeout=5)
     assert sorted(o["Key"] for o in s3.list_objects_v2(Bucket="mlflow")["Contents"]) == keys
     stack.wait_healthy(
         "mlflow", "prefect-server", "prefect-worker", "predictor", "evidently", timeout=180

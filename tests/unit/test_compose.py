@@ -2,7 +2,11 @@
 
 The compose file against the compose-spec schema, its internal references (services,
 volumes, build contexts, Dockerfiles, dependency groups), its variables against
-.env.example, healthchecks and start-up ordering; every Dockerfile with hadolint.
+.env.example, healthchecks and start-up ordering; every Dockerfile with hadolint. And the
+locks: every secret required and without a default, none on a command line, no service
+but the init jobs with the superuser or a root key, each service its own identities,
+MLflow's basic-auth app and Host allow-list, Prefect's auth string and CSRF, Evidently's
+write secret.
 """
 
 from __future__ import annotations
@@ -18,12 +22,15 @@ from typing import Any
 import pytest
 import yaml
 
+from common.registry.access import FLOWS, PREDICTOR, auth_config
+from scripts.stack import PG_ROLES
+
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "infra/docker"
 COMPOSE = DOCKER / "compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 DOCKERFILES = sorted(p for p in DOCKER.glob("Dockerfile*") if p.suffix != ".dockerignore")
-ONE_SHOT = {"minio-init"}
+ONE_SHOT = {"minio-init", "mlflow-init", "db-migrate"}
 GENERATED = {ROOT / "build/bento"}
 """Build contexts made by a documented step (the exported Bento), absent from a checkout."""
 VAR = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)(?::?[-?][^}]*)?\}")
@@ -36,7 +43,13 @@ EXPECTED_SERVICES = {
     "prefect-worker",
     "evidently",
     "predictor",
+    "mlflow-init",
+    "db-migrate",
 }
+SECRET = re.compile(r"^[A-Z_]*(PASSWORD|SECRET|SECRET_KEY|AUTH_STRING)$")
+INTERPOLATED = re.compile(r"(?<!\$)\$\{([A-Z_][A-Z0-9_]*)")
+"""A `${VAR}` compose fills in (`$${VAR}` is the container's own shell variable)."""
+URL_PASSWORD = re.compile(r"://[^/:@\s]+:[^@\s]+@")
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +101,18 @@ def test_depends_on_names_existing_services_with_health_conditions(compose: dict
 def test_worker_starts_after_the_servers_its_flows_call(compose: dict[str, Any]) -> None:
     needs = set(compose["services"]["prefect-worker"]["depends_on"])
     assert {"prefect-server", "mlflow", "postgres", "evidently"} <= needs
+
+
+def test_clients_start_after_the_migrations_and_their_mlflow_users(
+    compose: dict[str, Any],
+) -> None:
+    for name in ("prefect-worker", "predictor"):
+        needs = compose["services"][name]["depends_on"]
+        for job in ("db-migrate", "mlflow-init"):
+            assert needs[job]["condition"] == "service_completed_successfully", (name, job)
+    migrate = compose["services"]["db-migrate"]
+    assert migrate["command"] == ["python", "-m", "common.store", "upgrade"]
+    assert "//mlops_owner:" in migrate["environment"]["DATABASE_URL"]
 
 
 def test_worker_deploys_then_serves_the_pool_with_a_health_server(
@@ -160,14 +185,145 @@ def test_every_variable_is_documented_in_env_example() -> None:
     assert used - documented == set()
 
 
+def _secrets_used() -> set[str]:
+    return {name for name in VAR.findall(COMPOSE.read_text()) if SECRET.match(name)}
+
+
 def test_secrets_have_no_defaults_and_fail_fast() -> None:
-    text = COMPOSE.read_text()
-    for secret in ("POSTGRES_PASSWORD", "AWS_SECRET_ACCESS_KEY"):
-        assert f"${{{secret}:-" not in text
-        assert f"${{{secret}:?" in text
-    env = ENV_EXAMPLE.read_text()
-    assert re.search(r"^POSTGRES_PASSWORD=$", env, re.M)
-    assert re.search(r"^AWS_SECRET_ACCESS_KEY=$", env, re.M)
+    """Each secret is `${VAR:?...}` where first needed, never `${VAR:-...}`, empty in the
+    example file. A profile's service may name one plainly only if another requires it."""
+    text, env = COMPOSE.read_text(), ENV_EXAMPLE.read_text()
+    secrets = _secrets_used()
+    assert len(secrets) >= 17, secrets
+    # Grafana's admin password belongs to its profile alone, where `:?` would stop a plain
+    # `up`: an empty default there, refused by the service's entrypoint instead.
+    grafana = json.dumps(yaml.safe_load(text)["services"]["grafana"]["entrypoint"])
+    assert '[ -n \\"$$GF_SECURITY_ADMIN_PASSWORD\\" ]' in grafana
+    for secret in secrets - {"GRAFANA_ADMIN_PASSWORD"}:
+        assert not re.search(rf"\$\{{{secret}:?-", text), f"{secret} has a default"
+        assert f"${{{secret}:?" in text, f"{secret} is not required anywhere"
+    for secret in secrets:
+        assert re.search(rf"^{secret}=$", env, re.M), f".env.example: {secret}= (empty)"
+
+
+def test_no_secret_is_on_a_command_line(compose: dict[str, Any]) -> None:
+    """argv is visible to every process on the host (`ps`); environments are not."""
+    for name, svc in compose["services"].items():
+        for key in ("command", "entrypoint"):
+            argv = json.dumps(svc.get(key, ""))
+            assert not [v for v in INTERPOLATED.findall(argv) if SECRET.match(v)], (name, key)
+            assert not URL_PASSWORD.search(argv), (name, key)
+
+
+def test_no_service_but_the_init_jobs_has_the_superuser_or_a_root_key(
+    compose: dict[str, Any],
+) -> None:
+    holders = {
+        "POSTGRES_PASSWORD": {"postgres"},  # the server itself: initdb makes the roles
+        "MINIO_ROOT_PASSWORD": {"minio", "minio-init"},
+        "MLFLOW_AUTH_ADMIN_PASSWORD": {"mlflow", "mlflow-init"},  # MLflow's bootstrap admin
+    }
+    for name, svc in compose["services"].items():
+        used = set(INTERPOLATED.findall(json.dumps(svc)))
+        for secret, allowed in holders.items():
+            assert secret not in used or name in allowed, f"{name} holds {secret}"
+    for name, svc in compose["services"].items():
+        env = svc.get("environment", {})
+        assert "MINIO_ROOT_USER" not in env or name == "minio", name
+        assert env.get("AWS_ACCESS_KEY_ID") in {None, "mlflow", "flows"}, name
+
+
+def test_each_service_logs_in_as_its_own_identity(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+
+    def env(name: str) -> dict[str, str]:
+        return dict(services[name]["environment"])
+
+    assert "//mlops_predictor:" in env("predictor")["DATABASE_URL"]
+    assert "//mlops_flows:" in env("prefect-worker")["DATABASE_URL"]
+    assert "//prefect:" in env("prefect-server")["PREFECT_API_DATABASE_CONNECTION_URL"]
+    assert "postgresql+psycopg://mlflow@postgres:5432/mlflow" in services["mlflow"]["command"]
+    assert env("mlflow")["PGPASSWORD"].startswith("${POSTGRES_MLFLOW_PASSWORD:?")
+    assert env("predictor")["MLFLOW_TRACKING_USERNAME"] == PREDICTOR.name
+    assert env("predictor")["MLFLOW_TRACKING_PASSWORD"] == f"${{{PREDICTOR.password_env}}}"
+    assert env("prefect-worker")["MLFLOW_TRACKING_USERNAME"] == FLOWS.name
+    assert "AWS_SECRET_ACCESS_KEY" not in env("predictor")  # models come through MLflow
+    sources = yaml.safe_load(
+        (DOCKER / "grafana/provisioning/datasources/datasources.yml").read_text()
+    )
+    (pg,) = [s for s in sources["datasources"] if s["type"] == "grafana-postgresql-datasource"]
+    assert pg["user"] == "mlops_grafana"
+    assert pg["secureJsonData"]["password"] == "${POSTGRES_GRAFANA_PASSWORD}"
+
+
+def test_the_roles_script_makes_every_role_from_the_postgres_environment(
+    compose: dict[str, Any],
+) -> None:
+    """initdb/roles.psql (also run by `make up`) gets each password from compose."""
+    script = (DOCKER / "initdb/roles.psql").read_text()
+    wanted = set(re.findall(r"^\\getenv \w+ (\w+)$", script, re.M))
+    assert wanted == {env for _, env in PG_ROLES.values()}
+    assert wanted <= set(compose["services"]["postgres"]["environment"])
+    for role, _ in PG_ROLES.values():
+        assert re.search(rf"^ALTER ROLE {role} LOGIN .*NOSUPERUSER", script, re.M), role
+    checks = (DOCKER / "initdb/10-roles.sh").read_text()
+    assert all(f"${{{env}:?}}" in checks for env in wanted)
+
+
+def test_mlflow_runs_its_basic_auth_app_behind_a_host_allow_list(
+    compose: dict[str, Any],
+) -> None:
+    mlflow = compose["services"]["mlflow"]
+    argv = mlflow["command"]
+    assert argv[argv.index("--app-name") + 1] == "basic-auth"
+    hosts = argv[argv.index("--allowed-hosts") + 1].split(",")
+    assert "*" not in hosts
+    assert {"mlflow:5000", "127.0.0.1:5000", "localhost:5000"} <= set(hosts)
+    assert mlflow["build"]["args"]["GROUP"] == "mlflow-server"  # Flask-WTF: mlflow[auth]
+    config = mlflow["environment"]["MLFLOW_AUTH_CONFIG_PATH"]
+    (mount,) = [v for v in mlflow["volumes"] if v.split(":")[1] == config]
+    ini = (COMPOSE.parent / mount.split(":")[0]).read_text()
+    assert ini == auth_config("postgresql+psycopg://mlflow@postgres:5432/mlflow_auth")
+    assert "default_permission = NO_PERMISSIONS" in ini
+    for name in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert mlflow["environment"][name].startswith(f"${{{name}:?")
+
+
+def test_prefect_wants_its_auth_string_and_csrf_tokens(compose: dict[str, Any]) -> None:
+    server = compose["services"]["prefect-server"]["environment"]
+    worker = compose["services"]["prefect-worker"]["environment"]
+    assert server["PREFECT_SERVER_API_AUTH_STRING"].startswith("${PREFECT_API_AUTH_STRING:?")
+    assert server["PREFECT_SERVER_CSRF_PROTECTION_ENABLED"] == "true"
+    assert worker["PREFECT_API_AUTH_STRING"].startswith("${PREFECT_API_AUTH_STRING:?")
+    assert worker["PREFECT_CLIENT_CSRF_SUPPORT_ENABLED"] == "true"
+
+
+def test_the_evidently_ui_wants_the_secret_its_uploader_sends(compose: dict[str, Any]) -> None:
+    ui = compose["services"]["evidently"]["environment"]
+    worker = compose["services"]["prefect-worker"]["environment"]
+    assert ui["EVIDENTLY_SECRET"].startswith("${EVIDENTLY_SECRET:?")
+    assert worker["EVIDENTLY_SECRET"].startswith("${EVIDENTLY_SECRET:?")
+
+
+def test_minio_users_get_policies_on_existing_buckets_only(compose: dict[str, Any]) -> None:
+    init = compose["services"]["minio-init"]
+    script = init["entrypoint"][-1]
+    buckets = set(re.findall(r"stack/(\w+)", script.split("\n", 2)[1]))
+    assert buckets == {"mlflow", "dvc", "evidently"}
+    users = re.findall(r"^add_user (\w+) ", script, re.M)
+    assert sorted(users) == ["flows", "mlflow"]
+    (mount,) = init["volumes"]
+    for user in users:
+        policy = json.loads((COMPOSE.parent / mount.split(":")[0] / f"{user}.json").read_text())
+        for statement in policy["Statement"]:
+            assert statement["Effect"] == "Allow"
+            for resource in statement["Resource"]:
+                bucket = resource.removeprefix("arn:aws:s3:::").split("/")[0]
+                assert bucket in buckets, (user, resource)
+            assert not any(a in {"s3:*", "admin:*"} for a in statement["Action"]), user
+    services = compose["services"]
+    assert services["mlflow"]["environment"]["AWS_ACCESS_KEY_ID"] == "mlflow"
+    assert services["prefect-worker"]["environment"]["AWS_ACCESS_KEY_ID"] == "flows"
 
 
 def test_images_are_pinned(compose: dict[str, Any]) -> None:
@@ -240,6 +396,15 @@ def test_profile_services_require_no_variable(compose: dict[str, Any]) -> None:
             assert not required.search(json.dumps(svc)), name
 
 
+def test_grafana_reads_no_prediction_log_table() -> None:
+    """Its role may read the monitoring tables only; traffic comes from Prometheus."""
+    for path in sorted((DOCKER / "grafana/dashboards").glob("*.json")):
+        for panel in json.loads(path.read_text())["panels"]:
+            for target in panel["targets"]:
+                tables = re.findall(r"\b(?:FROM|JOIN)\s+(\w+)", target.get("rawSql", ""), re.I)
+                assert set(tables) <= {"monitoring_runs", "monitoring_metrics"}, panel["title"]
+
+
 def test_grafana_dashboards_use_the_provisioned_data_sources(compose: dict[str, Any]) -> None:
     grafana = DOCKER / "grafana"
     sources = yaml.safe_load((grafana / "provisioning/datasources/datasources.yml").read_text())
@@ -253,3 +418,25 @@ def test_grafana_dashboards_use_the_provisioned_data_sources(compose: dict[str, 
         for panel in json.loads(path.read_text())["panels"]:
             for ref in (panel["datasource"], *(t["datasource"] for t in panel["targets"])):
                 assert uids.get(ref["uid"]) == ref["type"], f"{path.name}: {panel['title']}"
+
+
+def _shell_scripts(compose: dict[str, Any]) -> list[tuple[str, str]]:
+    """Every `sh -c` script of a command or entrypoint, `$$` turned back into `$`."""
+    found = []
+    for name, svc in compose["services"].items():
+        for key in ("command", "entrypoint"):
+            argv = svc.get(key)
+            if isinstance(argv, list) and argv[:2] == ["/bin/sh", "-c"]:
+                found.append((f"{name} {key}", argv[2].replace("$$", "$")))
+    return found
+
+
+def test_entrypoint_shell_scripts_parse(compose: dict[str, Any]) -> None:
+    scripts = _shell_scripts(compose)
+    scripts.append(("initdb/10-roles.sh", (DOCKER / "initdb/10-roles.sh").read_text()))
+    assert len(scripts) >= 4
+    for where, script in scripts:
+        proc = subprocess.run(
+            ["sh", "-n", "-c", script], capture_output=True, text=True, check=False
+        )
+        assert proc.returncode == 0, f"{where}: {proc.stderr}"

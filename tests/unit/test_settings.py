@@ -173,3 +173,31 @@ def test_the_embedded_store_exported_by_mlflow_stays_embedded(
     settings = get_settings()
     assert settings.embedded
     assert settings.artifact_root == (bare_environment / ".mlops" / "mlartifacts").as_uri()
+
+
+def test_an_mlflow_user_without_its_password_names_the_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "flows")
+    with pytest.raises(UserError, match="MLFLOW_TRACKING_PASSWORD must be set"):
+        get_settings()
+
+
+def test_secrets_never_show_in_the_settings_repr(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "flows")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "flows-password-1")
+    monkeypatch.setenv("EVIDENTLY_SECRET", "evidently-secret-1")
+    settings = get_settings()
+    assert "flows-password-1" not in repr(settings)
+    assert "evidently-secret-1" not in repr(settings)
+    assert settings.evidently_secret is not None
+    assert settings.evidently_secret.get_secret_value() == "evidently-secret-1"
+
+
+def test_an_mlflow_user_from_dotenv_is_handed_to_mlflow(bare_environment: Path) -> None:
+    (bare_environment / ".env").write_text(
+        "MLFLOW_TRACKING_USERNAME=flows\nMLFLOW_TRACKING_PASSWORD=flows-password-1\n"
+    )
+    get_settings().export_tool_env()
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "flows"
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "flows-password-1"
