@@ -194,6 +194,7 @@ def test_secrets_never_show_in_the_settings_repr(monkeypatch: pytest.MonkeyPatch
     assert settings.evidently_secret.get_secret_value() == "evidently-secret-1"
 
 
+@pytest.mark.usefixtures("as_a_user")
 def test_an_mlflow_user_from_dotenv_is_handed_to_mlflow(bare_environment: Path) -> None:
     (bare_environment / ".env").write_text(
         "MLFLOW_TRACKING_USERNAME=flows\nMLFLOW_TRACKING_PASSWORD=flows-password-1\n"
