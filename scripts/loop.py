@@ -162,14 +162,18 @@ def setup_tenants(database_url: str, examples: Sequence[ExampleTenant]) -> dict[
 
 
 def read_back(url: str, key: str, start: datetime) -> tuple[int, set[str]]:
-    """(HTTP status, request ids) of every prediction `GET /predictions` shows this key."""
+    """(HTTP status, request ids) of every prediction `GET /predictions` shows this key.
+
+    Each page is `{"tenant_id", "rows": [...], "next_cursor"}`; the cursor is followed to
+    the last page.
+    """
     ids: set[str] = set()
     query: dict[str, str] = {"start": start.isoformat(), "limit": "1000"}
     while True:
         status, page = _status(f"{url}/predictions?{urllib.parse.urlencode(query)}", None, key)
         if status != 200 or not isinstance(page, dict):
             return status, ids
-        ids |= {str(p["request_id"]) for p in page.get("predictions", [])}
+        ids |= {str(row["request_id"]) for row in page["rows"]}
         if not page.get("next_cursor"):
             return status, ids
         query["cursor"] = str(page["next_cursor"])
@@ -214,10 +218,12 @@ class Isolation:
         )
         if self.read_status != 200:
             seen = f"[bold red]{self.other} could not read back its own rows[/]"
-        elif self.cannot_see:
-            seen = f"[green]{self.other} cannot see {self.owner}'s predictions[/]"
-        else:
+        elif self.foreign_rows:
             seen = f"[bold red]NOT ISOLATED: {self.other} sees rows not its own[/]"
+        elif not self.own_rows:
+            seen = f"[bold red]{self.other} read back none of its own rows: this proves nothing[/]"
+        else:
+            seen = f"[green]{self.other} cannot see {self.owner}'s predictions[/]"
         return [
             f"POST /feedback with {self.other}'s key on one of {self.owner}'s request ids: "
             f"HTTP {self.feedback_status}: {label}",
@@ -340,8 +346,9 @@ def run_loop(port: int, calm_rows: int, drift_rows: int, label_share: float) -> 
     settings = get_settings()
     url = f"http://127.0.0.1:{port}"
     with serving(settings, port):
-        os.environ["DATABASE_URL"] = database_url = _database_url()
-        get_settings.cache_clear()
+        # The owner's URL, for the tenants and for counting rows; the flows below find the
+        # running cluster themselves and log in as mlops_flows, as a scheduled run does.
+        database_url = _database_url()
         keys = setup_tenants(database_url, EXAMPLE_TENANTS)
         owner, other = (t.id for t in EXAMPLE_TENANTS[:2])
         probe = _records(EXAMPLE_TENANTS[0].traffic(1, batch=99), features)[0]
@@ -433,6 +440,7 @@ def _swap(
 
 
 def _database_url() -> str:
+    """The prediction database as its owner: DATABASE_URL, else the embedded superuser's."""
     settings = get_settings()
     if settings.database_url:
         return settings.database_url

@@ -76,7 +76,8 @@ class FakePredictor:
             limit = min(int(query["limit"]), self.page)
             more = at + limit < len(seen)
             return {
-                "predictions": [{"request_id": rid} for rid in seen[at : at + limit]],
+                "tenant_id": self.tenant(key),
+                "rows": [{"request_id": rid} for rid in seen[at : at + limit]],
                 "next_cursor": str(at + limit) if more else None,
             }
         raise _refuse(url, 404)
@@ -166,6 +167,17 @@ def test_isolation_lines_say_so_loudly_when_the_predictor_ignores_keys(
     label, see = result.lines()
     assert "NOT ISOLATED: globex could label acme's predictions" in label
     assert "NOT ISOLATED: globex sees rows not its own" in see
+
+
+def test_reading_back_nothing_is_not_counted_as_isolated(
+    frames: dict[str, pd.DataFrame], features: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakePredictor()
+    traffic = sent(fake, frames, features, monkeypatch)
+    fake.rows.clear()  # a predictor that logged nothing, or a read that finds nothing
+    result = isolation(fake, traffic)
+    assert not result.cannot_see
+    assert "globex read back none of its own rows: this proves nothing" in result.lines()[1]
 
 
 def test_a_predictor_without_readback_is_not_counted_as_isolated(
