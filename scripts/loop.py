@@ -209,28 +209,41 @@ class Isolation:
     def holds(self) -> bool:
         return self.cannot_label and self.cannot_see
 
-    def lines(self) -> list[str]:
-        """The two lines the demo prints: what was tried, what came back, what it means."""
-        label = (
-            f"[green]{self.other} cannot label {self.owner}'s predictions[/]"
-            if self.cannot_label
-            else f"[bold red]NOT ISOLATED: {self.other} could label {self.owner}'s predictions[/]"
-        )
-        if self.read_status != 200:
-            seen = f"[bold red]{self.other} could not read back its own rows[/]"
-        elif self.foreign_rows:
-            seen = f"[bold red]NOT ISOLATED: {self.other} sees rows not its own[/]"
-        elif not self.own_rows:
-            seen = f"[bold red]{self.other} read back none of its own rows: this proves nothing[/]"
+    def lines(self) -> list[tuple[str, bool]]:
+        """The two lines the demo prints, each with whether its check held.
+
+        Plain text, styled when printed: the console may print markup as it is.
+        """
+        if self.cannot_label:
+            label = f"{self.other} cannot label {self.owner}'s predictions"
         else:
-            seen = f"[green]{self.other} cannot see {self.owner}'s predictions[/]"
+            label = f"NOT ISOLATED: {self.other} could label {self.owner}'s predictions"
+        if self.read_status != 200:
+            seen = f"{self.other} could not read back its own rows"
+        elif self.foreign_rows:
+            seen = f"NOT ISOLATED: {self.other} sees rows not its own"
+        elif not self.own_rows:
+            seen = f"{self.other} read back none of its own rows: this proves nothing"
+        else:
+            seen = f"{self.other} cannot see {self.owner}'s predictions"
         return [
-            f"POST /feedback with {self.other}'s key on one of {self.owner}'s request ids: "
-            f"HTTP {self.feedback_status}: {label}",
-            f"GET /predictions with {self.other}'s key: HTTP {self.read_status}, "
-            f"{self.own_rows:,} of {self.other}'s own rows, {self.owner_rows:,} of "
-            f"{self.owner}'s {self.owner_total:,}: {seen}",
+            (
+                f"POST /feedback with {self.other}'s key on one of {self.owner}'s request ids: "
+                f"HTTP {self.feedback_status}: {label}",
+                self.cannot_label,
+            ),
+            (
+                f"GET /predictions with {self.other}'s key: HTTP {self.read_status}, "
+                f"{self.own_rows:,} of {self.other}'s own rows, {self.owner_rows:,} of "
+                f"{self.owner}'s {self.owner_total:,}: {seen}",
+                self.cannot_see,
+            ),
         ]
+
+    def show(self) -> None:
+        """Print the lines: green where the check held, bold red where it did not."""
+        for text, held in self.lines():
+            console.print(text, style="green" if held else "bold red", markup=False)
 
 
 def check_isolation(
@@ -374,8 +387,7 @@ def run_loop(port: int, calm_rows: int, drift_rows: int, label_share: float) -> 
         isolation = check_isolation(
             url, (owner, calm.ids[owner]), (other, keys[other], calm.ids[other]), calm.start
         )
-        for line in isolation.lines():
-            console.print(line)
+        isolation.show()
         calm_outcome = _monitor_since(calm.start)
         console.print(calm_outcome.run.summary)
 

@@ -148,7 +148,9 @@ def test_isolation_lines_say_globex_can_neither_label_nor_see_acmes_predictions(
     assert result.holds
     assert (result.feedback_status, result.read_status) == (404, 200)
     assert (result.own_rows, result.owner_rows, result.foreign_rows) == (30, 0, 0)
-    label, see = result.lines()
+    (label, labelled_held), (see, seen_held) = result.lines()
+    assert labelled_held
+    assert seen_held
     assert "HTTP 404" in label
     assert "globex cannot label acme's predictions" in label
     assert "30 of globex's own rows, 0 of acme's 30" in see
@@ -164,7 +166,9 @@ def test_isolation_lines_say_so_loudly_when_the_predictor_ignores_keys(
     assert not result.holds
     assert not result.cannot_label
     assert result.owner_rows == 30
-    label, see = result.lines()
+    (label, labelled_held), (see, seen_held) = result.lines()
+    assert not labelled_held
+    assert not seen_held
     assert "NOT ISOLATED: globex could label acme's predictions" in label
     assert "NOT ISOLATED: globex sees rows not its own" in see
 
@@ -177,7 +181,9 @@ def test_reading_back_nothing_is_not_counted_as_isolated(
     fake.rows.clear()  # a predictor that logged nothing, or a read that finds nothing
     result = isolation(fake, traffic)
     assert not result.cannot_see
-    assert "globex read back none of its own rows: this proves nothing" in result.lines()[1]
+    see, held = result.lines()[1]
+    assert not held
+    assert "globex read back none of its own rows: this proves nothing" in see
 
 
 def test_a_predictor_without_readback_is_not_counted_as_isolated(
@@ -187,5 +193,7 @@ def test_a_predictor_without_readback_is_not_counted_as_isolated(
     result = isolation(fake, sent(fake, frames, features, monkeypatch))
     assert result.cannot_label
     assert not result.cannot_see
-    assert "HTTP 404" in result.lines()[1]
-    assert "could not read back its own rows" in result.lines()[1]
+    see, held = result.lines()[1]
+    assert not held
+    assert "HTTP 404" in see
+    assert "could not read back its own rows" in see
