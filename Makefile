@@ -131,6 +131,15 @@ deploy: bootstrap ## create the local-process work pool if missing, then `prefec
 worker: bootstrap ## a Prefect worker serving the local-process pool (runs the deployments' flow runs)
 	$(RUN) prefect worker start --pool $(POOL)
 
+# Tenants (customers) and their API keys: `uv run mlops tenants --help` for the rest
+# (keys create|list|rotate|revoke, remove, sql-role). DATABASE_URL as the owner, else the
+# embedded database.
+.PHONY: tenant
+
+tenant: bootstrap ## add tenant TENANT (make -s tenant TENANT=acme) and print its first key, once
+	$(if $(TENANT),,$(error name the tenant: make tenant TENANT=acme (1-32 of a-z, 0-9, -)))
+	@$(RUN) mlops tenants add $(TENANT) --with-key
+
 # Operations on the `make up` stack (scripts/ops.py; --pg-url/--s3-endpoint for another one).
 .PHONY: backup db-upgrade
 

@@ -2,13 +2,15 @@
 
 The same generator makes later "production" batches with controlled drift, so the
 monitoring step can be shown catching covariate shift, a new class balance and
-concept drift.
+concept drift, and the traffic of the example tenants (`EXAMPLE_TENANTS`): two customers of
+the stack whose own subscribers differ from each other, and together look like the
+training population.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -207,6 +209,61 @@ def _resample_to_rate(
     return picked.sample(frac=1.0, random_state=rng)
 
 
+@dataclass(frozen=True)
+class ExampleTenant:
+    """A customer of the stack (a tenant) and the subscribers it sends predictions for.
+
+    `mix` is a covariate shift, as in `Drift`, that makes its subscriber base differ from
+    the training population: its normal traffic, not drift. Each draw (`batch`) has its own
+    seed, `seed + batch`.
+    """
+
+    id: str
+    name: str
+    seed: int
+    mix: dict[str, float]
+
+    def __post_init__(self) -> None:
+        Drift(covariate=self.mix)  # the same check of the feature names
+
+    def traffic(self, rows: int, batch: int = 0, drift: Drift | None = None) -> pd.DataFrame:
+        """`rows` of this tenant's subscribers, `drift` (if any) on top of its own mix."""
+        drift = drift or Drift()
+        covariate = dict(self.mix)
+        for column, shift in drift.covariate.items():
+            covariate[column] = covariate.get(column, 0.0) + shift
+        df = generate(rows, self.seed + batch, replace(drift, covariate=covariate))
+        df["customer_id"] = self.id + "-" + df["customer_id"]
+        return df
+
+
+EXAMPLE_TENANTS = (
+    # Longer-standing subscribers on dearer plans and longer contracts: fewer churn.
+    ExampleTenant(
+        "acme",
+        "Acme Corp",
+        seed=1000,
+        mix={"tenure_months": 0.3, "age": 0.25, "plan_tier": -0.15, "contract_type": -0.15},
+    ),
+    # Younger, newer subscribers on basic plans, month to month: more churn.
+    ExampleTenant(
+        "globex",
+        "Globex Corporation",
+        seed=2000,
+        mix={"tenure_months": -0.3, "age": -0.25, "plan_tier": 0.15, "contract_type": 0.15},
+    ),
+)
+"""Opposite mixes: equal traffic of both is close to the training population (no drift)."""
+
+
+def example_tenant(tenant_id: str) -> ExampleTenant:
+    """The example tenant `tenant_id`; a UserError naming the ones there are."""
+    for tenant in EXAMPLE_TENANTS:
+        if tenant.id == tenant_id:
+            return tenant
+    raise UserError(f"no example tenant {tenant_id!r}; there are {[t.id for t in EXAMPLE_TENANTS]}")
+
+
 def write_table(df: pd.DataFrame, path: Path) -> None:
     """Write CSV or Parquet by the file's suffix."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -223,9 +280,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("data/raw/customers.parquet"))
     parser.add_argument("--rows", type=int, help="default: params.yaml generate.rows")
     parser.add_argument("--seed", type=int, help="default: params.yaml generate.seed")
+    parser.add_argument(
+        "--tenant",
+        choices=[t.id for t in EXAMPLE_TENANTS],
+        help="an example tenant's traffic instead (--seed then picks its batch, default 0)",
+    )
     args = parser.parse_args()
     params = load_params().generate
-    df = generate(args.rows or params.rows, params.seed if args.seed is None else args.seed)
+    rows = args.rows or params.rows
+    if args.tenant:
+        df = example_tenant(args.tenant).traffic(rows, batch=args.seed or 0)
+    else:
+        df = generate(rows, params.seed if args.seed is None else args.seed)
     write_table(df, args.out)
     print(f"wrote {len(df):,} rows to {args.out} (churn rate {df[TARGET].mean():.1%})")
 

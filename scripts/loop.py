@@ -1,9 +1,12 @@
 """The closed loop of `make demo`, on the embedded default, after `dvc repro` made a champion.
 
-1. serve the champion (BentoML, prediction log in an embedded PostgreSQL);
-2. send traffic like the training data, run `monitor` on it: no drift;
-3. send drifted traffic (the generator's covariate shift and concept drift), its true
-   labels arriving afterwards through /feedback; run `monitor`: drift, alert, event;
+1. serve the champion (BentoML, prediction log in an embedded PostgreSQL); the example
+   tenants acme and globex exist (added if missing), each with a fresh key of its own;
+2. each tenant sends its own traffic with its own key (together like the training data),
+   globex tries to label and to read acme's predictions (refused), run `monitor` on all of
+   the shared model's traffic: no drift;
+3. each tenant sends drifted traffic (the generator's covariate shift and concept drift),
+   its true labels arriving afterwards through /feedback; run `monitor`: drift, alert, event;
 4. run `retrain` (what the event triggers in the full stack): the labelled production
    rows join the training data, `train` registers a challenger, the gate decides;
 5. keep a client sending requests throughout, and watch the service swap to the new
@@ -20,9 +23,11 @@ import os
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +40,10 @@ from common.errors import run_cli
 from common.localpg import EMBEDDED_DB, EMBEDDED_PG_PORT, LocalPostgres
 from common.params import load_params
 from common.settings import get_settings
-from common.store import connect
+from common.store import connect, tenants
 from flows.monitor import Outcome, monitor
 from flows.retrain import retrain
-from models.generate import Drift, generate
+from models.generate import EXAMPLE_TENANTS, Drift, ExampleTenant
 from services.predictor.demo import show_answers
 from services.predictor.launch import serving
 
@@ -51,11 +56,29 @@ DRIFT = Drift(
 )
 
 
-def _request(url: str, body: dict[str, Any] | None = None, timeout: float = 30) -> Any:
+def _request(
+    url: str, body: dict[str, Any] | None = None, key: str | None = None, timeout: float = 30
+) -> Any:
+    """The JSON answer of a GET (no body) or POST; an HTTP error status raises."""
+    headers = {"content-type": "application/json"}
+    if key is not None:
+        headers["authorization"] = f"Bearer {key}"
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
+    req = urllib.request.Request(url, data=data, headers=headers)
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.loads(resp.read())
+
+
+def _status(url: str, body: dict[str, Any] | None, key: str) -> tuple[int, Any]:
+    """(HTTP status, JSON answer or None) of a request that may well be refused."""
+    try:
+        return 200, _request(url, body, key)
+    except urllib.error.HTTPError as exc:
+        try:
+            answer = json.loads(exc.read())
+        except ValueError:
+            answer = None
+        return exc.code, answer
 
 
 def _records(df: pd.DataFrame, features: list[str]) -> list[dict[str, Any]]:
@@ -65,14 +88,189 @@ def _records(df: pd.DataFrame, features: list[str]) -> list[dict[str, Any]]:
     ]
 
 
-def send(url: str, df: pd.DataFrame, features: list[str], batch: int = 100) -> list[str]:
-    """POST the rows to /predict in batches; the request ids, in row order."""
+def send(url: str, df: pd.DataFrame, features: list[str], key: str, batch: int = 100) -> list[str]:
+    """POST the rows to /predict in batches with a tenant's key; the request ids, in row order."""
     ids: list[str] = []
     records = _records(df, features)
     for i in range(0, len(records), batch):
-        answer = _request(f"{url}/predict", {"records": records[i : i + batch]})
+        answer = _request(f"{url}/predict", {"records": records[i : i + batch]}, key)
         ids += [p["request_id"] for p in answer["predictions"]]
     return ids
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """One window of requests: each tenant's rows and the request ids its own key got back."""
+
+    frames: dict[str, pd.DataFrame]
+    ids: dict[str, list[str]]
+    start: datetime
+
+    @classmethod
+    def send(
+        cls,
+        url: str,
+        frames: dict[str, pd.DataFrame],
+        features: list[str],
+        keys: dict[str, str],
+        database_url: str,
+    ) -> Traffic:
+        """Send each tenant's rows with its key; return once the log holds them all."""
+        start = datetime.now(UTC)
+        ids = {tenant: send(url, df, features, keys[tenant]) for tenant, df in frames.items()}
+        traffic = cls(frames, ids, start)
+        wait_logged(database_url, start, traffic.total)
+        return traffic
+
+    @property
+    def total(self) -> int:
+        return sum(len(df) for df in self.frames.values())
+
+    @property
+    def split(self) -> str:
+        """How many rows each tenant sent, for the step's heading."""
+        counts = ", ".join(f"{len(df):,} from {tenant}" for tenant, df in self.frames.items())
+        return f"{counts}, each with its own key"
+
+    def label(self, url: str, keys: dict[str, str], target: str, share: float) -> int:
+        """Send the true labels of a `share` of each tenant's rows, with its key; how many."""
+        sent = 0
+        for tenant, df in self.frames.items():  # labels arrive late, after the predictions
+            for i in df.sample(frac=share, random_state=0).index:
+                body = {"request_id": self.ids[tenant][i], "label": str(df.loc[i, target])}
+                _request(f"{url}/feedback", body, keys[tenant])
+                sent += 1
+        time.sleep(1.5)  # the feedback rows are logged off the request path too
+        return sent
+
+
+def setup_tenants(database_url: str, examples: Sequence[ExampleTenant]) -> dict[str, str]:
+    """Each example tenant (added if missing) and a fresh key for it; its older keys end now.
+
+    A second demo finds the tenants of the first and rotates their keys: the first demo's
+    keys were shown to no one, so none is kept working. `database_url` is the owner's.
+    """
+    known = {t.id for t in tenants.list_tenants(database_url)}
+    keys: dict[str, str] = {}
+    for example in examples:
+        if example.id not in known:
+            tenants.add_tenant(database_url, example.id, example.name)
+        key, _ = tenants.rotate_key(
+            database_url, example.id, tenants.DEFAULT_SCOPES, grace=timedelta(0)
+        )
+        keys[example.id] = key.secret
+    return keys
+
+
+def read_back(url: str, key: str, start: datetime) -> tuple[int, set[str]]:
+    """(HTTP status, request ids) of every prediction `GET /predictions` shows this key.
+
+    Each page is `{"tenant_id", "rows": [...], "next_cursor"}`; the cursor is followed to
+    the last page.
+    """
+    ids: set[str] = set()
+    query: dict[str, str] = {"start": start.isoformat(), "limit": "1000"}
+    while True:
+        status, page = _status(f"{url}/predictions?{urllib.parse.urlencode(query)}", None, key)
+        if status != 200 or not isinstance(page, dict):
+            return status, ids
+        ids |= {str(row["request_id"]) for row in page["rows"]}
+        if not page.get("next_cursor"):
+            return status, ids
+        query["cursor"] = str(page["next_cursor"])
+
+
+@dataclass(frozen=True)
+class Isolation:
+    """What tenant `other` could do with tenant `owner`'s predictions, with its own key."""
+
+    owner: str
+    other: str
+    feedback_status: int
+    """`other`'s POST /feedback on one of `owner`'s request ids: 404, as for an unknown id."""
+    read_status: int
+    """`other`'s GET /predictions: 200."""
+    own_rows: int
+    """How many of `other`'s own predictions of the window it read back."""
+    owner_rows: int
+    """How many of `owner`'s predictions of the window it read back: 0."""
+    owner_total: int
+    foreign_rows: int
+    """Rows it read back that are not its own (`owner`'s included): 0."""
+
+    @property
+    def cannot_label(self) -> bool:
+        return self.feedback_status == 404
+
+    @property
+    def cannot_see(self) -> bool:
+        return self.read_status == 200 and self.own_rows > 0 and self.foreign_rows == 0
+
+    @property
+    def holds(self) -> bool:
+        return self.cannot_label and self.cannot_see
+
+    def lines(self) -> list[tuple[str, bool]]:
+        """The two lines the demo prints, each with whether its check held.
+
+        Plain text, styled when printed: the console may print markup as it is.
+        """
+        if self.cannot_label:
+            label = f"{self.other} cannot label {self.owner}'s predictions"
+        else:
+            label = f"NOT ISOLATED: {self.other} could label {self.owner}'s predictions"
+        if self.read_status != 200:
+            seen = f"{self.other} could not read back its own rows"
+        elif self.foreign_rows:
+            seen = f"NOT ISOLATED: {self.other} sees rows not its own"
+        elif not self.own_rows:
+            seen = f"{self.other} read back none of its own rows: this proves nothing"
+        else:
+            seen = f"{self.other} cannot see {self.owner}'s predictions"
+        return [
+            (
+                f"POST /feedback with {self.other}'s key on one of {self.owner}'s request ids: "
+                f"HTTP {self.feedback_status}: {label}",
+                self.cannot_label,
+            ),
+            (
+                f"GET /predictions with {self.other}'s key: HTTP {self.read_status}, "
+                f"{self.own_rows:,} of {self.other}'s own rows, {self.owner_rows:,} of "
+                f"{self.owner}'s {self.owner_total:,}: {seen}",
+                self.cannot_see,
+            ),
+        ]
+
+    def show(self) -> None:
+        """Print the lines: green where the check held, bold red where it did not."""
+        for text, held in self.lines():
+            console.print(text, style="green" if held else "bold red", markup=False)
+
+
+def check_isolation(
+    url: str,
+    owner: tuple[str, Sequence[str]],
+    other: tuple[str, str, Sequence[str]],
+    since: datetime,
+) -> Isolation:
+    """With `other`'s key, try to label one of `owner`'s predictions and to read them all.
+
+    `owner` is (tenant, its request ids since `since`); `other` is (tenant, key, its ids).
+    """
+    owner_id, owner_ids = owner
+    other_id, other_key, other_ids = other
+    feedback, _ = _status(f"{url}/feedback", {"request_id": owner_ids[0], "label": "1"}, other_key)
+    read, seen = read_back(url, other_key, since)
+    return Isolation(
+        owner=owner_id,
+        other=other_id,
+        feedback_status=feedback,
+        read_status=read,
+        own_rows=len(seen & set(other_ids)),
+        owner_rows=len(seen & set(owner_ids)),
+        owner_total=len(set(owner_ids)),
+        foreign_rows=len(seen - set(other_ids)),
+    )
 
 
 def wait_logged(database_url: str, since: datetime, expected: int, timeout: float = 60) -> None:
@@ -91,10 +289,11 @@ def wait_logged(database_url: str, since: datetime, expected: int, timeout: floa
 
 @dataclass
 class Watcher:
-    """A client sending one record at a time, noting who answered and any failure."""
+    """A tenant's client sending one record at a time, noting who answered and any failure."""
 
     url: str
     record: dict[str, Any]
+    key: str
     answers: list[tuple[float, str]] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -107,7 +306,9 @@ class Watcher:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                answer = _request(f"{self.url}/predict", {"records": [self.record]}, timeout=10)
+                answer = _request(
+                    f"{self.url}/predict", {"records": [self.record]}, self.key, timeout=10
+                )
                 self.answers.append((time.monotonic(), str(answer["model_version"])))
             except (urllib.error.URLError, OSError, KeyError, ValueError) as exc:
                 self.failures.append(f"{type(exc).__name__}: {exc}")
@@ -134,6 +335,8 @@ class Watcher:
 @dataclass
 class LoopResult:
     first_version: str
+    tenants: list[str]
+    isolation: Isolation
     calm: Outcome
     drifted: Outcome
     promoted: bool
@@ -162,63 +365,64 @@ def run_loop(port: int, calm_rows: int, drift_rows: int, label_share: float) -> 
     settings = get_settings()
     url = f"http://127.0.0.1:{port}"
     with serving(settings, port):
-        os.environ["DATABASE_URL"] = database_url = _database_url()
-        get_settings.cache_clear()
-        first = str(_request(f"{url}/model/")["model_version"])
+        # The owner's URL, for the tenants and for counting rows; the flows below find the
+        # running cluster themselves and log in as mlops_flows, as a scheduled run does.
+        database_url = _database_url()
+        keys = setup_tenants(database_url, EXAMPLE_TENANTS)
+        owner, other = (t.id for t in EXAMPLE_TENANTS[:2])
+        probe = _records(EXAMPLE_TENANTS[0].traffic(1, batch=99), features)[0]
+        first = str(_request(f"{url}/predict", {"records": [probe]}, keys[owner])["model_version"])
         console.rule(f"1. serving {settings.model_name} v{first}")
         show_answers(url)
+        console.print(
+            "tenants: "
+            + ", ".join(f"{t.id} ({t.name})" for t in EXAMPLE_TENANTS)
+            + ", each with a new key of its own (the previous demo's keys stop working); "
+            + f"one for you: uv run mlops tenants keys create {owner}"
+        )
 
-        calm = generate(calm_rows, seed=101)
-        start = datetime.now(UTC)
-        send(url, calm, features)
-        wait_logged(database_url, start, len(calm))
-        console.rule(f"2. {len(calm):,} requests like the training data -> monitor")
-        calm_outcome = _monitor_since(start)
+        share = len(EXAMPLE_TENANTS)
+        calm = Traffic.send(
+            url,
+            {t.id: t.traffic(calm_rows // share, batch=0) for t in EXAMPLE_TENANTS},
+            features,
+            keys,
+            database_url,
+        )
+        console.rule(f"2. {calm.total:,} requests like the training data ({calm.split}) -> monitor")
+        isolation = check_isolation(
+            url, (owner, calm.ids[owner]), (other, keys[other], calm.ids[other]), calm.start
+        )
+        isolation.show()
+        calm_outcome = _monitor_since(calm.start)
         show_verdict(calm_outcome)
 
-        drifted = generate(drift_rows, seed=202, drift=DRIFT)
-        start = datetime.now(UTC)
-        ids = send(url, drifted, features)
-        wait_logged(database_url, start, len(drifted))
-        labelled = drifted.sample(frac=label_share, random_state=0).index
-        for i in labelled:  # labels arrive late, after the predictions
-            _request(
-                f"{url}/feedback",
-                {"request_id": ids[i], "label": str(drifted.loc[i, params.data.target])},
-            )
-        time.sleep(1.5)  # the feedback rows are logged off the request path too
-        console.rule(
-            f"3. {len(drifted):,} drifted requests, {len(labelled):,} labels later -> monitor"
+        drifted = Traffic.send(
+            url,
+            {t.id: t.traffic(drift_rows // share, batch=1, drift=DRIFT) for t in EXAMPLE_TENANTS},
+            features,
+            keys,
+            database_url,
         )
-        drift_outcome = _monitor_since(start)
+        labelled = drifted.label(url, keys, params.data.target, label_share)
+        console.rule(f"3. {drifted.total:,} drifted requests, {labelled:,} labels later -> monitor")
+        drift_outcome = _monitor_since(drifted.start)
         show_verdict(drift_outcome)
 
-        watcher = Watcher(url, _records(calm.head(1), features)[0])
+        watcher = Watcher(url, probe, keys[owner])
         watcher.start()
         retrain_start = time.monotonic()
         promoted = False
         if drift_outcome.run.drift_detected:
             console.rule("4. drift -> retrain (labelled production rows join the data) -> gate")
             promoted = retrain(project_dir=".", monitor_run_id=drift_outcome.run.mlflow_run_id)
-        new = first
-        swap: float | None = None
-        if promoted:
-            new = str(_current_champion())
-            console.rule(f"5. v{new} is champion: waiting for the service to swap")
-            if watcher.wait_for(new, timeout=60) is not None:
-                swap = next(t for t, v in watcher.answers if v == new) - retrain_start
-            time.sleep(2)
-        watcher.stop()
-        swapped_at = next((t for t, v in watcher.answers if v == new), None)
-        old_after = (
-            sum(1 for t, v in watcher.answers if swapped_at and t > swapped_at + 5 and v != new)
-            if promoted
-            else 0
-        )
+        new, swap, old_after = _swap(watcher, first, promoted, retrain_start)
         with connect(database_url) as conn:
             row = conn.execute("SELECT count(*) FROM monitoring_runs").fetchone()
         return LoopResult(
             first_version=first,
+            tenants=[t.id for t in EXAMPLE_TENANTS],
+            isolation=isolation,
             calm=calm_outcome,
             drifted=drift_outcome,
             promoted=promoted,
@@ -231,7 +435,30 @@ def run_loop(port: int, calm_rows: int, drift_rows: int, label_share: float) -> 
         )
 
 
+def _swap(
+    watcher: Watcher, first: str, promoted: bool, retrain_start: float
+) -> tuple[str, float | None, int]:
+    """After the gate: the version answering, seconds to the swap, old answers after it."""
+    new = first
+    swap: float | None = None
+    if promoted:
+        new = str(_current_champion())
+        console.rule(f"5. v{new} is champion: waiting for the service to swap")
+        if watcher.wait_for(new, timeout=60) is not None:
+            swap = next(t for t, v in watcher.answers if v == new) - retrain_start
+        time.sleep(2)
+    watcher.stop()
+    swapped_at = next((t for t, v in watcher.answers if v == new), None)
+    old_after = (
+        sum(1 for t, v in watcher.answers if swapped_at and t > swapped_at + 5 and v != new)
+        if promoted
+        else 0
+    )
+    return new, swap, old_after
+
+
 def _database_url() -> str:
+    """The prediction database as its owner: DATABASE_URL, else the embedded superuser's."""
     settings = get_settings()
     if settings.database_url:
         return settings.database_url
@@ -252,6 +479,19 @@ def print_summary(r: LoopResult) -> None:
         table.add_column(col)
     evid = get_settings().evidently_target
     table.add_row("serve", f"v{r.first_version} answering", "POST /predict, /feedback")
+    iso = r.isolation
+    table.add_row(
+        "tenants",
+        f"{', '.join(r.tenants)}, a key each; {iso.other} "
+        + (
+            f"can neither label (HTTP {iso.feedback_status}) nor see (0 of "
+            f"{iso.owner_total:,}) {iso.owner}'s predictions"
+            if iso.holds
+            else f"NOT ISOLATED from {iso.owner}: feedback HTTP {iso.feedback_status}, "
+            f"read HTTP {iso.read_status}, {iso.foreign_rows:,} rows not its own"
+        ),
+        "POST /feedback, GET /predictions\nmlops tenants list",
+    )
     for label, o in (("monitor (calm traffic)", r.calm), ("monitor (drifted)", r.drifted)):
         run = o.run
         verdict = "DRIFT" if run.drift_detected else ("no drift" if run.enough_rows else "too few")
@@ -288,8 +528,8 @@ def print_summary(r: LoopResult) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=3000)
-    parser.add_argument("--calm-rows", type=int, default=3000)
-    parser.add_argument("--drift-rows", type=int, default=8000)
+    parser.add_argument("--calm-rows", type=int, default=3000, help="split between the tenants")
+    parser.add_argument("--drift-rows", type=int, default=8000, help="split between the tenants")
     parser.add_argument("--label-share", type=float, default=0.8)
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()

@@ -1,9 +1,10 @@
 """The closed loop of `make demo`, smaller, in a project copy on the embedded default.
 
-dvc repro (v1) -> serve -> calm traffic -> monitor: no drift -> drifted traffic with late
-labels -> monitor: drift -> retrain on the labelled rows -> gate -> v2 champion -> the
-running service answers with v2, no failed request; v2's lineage leads back to its data
-and to the monitoring report that set it off.
+dvc repro (v1) -> serve -> two tenants (acme, globex), each with its own key and traffic;
+globex can neither label nor read acme's predictions -> calm traffic -> monitor: no drift
+-> drifted traffic with late labels -> monitor: drift -> retrain on the labelled rows ->
+gate -> v2 champion -> the running service answers with v2, no failed request; v2's
+lineage leads back to its data and to the monitoring report that set it off.
 """
 
 from __future__ import annotations
@@ -76,6 +77,39 @@ def loop(
 
 def registry_state(ws: Workspace) -> dict[str, Any]:
     return dict(json.loads(ws.python("-c", REGISTRY).stdout.strip().splitlines()[-1]))
+
+
+def test_globex_can_neither_label_nor_see_acmes_predictions(
+    loop: tuple[Workspace, dict[str, Any], str],
+) -> None:
+    _, result, out = loop
+    assert result["tenants"] == ["acme", "globex"]
+    iso = result["isolation"]
+    assert (iso["owner"], iso["other"]) == ("acme", "globex")
+    assert iso["feedback_status"] == 404  # as for an unknown request id
+    assert iso["read_status"] == 200
+    assert (iso["own_rows"], iso["owner_rows"], iso["foreign_rows"]) == (750, 0, 0)
+    assert iso["owner_total"] == 750
+    text = " ".join(out.split())  # rich wraps long lines
+    assert (
+        "POST /feedback with globex's key on one of acme's request ids: HTTP 404: "
+        "globex cannot label acme's predictions" in text
+    )
+    assert (
+        "GET /predictions with globex's key: HTTP 200, 750 of globex's own rows, 0 of acme's "
+        "750: globex cannot see acme's predictions" in text
+    )
+    assert "NOT ISOLATED" not in text
+
+
+def test_the_demo_leaves_its_tenants_for_the_mlops_cli(
+    loop: tuple[Workspace, dict[str, Any], str],
+) -> None:
+    ws, _, _ = loop
+    listing = ws.python("-m", "common.cli", "tenants", "list").stdout
+    rows = {line.split()[0]: line.split() for line in listing.splitlines()[1:]}
+    assert {"acme", "globex", "default"} <= set(rows)
+    assert rows["acme"][1] == rows["globex"][1] == "1"  # live keys: this run's only
 
 
 def test_calm_traffic_is_not_flagged(loop: tuple[Workspace, dict[str, Any], str]) -> None:

@@ -8,9 +8,19 @@ import pytest
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-from common.params import DataParams, Params, TrainParams, ValidateParams
+from common.errors import UserError
+from common.params import DataParams, MonitorParams, Params, TrainParams, ValidateParams
+from models import drift as drift_core
 from models.data import model_frame
-from models.generate import CATEGORICAL, NUMERIC, TARGET, Drift, generate
+from models.generate import (
+    CATEGORICAL,
+    EXAMPLE_TENANTS,
+    NUMERIC,
+    TARGET,
+    Drift,
+    example_tenant,
+    generate,
+)
 from models.train import build
 from models.validate import check
 
@@ -178,3 +188,55 @@ def test_concept_drift_costs_a_fitted_model_its_ranking(
     drifted = generate(N, seed=505, drift=Drift(concept=0.8))
     assert auc(undrifted) > 0.75
     assert auc(undrifted) - auc(drifted) > 0.15
+
+
+@pytest.fixture(scope="module")
+def tenant_traffic() -> dict[str, pd.DataFrame]:
+    return {t.id: t.traffic(N // 2) for t in EXAMPLE_TENANTS}
+
+
+def test_there_are_two_example_tenants_with_their_own_seeds() -> None:
+    assert [t.id for t in EXAMPLE_TENANTS] == ["acme", "globex"]
+    assert example_tenant("globex").name == "Globex Corporation"
+    with pytest.raises(UserError, match="no example tenant 'initech'"):
+        example_tenant("initech")
+
+
+def test_example_tenants_have_different_subscribers(
+    tenant_traffic: dict[str, pd.DataFrame],
+) -> None:
+    acme, globex = tenant_traffic["acme"], tenant_traffic["globex"]
+    for col in ("tenure_months", "age", "monthly_charges"):
+        assert ks_pvalue(acme[col], globex[col]) < SIGNIFICANT, col
+    for col in ("plan_tier", "contract_type"):
+        assert chi2_pvalue(acme[col], globex[col]) < SIGNIFICANT, col
+    assert acme["tenure_months"].mean() > globex["tenure_months"].mean() + 5
+    assert globex[TARGET].mean() > acme[TARGET].mean() + 0.03  # globex loses more
+
+
+def test_example_tenants_together_are_not_drift_from_the_training_population(
+    tenant_traffic: dict[str, pd.DataFrame],
+    data_params: DataParams,
+    monitor_params: MonitorParams,
+) -> None:
+    training = generate(N, seed=42)
+    both = pd.concat(tenant_traffic.values(), ignore_index=True)
+    result = drift_core.drift(training, both, data_params, monitor_params)
+    assert [c.column for c in result.features if c.drifted] == []
+    alone = drift_core.drift(training, tenant_traffic["acme"], data_params, monitor_params)
+    assert 0 < sum(c.drifted for c in alone.features) < len(alone.features) / 2
+
+
+def test_tenant_traffic_is_seeded_per_batch_and_names_the_tenant() -> None:
+    acme = example_tenant("acme")
+    pd.testing.assert_frame_equal(acme.traffic(500), acme.traffic(500))
+    assert not acme.traffic(500)[NUMERIC].equals(acme.traffic(500, batch=1)[NUMERIC])
+    assert acme.traffic(500)["customer_id"].str.startswith("acme-").all()
+
+
+def test_drift_on_tenant_traffic_adds_to_its_own_mix() -> None:
+    globex = example_tenant("globex")
+    plain = globex.traffic(N)
+    drifted = globex.traffic(N, drift=Drift(covariate={"tenure_months": -0.5}, concept=0.8))
+    assert drifted["tenure_months"].mean() < plain["tenure_months"].mean() - 3
+    assert ks_pvalue(plain["age"], drifted["age"]) > NOT_SIGNIFICANT  # its mix stays

@@ -66,6 +66,8 @@ def test_the_summary_table_prints_brackets_in_its_cells_as_text() -> None:
         failed=0,
         old_after_swap=0,
         monitoring_runs=2,
+        tenants=["acme", "globex"],
+        isolation=loop.Isolation("acme", "globex", 404, 200, 10, 0, 10, 0),
     )
     with loop.console.capture() as out:
         loop.print_summary(result)
