@@ -39,7 +39,7 @@ from common.store import connect
 from flows.monitor import Outcome, monitor
 from flows.retrain import retrain
 from models.generate import Drift, generate
-from services.predictor.demo import show_answers
+from services.predictor.demo import demo_key, show_answers
 from services.predictor.launch import serving
 
 console = Console(highlight=False)
@@ -50,9 +50,13 @@ DRIFT = Drift(
 )
 
 
+HEADERS = {"content-type": "application/json"}
+"""Every request's headers; run_loop adds the default tenant's key it makes."""
+
+
 def _request(url: str, body: dict[str, Any] | None = None, timeout: float = 30) -> Any:
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
+    req = urllib.request.Request(url, data=data, headers=HEADERS)
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.loads(resp.read())
 
@@ -158,9 +162,11 @@ def run_loop(port: int, calm_rows: int, drift_rows: int, label_share: float) -> 
     with serving(settings, port):
         os.environ["DATABASE_URL"] = database_url = _database_url()
         get_settings.cache_clear()
+        key = demo_key(database_url).secret
+        HEADERS["authorization"] = f"Bearer {key}"
         first = str(_request(f"{url}/model/")["model_version"])
         console.rule(f"1. serving {settings.model_name} v{first}")
-        show_answers(url)
+        show_answers(url, key)
 
         calm = generate(calm_rows, seed=101)
         start = datetime.now(UTC)
