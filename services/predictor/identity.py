@@ -378,8 +378,8 @@ class _Installed:
     gate: Gate | None = None
 
 
-def install(gate: Gate) -> None:
-    """Called by the service once it is set up in this worker."""
+def install(gate: Gate | None) -> None:
+    """Called by the service once it is set up in this worker (None: uninstall)."""
     _Installed.gate = gate
 
 
