@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from datetime import UTC, datetime
@@ -122,6 +123,27 @@ class WebhookAnswer(TypedDict):
 def _error(status: int, message: str) -> JSONResponse:
     """A 4xx with the documented body; BentoML's own wraps it in a list (1.4)."""
     return JSONResponse({"error": message}, status_code=status)
+
+
+READBACK_PARAMETERS = frozenset({"start", "end", "model_version", "limit", "cursor"})
+TIME = "{}: an RFC 3339 date-time with a UTC offset (2026-12-01T00:00:00Z)."
+_RFC3339 = re.compile(r"\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)", re.ASCII)
+
+
+def _instant(name: str, value: str | None) -> datetime | None:
+    """An RFC 3339 date-time, or None; a ValueError naming the parameter otherwise.
+
+    Stricter than pydantic's datetime, which also takes numbers ("0.5" is a Unix time) and
+    times without an offset, neither of which says which instant the caller means.
+    """
+    if value is None:
+        return None
+    if _RFC3339.fullmatch(value):
+        try:
+            return datetime.fromisoformat(value.upper())
+        except ValueError:
+            pass
+    raise ValueError(f"{name}: {value!r} is not an RFC 3339 date-time with a UTC offset")
 
 
 info = FastAPI(title="predictor info")
@@ -343,11 +365,15 @@ class Predictor:
     @pages.get("/predictions", response_model=PredictionsPage)
     def predictions(
         self,
+        request: Request,
+        *,
         start: Annotated[
-            datetime | None, Query(description="From this time on (ISO-8601 with an offset).")
+            str | None,
+            Query(description=TIME.format("From"), json_schema_extra={"format": "date-time"}),
         ] = None,
         end: Annotated[
-            datetime | None, Query(description="Before this time (ISO-8601 with an offset).")
+            str | None,
+            Query(description=TIME.format("Before"), json_schema_extra={"format": "date-time"}),
         ] = None,
         model_version: Annotated[str | None, Query(description="Only this model version.")] = None,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="Rows per page.")] = 100,
@@ -362,17 +388,22 @@ class Predictor:
         to the key's tenant whatever the filters say.
         """
         tenant = identity.current().tenant_id
-        for name, value in (("start", start), ("end", end)):
-            if value is not None and value.utcoffset() is None:
-                return _error(400, f"{name}: give a UTC offset (e.g. 2026-12-01T00:00:00Z)")
+        unknown = sorted(set(request.query_params) - READBACK_PARAMETERS)
+        if unknown:  # a misspelt filter must not quietly return everything
+            known = ", ".join(sorted(READBACK_PARAMETERS))
+            return _error(400, f"{unknown[0]}: not a parameter of GET /predictions ({known})")
+        try:
+            since, until = _instant("start", start), _instant("end", end)
+        except ValueError as exc:
+            return _error(400, str(exc))
         if model_version is not None and "\x00" in model_version:  # PostgreSQL text has no NUL
             return PredictionsPage(tenant_id=tenant, rows=[], next_cursor=None)
         try:
             page = read_page(
                 self.pages,
                 tenant,
-                start=start,
-                end=end,
+                start=since,
+                end=until,
                 model_version=model_version,
                 cursor=cursor,
                 limit=limit,
