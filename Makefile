@@ -35,8 +35,10 @@ demo: bootstrap ## the main job: the closed loop (pipeline, serve, drift, monito
 	$(RUN) python -m common.summary
 	$(RUN) python -m scripts.loop
 
-serve: bootstrap ## serve the champion with BentoML on http://127.0.0.1:3000 (Ctrl-C stops it)
-	$(RUN) python -m services.predictor.launch --port 3000
+SERVE_HOST ?= 127.0.0.1
+
+serve: bootstrap ## serve the champion with BentoML on http://127.0.0.1:3000 (SERVE_HOST=0.0.0.0 to listen on every interface; Ctrl-C stops it)
+	$(RUN) python -m services.predictor.launch --host $(SERVE_HOST) --port 3000
 
 BENTO_DIR ?= build/bento
 

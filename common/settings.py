@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     predict_out_of_range: Literal["refuse", "flag"] = Field(
         default="refuse", alias="PREDICT_OUT_OF_RANGE"
     )
+    # API keys: how long a worker trusts a key it checked (revocations still end it at
+    # once; 0 asks PostgreSQL on every request), and the secret MLflow signs registry
+    # webhooks with (set: /webhooks/mlflow takes MLflow's signature instead of a key).
+    api_key_cache_seconds: float = Field(default=30.0, ge=0, alias="API_KEY_CACHE_SECONDS")
+    mlflow_webhook_secret: SecretStr | None = Field(default=None, alias="MLFLOW_WEBHOOK_SECRET")
     # Monitoring: the Evidently workspace (a directory, or an `evidently ui` URL to upload
     # to) and an optional URL that drift alerts are POSTed to (a paging or chat webhook).
     evidently_workspace: str | None = Field(default=None, alias="EVIDENTLY_WORKSPACE")

@@ -44,7 +44,7 @@ from common.store import connect, tenants
 from flows.monitor import Outcome, monitor
 from flows.retrain import retrain
 from models.generate import EXAMPLE_TENANTS, Drift, ExampleTenant
-from services.predictor.demo import show_answers
+from services.predictor.demo import demo_key, show_answers
 from services.predictor.launch import serving
 
 console = Console(highlight=False, markup=False)
@@ -373,7 +373,11 @@ def run_loop(port: int, calm_rows: int, drift_rows: int, label_share: float) -> 
         probe = _records(EXAMPLE_TENANTS[0].traffic(1, batch=99), features)[0]
         first = str(_request(f"{url}/predict", {"records": [probe]}, keys[owner])["model_version"])
         console.rule(f"1. serving {settings.model_name} v{first}")
-        show_answers(url)
+        operator = demo_key(database_url)  # the default tenant's, every scope: it reads /model
+        try:
+            show_answers(url, operator.secret)
+        finally:
+            tenants.revoke_key(database_url, operator.tenant_id, operator.key_id)
         console.print(
             "tenants: "
             + ", ".join(f"{t.id} ({t.name})" for t in EXAMPLE_TENANTS)

@@ -1,9 +1,13 @@
-"""ASGI guard in front of the API: refuse non-JSON and oversized bodies with a clear 4xx.
+"""ASGI guard in front of the API: the caller's key, then the body, before BentoML parses it.
 
-Without it BentoML answers a POST with a malformed Content-Type (e.g. multipart without a
-boundary) with a 500, and reads a body of any size into memory. It also answers a wrong
-method on BentoML's own routes with a 405 (BentoML routes them to its API app, which 404s),
-and serves /docs.json as `services.predictor.openapi.document` rewrites it.
+Every path but health, metrics and the docs needs an API key holding the path's scope
+(services.predictor.identity): 401 without a valid one, 403 without the scope, both with a
+`WWW-Authenticate` header, before any of the body is read. Then it refuses non-JSON and
+oversized bodies with a clear 4xx: without it BentoML answers a POST with a malformed
+Content-Type (e.g. multipart without a boundary) with a 500, and reads a body of any size
+into memory. It also answers a wrong method on BentoML's own routes with a 405 (BentoML
+routes them to its API app, which 404s), and serves /docs.json as
+`services.predictor.openapi.document` rewrites it.
 """
 
 from __future__ import annotations
@@ -13,14 +17,17 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from common.store.tenants import Identity
+from services.predictor import identity
 from services.predictor.openapi import ALLOWED, API_ROUTES, PUBLISHED, document
 
 JSON_TYPES = ("application/json",)
 
 
 class RequestGuard:
-    """415 for an API POST that is not JSON, 413 for a body over `max_body` bytes, 405 for a
-    method a BentoML route does not serve; /docs.json as the service really behaves."""
+    """The caller's key and scope first (401/403), then 415 for an API POST that is not
+    JSON, 413 for a body over `max_body` bytes, 405 for a method a BentoML route does not
+    serve; /docs.json as the service really behaves."""
 
     def __init__(self, app: ASGIApp, max_body: int) -> None:
         self.app = app
@@ -30,50 +37,96 @@ class RequestGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        allowed = ALLOWED.get(scope["path"])
+        path = scope["path"]
+        allowed = ALLOWED.get(path)
+        needed = identity.required_scopes(path)
         if allowed is not None and scope["method"] not in allowed:
             allow = [(b"allow", ", ".join(allowed).encode())]
             await _reject(send, 405, f"{scope['method']} is not allowed here", allow)
-        elif scope["path"] == "/docs.json" and scope["method"] == "GET":
+        elif path == "/docs.json" and scope["method"] == "GET":
             await self._docs(scope, receive, send)
-        elif scope["method"] != "POST" or scope["path"] not in API_ROUTES:
+        elif needed is None:
             await self.app(scope, receive, send)
         else:
-            await self._api_post(scope, receive, send)
+            await self._private(scope, receive, send, needed)
 
-    async def _api_post(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """An API POST: JSON only, read whole up to `max_body`, then replayed to the app."""
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+    async def _private(
+        self, scope: Scope, receive: Receive, send: Send, needed: frozenset[str]
+    ) -> None:
+        """A path that needs a key (or, for the registry webhook, MLflow's signature)."""
+        headers = _headers(scope)
+        gate = identity.installed()
+        if gate is None:
+            await _reject(send, 503, "the service is still starting", [(b"retry-after", b"1")])
+            return
+        api_post = scope["method"] == "POST" and scope["path"] in API_ROUTES
+        if scope["path"] == identity.WEBHOOK and gate.webhook_secret and api_post:
+            await self._signed_webhook(scope, receive, send, headers, gate.webhook_secret)
+            return
+        try:
+            who = await self._identify(gate, headers, needed)
+        except identity.AccessError as refusal:
+            extra = [(k.encode(), v.encode()) for k, v in refusal.headers.items()]
+            await _reject(send, refusal.status, refusal.message, extra)
+            return
+        token = identity.as_caller(who)
+        try:
+            if api_post:
+                body = await self._read_body(scope, receive, send, headers)
+                if body is not None:
+                    await self.app(scope, _replay(body, receive), send)
+            else:
+                await self.app(scope, receive, send)
+        finally:
+            identity.forget(token)
+
+    async def _identify(
+        self, gate: identity.Gate, headers: dict[str, str], needed: frozenset[str]
+    ) -> Identity:
+        """Who the request's key speaks for (a AccessError if it may not come in)."""
+        return await identity.authorize(gate.keys, headers, needed)
+
+    async def _signed_webhook(
+        self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], secret: str
+    ) -> None:
+        """With a webhook secret set, MLflow's signature is the credential (it sends no key)."""
+        body = await self._read_body(scope, receive, send, headers)
+        if body is None:
+            return
+        problem = identity.verify_signature(secret, headers, body)
+        if problem is not None:
+            challenge = [
+                (b"www-authenticate", f'MLflow-Signature realm="{identity.REALM}"'.encode())
+            ]
+            await _reject(send, 401, problem, challenge)
+            return
+        await self.app(scope, _replay(body, receive), send)
+
+    async def _read_body(
+        self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]
+    ) -> bytes | None:
+        """An API POST's body: JSON only, read whole up to `max_body` (None: refused)."""
         media = headers.get("content-type", "").split(";")[0].strip().lower()
         if media not in JSON_TYPES:
             shown = media or "none"
             await _reject(send, 415, f"Content-Type must be application/json, got {shown}")
-            return
+            return None
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body:
             await _reject(send, 413, self._too_big(int(declared)))
-            return
+            return None
         body = bytearray()
         more = True
         while more:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return
+                return None
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.max_body:
                 await _reject(send, 413, self._too_big(len(body)))
-                return
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": bytes(body), "more_body": False}
-
-        await self.app(scope, replay, send)
+                return None
+        return bytes(body)
 
     def _too_big(self, size: int) -> str:
         return f"request body of {size:,} bytes is over the limit of {self.max_body:,} bytes"
@@ -94,8 +147,28 @@ class RequestGuard:
         if status != 200:
             await _reject(send, status, "the OpenAPI document could not be generated")
             return
-        spec = document(json.loads(b"".join(chunks)), PUBLISHED.get())
+        gate = identity.installed()
+        signed = gate is not None and bool(gate.webhook_secret)
+        spec = document(json.loads(b"".join(chunks)), PUBLISHED.get(), signed_webhook=signed)
         await _send_json(send, 200, spec)
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that hands the app the body already read, then the real channel."""
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if replayed:
+            return await receive()
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
 
 
 async def _reject(

@@ -1,7 +1,10 @@
-"""`make serve`: the predictor on the champion, on port 3000 by default.
+"""`make serve`: the predictor on the champion, on 127.0.0.1:3000 by default.
 
-With DATABASE_URL unset it starts an embedded PostgreSQL under MLOPS_HOME/postgres for the
-prediction log (kept across restarts) and stops it again on exit.
+It listens on the loopback interface only unless told otherwise (`--host 0.0.0.0`, or
+`make serve SERVE_HOST=0.0.0.0`): every API call needs a key, but a service reachable from the
+network should be a decision. With DATABASE_URL unset it starts an embedded PostgreSQL
+under MLOPS_HOME/postgres for the prediction log (kept across restarts) and stops it again
+on exit.
 """
 
 from __future__ import annotations
@@ -27,13 +30,19 @@ from common.store import roles
 from services.predictor.package import bundle
 
 SERVICE = "services.predictor.service:Predictor"
+HOST = "127.0.0.1"
 
 
 @contextmanager
 def serving(
-    settings: Settings, port: int, timeout: float = 120
+    settings: Settings,
+    port: int,
+    timeout: float = 120,
+    host: str = HOST,
+    service: str = SERVICE,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Bundle the champion, start `bentoml serve`, wait for /readyz; stop it all afterwards."""
+    """Bundle the champion, start `bentoml serve` on host:port, wait for /readyz; stop it
+    all afterwards."""
     with prediction_db(settings, role=roles.PREDICTOR) as database_url:
         print(f"bundled {bundle(settings)}")
         env = {
@@ -42,9 +51,10 @@ def serving(
             "OMP_NUM_THREADS": "1",
             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         }
-        cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--port", str(port)]
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-        url = f"http://127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "bentoml", "serve", service, "--host", host]
+        proc = subprocess.Popen([*cmd, "--port", str(port)], env=env, start_new_session=True)
+        local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        url = f"http://{f'[{local}]' if ':' in local else local}:{port}"
         try:
             deadline = time.monotonic() + timeout
             while not http_ok(f"{url}/readyz"):
@@ -53,7 +63,11 @@ def serving(
                         f"`bentoml serve` did not become ready on {url}; see its output above."
                     )
                 time.sleep(0.5)
-            print(f"predictor ready on {url} (POST /predict, POST /feedback, GET /model, /metrics)")
+            print(
+                f"predictor ready on {url} (POST /predict, POST /feedback, GET /predictions, "
+                "GET /model, /metrics; every call but /metrics needs an API key: "
+                "mlops tenants keys create default)"
+            )
             yield proc
         finally:
             _stop(proc)
@@ -78,6 +92,11 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=3000)
+    parser.add_argument(
+        "--host",
+        default=HOST,
+        help=f"interface to listen on (default {HOST}: this machine only; 0.0.0.0: every one)",
+    )
     args = parser.parse_args()
 
     def interrupted(signum: int, _frame: FrameType | None) -> None:
@@ -85,7 +104,7 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, interrupted)
     try:
-        with serving(get_settings(), args.port) as proc:
+        with serving(get_settings(), args.port, host=args.host) as proc:
             proc.wait()
     except KeyboardInterrupt:
         print("stopped")

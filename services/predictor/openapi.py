@@ -3,21 +3,27 @@
 BentoML generates the document from the API signatures, but (1.4, see bentoml/BentoML#2975:
 no hook to extend it) it documents every error as `{"error": str, "detail": str}` with
 400/404/500 only, while it answers a validation error with a list in `detail` and the
-guard answers 413/415. The record schema also depends on the model being served, which
-can change while the service runs. `document` rewrites what BentoML generated with what
-is sent; `Contract` is the served model's part of it, kept current by the service.
+guard answers 401/403/413/415. It knows nothing of the API keys either. The record schema
+also depends on the model being served, which can change while the service runs.
+`document` rewrites what BentoML generated with what is sent, and declares the key (HTTP
+bearer, or the X-API-Key header) on every operation that needs one, so Swagger UI and
+generated clients send it; `Contract` is the served model's part, kept current by the
+service.
 """
 
 from __future__ import annotations
 
 import copy
 import threading
+import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, TypeAdapter, create_model
+from pydantic import BaseModel, ConfigDict, TypeAdapter, create_model
 
 from models.predict import records_type
+from services.predictor.identity import REALM, SCOPES_BY_PATH, required_scopes
 
 REF = "#/components/schemas/{model}"
 ALLOWED = {
@@ -56,11 +62,94 @@ ERRORS = {
     413: "Request body over the size limit.",
     415: "Content-Type is not application/json.",
 }
+AUTH_ERRORS = {
+    401: "No API key, or not a valid one (unknown, malformed, expired or revoked). The "
+    '`WWW-Authenticate` header says which (RFC 6750: `error="invalid_token"` when a key '
+    "was sent).",
+    403: "The key is valid but lacks the scope this operation needs (`WWW-Authenticate`: "
+    '`error="insufficient_scope"`).',
+    503: "PostgreSQL cannot be reached to check the key (or read the data) now; retry later.",
+}
+SIGNATURE_401 = (
+    "Missing or bad MLflow signature (X-MLflow-Signature, X-MLflow-Timestamp within 5 "
+    "minutes, X-MLflow-Delivery-Id)."
+)
 API_ROUTES = {
     "/predict": (400, 413, 415),
     "/feedback": (400, 404, 413, 415),
     "/webhooks/mlflow": (400, 413, 415),
 }
+SECURITY_SCHEMES: dict[str, Any] = {
+    "bearer": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "An API key of your tenant: `Authorization: Bearer <key>` "
+        "(`mlops tenants keys create <tenant>`).",
+    },
+    "apiKey": {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key",
+        "description": "The same key in the X-API-Key header.",
+    },
+    "mlflowSignature": {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-MLflow-Signature",
+        "description": "MLflow's HMAC-SHA256 webhook signature (`v1,<base64>` of "
+        "`<delivery id>.<timestamp>.<body>`), with X-MLflow-Timestamp and "
+        "X-MLflow-Delivery-Id; required instead of a key when MLFLOW_WEBHOOK_SECRET is set.",
+    },
+}
+CURSOR_FORMAT = "cursor"
+"""The `format` of GET /predictions' `cursor`: only a `next_cursor` this API returned."""
+KEY_SECURITY: list[dict[str, list[str]]] = [{"bearer": []}, {"apiKey": []}]
+"""Either scheme: OpenAPI cannot say 'this scope of the key', the description does."""
+
+
+STRICT = ConfigDict(extra="forbid")
+"""Request bodies take only their own fields: no body names a tenant (the key does)."""
+
+
+class PredictBody(BaseModel):
+    """POST /predict: one record or a list of them."""
+
+    model_config = STRICT
+
+    records: list[dict[str, Any]] | dict[str, Any]
+
+
+class FeedbackBody(BaseModel):
+    """POST /feedback: the true label of an earlier prediction of the caller's tenant."""
+
+    model_config = STRICT
+
+    request_id: uuid.UUID
+    label: str
+
+
+class LoggedPrediction(BaseModel):
+    """One of the caller's logged predictions, with its label if one came."""
+
+    request_id: str
+    ts: datetime
+    model_name: str
+    model_version: str
+    inputs: dict[str, Any]
+    predicted: str
+    probabilities: dict[str, float | None]
+    batch_id: str | None = None
+    label: str | None = None
+    labelled_at: datetime | None = None
+    label_source: str | None = None
+
+
+class PredictionsPage(BaseModel):
+    """GET /predictions: a page of the caller's tenant's predictions, oldest first."""
+
+    tenant_id: str
+    rows: list[LoggedPrediction]
+    next_cursor: str | None
 
 
 class MlflowEvent(BaseModel):
@@ -88,13 +177,17 @@ class Contract:
 
     def predict_body(self) -> dict[str, Any]:
         model = create_model(
-            "PredictRequest", records=(records_type(self.record, max_batch=self.max_batch), ...)
+            "PredictRequest",
+            __config__=STRICT,
+            records=(records_type(self.record, max_batch=self.max_batch), ...),
         )
         return _schema(model)
 
     def feedback_body(self) -> dict[str, Any]:
         label: Any = Literal[self.classes] if self.classes else str
-        model = create_model("FeedbackRequest", request_id=(Any, ...), label=(label, ...))
+        model = create_model(
+            "FeedbackRequest", __config__=STRICT, request_id=(Any, ...), label=(label, ...)
+        )
         schema = _schema(model)
         schema["properties"]["request_id"] = {"type": "string", "format": "uuid"}
         return schema
@@ -119,11 +212,20 @@ class Published:
 PUBLISHED = Published()
 
 
-def document(spec: dict[str, Any], contract: Contract | None = None) -> dict[str, Any]:
-    """BentoML's generated document with the real request bodies and error responses."""
+def document(
+    spec: dict[str, Any], contract: Contract | None = None, *, signed_webhook: bool = False
+) -> dict[str, Any]:
+    """BentoML's generated document with the real request bodies, security and errors.
+
+    `signed_webhook`: MLFLOW_WEBHOOK_SECRET is set, so the registry webhook takes MLflow's
+    signature instead of a key.
+    """
     out = copy.deepcopy(spec)
-    out.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR_SCHEMA
+    components = out.setdefault("components", {})
+    components.setdefault("schemas", {})["Error"] = ERROR_SCHEMA
+    components["securitySchemes"] = SECURITY_SCHEMES
     paths: dict[str, Any] = out.get("paths", {})
+    _queries(paths)
     for path, statuses in API_ROUTES.items():
         post = paths.get(path, {}).get("post")
         if post is None:
@@ -149,10 +251,59 @@ def document(spec: dict[str, Any], contract: Contract | None = None) -> dict[str
         answered["links"] = {"Feedback": link}
     # BentoML's flattened schema drops the `null` that `data` may be.
     _set_body(paths, "/webhooks/mlflow", _schema(MlflowEvent))
+    _set_body(paths, "/predict", _schema(PredictBody))
+    _set_body(paths, "/feedback", _schema(FeedbackBody))
     if contract is not None:
         _set_body(paths, "/predict", contract.predict_body())
         _set_body(paths, "/feedback", contract.feedback_body())
+    _secure(paths, signed_webhook)
     return out
+
+
+def _secure(paths: dict[str, Any], signed_webhook: bool) -> None:
+    """Every operation but health and metrics: the key it needs, and its 401/403/503."""
+    for path, item in paths.items():
+        needed = required_scopes(path.rstrip("/") or "/")
+        if needed is None:
+            continue
+        for method, operation in item.items():
+            if method not in ("get", "put", "post", "delete", "patch", "head", "options"):
+                continue
+            responses = operation.setdefault("responses", {})
+            if path == "/webhooks/mlflow" and signed_webhook:
+                operation["security"] = [{"mlflowSignature": []}]
+                responses["401"] = _error(SIGNATURE_401, challenge=True)
+                continue
+            operation["security"] = KEY_SECURITY
+            responses["401"] = _error(AUTH_ERRORS[401], challenge=True)
+            responses["403"] = _error(AUTH_ERRORS[403], challenge=True)
+            responses["503"] = _error(AUTH_ERRORS[503])
+            scopes = " or ".join(f"`{s}`" for s in sorted(needed)) or "any"
+            note = f"Needs an API key with scope {scopes} (realm `{REALM}`)."
+            operation["description"] = f"{operation.get('description', '')}\n\n{note}".strip()
+
+
+def _queries(paths: dict[str, Any]) -> None:
+    """FastAPI's query operations as they behave: a bad parameter is a 400 naming it (not
+    422), an optional parameter is absent or a value (never null), a cursor is opaque."""
+    for path in (p for p in paths if p.rstrip("/") in SCOPES_BY_PATH):
+        for operation in paths[path].values():
+            if not isinstance(operation, dict):
+                continue
+            responses = operation.get("responses", {})
+            if responses.pop("422", None) is not None:
+                responses["400"] = _error(
+                    "A query parameter is not valid; `error` names it and says why."
+                )
+            for parameter in operation.get("parameters", []):
+                schema = parameter.get("schema", {})
+                branches = [b for b in schema.pop("anyOf", []) if b.get("type") != "null"]
+                if len(branches) == 1:
+                    schema.update(branches[0])
+                elif branches:
+                    schema["anyOf"] = branches
+                if parameter.get("name") == "cursor":
+                    schema["format"] = CURSOR_FORMAT
 
 
 def _set_body(paths: dict[str, Any], path: str, schema: dict[str, Any]) -> None:
@@ -164,11 +315,20 @@ def _set_body(paths: dict[str, Any], path: str, schema: dict[str, Any]) -> None:
         }
 
 
-def _error(description: str) -> dict[str, Any]:
-    return {
+def _error(description: str, challenge: bool = False) -> dict[str, Any]:
+    response: dict[str, Any] = {
         "description": description,
         "content": {"application/json": {"schema": {"$ref": REF.format(model="Error")}}},
     }
+    if challenge:
+        response["headers"] = {
+            "WWW-Authenticate": {
+                "description": "The authentication scheme, realm and why it failed.",
+                "required": True,
+                "schema": {"type": "string"},
+            }
+        }
+    return response
 
 
 def _schema(model: type[BaseModel]) -> dict[str, Any]:

@@ -1,22 +1,27 @@
 """The BentoML predictor: serves `models:/<name>@champion`, logs every prediction to PostgreSQL.
 
 Thin by design: scoring and request validation live in models.predict, the registry
-following in services.predictor.runtime, the prediction log in common.store.
+following in services.predictor.runtime, the prediction log in common.store, who is
+calling (API keys, tenants, scopes) in services.predictor.identity, checked by the guard
+before a request reaches these methods.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NotRequired
+from typing import Annotated, Any, NotRequired
 
 import bentoml
 import psycopg
-from fastapi import FastAPI
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from psycopg_pool import PoolTimeout
 from pydantic import BaseModel, ValidationError
 from starlette.responses import JSONResponse
 from typing_extensions import TypedDict
@@ -24,10 +29,19 @@ from typing_extensions import TypedDict
 from common.registry.served import ServedModel
 from common.settings import get_settings
 from common.store import Feedback, Prediction, PredictionLog, migrate, pool, prediction_exists
-from common.store.tenants import DEFAULT_TENANT
+from common.store.readback import MAX_PAGE, read_page
 from models.predict import out_of_range, record_model, validate_records
+from services.predictor import identity
 from services.predictor.guard import RequestGuard
-from services.predictor.openapi import PUBLISHED, Contract, MlflowEvent
+from services.predictor.openapi import (
+    PUBLISHED,
+    Contract,
+    FeedbackBody,
+    LoggedPrediction,
+    MlflowEvent,
+    PredictBody,
+    PredictionsPage,
+)
 from services.predictor.runtime import ModelRuntime
 
 log = logging.getLogger("predictor")
@@ -87,12 +101,14 @@ class Answer(TypedDict):
 
 
 class Predictions(TypedDict):
+    tenant_id: str  # the caller's, from its key
     model_name: str
     model_version: str
     predictions: list[Answer]
 
 
 class FeedbackAccepted(TypedDict):
+    tenant_id: str
     request_id: str
     label: str
     accepted: bool
@@ -109,9 +125,44 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
+READBACK_PARAMETERS = frozenset({"start", "end", "model_version", "limit", "cursor"})
+TIME = "{}: an RFC 3339 date-time with a UTC offset (2026-12-01T00:00:00Z)."
+_RFC3339 = re.compile(r"\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)", re.ASCII)
+
+
+def _instant(name: str, value: str | None) -> datetime | None:
+    """An RFC 3339 date-time, or None; a ValueError naming the parameter otherwise.
+
+    Stricter than pydantic's datetime, which also takes numbers ("0.5" is a Unix time) and
+    times without an offset, neither of which says which instant the caller means.
+    """
+    if value is None:
+        return None
+    if _RFC3339.fullmatch(value):
+        try:
+            return datetime.fromisoformat(value.upper())
+        except ValueError:
+            pass
+    raise ValueError(f"{name}: {value!r} is not an RFC 3339 date-time with a UTC offset")
+
+
 info = FastAPI(title="predictor info")
+pages = FastAPI(title="predictor readback", docs_url=None, redoc_url=None, openapi_url=None)
+"""GET /predictions; mounted at / (BentoML's passive mount matches only its own route)."""
 
 
+@pages.exception_handler(RequestValidationError)
+async def _bad_query(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """400 naming the parameter, as every other error of this API (FastAPI's own is 422)."""
+    problems = exc.errors()
+    said = "; ".join(
+        f"{'.'.join(map(str, e['loc'][1:])) or e['loc'][0]}: {e['msg']}" for e in problems
+    )
+    detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in problems]
+    return JSONResponse({"error": said, "detail": detail}, status_code=400)
+
+
+@bentoml.asgi_app(pages, path="/")
 @bentoml.asgi_app(info, path="/model")
 @bentoml.service(
     name="churn_predictor",
@@ -121,7 +172,8 @@ info = FastAPI(title="predictor info")
     logging={"access": {"enabled": False}},
 )
 class Predictor:
-    """POST /predict, POST /feedback, GET /model; BentoML adds /readyz, /livez, /metrics."""
+    """POST /predict, POST /feedback, GET /predictions, GET /model; BentoML adds /readyz,
+    /livez, /metrics. Who is calling comes from the guard: `identity.current()`."""
 
     bundled = bentoml.models.BentoModel(f"{BUNDLE}:latest")
 
@@ -140,9 +192,18 @@ class Predictor:
             log.warning("prediction log database not reachable at start-up: %s", exc)
         self.log = PredictionLog(self.database_url, settings.mlops_home.resolve() / "spill")
         self.log.start()
-        # Feedback's lookups reuse connections; opened here, in the worker, after the fork.
+        # Key checks and feedback's lookups reuse connections, read-backs have their own so
+        # that a long page never holds up a key check; opened here, in the worker, after the fork.
         self.lookups = pool(self.database_url)
         self.lookups.open(wait=False)
+        self.pages = pool(self.database_url, max_size=2, application_name="predictor-readback")
+        self.pages.open(wait=False)
+        self.keys = identity.Keys(
+            self.database_url, self.lookups, ttl=settings.api_key_cache_seconds
+        )
+        self.keys.start()
+        secret = settings.mlflow_webhook_secret
+        identity.install(identity.Gate(self.keys, secret.get_secret_value() if secret else None))
         self.runtime = ModelRuntime(settings, bundled_dir=Path(self.bundled.path))
         self._flag_range = settings.predict_out_of_range == "flag"
         self._unbounded: tuple[ServedModel, type[BaseModel]] | None = None
@@ -178,16 +239,19 @@ class Predictor:
             self._unbounded = cached  # one assignment: requests on other threads see either
         return cached[1]
 
-    @bentoml.api(route="/predict", output_spec=Predictions)
+    @bentoml.api(route="/predict", input_spec=PredictBody, output_spec=Predictions)
     async def predict(
         self, records: list[dict[str, Any]] | dict[str, Any]
     ) -> Predictions | JSONResponse:
         """Score one record or a list; each answer carries its request id and model version.
 
+        Logged and answered as the tenant of the caller's key (scope `predict`).
+
         Async on purpose: a one-record ONNX score takes ~0.1 ms, less than the thread-pool
         hop a sync API costs (1-record throughput went from ~490 to ~1,250 records/s).
         """
         start = time.perf_counter()
+        tenant = identity.current().tenant_id
         served = self.runtime.current  # one snapshot: the whole request uses one version
         try:
             rows = validate_records(
@@ -228,35 +292,56 @@ class Predictor:
                     result.label,
                     result.probabilities,
                     per_row_ms,
-                    DEFAULT_TENANT,
+                    tenant,
                 )
             )
             PREDICTIONS.labels(model_version=served.version, predicted_class=result.label).inc()
         LATENCY.labels(model_version=served.version).observe(elapsed)
         QUEUE_DEPTH.set(self.log.depth)
-        return {"model_name": served.name, "model_version": served.version, "predictions": answers}
+        return {
+            "tenant_id": tenant,
+            "model_name": served.name,
+            "model_version": served.version,
+            "predictions": answers,
+        }
 
-    @bentoml.api(route="/feedback", output_spec=FeedbackAccepted)
-    def feedback(self, request_id: uuid.UUID, label: str) -> FeedbackAccepted | JSONResponse:
-        """The true label for an earlier prediction; labels may arrive days later."""
+    @bentoml.api(route="/feedback", input_spec=FeedbackBody, output_spec=FeedbackAccepted)
+    async def feedback(self, request_id: uuid.UUID, label: str) -> FeedbackAccepted | JSONResponse:
+        """The true label for an earlier prediction of the caller's tenant (scope `feedback`).
+
+        Labels may arrive days later. Another tenant's request id is answered exactly as an
+        unknown one is; each label records the key it came with.
+        """
+        who = identity.current()
         classes = self.runtime.current.scorer.classes
         if label not in classes:
             return _error(
                 400, f"label {label!r} is not a class of this model; expected one of {classes}"
             )
-        if not self._known(str(request_id)):
+        if not await self._known(str(request_id), who.tenant_id):
             return _error(404, f"no prediction with request_id {request_id}")
-        self.log.submit(Feedback(str(request_id), label, datetime.now(UTC), DEFAULT_TENANT))
+        self.log.submit(
+            Feedback(
+                str(request_id), label, datetime.now(UTC), who.tenant_id, source=f"key:{who.key_id}"
+            )
+        )
         QUEUE_DEPTH.set(self.log.depth)
-        return {"request_id": str(request_id), "label": label, "accepted": True}
+        return {
+            "tenant_id": who.tenant_id,
+            "request_id": str(request_id),
+            "label": label,
+            "accepted": True,
+        }
 
-    def _known(self, request_id: str) -> bool:
-        """Whether the prediction exists (waits out log batching; yes if the DB is down)."""
-        for _ in range(FEEDBACK_LOOKUPS):
-            found = prediction_exists(self.lookups, request_id, DEFAULT_TENANT)
+    async def _known(self, request_id: str, tenant: str) -> bool:
+        """Whether `tenant` logged the prediction (waits out log batching; yes if the DB is
+        down). Async, so waiting holds no thread: a flood of unknown ids costs sleeps."""
+        for attempt in range(FEEDBACK_LOOKUPS):
+            if attempt:
+                await asyncio.sleep(0.25)
+            found = await asyncio.to_thread(prediction_exists, self.lookups, request_id, tenant)
             if found is None or found:
                 return True
-            time.sleep(0.25)
         return False
 
     @bentoml.api(route="/webhooks/mlflow", input_spec=MlflowEvent)
@@ -274,13 +359,69 @@ class Predictor:
             **self.runtime.describe(),
             "log_queue_depth": self.log.depth,
             "log_db_up": self.log.db_up,
+            "api_key_listener_up": self.keys.listening,
         }
+
+    @pages.get("/predictions", response_model=PredictionsPage)
+    def predictions(
+        self,
+        request: Request,
+        *,
+        start: Annotated[
+            str | None,
+            Query(description=TIME.format("From"), json_schema_extra={"format": "date-time"}),
+        ] = None,
+        end: Annotated[
+            str | None,
+            Query(description=TIME.format("Before"), json_schema_extra={"format": "date-time"}),
+        ] = None,
+        model_version: Annotated[str | None, Query(description="Only this model version.")] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="Rows per page.")] = 100,
+        cursor: Annotated[
+            str | None, Query(description="The previous page's `next_cursor`.")
+        ] = None,
+    ) -> PredictionsPage | JSONResponse:
+        """The caller's own predictions, oldest first, each with its label if one came.
+
+        Scope `predict` or `feedback`. Pages follow time: pass `next_cursor` back as
+        `cursor` for the next page (null on the last). Row-level security limits the read
+        to the key's tenant whatever the filters say.
+        """
+        tenant = identity.current().tenant_id
+        unknown = sorted(set(request.query_params) - READBACK_PARAMETERS)
+        if unknown:  # a misspelt filter must not quietly return everything
+            known = ", ".join(sorted(READBACK_PARAMETERS))
+            return _error(400, f"{unknown[0]}: not a parameter of GET /predictions ({known})")
+        try:
+            since, until = _instant("start", start), _instant("end", end)
+        except ValueError as exc:
+            return _error(400, str(exc))
+        if model_version is not None and "\x00" in model_version:  # PostgreSQL text has no NUL
+            return PredictionsPage(tenant_id=tenant, rows=[], next_cursor=None)
+        try:
+            page = read_page(
+                self.pages,
+                tenant,
+                start=since,
+                end=until,
+                model_version=model_version,
+                cursor=cursor,
+                limit=limit,
+            )
+        except ValueError as exc:  # a cursor this API did not hand out
+            return _error(400, f"cursor: {exc}")
+        except (psycopg.OperationalError, PoolTimeout):
+            return _error(503, "the prediction log cannot be read now; retry later")
+        rows = [LoggedPrediction.model_validate(row) for row in page.rows]
+        return PredictionsPage(tenant_id=tenant, rows=rows, next_cursor=page.next_cursor)
 
     @bentoml.on_shutdown
     def close(self) -> None:
         self.runtime.stop()
+        self.keys.close()
         self.log.close()
         self.lookups.close()
+        self.pages.close()
 
 
 # @bentoml.service returns a Service; mypy sees the class.

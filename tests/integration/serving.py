@@ -1,7 +1,9 @@
 """A real `bentoml serve` of the predictor on a model copied from the pipeline's champion.
 
 Shared by the predictor's integration tests; each module registers its own model name so
-that modules of one session do not move each other's aliases.
+that modules of one session do not move each other's aliases. The service logs in to its
+database as `mlops_predictor` (`predictor_database`), so row-level security holds as in
+production, and every request carries a tenant's key (`api_key`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from common.localpg import LocalPostgres
+from common.store import migrate, roles, tenants
 from tests.servers import VENV_BIN, Server, clean_env, free_port, http_ok, run_ok
 from tests.workspace import ROOT
 
@@ -58,3 +62,26 @@ def serve_predictor(home: Path, env: dict[str, str]) -> Iterator[str]:
     )
     with server.start(timeout=120):
         yield url
+
+
+def predictor_database(pg: LocalPostgres, database: str = "predictions") -> tuple[str, str]:
+    """`database` migrated by its owner; (the owner's URL, the predictor role's URL)."""
+    admin = pg.url(database)
+    migrate(admin)
+    roles.enable_login(admin, roles.PREDICTOR)  # the throwaway cluster trusts local logins
+    return admin, roles.role_url(admin, roles.PREDICTOR)
+
+
+def api_key(
+    admin_url: str,
+    tenant: str = tenants.DEFAULT_TENANT,
+    scopes: tuple[str, ...] = tenants.SCOPES,
+) -> str:
+    """A new key of `tenant` (added if missing) with `scopes`: the whole key."""
+    if tenant not in {t.id for t in tenants.list_tenants(admin_url)}:
+        tenants.add_tenant(admin_url, tenant)
+    return tenants.create_key(admin_url, tenant, scopes).secret
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}

@@ -1,7 +1,8 @@
 """The predictor as users meet it: a real `bentoml serve` on the champion from a real MLflow server.
 
 Its prediction log is a PostgreSQL cluster of its own, so the outage test can take that
-database away without touching the MLflow server's.
+database away without touching the MLflow server's; the service logs in to it as
+`mlops_predictor`, and every request carries a key of the default tenant.
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from common.localpg import LocalPostgres
-from tests.integration.serving import register_copies, serve_predictor
+from tests.integration.serving import (
+    api_key,
+    auth,
+    predictor_database,
+    register_copies,
+    serve_predictor,
+)
 from tests.servers import VENV_BIN, HttpServer, throwaway_cluster
 from tests.workspace import Workspace
 
@@ -51,15 +58,27 @@ def predictor(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[str]:
     home = tmp_path_factory.mktemp("predictor")
+    _, as_predictor = predictor_database(logdb)
     env = {
         "MLFLOW_TRACKING_URI": mlflow_server.url,
         "MODEL_NAME": SERVED,
         "MODEL_POLL_SECONDS": "1",
         "PREDICT_MAX_BATCH": str(MAX_BATCH),
-        "DATABASE_URL": logdb.url("predictions"),
+        "DATABASE_URL": as_predictor,
     }
     with serve_predictor(home, env) as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def key(logdb: LocalPostgres) -> str:
+    """A key of the default tenant with every scope."""
+    return api_key(logdb.url("predictions"))
+
+
+@pytest.fixture(scope="module")
+def headers(key: str) -> dict[str, str]:
+    return auth(key)
 
 
 RECORD: dict[str, Any] = {
@@ -80,14 +99,17 @@ RECORD: dict[str, Any] = {
 }
 
 
-def predict(url: str, records: Any) -> httpx.Response:
-    return httpx.post(f"{url}/predict", json={"records": records}, timeout=30)
+def predict(url: str, headers: dict[str, str], records: Any) -> httpx.Response:
+    return httpx.post(f"{url}/predict", json={"records": records}, headers=headers, timeout=30)
 
 
-def test_predicts_one_record_with_request_id_and_version(predictor: str) -> None:
-    resp = predict(predictor, RECORD)
+def test_predicts_one_record_with_request_id_and_version(
+    predictor: str, headers: dict[str, str]
+) -> None:
+    resp = predict(predictor, headers, RECORD)
     assert resp.status_code == 200, resp.text
     body = resp.json()
+    assert body["tenant_id"] == "default"
     (answer,) = body["predictions"]
     assert answer["model_name"] == SERVED
     assert answer["model_version"] in ("1", "2")
@@ -96,9 +118,11 @@ def test_predicts_one_record_with_request_id_and_version(predictor: str) -> None
     uuid.UUID(answer["request_id"])
 
 
-def test_predicts_a_list_in_order_with_distinct_ids(predictor: str) -> None:
+def test_predicts_a_list_in_order_with_distinct_ids(
+    predictor: str, headers: dict[str, str]
+) -> None:
     records = [RECORD, {**RECORD, "contract_type": "two_year", "tenure_months": 60}]
-    answers = predict(predictor, records).json()["predictions"]
+    answers = predict(predictor, headers, records).json()["predictions"]
     assert len(answers) == 2
     assert answers[0]["request_id"] != answers[1]["request_id"]
     churn_m2m = answers[0]["probabilities"]["1"]
@@ -124,11 +148,15 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
-def test_bad_input_is_a_4xx_naming_the_problem(predictor: str, case: str) -> None:
+def test_bad_input_is_a_4xx_naming_the_problem(
+    predictor: str, headers: dict[str, str], case: str
+) -> None:
     payload, named = BAD_INPUTS[case]
     body = json.dumps({"records": payload}, allow_nan=True)
     resp = httpx.post(
-        f"{predictor}/predict", content=body, headers={"content-type": "application/json"}
+        f"{predictor}/predict",
+        content=body,
+        headers={"content-type": "application/json", **headers},
     )
     assert 400 <= resp.status_code < 500, resp.text
     assert named in resp.text
@@ -144,22 +172,29 @@ def test_bad_input_is_a_4xx_naming_the_problem(predictor: str, case: str) -> Non
     ],
 )
 def test_malformed_or_oversized_bodies_are_refused(
-    predictor: str, headers: dict[str, str], content: bytes, status: int
+    predictor: str, key: str, headers: dict[str, str], content: bytes, status: int
 ) -> None:
-    resp = httpx.post(f"{predictor}/predict", content=content, headers=headers, timeout=30)
+    resp = httpx.post(
+        f"{predictor}/predict", content=content, headers={**headers, **auth(key)}, timeout=30
+    )
     assert resp.status_code == status, resp.text
     assert resp.json()
 
 
-def test_feedback_joins_a_prediction_by_request_id(predictor: str, logdb: LocalPostgres) -> None:
-    request_id = predict(predictor, RECORD).json()["predictions"][0]["request_id"]
-    resp = httpx.post(f"{predictor}/feedback", json={"request_id": request_id, "label": "1"})
+def test_feedback_joins_a_prediction_by_request_id(
+    predictor: str, headers: dict[str, str], key: str, logdb: LocalPostgres
+) -> None:
+    request_id = predict(predictor, headers, RECORD).json()["predictions"][0]["request_id"]
+    resp = httpx.post(
+        f"{predictor}/feedback", json={"request_id": request_id, "label": "1"}, headers=headers
+    )
     assert resp.status_code == 200, resp.text
+    assert resp.json()["tenant_id"] == "default"
     with psycopg.connect(logdb.url("predictions")) as conn:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             row = conn.execute(
-                "SELECT p.model_version, f.label FROM predictions p "
+                "SELECT p.tenant_id, f.label, f.source FROM predictions p "
                 "JOIN feedback f USING (tenant_id, request_id) WHERE request_id = %s",
                 (request_id,),
             ).fetchone()
@@ -167,7 +202,7 @@ def test_feedback_joins_a_prediction_by_request_id(predictor: str, logdb: LocalP
                 break
             time.sleep(0.2)
     assert row is not None
-    assert row[1] == "1"
+    assert row == ("default", "1", f"key:{key.split('_')[1]}")
 
 
 @pytest.mark.parametrize(
@@ -179,14 +214,14 @@ def test_feedback_joins_a_prediction_by_request_id(predictor: str, logdb: LocalP
     ],
 )
 def test_feedback_rejects_unknown_ids_and_labels(
-    predictor: str, payload: dict[str, str], status: int
+    predictor: str, headers: dict[str, str], payload: dict[str, str], status: int
 ) -> None:
-    resp = httpx.post(f"{predictor}/feedback", json=payload, timeout=30)
+    resp = httpx.post(f"{predictor}/feedback", json=payload, headers=headers, timeout=30)
     assert resp.status_code == status, resp.text
 
 
-def test_model_endpoint_shows_version_and_lineage(predictor: str) -> None:
-    info = httpx.get(f"{predictor}/model/", follow_redirects=True).json()
+def test_model_endpoint_shows_version_and_lineage(predictor: str, headers: dict[str, str]) -> None:
+    info = httpx.get(f"{predictor}/model/", headers=headers, follow_redirects=True).json()
     assert info["model_name"] == SERVED
     assert info["backend"] == "onnx"
     assert info["registry"]["reachable"] is True
@@ -194,9 +229,11 @@ def test_model_endpoint_shows_version_and_lineage(predictor: str) -> None:
     assert len(info["lineage"]["git.commit"]) >= 40
 
 
-def test_metrics_expose_predictions_latency_queue_and_swaps(predictor: str) -> None:
-    predict(predictor, RECORD)
-    text = httpx.get(f"{predictor}/metrics").text
+def test_metrics_expose_predictions_latency_queue_and_swaps(
+    predictor: str, headers: dict[str, str]
+) -> None:
+    predict(predictor, headers, RECORD)
+    text = httpx.get(f"{predictor}/metrics").text  # no key: Prometheus scrapes it
     for name in (
         "predictor_predictions_total",
         "predictor_prediction_latency_seconds_bucket",
@@ -207,8 +244,10 @@ def test_metrics_expose_predictions_latency_queue_and_swaps(predictor: str) -> N
         assert name in text
 
 
-def _traffic(url: str, stop: threading.Event, out: list[tuple[float, int, str]]) -> None:
-    with httpx.Client(timeout=30) as client:
+def _traffic(
+    url: str, headers: dict[str, str], stop: threading.Event, out: list[tuple[float, int, str]]
+) -> None:
+    with httpx.Client(timeout=30, headers=headers) as client:
         while not stop.is_set():
             try:
                 resp = client.post(f"{url}/predict", json={"records": RECORD})
@@ -219,19 +258,19 @@ def _traffic(url: str, stop: threading.Event, out: list[tuple[float, int, str]])
 
 
 def test_prediction_log_survives_a_database_outage_exactly_once(
-    predictor: str, logdb: LocalPostgres
+    predictor: str, headers: dict[str, str], logdb: LocalPostgres
 ) -> None:
     ids: list[str] = []
 
     def send(n: int) -> None:
         for _ in range(n):
-            resp = predict(predictor, [RECORD, RECORD])
+            resp = predict(predictor, headers, [RECORD, RECORD])
             assert resp.status_code == 200, resp.text
             ids.extend(a["request_id"] for a in resp.json()["predictions"])
 
-    send(20)
+    send(20)  # both workers have checked the key
     logdb.stop(mode="immediate")
-    send(40)  # the service keeps answering while its database is gone
+    send(40)  # the service keeps answering while its database (and key store) is gone
     assert _gauge(predictor, "predictor_log_queue_depth")[0] > 0
     logdb.start()
     # With no request meanwhile, the queue gauge comes down to 0 (the writer updates it).
@@ -267,11 +306,14 @@ def _gauge(url: str, name: str) -> list[float]:
 
 
 def test_alias_move_swaps_live_with_no_failed_request(
-    predictor: str, registry: MlflowClient
+    predictor: str, headers: dict[str, str], registry: MlflowClient
 ) -> None:
     results: list[tuple[float, int, str]] = []
     stop = threading.Event()
-    clients = [threading.Thread(target=_traffic, args=(predictor, stop, results)) for _ in range(4)]
+    clients = [
+        threading.Thread(target=_traffic, args=(predictor, headers, stop, results))
+        for _ in range(4)
+    ]
     for t in clients:
         t.start()
     try:
@@ -292,11 +334,13 @@ def test_alias_move_swaps_live_with_no_failed_request(
     after = [v for t, _, v in results if t > settled_at]
     assert after
     assert set(after) == {"2"}
-    info = httpx.get(f"{predictor}/model/", follow_redirects=True).json()
+    info = httpx.get(f"{predictor}/model/", headers=headers, follow_redirects=True).json()
     assert info["model_version"] == "2"
 
 
-def test_generated_requests_never_get_a_server_error(predictor: str, tmp_path: Path) -> None:
+def test_generated_requests_never_get_a_server_error(
+    predictor: str, key: str, tmp_path: Path
+) -> None:
     """Schemathesis drives every API operation from the service's OpenAPI; no 5xx allowed."""
     junit = tmp_path / "junit.xml"
     proc = subprocess.run(
@@ -304,6 +348,7 @@ def test_generated_requests_never_get_a_server_error(predictor: str, tmp_path: P
             str(VENV_BIN / "schemathesis"),
             "run",
             f"{predictor}/docs.json",
+            *("--header", f"Authorization: Bearer {key}"),
             "--checks",
             "not_a_server_error",
             "--max-examples",

@@ -32,6 +32,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from common.store import tenants
 from models.generate import generate
 from scripts.stack import PG_ROLES, Ports, Stack
 from tests.servers import VENV_BIN, Server, clean_env, free_port, http_ok, run_ok
@@ -102,11 +103,23 @@ def trained(stack: Stack) -> str:
     return out
 
 
-def _post(url: str, records: list[dict[str, Any]], deadline: float) -> list[str]:
+@pytest.fixture(scope="module")
+def key(stack: Stack, trained: str) -> str:
+    """A key of the default tenant, made in the predictor's database once it is migrated."""
+    return tenants.create_key(stack.pg.url("predictions"), tenants.DEFAULT_TENANT).secret
+
+
+def _auth(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+def _post(url: str, key: str, records: list[dict[str, Any]], deadline: float) -> list[str]:
     """POST until answered (a restarting predictor refuses connections); the request ids."""
     while True:
         try:
-            resp = httpx.post(f"{url}/predict", json={"records": records}, timeout=30)
+            resp = httpx.post(
+                f"{url}/predict", json={"records": records}, headers=_auth(key), timeout=30
+            )
             if resp.status_code == 200:
                 return [p["request_id"] for p in resp.json()["predictions"]]
             assert resp.status_code >= 500, resp.text
@@ -213,14 +226,14 @@ def test_train_runs_through_the_worker_into_postgres_and_s3(stack: Stack, traine
 
 
 def test_the_predictor_serves_the_champion_and_monitor_runs_on_its_traffic(
-    stack: Stack, trained: str, workspace: Workspace
+    stack: Stack, trained: str, key: str, workspace: Workspace
 ) -> None:
     url = f"http://127.0.0.1:{stack.ports.predictor}"
     records = _traffic(workspace, TRAFFIC_ROWS, seed=101)
     ids: list[str] = []
     deadline = time.monotonic() + 120
     for i in range(0, len(records), 100):
-        ids += _post(url, records[i : i + 100], deadline)
+        ids += _post(url, key, records[i : i + 100], deadline)
     assert _logged(stack, ids) == TRAFFIC_ROWS
 
     out = _run_deployment(stack, "monitor/monitor")
@@ -296,7 +309,7 @@ def test_each_service_logs_in_to_postgres_as_its_own_role(stack: Stack, trained:
 
 
 def test_restarting_mlflow_and_the_predictor_mid_traffic_loses_nothing(
-    stack: Stack, trained: str, workspace: Workspace
+    stack: Stack, trained: str, key: str, workspace: Workspace
 ) -> None:
     url = f"http://127.0.0.1:{stack.ports.predictor}"
     records = _traffic(workspace, 2_000, seed=202)
@@ -308,7 +321,7 @@ def test_restarting_mlflow_and_the_predictor_mid_traffic_loses_nothing(
         try:
             i = 0
             while not stop.is_set():
-                acked.extend(_post(url, [records[i % len(records)]], time.monotonic() + 120))
+                acked.extend(_post(url, key, [records[i % len(records)]], time.monotonic() + 120))
                 i += 1
         except BaseException as exc:  # re-raised by the test below
             errors.append(exc)
@@ -337,12 +350,14 @@ def test_restarting_mlflow_and_the_predictor_mid_traffic_loses_nothing(
     assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == (
         runs_before
     )
-    served = httpx.post(f"{url}/predict", json={"records": records[:1]}, timeout=30).json()
+    served = httpx.post(
+        f"{url}/predict", json={"records": records[:1]}, headers=_auth(key), timeout=30
+    ).json()
     assert served["predictions"][0]["model_version"] == "1"
 
 
 def test_the_bento_built_by_make_bento_serves_its_champion_without_the_registry(
-    stack: Stack, trained: str, workspace: Workspace, tmp_path: Path
+    stack: Stack, trained: str, key: str, workspace: Workspace, tmp_path: Path
 ) -> None:
     """infra/docker/Dockerfile.predictor's build context and command, without Docker."""
     bento = tmp_path / "bento"
@@ -379,6 +394,7 @@ def test_the_bento_built_by_make_bento_serves_its_champion_without_the_registry(
         resp = httpx.post(
             f"http://127.0.0.1:{port}/predict",
             json={"records": _traffic(workspace, 3, seed=7)},
+            headers=_auth(key),
             timeout=30,
         )
     assert resp.status_code == 200, resp.text
