@@ -25,6 +25,7 @@ from prefect.events import emit_event
 from prefect.runtime import flow_run
 
 from common import alerts, evidently_store, registry
+from common import window as window_data
 from common.localpg import prediction_db
 from common.params import Params, load_params
 from common.registry import served as served_model
@@ -81,21 +82,8 @@ def reference_of(served: ServedModel) -> pd.DataFrame:
 def read_window(
     database_url: str, window: monitoring.Window, params: Params, reference: pd.DataFrame
 ) -> pd.DataFrame:
-    """The window's logged predictions, labels and predictions in the reference's dtype."""
-    target = params.data.target
-    positive = str(sorted(reference[target].dropna().unique().tolist())[-1])
-    current = monitoring.read_window(
-        database_url,
-        window,
-        params.data,
-        positive_class=positive,
-        prediction_column=params.monitor.prediction_column,
-        probability_column=params.monitor.probability_column,
-        class_columns=drift_core.class_columns(reference, params.data),
-    )
-    for col in (target, params.monitor.prediction_column):
-        current[col] = monitoring.target_like(current[col], reference[target])
-    return current
+    """The window's logged predictions and labels, in the reference's dtype."""
+    return window_data.read_current(database_url, window, params, reference)
 
 
 @task(cache_policy=NO_CACHE)

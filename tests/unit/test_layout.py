@@ -159,12 +159,7 @@ TASK_ACCESSORS = {
 client, the model cache folder and its logger are its inputs, not steps (so are Prefect's
 runtime context, the standard library and constructors)."""
 
-TASK_EXCEPTIONS = {
-    # One store read whose options come from the reference (models.drift.class_columns) and
-    # whose labels then take the reference's dtype: the store may not import models/, so the
-    # two meet here until the store's read_window takes the reference's dtype itself.
-    "flows/monitor.py:read_window",
-}
+TASK_EXCEPTIONS: set[str] = set()
 """Tasks that still make more than one call, each with its reason."""
 
 
