@@ -1,7 +1,11 @@
 """Online scoring, side by side in one run on the same model version and machine.
 
 1. in process (the floor): models.predict.Scorer, ONNX and sklearn
-2. this service over HTTP (`bentoml serve`, 2 workers, ONNX fast path, prediction log on)
+2. this service over HTTP (`bentoml serve`, 2 workers, ONNX fast path, prediction log on),
+   twice, side by side on one database and measured in turns: as it was before API keys
+   (every request the default tenant's, no key: `benchmarks.open_predictor`), and as it
+   is (a tenant's key checked, the tenant recorded on every row and answer); the
+   difference is what the key check and tenant scoping cost
 3. the peer: `mlflow models serve` of the same version, at its best here (2 workers,
    OMP_NUM_THREADS=1, per perf-anchors.md)
 
@@ -13,6 +17,7 @@ Needs a champion in the configured registry: run `make demo` first. Run: `make b
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import os
@@ -33,13 +38,18 @@ import mlflow
 import psutil
 
 from common import registry
-from common.settings import get_settings
+from common.localpg import prediction_db
+from common.settings import Settings, get_settings
+from common.store import roles, tenants
 from models.predict import Scorer
-from services.predictor.demo import sample_records
+from services.predictor.demo import admin_url, demo_key, sample_records
 from services.predictor.launch import _stop, serving
 
 SECONDS = 8.0
 CONCURRENCY = 32
+OPEN_SERVICE = "benchmarks.open_predictor:Predictor"
+"""The predictor before API keys: no key asked, every row the default tenant's."""
+KEYED_SERVICE = "services.predictor.service:Predictor"
 
 
 def _percentiles(samples: list[float]) -> tuple[float, float]:
@@ -64,9 +74,13 @@ def in_process(model_dir: Path, record: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def sequential(post: Callable[[httpx.Client], httpx.Response], n: int = 500) -> tuple[float, float]:
+def sequential(
+    post: Callable[[httpx.Client], httpx.Response],
+    n: int = 500,
+    headers: dict[str, str] | None = None,
+) -> tuple[float, float]:
     times = []
-    with httpx.Client(timeout=30) as client:
+    with httpx.Client(timeout=30, headers=headers) as client:
         for _ in range(50):
             post(client)
         for _ in range(n):
@@ -78,12 +92,14 @@ def sequential(post: Callable[[httpx.Client], httpx.Response], n: int = 500) -> 
     return p50 * 1000, p99 * 1000
 
 
-async def _load(url: str, body: dict[str, Any], records_per_request: int) -> tuple[float, int]:
+async def _load(
+    url: str, body: dict[str, Any], records_per_request: int, headers: dict[str, str]
+) -> tuple[float, int]:
     done = 0
     failed = 0
     deadline = time.perf_counter() + SECONDS
     limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
-    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=30, limits=limits, headers=headers) as client:
 
         async def worker() -> None:
             nonlocal done, failed
@@ -99,7 +115,9 @@ async def _load(url: str, body: dict[str, Any], records_per_request: int) -> tup
         return done / (time.perf_counter() - start), failed
 
 
-def _wrk(url: str, body: dict[str, Any], records: int) -> tuple[float, int] | None:
+def _wrk(
+    url: str, body: dict[str, Any], records: int, headers: dict[str, str]
+) -> tuple[float, int] | None:
     """records/s and failed requests measured by wrk (C, 2 threads), when it is installed."""
     wrk = shutil.which("wrk")
     if wrk is None:
@@ -107,7 +125,8 @@ def _wrk(url: str, body: dict[str, Any], records: int) -> tuple[float, int] | No
     with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
         script.write(
             'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
-            f"wrk.body = [==[{json.dumps(body)}]==]\n"
+            + "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in headers.items())
+            + f"wrk.body = [==[{json.dumps(body)}]==]\n"
         )
         script.flush()
         cmd = [wrk, "-t2", f"-c{CONCURRENCY}", f"-d{SECONDS:.0f}s", "-s", script.name, url]
@@ -124,9 +143,76 @@ def _wrk(url: str, body: dict[str, Any], records: int) -> tuple[float, int] | No
     return (int(done.group(1)) - bad) * records / seconds, bad
 
 
-def throughput(url: str, body: dict[str, Any], records: int) -> tuple[float, int]:
+def throughput(
+    url: str, body: dict[str, Any], records: int, headers: dict[str, str] | None = None
+) -> tuple[float, int]:
     """wrk when installed (apt-get install wrk); else an asyncio httpx client, which is slower."""
-    return _wrk(url, body, records) or asyncio.run(_load(url, body, records))
+    headers = headers or {}
+    return _wrk(url, body, records, headers) or asyncio.run(_load(url, body, records, headers))
+
+
+Figures = tuple[float, float, tuple[float, int], tuple[float, int]]
+"""p50 and p99 (ms), then (records/s, failed requests) with 1-record and 100-record bodies."""
+
+
+def both_flavours(
+    settings: Settings, one: dict[str, Any], batch: list[dict[str, Any]], rounds: int = 3
+) -> tuple[Figures, Figures]:
+    """This service without keys and with one, served side by side on one database and
+    measured in turns (A, B, A, B, ...), so that a busy moment hits both alike; medians."""
+    with prediction_db(settings, role=roles.PREDICTOR) as database_url:
+        shared = settings.model_copy(update={"database_url": database_url})
+        ports = _free_port(), _free_port()
+        urls = [f"http://127.0.0.1:{port}/predict" for port in ports]
+        key = demo_key(admin_url(settings))
+        headers = [{}, {"Authorization": f"Bearer {key.secret}"}]
+        try:
+            with (
+                serving(shared, ports[0], service=OPEN_SERVICE),
+                serving(shared, ports[1], service=KEYED_SERVICE),
+            ):
+                latency: list[list[tuple[float, float]]] = [[], []]
+                single: list[list[tuple[float, int]]] = [[], []]
+                batched: list[list[tuple[float, int]]] = [[], []]
+                for _ in range(rounds):
+                    for i in (0, 1):
+                        post = functools.partial(_post_one, urls[i], one)
+                        latency[i].append(sequential(post, headers=headers[i]))
+                    for i in (0, 1):
+                        single[i].append(throughput(urls[i], {"records": one}, 1, headers[i]))
+                for i in (0, 1):
+                    batched[i].append(throughput(urls[i], {"records": batch}, 100, headers[i]))
+        finally:
+            tenants.revoke_key(admin_url(settings), key.tenant_id, key.key_id)
+    anonymous, keyed = (
+        (
+            statistics.median(p50 for p50, _ in latency[i]),
+            statistics.median(p99 for _, p99 in latency[i]),
+            _median(single[i]),
+            _median(batched[i]),
+        )
+        for i in (0, 1)
+    )
+    return anonymous, keyed
+
+
+def _post_one(url: str, record: dict[str, Any], client: httpx.Client) -> httpx.Response:
+    return client.post(url, json={"records": record})
+
+
+def _median(runs: list[tuple[float, int]]) -> tuple[float, int]:
+    return statistics.median(r for r, _ in runs), sum(f for _, f in runs)
+
+
+def _row(
+    name: str, p50: float, p99: float, single: tuple[float, int], batched: tuple[float, int]
+) -> tuple[str, str, str, str]:
+    return (
+        name,
+        f"{p50:.2f} / {p99:.2f} ms",
+        f"{single[0]:,.0f}" + (f" ({single[1]} failed)" if single[1] else ""),
+        f"{batched[0]:,.0f}" + (f" ({batched[1]} failed)" if batched[1] else ""),
+    )
 
 
 def _free_port() -> int:
@@ -168,21 +254,10 @@ def main() -> None:
     rows.append(("in-process onnxruntime (floor)", f"{floor['onnx']:.3f} ms", "-", "-"))
     rows.append(("in-process sklearn", f"{floor['sklearn']:.3f} ms", "-", "-"))
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/predict"
-    with serving(settings, port):
-        p50, p99 = sequential(lambda c: c.post(url, json={"records": one}))
-        single, f1 = throughput(url, {"records": one}, 1)
-        batched, f2 = throughput(url, {"records": batch}, 100)
-    ours = (p50, single)
-    rows.append(
-        (
-            "this service (bentoml serve, 2 workers, onnx)",
-            f"{p50:.2f} / {p99:.2f} ms",
-            f"{single:,.0f}" + (f" ({f1} failed)" if f1 else ""),
-            f"{batched:,.0f}" + (f" ({f2} failed)" if f2 else ""),
-        )
-    )
+    anonymous, keyed = both_flavours(settings, one, batch)
+    rows.append(_row("this service, no key (as before API keys)", *anonymous))
+    rows.append(_row("this service, a tenant's key (bentoml, 2 workers)", *keyed))
+    ours = (keyed[0], keyed[2][0])
 
     port = _free_port()
     peer_url = f"http://127.0.0.1:{port}/invocations"
@@ -220,6 +295,11 @@ def main() -> None:
     print(f"{'path':50} {'c=1 p50 / p99':>18} {'rec/s c=32 x1':>16} {'rec/s c=32 x100':>16}")
     for name, lat, s1, s100 in rows:
         print(f"{name:50} {lat:>18} {s1:>16} {s100:>16}")
+    print(
+        f"key check + tenant scoping: {keyed[0] - anonymous[0]:+.2f} ms at p50 (aim: at most "
+        f"+0.30), {keyed[2][0] / anonymous[2][0] - 1:+.1%} records/s at c={CONCURRENCY} x1, "
+        f"{keyed[3][0] / anonymous[3][0] - 1:+.1%} x100 (aim: no worse than -10%)"
+    )
     print(f"p50 above the in-process floor: {ours[0] - floor['onnx']:.2f} ms (aim: within 3 ms)")
     print(f"1-record throughput vs the peer: {ours[1] / single_m:.1f}x (aim: at least 2x)")
 
