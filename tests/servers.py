@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -76,11 +77,30 @@ class HttpServer:
     log_path: Path
 
 
+_HANDED_OUT: set[int] = set()
+_PORTS = random.Random(os.getpid())
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that is free now and outside the kernel's ephemeral range.
+
+    Port 0 would hand out an ephemeral port, which the kernel may give to any outgoing
+    connection before the server binds it (seen: a Prefect server's port taken by a client
+    socket in between). Ports 20000-32767 are never handed out that way; each port is
+    given once per test process.
+    """
+    for _ in range(1000):
+        port = _PORTS.randrange(20000, 32768)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError("no free TCP port in 20000-32767 on 127.0.0.1")
 
 
 def http_ok(url: str, timeout: float = 2) -> Callable[[], bool]:
