@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from common import paths
 from common.errors import UserError
 
 PARAMS_FILE = Path("params.yaml")
@@ -43,6 +45,9 @@ class DataParams(_Section):
     id_column: str | None = None
     # Labelled production rows (exported by the retrain flow) that `prepare` appends.
     production_dir: str | None = None
+    # Tenants whose labelled rows may train the shared model (their consent). A tenant with a
+    # model of its own (`tenants`) trains that model on its own rows only.
+    production_tenants: list[str] = Field(default_factory=lambda: ["default"])
     features: dict[str, FeatureSpec]
 
     @property
@@ -126,6 +131,51 @@ class BatchScoreParams(_Section):
     chunk_rows: int = Field(default=100_000, gt=0)
 
 
+class TenantSource(_Section):
+    """Where a tenant's training data is read from, before anything else runs (`snapshot`).
+
+    Exactly one of `path` (a local path or an `s3://` URL; CSV or Parquet by its suffix) or
+    `sql` (a query run through the read-only connection string in the environment variable
+    `url_env`: the secret never sits in params.yaml).
+    """
+
+    path: str | None = None
+    sql: str | None = None
+    url_env: str | None = Field(default=None, pattern=r"^[A-Z_][A-Z0-9_]*$")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TenantSource:
+        if (self.path is None) == (self.sql is None):
+            raise ValueError("give exactly one of path or sql")
+        if self.sql is not None and self.url_env is None:
+            raise ValueError("sql needs url_env: the environment variable holding the URL")
+        if self.path is not None and self.url_env is not None:
+            raise ValueError("url_env applies to sql sources only")
+        return self
+
+    def describe(self) -> str:
+        """The source in a message: the path, or the query and where its URL comes from."""
+        return self.path if self.path is not None else f"SQL via ${self.url_env}: {self.sql}"
+
+
+TENANT_ID = r"^[a-z0-9-]{1,32}$"
+"""The tenants table's rule (common.store.tenants), repeated for params.yaml's keys."""
+
+
+class TenantParams(_Section):
+    """A tenant with a model of its own: its data source and any section it overrides.
+
+    An override names only the keys it changes; the rest come from the shared section.
+    """
+
+    source: TenantSource
+    prepare: dict[str, Any] = Field(default_factory=dict)
+    validate_: dict[str, Any] = Field(default_factory=dict, alias="validate")
+    train: dict[str, Any] = Field(default_factory=dict)
+    promote: dict[str, Any] = Field(default_factory=dict)
+    monitor: dict[str, Any] = Field(default_factory=dict)
+
+
 class Params(_Section):
     data: DataParams
     generate: GenerateParams
@@ -135,6 +185,51 @@ class Params(_Section):
     promote: PromoteParams
     batch_score: BatchScoreParams = Field(default_factory=BatchScoreParams)
     monitor: MonitorParams = Field(default_factory=MonitorParams)
+    tenants: dict[str, TenantParams] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _tenant_ids_valid(self) -> Params:
+        for tenant in self.tenants:
+            if not re.fullmatch(TENANT_ID, tenant):
+                raise ValueError(f"tenant id {tenant!r} must match {TENANT_ID}")
+        for tenant in self.tenants:
+            self.for_tenant(tenant)  # every override must make a valid section
+        return self
+
+    def for_tenant(self, tenant: str | None) -> Params:
+        """The params of `tenant`'s own pipeline: its snapshot as the raw table, its own
+        production rows, its overrides on the shared sections. None: these params."""
+        if tenant is None:
+            return self
+        own = self.tenants.get(tenant)
+        if own is None:
+            raise UserError(
+                f"tenant {tenant!r} has no model of its own in params.yaml "
+                f"(tenants: {sorted(self.tenants) or 'none'}); add a `tenants.{tenant}` "
+                "section with its data source."
+            )
+        where = paths.layout(tenant)
+        data = self.data.model_copy(
+            update={
+                "path": str(where.SNAPSHOT),
+                "production_dir": str(where.PRODUCTION),
+                "production_tenants": [tenant],
+            }
+        )
+        raw = self.model_dump(by_alias=True, exclude={"tenants", "data"})
+        for section, override in (
+            ("prepare", own.prepare),
+            ("validate", own.validate_),
+            ("train", own.train),
+            ("promote", own.promote),
+            ("monitor", own.monitor),
+        ):
+            raw[section] = {**raw[section], **override}
+        try:
+            merged = Params.model_validate({**raw, "data": data.model_dump()})
+        except ValidationError as exc:
+            raise ValueError(f"tenants.{tenant}: {_problems(exc)}") from exc
+        return merged
 
 
 def load_params(path: Path = PARAMS_FILE) -> Params:
@@ -148,9 +243,12 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            # a bad mapping key comes as (..., key, "[key]"): name the key itself
-            f"{'.'.join(str(p) for p in e['loc'] if p != '[key]')}: {e['msg']}"
-            for e in exc.errors()
-        )
-        raise UserError(f"{path} is invalid: {problems}") from exc
+        raise UserError(f"{path} is invalid: {_problems(exc)}") from exc
+
+
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(
+        # a bad mapping key comes as (..., key, "[key]"): name the key itself
+        f"{'.'.join(str(p) for p in e['loc'] if p != '[key]')}: {e['msg']}"
+        for e in exc.errors()
+    )

@@ -29,6 +29,21 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 
 
+TENANT_SEPARATOR = "."
+"""A tenant's own model is registered as `<MODEL_NAME>.<tenant>`: `churn-classifier.acme`."""
+
+
+def model_name(settings: Settings, tenant: str | None = None) -> str:
+    """The registered model of `tenant`'s own model; None: the shared model (MODEL_NAME)."""
+    return settings.model_name if tenant is None else f"{settings.model_name}.{tenant}"
+
+
+def tenant_of(settings: Settings, name: str) -> str | None:
+    """The tenant whose own model `name` is; None for the shared model or another name."""
+    prefix = settings.model_name + TENANT_SEPARATOR
+    return name.removeprefix(prefix) if name.startswith(prefix) else None
+
+
 def connect(settings: Settings) -> MlflowClient:
     """Point MLflow at the configured store; a server that does not answer is a UserError."""
     settings.export_tool_env()
