@@ -81,6 +81,14 @@ def _scope(conn: Any, tenants: Sequence[str] | None) -> None:
     scope(conn, tenant_ids(conn) if tenants is None else tenants)
 
 
+def _of_tenants(tenants: Sequence[str] | None) -> sql.Composed:
+    """The rows of `tenants` (None: every tenant's) also in the query itself, so a role that
+    row-level security does not bind (a superuser DATABASE_URL) reads no other tenant's."""
+    if tenants is None:
+        return sql.Composed([sql.SQL("TRUE")])
+    return sql.SQL("p.tenant_id = ANY({})").format(sql.Literal(list(tenants)))
+
+
 def _copy_frame(
     conn: Any, query: sql.Composable, data: DataParams, text: Sequence[str]
 ) -> pd.DataFrame:
@@ -126,6 +134,7 @@ def read_window(
     ]
     if window.model_version is not None:
         where.append(sql.SQL("p.model_version = {}").format(sql.Literal(window.model_version)))
+    where.append(_of_tenants(tenants))
     query = sql.SQL(
         "SELECT {} FROM predictions p LEFT JOIN feedback f {} WHERE {} ORDER BY p.ts"
     ).format(
@@ -141,15 +150,17 @@ def read_window(
 
 def labelled_rows(
     database_url: str,
-    model_name: str,
+    model_name: str | Sequence[str],
     data: DataParams,
     tenants: Sequence[str] | None = None,
 ) -> pd.DataFrame:
-    """Every logged prediction of `model_name` that has its true label: features and target.
+    """Every logged prediction of `model_name` (one or several) that has its true label.
 
-    The request id goes in the id column, so `prepare` keeps each row on its side of the
-    split. `tenants` limits the rows to their traffic; None reads every tenant's.
+    Features and target; the request id goes in the id column, so `prepare` keeps each row
+    on its side of the split. `tenants` limits the rows to their traffic; None reads every
+    tenant's.
     """
+    names = [model_name] if isinstance(model_name, str) else list(model_name)
     migrate(database_url)
     id_column = data.id_column or REQUEST_ID
     cols: list[sql.Composable] = [
@@ -163,8 +174,8 @@ def labelled_rows(
     cols.append(sql.SQL("f.label AS {}").format(sql.Identifier(data.target)))
     query = sql.SQL(
         "SELECT {} FROM predictions p JOIN feedback f {}"
-        " WHERE p.model_name = {} ORDER BY p.ts, p.request_id"
-    ).format(sql.SQL(", ").join(cols), _JOIN_LABEL, sql.Literal(model_name))
+        " WHERE p.model_name = ANY({}) AND {} ORDER BY p.ts, p.request_id"
+    ).format(sql.SQL(", ").join(cols), _JOIN_LABEL, sql.Literal(names), _of_tenants(tenants))
     with connect(database_url, statement_timeout=None) as conn, conn.transaction():
         _scope(conn, tenants)
         return _copy_frame(conn, query, data, [id_column, *data.categorical, data.target])
