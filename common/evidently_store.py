@@ -2,10 +2,10 @@
 
 The target (settings.evidently_target) is a directory, Evidently's local Workspace that
 `evidently ui --workspace DIR` serves, or the http(s) URL of a running `evidently ui`,
-reached through its RemoteWorkspace. Each monitored model has one project, created on
-first use with a dashboard of the headline numbers; each window adds its snapshots. A UI
-started with EVIDENTLY_SECRET refuses writes without it: uploads send settings'
-EVIDENTLY_SECRET (or the `secret` given) in its `evidently-secret` header.
+reached through its RemoteWorkspace. Each monitored model, and each tenant's traffic, has
+one project, created on first use with a dashboard of the headline numbers; each window
+adds its snapshots. A UI started with EVIDENTLY_SECRET refuses writes without it: uploads
+send settings' EVIDENTLY_SECRET (or the `secret` given) in its `evidently-secret` header.
 
 A directory may be served by a running `evidently ui` while a monitor run writes to it:
 every file this module writes there appears whole, by a rename (see _RenamedInLocation).
@@ -34,6 +34,12 @@ from evidently.ui.workspace import RemoteWorkspace, Workspace  # type: ignore[im
 from common.params import MonitorParams
 from common.settings import get_settings
 from models.report import DRIFT_TAG, PERFORMANCE_TAG
+
+
+def project_name(model_name: str, tenant: str | None = None) -> str:
+    """One project per monitored model, and per tenant: a tenant's charts show its traffic only."""
+    return f"{model_name} monitoring" + ("" if tenant is None else f" (tenant {tenant})")
+
 
 DASHBOARD_TAB = "Monitoring"
 """Evidently OSS refuses a dashboard with more than one tab: every panel goes in this one."""

@@ -3,21 +3,56 @@
 The store reads the rows (it may not import models/); the reference decides the positive
 class, the per-class probability columns of a multiclass model, and the dtype the logged
 labels and predictions take, so the drift checks compare like with like.
+
+A run is the shared model's (tenant None: the traffic it served, every tenant's) or one
+tenant's (only that tenant's rows, against the model that serves it: its own champion
+`<MODEL_NAME>.<tenant>@champion` if it has one, else the shared champion).
 """
 
 from __future__ import annotations
 
 import pandas as pd
 
+from common import registry
 from common.params import Params
+from common.registry import served as served_model
+from common.registry.served import ServedModel
+from common.settings import Settings
 from common.store import monitoring
 from models import drift
 
 
+def serving_model(settings: Settings, tenant: str | None) -> str:
+    """The registered model whose alias serves `tenant`: its own if it has a version under
+    the alias, else the shared one."""
+    if tenant is not None:
+        own = registry.model_name(settings, tenant)
+        if registry.version_by_alias(registry.connect(settings), own, settings.model_alias):
+            return own
+    return registry.model_name(settings)
+
+
+def served(settings: Settings, tenant: str | None, version: str | None) -> ServedModel:
+    """The version to monitor for `tenant`, downloaded: the one its serving alias points at,
+    or `version` of the model that serves it."""
+    name = serving_model(settings, tenant)
+    cache = served_model.cache_dir(settings)
+    if version is None:
+        return served_model.resolve(settings, name, settings.model_alias, cache)
+    return served_model.by_version(settings, name, version, cache)
+
+
 def read_current(
-    database_url: str, window: monitoring.Window, params: Params, reference: pd.DataFrame
+    database_url: str,
+    window: monitoring.Window,
+    params: Params,
+    reference: pd.DataFrame,
+    tenant: str | None = None,
 ) -> pd.DataFrame:
-    """The window's logged predictions and labels, in the reference's dtype."""
+    """The window's logged predictions and labels, in the reference's dtype.
+
+    `tenant` None reads every tenant's traffic of the window's model; a tenant id, its own.
+    """
     target = params.data.target
     positive = str(sorted(reference[target].dropna().unique().tolist())[-1])
     current = monitoring.read_window(
@@ -28,6 +63,7 @@ def read_current(
         prediction_column=params.monitor.prediction_column,
         probability_column=params.monitor.probability_column,
         class_columns=drift.class_columns(reference, params.data),
+        tenants=None if tenant is None else [tenant],
     )
     for col in (target, params.monitor.prediction_column):
         current[col] = monitoring.target_like(current[col], reference[target])

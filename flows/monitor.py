@@ -6,6 +6,11 @@ Evidently report (HTML and JSON in an MLflow run of the monitoring experiment, a
 snapshot in the Evidently workspace), writes the headline numbers to PostgreSQL and,
 over threshold, alerts: a warning, a Prefect artifact, a POST to MONITOR_WEBHOOK_URL and
 the Prefect event `mlops.drift.detected` that triggers the `retrain` deployment.
+
+A run is the shared model's (`tenant` None) or one tenant's: that tenant's rows only,
+against the model serving it (common.window), its numbers, report and event under its
+name, so drift in one customer's traffic retrains that customer's model alone.
+`monitor_tenants` queues one run per tenant on the work pool.
 """
 
 from __future__ import annotations
@@ -24,13 +29,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 from prefect.runtime import flow_run
 
-from common import alerts, evidently_store, registry
+from common import alerts, evidently_store, fanout, registry
 from common import window as window_data
 from common.localpg import prediction_db
 from common.params import Params, load_params
-from common.registry import served as served_model
 from common.registry import tags as tag
-from common.registry.served import ServedModel, by_version, resolve
+from common.registry.served import ServedModel
 from common.settings import Settings, get_settings
 from common.store import monitoring, roles
 from models import drift as drift_core
@@ -38,6 +42,8 @@ from models import report
 
 DRIFT_EVENT = "mlops.drift.detected"
 """The event the `retrain` deployment's trigger expects (prefect.yaml)."""
+TENANT_TAG = "mlops.tenant"
+"""The MLflow run tag and event resource label naming a run's tenant (absent: the shared model)."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +61,7 @@ class Outcome:
         """One flat JSON-ready dict: the webhook's body, the drift event's payload, `_cli`'s print.
 
         The keys are the run's fields, `share_drifted` and `alerted`; prefect.yaml's retrain
-        trigger reads `mlflow_run_id` from it.
+        trigger reads `mlflow_run_id` and `tenant_id` (None: the shared model) from it.
         """
         run = asdict(self.run)
         for key in ("window_start", "window_end"):
@@ -64,12 +70,9 @@ class Outcome:
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
-def served_version(settings: Settings, version: str | None) -> ServedModel:
-    """The version to monitor (default: the one the serving alias points at), downloaded."""
-    cache = served_model.cache_dir(settings)
-    if version is None:
-        return resolve(settings, settings.model_name, settings.model_alias, cache)
-    return by_version(settings, settings.model_name, version, cache)
+def served_version(settings: Settings, tenant: str | None, version: str | None) -> ServedModel:
+    """The version serving `tenant` (default: under the serving alias), downloaded."""
+    return window_data.served(settings, tenant, version)
 
 
 @task(cache_policy=NO_CACHE)
@@ -80,10 +83,14 @@ def reference_of(served: ServedModel) -> pd.DataFrame:
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
 def read_window(
-    database_url: str, window: monitoring.Window, params: Params, reference: pd.DataFrame
+    database_url: str,
+    window: monitoring.Window,
+    params: Params,
+    reference: pd.DataFrame,
+    tenant: str | None,
 ) -> pd.DataFrame:
-    """The window's logged predictions and labels, in the reference's dtype."""
-    return window_data.read_current(database_url, window, params, reference)
+    """The window's logged predictions and labels (`tenant`'s only, if set), as the reference."""
+    return window_data.read_current(database_url, window, params, reference, tenant)
 
 
 @task(cache_policy=NO_CACHE)
@@ -117,12 +124,16 @@ def write_report(  # noqa: PLR0917  (a task's inputs are its signature)
 
 @task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=[5])
 def upload_report(
-    settings: Settings, served: ServedModel, window: monitoring.Window, kept: report.MonitorReport
+    settings: Settings,
+    served: ServedModel,
+    window: monitoring.Window,
+    kept: report.MonitorReport,
+    project: str,
 ) -> str:
-    """The window's snapshots in the model's Evidently project; the project's id."""
+    """The window's snapshots in the Evidently project `project`; the project's id."""
     return evidently_store.add_snapshot(
         settings.evidently_target,
-        f"{served.name} monitoring",
+        project,
         kept,
         description=f"{served.name} v{served.version}, window to {window.end:%F %H:%M} UTC",
     )
@@ -138,6 +149,7 @@ def log_run(  # noqa: PLR0917  (a task's inputs are its signature)
     run_id: str,
     project: str | None,
     files: Path,
+    tenant: str | None,
 ) -> tuple[str, str]:
     """The run in the monitoring experiment, the kept files as its artifacts: (run id, uri)."""
     tags = {
@@ -150,11 +162,12 @@ def log_run(  # noqa: PLR0917  (a task's inputs are its signature)
         "enough_rows": str(result.enough_rows).lower(),
         **({"prefect.flow_run_id": str(flow_run.id)} if flow_run.id else {}),
         **({"evidently.project": project} if project else {}),
+        **({TENANT_TAG: tenant} if tenant else {}),
     }
     return registry.log_run(
         settings,
         params.monitor.experiment,
-        f"monitor v{served.version}",
+        f"monitor v{served.version}" + (f" {tenant}" if tenant else ""),
         tags=tags,
         metrics=result.metrics(),
         artifacts=files,
@@ -201,26 +214,35 @@ def alert(settings: Settings, payload: dict[str, Any]) -> None:
         get_run_logger().error(failure)
 
 
+def drift_resource(run: monitoring.RunRecord) -> dict[str, str]:
+    """The drift event's resource: the tenant whose traffic drifted, else the shared model."""
+    tenant = run.tenant_id
+    return {
+        "prefect.resource.id": f"mlops.tenant.{tenant}"
+        if tenant
+        else f"mlops.model.{run.model_name}",
+        "prefect.resource.name": f"{run.model_name} ({_whose(tenant)})",
+        "mlops.model.name": run.model_name,
+        "mlops.model.version": run.model_version,
+        **({TENANT_TAG: tenant} if tenant else {}),
+    }
+
+
 def _raise_alarm(settings: Settings, outcome: Outcome, result: drift_core.DriftResult) -> None:
     """Over threshold: warn, leave the `drift-alert` artifact, page, emit the retrain event."""
     run = outcome.run
-    get_run_logger().warning("DRIFT %s v%s: %s", run.model_name, run.model_version, run.summary)
+    whose = f" (tenant {run.tenant_id})" if run.tenant_id else ""
+    get_run_logger().warning(
+        "DRIFT %s v%s%s: %s", run.model_name, run.model_version, whose, run.summary
+    )
     create_markdown_artifact(
         _alert_markdown(outcome, result),
         key="drift-alert",
-        description=f"drift in {run.model_name} v{run.model_version}",
+        description=f"drift in {run.model_name} v{run.model_version}{whose}",
     )
     payload = {"event": DRIFT_EVENT, **outcome.payload()}
     alert(settings, payload)
-    emit_event(
-        event=DRIFT_EVENT,
-        resource={
-            "prefect.resource.id": f"mlops.model.{run.model_name}",
-            "prefect.resource.name": run.model_name,
-            "mlops.model.version": run.model_version,
-        },
-        payload=payload,
-    )
+    emit_event(event=DRIFT_EVENT, resource=drift_resource(run), payload=payload)
 
 
 @flow(name="monitor")
@@ -228,27 +250,33 @@ def monitor(
     window_hours: float | None = None,
     end: datetime | None = None,
     model_version: str | None = None,
+    tenant: str | None = None,
 ) -> Outcome:
-    """Check one window of live traffic against the served version's reference."""
+    """Check one window of live traffic against the served version's reference.
+
+    `tenant` None: the shared model's traffic, every tenant's; a tenant id: that tenant's
+    rows only, against its own model's champion if it has one, else the shared one's.
+    """
     settings = get_settings()
     params = load_params()
     logger = get_run_logger()
     end = (end or datetime.now(UTC)).astimezone(UTC)
     start = end - timedelta(hours=window_hours or params.monitor.window_hours)
-    served = served_version(settings, model_version)
+    served = served_version(settings, tenant, model_version)
     window = monitoring.Window(served.name, served.version, start, end)
     reference = reference_of(served)
     run_id = monitoring.new_run_id()
     with prediction_db(settings, reuse_running=True, role=roles.FLOWS) as database_url:
-        current = read_window(database_url, window, params, reference)
+        current = read_window(database_url, window, params, reference, tenant)
         result = check(reference, current, params)
-        logger.info("%s v%s: %s", served.name, served.version, result.summary())
+        logger.info("%s v%s %s: %s", served.name, served.version, _whose(tenant), result.summary())
         with tempfile.TemporaryDirectory() as tmp:
             files = Path(tmp)
             kept = write_report(params, served, window, reference, current, result, files)
-            project = None if kept is None else upload_report(settings, served, window, kept)
+            name = evidently_store.project_name(served.name, tenant)
+            project = None if kept is None else upload_report(settings, served, window, kept, name)
             mlflow_run, report_uri = log_run(
-                settings, params, served, window, result, run_id, project, files
+                settings, params, served, window, result, run_id, project, files, tenant
             )
         tag_version(settings, served, window, result, mlflow_run)
         run = monitoring.RunRecord(
@@ -265,15 +293,40 @@ def monitor(
             mlflow_run_id=mlflow_run,
             report_uri=report_uri,
             evidently_project=project,
+            tenant_id=tenant,
         )
         record(database_url, run, result)
     outcome = Outcome(run, share_drifted=result.share_drifted, alerted=result.drift_detected)
     if result.drift_detected:
         _raise_alarm(settings, outcome, result)
     create_markdown_artifact(
-        _markdown(outcome), key="monitor-summary", description=f"{served.name} v{served.version}"
+        _markdown(outcome),
+        key="monitor-summary",
+        description=f"{served.name} v{served.version} {_whose(tenant)}",
     )
     return outcome
+
+
+@task(cache_policy=NO_CACHE, task_run_name="queue-{tenant}")
+def queue(tenant: str | None, window_hours: float | None, end: datetime | None) -> str:
+    """One `monitor` run for `tenant` on the work pool, not waited for; its flow run id."""
+    return str(fanout.queue(DEPLOYMENT, tenant, {"window_hours": window_hours, "end": end}).id)
+
+
+DEPLOYMENT = "monitor/monitor"
+"""The deployment `monitor_tenants` queues runs of (prefect.yaml)."""
+
+
+@flow(name="monitor_tenants")
+def monitor_tenants(window_hours: float | None = None, end: datetime | None = None) -> list[str]:
+    """Queue one `monitor` run for the shared model and one per tenant with a model of its
+    own (params.yaml `tenants`); the pool's workers run them. Their flow run ids."""
+    tenants = [None, *load_params().tenants]
+    return [queue(tenant, window_hours, end) for tenant in tenants]
+
+
+def _whose(tenant: str | None) -> str:
+    return f"tenant {tenant}" if tenant else "shared model"
 
 
 def _alert_markdown(o: Outcome, result: drift_core.DriftResult) -> str:
@@ -283,7 +336,7 @@ def _alert_markdown(o: Outcome, result: drift_core.DriftResult) -> str:
         f"| {c.column} | {c.method} | {c.score:.3f} | {c.threshold} |" for c in drifted
     )
     return (
-        f"## Drift detected: {r.model_name} v{r.model_version}\n\n"
+        f"## Drift detected: {r.model_name} v{r.model_version}, {_whose(r.tenant_id)}\n\n"
         f"{r.summary}\n\n"
         f"| column | test | score | threshold |\n|---|---|---|---|\n{table}\n\n"
         f"Report: `{r.report_uri}` (MLflow run `{r.mlflow_run_id}`). "
@@ -300,7 +353,7 @@ def _markdown(o: Outcome) -> str:
     )
     start, end = (t.isoformat(timespec="seconds") for t in (r.window_start, r.window_end))
     return (
-        f"## Monitoring {r.model_name} v{r.model_version}\n\n"
+        f"## Monitoring {r.model_name} v{r.model_version}, {_whose(r.tenant_id)}\n\n"
         f"| | |\n|---|---|\n| window | {start} to {end} |\n"
         f"| rows | {r.current_rows:,} ({r.labelled_rows:,} labelled) |\n"
         f"| verdict | {verdict} |\n| drifted features | {o.share_drifted:.0%} |\n"

@@ -1,4 +1,8 @@
-"""promote and rollback: move `champion` under the policy in params.yaml, optionally approved."""
+"""promote and rollback: move `champion` under the policy in params.yaml, optionally approved.
+
+Both act on the shared model (`tenant` None) or on one tenant's own model
+(`<MODEL_NAME>.<tenant>`, judged on its own holdout under its own params).
+"""
 
 from __future__ import annotations
 
@@ -30,26 +34,30 @@ def _by(what: str) -> str:
 
 
 @task
-def compare(project_dir: str) -> tuple[policy.Candidates, policy.Verdict]:
+def compare(
+    project_dir: str, tenant: str | None = None
+) -> tuple[policy.Candidates, policy.Verdict]:
     """Score challenger and champion on the same holdout and apply the policy."""
     root = Path(project_dir)
-    params = load_params(root / "params.yaml")
+    params = load_params(root / "params.yaml").for_tenant(tenant)
     settings = get_settings()
     return policy.compare(
         registry.connect(settings),
-        settings.model_name,
+        registry.model_name(settings, tenant),
         params.data,
         params.promote,
         cache=served.cache_dir(settings),
-        holdout_path=root / paths.HOLDOUT,
+        holdout_path=root / paths.layout(tenant).HOLDOUT,
     )
 
 
 @task
-def decide(c: policy.Candidates, promoted: bool, by: str, reason: str) -> None:
+def decide(
+    c: policy.Candidates, promoted: bool, by: str, reason: str, tenant: str | None = None
+) -> None:
     """Record the decision on the challenger and move the alias if it was promoted."""
     client = registry.connect(get_settings())
-    name = get_settings().model_name
+    name = registry.model_name(get_settings(), tenant)
     if promoted:
         policy.promote(client, name, c, by=by, reason=reason)
     else:
@@ -79,14 +87,14 @@ def _ask(c: policy.Candidates, verdict: policy.Verdict, timeout: int) -> tuple[b
 
 
 @flow(name="promote")
-def promote(project_dir: str = ".") -> bool:
+def promote(project_dir: str = ".", tenant: str | None = None) -> bool:
     """Promote `challenger` to `champion` if it passes the policy (and a person approves)."""
-    params = load_params(Path(project_dir) / "params.yaml").promote
-    c, verdict = compare(project_dir)
+    params = load_params(Path(project_dir) / "params.yaml").for_tenant(tenant).promote
+    c, verdict = compare(project_dir, tenant)
     promoted, by, reason = verdict.passed, _by("promote policy"), verdict.summary
     if promoted and params.require_approval:
         promoted, by, reason = _ask(c, verdict, params.approval_timeout_seconds)
-    decide(c, promoted, by, reason)
+    decide(c, promoted, by, reason, tenant)
     verb = "promoted to champion" if promoted else "not promoted"
     get_run_logger().info("challenger v%s %s: %s", c.challenger, verb, reason)
     create_markdown_artifact(
@@ -97,11 +105,13 @@ def promote(project_dir: str = ".") -> bool:
 
 
 @flow(name="rollback")
-def rollback(reason: str = "manual rollback") -> str:
-    """Point `champion` back at the version the current champion replaced."""
-    client = registry.connect(get_settings())
+def rollback(reason: str = "manual rollback", tenant: str | None = None) -> str:
+    """Point `champion` of `tenant`'s model (None: the shared one) back at the version the
+    current champion replaced."""
+    settings = get_settings()
+    name = registry.model_name(settings, tenant)
     old, new = policy.rollback(
-        client, get_settings().model_name, by=_by("rollback flow"), reason=reason
+        registry.connect(settings), name, by=_by("rollback flow"), reason=reason
     )
-    get_run_logger().info("champion moved back from v%s to v%s: %s", old, new, reason)
+    get_run_logger().info("%s: champion moved back from v%s to v%s: %s", name, old, new, reason)
     return new

@@ -1,8 +1,12 @@
 """retrain: export the labelled production rows, run the `pipeline`, then `promote`.
 
 The deployment of this flow is triggered by the `mlops.drift.detected` event that the
-monitor flow emits. The new version is trained on the raw table plus every logged
-prediction whose true label has arrived, and becomes champion only through the gate.
+monitor flow emits, with the tenant the event names. The new version is trained on the
+raw table plus the labelled predictions that model may learn from (common.production):
+the shared model's, of `data.production_tenants`; a tenant's own, of that tenant alone.
+It becomes champion only through the gate. `retrain_tenants` queues one run per tenant
+on the work pool, where the deployment's concurrency limit keeps them from all starting
+at once.
 """
 
 from __future__ import annotations
@@ -12,27 +16,32 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from common import production, registry
+from common import dvc_pipeline, fanout, production, registry
 from common.params import load_params
 from common.registry import tags as tag
 from common.settings import get_settings
 from flows.pipeline import pipeline
 from flows.promote import promote
 
+DEPLOYMENT = "retrain/retrain"
+"""The deployment `retrain_tenants` queues runs of (prefect.yaml)."""
+
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
-def collect(project_dir: str) -> int:
-    """Write the labelled production rows to `data.production_dir` and `dvc add` them."""
+def collect(project_dir: str, tenant: str | None = None) -> int:
+    """Write the labelled rows `tenant`'s model may learn from to its production dir, `dvc add`."""
     logger = get_run_logger()
     root = Path(project_dir).resolve()
-    data = load_params(root / "params.yaml").data
+    data = load_params(root / "params.yaml").for_tenant(tenant).data
     exported = production.export(root, data, get_settings(), logger.info)
     logger.info(exported.note)
     return exported.rows
 
 
 @task(cache_policy=NO_CACHE)
-def link(version: str, monitor_run_id: str | None, production_rows: int) -> None:
+def link(
+    version: str, monitor_run_id: str | None, production_rows: int, tenant: str | None = None
+) -> None:
     """Tie the new version to the monitoring report that set off its training."""
     settings = get_settings()
     client = registry.connect(settings)
@@ -44,21 +53,49 @@ def link(version: str, monitor_run_id: str | None, production_rows: int) -> None
             tag.RETRAIN_MONITOR_RUN: monitor_run_id,
             tag.RETRAIN_REPORT: f"{run.info.artifact_uri}/monitoring/report.html",
         }
-    registry.set_tags(client, settings.model_name, version, tags)
+    registry.set_tags(client, registry.model_name(settings, tenant), version, tags)
+
+
+def _pipeline(project_dir: str, tenant: str | None) -> dvc_pipeline.RunSummary:
+    """`pipeline(project_dir, tenant)`. TEMPORARY: until the per-tenant pipeline is merged,
+    main's `pipeline` takes no tenant, so the shared model's call leaves it out."""
+    if tenant is None:
+        return pipeline(project_dir)
+    return pipeline(project_dir, tenant)  # type: ignore[call-overload,no-any-return,unused-ignore]
 
 
 @flow(name="retrain")
-def retrain(project_dir: str = ".", monitor_run_id: str | None = None) -> bool:
-    """Train a new version on the newest data, then promote it under the policy.
+def retrain(
+    project_dir: str = ".", monitor_run_id: str | None = None, tenant: str | None = None
+) -> bool:
+    """Train a new version of `tenant`'s model (None: the shared one), then promote it under
+    the policy.
 
     `monitor_run_id` (the MLflow run of the monitoring report that found drift; the
-    deployment's trigger passes it from the event) is recorded on the new version.
-    The register stage already promotes a clear winner when no approval is required;
-    then there is no challenger left for `promote` to judge. True if a new champion was made.
+    deployment's trigger passes it and the tenant from the event) is recorded on the new
+    version. The register stage already promotes a clear winner when no approval is
+    required; then there is no challenger left for `promote` to judge. True if a new
+    champion was made.
     """
-    rows = collect(project_dir)
-    result = pipeline(project_dir)
-    link(result.version, monitor_run_id, rows)
+    rows = collect(project_dir, tenant)
+    result = _pipeline(project_dir, tenant)
+    link(result.version, monitor_run_id, rows, tenant)
     if result.promoted:
         return True
-    return promote(project_dir)
+    return promote(project_dir, tenant)
+
+
+@task(cache_policy=NO_CACHE, task_run_name="queue-{tenant}")
+def queue(project_dir: str, tenant: str) -> str:
+    """One `retrain` run for `tenant` on the work pool, not waited for; its flow run id."""
+    return str(fanout.queue(DEPLOYMENT, tenant, {"project_dir": project_dir}).id)
+
+
+@flow(name="retrain_tenants")
+def retrain_tenants(project_dir: str = ".", tenants: list[str] | None = None) -> list[str]:
+    """Queue one `retrain` run per tenant (default: every tenant with a model of its own in
+    params.yaml); the pool's workers run them, as many at once as the deployment's
+    concurrency limit allows. Their flow run ids."""
+    if tenants is None:
+        tenants = list(load_params(Path(project_dir) / "params.yaml").tenants)
+    return [queue(project_dir, tenant) for tenant in tenants]

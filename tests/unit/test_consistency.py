@@ -44,8 +44,9 @@ BORROWED_SECTIONS = {
     ("train", "monitor"),
 }
 """(stage, section): a stage that reads another step's params section, and why."""
-FLOW_MODULES = {"rollback": "promote"}
-"""Deployments whose flow lives in another flow's module: rollback undoes what promote did."""
+FLOW_MODULES = {"rollback": "promote", "monitor_tenants": "monitor", "retrain_tenants": "retrain"}
+"""Deployments whose flow lives in another flow's module: rollback undoes what promote did;
+the fan-outs queue runs of the flow beside them, one per tenant."""
 
 
 def _names(entries: list[Any]) -> set[Path]:
@@ -160,3 +161,10 @@ def test_the_retrain_trigger_expects_the_event_the_monitor_emits() -> None:
     retrain = DEPLOYMENTS["retrain"]
     assert retrain["triggers"][0]["expect"] == [DRIFT_EVENT]
     assert "event.payload.mlflow_run_id" in retrain["triggers"][0]["parameters"]["monitor_run_id"]
+    assert "event.payload.tenant_id" in retrain["triggers"][0]["parameters"]["tenant"]
+
+
+def test_per_tenant_deployments_share_a_queueing_concurrency_limit() -> None:
+    for name in ("monitor", "retrain"):
+        assert DEPLOYMENTS[name]["concurrency_limit"]["collision_strategy"] == "ENQUEUE"
+        assert DEPLOYMENTS[name]["concurrency_limit"]["limit"] >= 1

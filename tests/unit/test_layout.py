@@ -153,11 +153,14 @@ TASK_ACCESSORS = {
     "common.params.load_params",
     "common.registry.connect",
     "common.registry.served.cache_dir",
+    "common.registry.model_name",
+    "common.paths.layout",
     "prefect.get_run_logger",
 }
 """What a task may call besides its one function: the settings, the params, the registry
-client, the model cache folder and its logger are its inputs, not steps (so are Prefect's
-runtime context, the standard library and constructors)."""
+client, the model cache folder, a tenant's model name and file layout, and its logger are
+its inputs, not steps (so are Prefect's runtime context, the standard library and
+constructors)."""
 
 TASK_EXCEPTIONS: set[str] = set()
 """Tasks that still make more than one call, each with its reason."""
