@@ -147,7 +147,9 @@ GRAFANA_DASHBOARDS = Path(__file__).resolve().parents[2] / "infra/docker/grafana
 
 
 def _grafana_sql(raw: str) -> str:
-    """Grafana's PostgreSQL macros, expanded as Grafana does for a wide time range."""
+    """Grafana's PostgreSQL macros, expanded as Grafana does for a wide time range, and the
+    dashboard's `tenant` variable with the shared model and one tenant picked."""
+    raw = raw.replace("$tenant", "'shared','acme'")
     raw = re.sub(r"\$__timeGroupAlias\((\w+), *'1h'\)", r"date_trunc('hour', \1) AS time", raw)
     return re.sub(
         r"\$__timeFilter\((\w+)\)",
@@ -183,7 +185,14 @@ def test_the_grafana_dashboard_queries_run_on_the_monitoring_tables(database: st
         if p["datasource"]["uid"] == "monitoring-pg"
     ]
     assert len(panels) >= 3  # the rest read Prometheus
+    variables = [
+        v
+        for path in sorted(GRAFANA_DASHBOARDS.glob("*.json"))
+        for v in json.loads(path.read_text())["templating"]["list"]
+    ]
     with connect(database) as conn:
         for panel in panels:
             rows = conn.execute(_grafana_sql(panel["targets"][0]["rawSql"])).fetchall()
             assert rows, panel["title"]
+        (tenant,) = variables
+        assert ("shared",) in conn.execute(tenant["query"]).fetchall()
