@@ -200,3 +200,151 @@ def test_drift_is_reported_kept_and_paged(
     # the Evidently workspace: the project with this window's snapshots
     project = evidently / out["evidently_project"]
     assert len(list((project / "snapshots").glob("*.json"))) >= 2
+
+
+# Runs in the workspace: acme and globex get models of their own (params.yaml `tenants`,
+# each `<model>.<tenant>@champion` a copy of the shared champion); acme's traffic drifts,
+# globex's does not, both logged in the same window. Each tenant's monitor runs, then the
+# retrain the drift event asks for. The per-tenant DVC pipeline is not merged yet: a
+# stand-in registers the new version as challenger (what its register stage would do).
+TENANT_SCRIPT = """
+import json, math, shutil, uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+import mlflow, pandas as pd, yaml
+from mlflow.exceptions import MlflowException
+from prefect import flow
+from common import paths, registry
+from common.dvc_pipeline import RunSummary
+from common.settings import get_settings
+from common.store import Feedback, Prediction, connect, create_staging, migrate, write_items
+from common.store.tenants import add_tenant
+from common.errors import UserError
+from common.params import load_params
+import flows.monitor as monitor_flow
+import flows.retrain as retrain_flow
+from models.data import model_frame
+from models.generate import Drift, generate
+
+settings = get_settings()
+client = registry.connect(settings)
+shared = client.get_model_version_by_alias(settings.model_name, "champion")
+tenants = ("acme", "globex")
+params = yaml.safe_load(Path("params.yaml").read_text())
+params["tenants"] = {t: {"source": {"path": f"data/{t}.parquet"}} for t in tenants}
+Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+data = yaml.safe_load(Path("params.yaml").read_text())["data"]
+target, features = data["target"], list(data["features"])
+
+def new_version(tenant):
+    name = registry.model_name(settings, tenant)
+    try:
+        client.create_registered_model(name)
+    except MlflowException:
+        pass
+    return name, client.create_model_version(name, source=shared.source, run_id=shared.run_id)
+
+migrate(settings.database_url)
+model = mlflow.sklearn.load_model(f"models:/{settings.model_name}@champion")
+start = datetime.now(UTC)
+items, ids = [], {}
+for n, tenant in enumerate(tenants):
+    try:
+        add_tenant(settings.database_url, tenant)
+    except UserError:
+        pass
+    name, mv = new_version(tenant)
+    client.set_registered_model_alias(name, "champion", mv.version)
+    holdout = paths.layout(tenant).HOLDOUT
+    holdout.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(paths.HOLDOUT, holdout)
+    drift = Drift(covariate={"tenure_months": -1.0, "monthly_charges": 1.0}, concept=1.0)
+    df = generate(3000, seed=11 + n, drift=drift if tenant == "acme" else None)
+    proba = model.predict_proba(model_frame(df, load_params().data))[:, 1]
+    ids[tenant] = []
+    for i, (rec, p1) in enumerate(zip(df[features].to_dict(orient="records"), proba)):
+        rid = str(uuid.uuid4())
+        ids[tenant].append(rid)
+        inputs = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in rec.items()}
+        items.append(Prediction(rid, start + timedelta(microseconds=i), name, mv.version, inputs,
+                                str(int(p1 >= 0.5)), {"0": 1 - p1, "1": float(p1)}, 1.0, tenant))
+        if i % 2 == 0:
+            items.append(Feedback(rid, str(df.loc[i, target]), start + timedelta(days=1), tenant))
+with connect(settings.database_url) as conn:
+    create_staging(conn)
+    write_items(conn, items)
+
+events = []
+monitor_flow.emit_event = lambda **event: events.append(event)
+end = start + timedelta(seconds=1)
+outcomes = {t: monitor_flow.monitor(window_hours=1 / 3600, end=end, tenant=t).payload()
+            for t in tenants}
+
+@flow(name="pipeline")
+def tenant_pipeline(project_dir: str = ".", tenant: str | None = None) -> RunSummary:
+    name, mv = new_version(tenant)
+    client.set_registered_model_alias(name, "challenger", mv.version)
+    return RunSummary(name, str(mv.version), False, "kept as challenger", {}, None)
+
+retrain_flow.pipeline = tenant_pipeline
+(event,) = events
+retrain_flow.retrain(".", event["payload"]["mlflow_run_id"], event["payload"]["tenant_id"])
+
+exported = pd.read_parquet(paths.layout("acme").PRODUCTION / "labelled.parquet")
+id_column = data.get("id_column") or "request_id"
+versions = {t: {str(v.version): dict(v.tags) for v in client.search_model_versions(
+    f"name = '{registry.model_name(settings, t)}'")} for t in tenants}
+champions = {t: str(client.get_model_version_by_alias(registry.model_name(settings, t),
+             "champion").version) for t in tenants}
+runs = {t: client.get_run(o["mlflow_run_id"]).data.tags.get("mlops.tenant")
+        for t, o in outcomes.items()}
+print(json.dumps({
+    "outcomes": outcomes, "event": {"resource": event["resource"], "payload": event["payload"]},
+    "exported": len(exported), "exported_acme_only": set(exported[id_column]) <= set(ids["acme"]),
+    "versions": versions, "champions": champions, "run_tags": runs,
+}, default=str))
+"""
+
+
+def test_drift_in_one_tenants_traffic_names_it_and_retrains_its_model_alone(
+    monitored: tuple[Workspace, str, Path],
+) -> None:
+    ws, url, _ = monitored
+    out = json.loads(ws.python("-c", TENANT_SCRIPT).stdout.strip().splitlines()[-1])
+    acme, globex = out["outcomes"]["acme"], out["outcomes"]["globex"]
+
+    # each tenant's monitor read its own 3,000 rows of the shared window, nobody else's
+    assert (acme["current_rows"], globex["current_rows"]) == (3000, 3000)
+    assert (acme["model_name"], globex["model_name"]) == (
+        "churn-classifier.acme",
+        "churn-classifier.globex",
+    )
+    assert (acme["drift_detected"], globex["drift_detected"]) == (True, False)
+    assert (acme["tenant_id"], globex["tenant_id"]) == ("acme", "globex")
+    assert out["run_tags"] == {"acme": "acme", "globex": "globex"}
+    assert acme["evidently_project"] != globex["evidently_project"]
+    # one event, naming acme in its resource and its payload
+    event = out["event"]
+    assert event["resource"]["mlops.tenant"] == "acme"
+    assert (
+        event["resource"]["prefect.resource.id"] == "mlops.model.churn-classifier.acme.tenant.acme"
+    )
+    assert event["payload"]["tenant_id"] == "acme"
+    # acme's retrain learned from acme's labelled rows alone and made a new acme version
+    assert out["exported"] == 1500
+    assert out["exported_acme_only"] is True
+    assert sorted(out["versions"]["acme"]) == ["1", "2"]
+    new = out["versions"]["acme"]["2"]
+    assert new["retrain.monitor_run"] == acme["mlflow_run_id"]
+    assert new["data.production_rows"] == "1500"
+    assert "promote.decision" in new  # judged by the gate on acme's own holdout
+    # globex: no new version, same champion
+    assert sorted(out["versions"]["globex"]) == ["1"]
+    assert out["champions"]["globex"] == "1"
+    # the monitoring rows carry their tenant
+    with psycopg.connect(url) as conn:
+        tenants = conn.execute(
+            "SELECT tenant_id FROM monitoring_runs WHERE run_id = ANY(%s) ORDER BY tenant_id",
+            [[acme["run_id"], globex["run_id"]]],
+        ).fetchall()
+    assert tenants == [("acme",), ("globex",)]

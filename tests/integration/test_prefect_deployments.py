@@ -147,7 +147,9 @@ def test_deploy_creates_the_deployments_and_the_drift_trigger(
         "pipeline/pipeline",
         "batch_score/batch_score",
         "monitor/monitor",
+        "monitor_tenants/monitor_tenants",
         "retrain/retrain",
+        "retrain_tenants/retrain_tenants",
         "promote/promote",
         "rollback/rollback",
     ):
@@ -155,10 +157,13 @@ def test_deploy_creates_the_deployments_and_the_drift_trigger(
     automations = _prefect(prefect_env, workspace.path, "automation", "ls")
     assert "mlops.drift.detected" in automations, automations
     api = prefect_env["PREFECT_API_URL"]
-    monitor = httpx.get(f"{api}/deployments/name/monitor/monitor", timeout=30).json()
-    (schedule,) = monitor["schedules"]
+    fanout = httpx.get(f"{api}/deployments/name/monitor_tenants/monitor_tenants", timeout=30)
+    (schedule,) = fanout.json()["schedules"]
     assert schedule["schedule"]["cron"] == "15 * * * *"  # hourly, as prefect.yaml says
     assert schedule["active"] is False  # paused in test workspaces (add_deployments)
+    retrain = httpx.get(f"{api}/deployments/name/retrain/retrain", timeout=30).json()
+    assert retrain["concurrency_limit"] == 2  # per-tenant runs queue for a slot
+    assert retrain["concurrency_options"]["collision_strategy"] == "ENQUEUE"
 
 
 def test_the_pipeline_deployment_registers_a_model_version_in_the_workspace(
@@ -247,6 +252,7 @@ def test_the_drift_event_runs_the_retrain_deployment_with_the_report_it_came_fro
         time.sleep(2)
     assert len(runs) == 1, runs
     assert runs[0]["parameters"]["monitor_run_id"] == report_run
+    assert runs[0]["parameters"]["tenant"] is None  # no tenant named: the shared model
     assert runs[0]["state_type"] == "COMPLETED", log_tail(worker_log)
     store = workspace.path / ".mlops" / "mlflow.db"
     client = MlflowClient(tracking_uri=f"sqlite:///{store}", registry_uri=f"sqlite:///{store}")
