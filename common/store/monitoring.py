@@ -182,7 +182,17 @@ def labelled_rows(
 
 
 def target_like(labels: pd.Series, reference: pd.Series) -> pd.Series:
-    """Logged labels/predictions are text; give them the reference target's dtype."""
+    """Logged labels/predictions are text; give them the reference target's dtype.
+
+    Whole-number classes stay whole numbers when some labels have not arrived (nullable
+    Int64, not float): 1.0 against the reference's 1 would read as a new class.
+    """
+    if pd.api.types.is_integer_dtype(reference):
+        numbers = pd.to_numeric(labels, errors="coerce")
+        whole = numbers.dropna()
+        if (whole == whole.round()).all():
+            return numbers.astype("Int64")
+        return numbers
     if pd.api.types.is_numeric_dtype(reference):
         return pd.to_numeric(labels, errors="coerce")
     return labels
