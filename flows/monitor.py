@@ -29,7 +29,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 from prefect.runtime import flow_run
 
-from common import alerts, evidently_store, fanout, registry
+from common import alerts, evidently_store, registry
 from common import window as window_data
 from common.localpg import prediction_db
 from common.params import Params, load_params
@@ -37,6 +37,7 @@ from common.registry import tags as tag
 from common.registry.served import ServedModel
 from common.settings import Settings, get_settings
 from common.store import monitoring, roles
+from flows import fanout
 from models import drift as drift_core
 from models import report
 

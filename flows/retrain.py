@@ -16,10 +16,11 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from common import dvc_pipeline, fanout, production, registry
+from common import dvc_pipeline, production, registry
 from common.params import load_params
 from common.registry import tags as tag
 from common.settings import get_settings
+from flows import fanout
 from flows.pipeline import pipeline
 from flows.promote import promote
 

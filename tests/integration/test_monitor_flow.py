@@ -242,7 +242,10 @@ def new_version(tenant):
         client.create_registered_model(name)
     except MlflowException:
         pass
-    return name, client.create_model_version(name, source=shared.source, run_id=shared.run_id)
+    return name, client.create_model_version(
+        name, source=shared.source, run_id=shared.run_id,
+        model_id=shared.model_id or shared.source.removeprefix("models:/"),
+    )
 
 migrate(settings.database_url)
 model = mlflow.sklearn.load_model(f"models:/{settings.model_name}@champion")
@@ -326,9 +329,7 @@ def test_drift_in_one_tenants_traffic_names_it_and_retrains_its_model_alone(
     # one event, naming acme in its resource and its payload
     event = out["event"]
     assert event["resource"]["mlops.tenant"] == "acme"
-    assert (
-        event["resource"]["prefect.resource.id"] == "mlops.model.churn-classifier.acme.tenant.acme"
-    )
+    assert event["resource"]["prefect.resource.id"] == "mlops.tenant.acme"
     assert event["payload"]["tenant_id"] == "acme"
     # acme's retrain learned from acme's labelled rows alone and made a new acme version
     assert out["exported"] == 1500

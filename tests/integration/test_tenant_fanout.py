@@ -2,7 +2,7 @@
 
 A cheap deployment (`probe`: records which worker ran it, when, for which tenant) stands
 in for `monitor` and `retrain`, with the same `concurrency_limit` shape as prefect.yaml's;
-a parent flow queues one run per tenant through `common.fanout.queue`, as `monitor_tenants`
+a parent flow queues one run per tenant through `flows.fanout.queue`, as `monitor_tenants`
 and `retrain_tenants` do, and the two workers on one pool share them.
 """
 
@@ -46,7 +46,7 @@ def probe(tenant: str | None = None) -> str:
 FAN_OUT = """
 import json, sys
 from prefect import flow
-from common import fanout
+from flows import fanout
 
 @flow(name="probe_tenants")
 def probe_tenants(tenants: list[str]) -> list[str]:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import pandas as pd
 import pytest
@@ -28,15 +28,17 @@ from prefect.client.schemas.filters import (
     FlowRunFilterState,
     FlowRunFilterStateType,
 )
-from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.flow_runs import resume_flow_run
 from prefect.testing.utilities import prefect_test_harness
 
 from common import dvc_pipeline, registry
 from common.settings import get_settings
+from flows import fanout
+from flows.monitor import monitor_tenants
 from flows.pipeline import pipeline
 from flows.promote import promote, rollback
-from flows.retrain import retrain
+from flows.retrain import retrain, retrain_tenants
 from models import promote as policy
 from tests.workspace import ROOT
 
@@ -353,3 +355,56 @@ def test_retrain_stops_after_the_pipeline_when_the_gate_already_promoted(
     assert _tags(client, "7")["data.production_rows"] == "0"
     get_settings.cache_clear()
     assert _order(project) == ["prepare", "validate", "register"]
+
+
+# per-tenant fan-out
+
+
+@pytest.fixture
+def queued(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """A project with tenants acme and globex; every run_deployment call, recorded."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["tenants"] = {t: {"source": {"path": f"data/{t}.parquet"}} for t in ("acme", "globex")}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    calls: list[dict[str, Any]] = []
+
+    def run_deployment(name: str, **options: Any) -> FlowRun:
+        calls.append({"deployment": name, **options})
+        return FlowRun(flow_id=uuid4(), name=options["flow_run_name"])
+
+    monkeypatch.setattr(fanout, "run_deployment", run_deployment)
+    return calls
+
+
+def test_monitor_tenants_queues_the_shared_model_and_each_tenant_without_waiting(
+    queued: list[dict[str, Any]],
+) -> None:
+    ids = monitor_tenants(window_hours=2.0)
+
+    assert len(set(ids)) == 3
+    assert [(c["deployment"], c["parameters"]["tenant"], c["timeout"]) for c in queued] == [
+        ("monitor/monitor", None, 0),
+        ("monitor/monitor", "acme", 0),
+        ("monitor/monitor", "globex", 0),
+    ]
+    assert [c["flow_run_name"] for c in queued] == [
+        "monitor-shared",
+        "monitor-acme",
+        "monitor-globex",
+    ]
+    assert queued[1]["tags"] == ["tenant:acme"]
+    assert {c["parameters"]["window_hours"] for c in queued} == {2.0}
+
+
+def test_retrain_tenants_queues_one_retrain_per_tenant_with_a_model_of_its_own(
+    queued: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    retrain_tenants(project_dir=str(tmp_path))
+    retrain_tenants(project_dir=str(tmp_path), tenants=["globex"])
+
+    assert [(c["deployment"], c["parameters"]) for c in queued] == [
+        ("retrain/retrain", {"project_dir": str(tmp_path), "tenant": "acme"}),
+        ("retrain/retrain", {"project_dir": str(tmp_path), "tenant": "globex"}),
+        ("retrain/retrain", {"project_dir": str(tmp_path), "tenant": "globex"}),
+    ]
