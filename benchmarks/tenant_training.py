@@ -11,7 +11,7 @@ its own table (`generate`, a seed per tenant), the `prepare` split, `train.build
   a time, under a deployment `concurrency_limit` of 2 (prefect.yaml's shape); timed from
   the first run queued to the last one completed, against a real `prefect server`.
 
-Run: `.venv/bin/python -m benchmarks.tenant_training [--tenants 10] [--rows 20000]`.
+Run: `.venv/bin/python -m benchmarks.tenant_training [--tenants 10] [--rows 60000]`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -43,7 +44,7 @@ WORKERS = 2
 
 
 @flow(name="train_tenant")
-def train_tenant(tenant: str | None = None, rows: int = 20_000) -> dict[str, float]:
+def train_tenant(tenant: str | None = None, rows: int = 60_000) -> dict[str, float]:
     """Fit one tenant's model on its own table; its holdout metrics and fit seconds."""
     params = load_params(ROOT / "params.yaml")
     seed = zlib.crc32((tenant or "shared").encode())
@@ -155,12 +156,15 @@ def _wait(env: dict[str, str], ids: list[str]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tenants", type=int, default=10)
-    parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--rows", type=int, default=60_000)
     args = parser.parse_args()
     tenants = [f"tenant-{i}" for i in range(args.tenants)]
+    load = os.getloadavg()[0]
     serial, fits = one_after_another(tenants, args.rows)
     with tempfile.TemporaryDirectory() as tmp:
         pooled = through_the_pool(tenants, args.rows, Path(tmp))
+    after = os.getloadavg()[0]
+    print(f"({os.cpu_count()} cores; load average {load:.1f} before, {after:.1f} after)")
     print(
         f"training {args.tenants} tenants ({args.rows:,} rows each; one fit: median "
         f"{statistics.median(fits):.1f} s), wall time"
