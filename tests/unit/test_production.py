@@ -70,6 +70,7 @@ def test_labelled_rows_are_written_and_tracked_by_dvc(
 ) -> None:
     logged.append(pd.DataFrame({"customer_id": ["a", "b"], "age": [30.0, 41.0], "churned": [0, 1]}))
     lines: list[str] = []
+    data_params = data_params.model_copy(update={"production_tenants": ["default"]})
 
     done = production.export(project, data_params, settings, lines.append)
 
@@ -85,8 +86,9 @@ def test_no_labelled_rows_exports_nothing(
     project: Path, data_params: DataParams, settings: Settings, logged: list[pd.DataFrame]
 ) -> None:
     logged.append(pd.DataFrame({"customer_id": [], "churned": []}))
+    data = data_params.model_copy(update={"production_tenants": ["default"]})
 
-    done = production.export(project, data_params, settings, print)
+    done = production.export(project, data, settings, print)
 
     assert (done.rows, done.path) == (0, None)
     assert "no labelled production rows of default yet" in done.note
