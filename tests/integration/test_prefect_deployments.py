@@ -162,7 +162,7 @@ def test_deploy_creates_the_deployments_and_the_drift_trigger(
     assert schedule["schedule"]["cron"] == "15 * * * *"  # hourly, as prefect.yaml says
     assert schedule["active"] is False  # paused in test workspaces (add_deployments)
     retrain = httpx.get(f"{api}/deployments/name/retrain/retrain", timeout=30).json()
-    assert retrain["concurrency_limit"] == 2  # per-tenant runs queue for a slot
+    assert retrain["global_concurrency_limit"]["limit"] == 2  # per-tenant runs queue for a slot
     assert retrain["concurrency_options"]["collision_strategy"] == "ENQUEUE"
 
 
