@@ -94,6 +94,11 @@ class ServedModel:
         """The pydantic model one request record must fit."""
         return record_model(self.scorer)
 
+    @cached_property
+    def unbounded_record(self) -> type[BaseModel]:
+        """The request model without the data contract's ranges (PREDICT_OUT_OF_RANGE=flag)."""
+        return record_model(self.scorer, bounded=False)
+
     def load(self) -> ServedModel:
         """Load the scorer and the request model now (before a swap, not on a request)."""
         _ = self.record
