@@ -167,6 +167,18 @@ def resolve(target: MlflowClient | Settings, name: str, alias: str, cache_dir: P
     return fetch(version_for(target, name, alias), cache_dir, alias=alias)
 
 
+def for_tenant(settings: Settings, tenant: str | None, cache_dir: Path) -> ServedModel:
+    """What serves `tenant`: its own model's alias (`<MODEL_NAME>.<tenant>`) if set, else
+    the shared model's (None: the shared one); a missing shared alias is a UserError."""
+    client = _client(settings)
+    alias = settings.model_alias
+    own = None
+    if tenant is not None:
+        own = registry.version_by_alias(client, registry.model_name(settings, tenant), alias)
+    mv = own or version_for(client, settings.model_name, alias)
+    return fetch(mv, cache_dir, alias=alias)
+
+
 def by_version(
     target: MlflowClient | Settings,
     name: str,
