@@ -44,7 +44,7 @@ from benchmarks.serving import CONCURRENCY, SECONDS, _free_port, _wait, sequenti
 from common import registry
 from common.localpg import prediction_db
 from common.settings import Settings, get_settings
-from common.store import roles, tenants
+from common.store import migrate, roles, tenants
 from services.predictor.demo import admin_url, sample_records
 from services.predictor.launch import _stop, serving
 
@@ -88,6 +88,7 @@ def tenant_models(
 @contextlib.contextmanager
 def tenant_keys(database_url: str) -> Iterator[dict[str, str]]:
     """A `predict` key for every bench tenant (added if missing); revoked afterwards."""
+    migrate(database_url)
     known = {t.id for t in tenants.list_tenants(database_url)}
     made: dict[str, tenants.NewKey] = {}
     for tenant in (*TENANTS, SHARED_TENANT):

@@ -11,18 +11,22 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
+from pydantic import ValidationError
 
 from common import registry
 from common.params import DataParams, Params
 from common.registry.served import ServedModel
 from common.settings import Settings
+from models.predict import validate_records
 from services.predictor.runtime import ModelCache, ModelRuntime, ModelUnavailableError
 from tests.unit.test_predict import fitted, save_model_dir, training_rows
 
 SHARED = "tenant-test"
 OWN = ("acme", "globex", "initech")
+SLIMMED = "plan_tier"
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,8 @@ def store(
     params: Params, data_params: DataParams, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Registry]:
     """The shared model v1..v2 (champion v1), and acme, globex, initech each with v1..v2 of
-    their own (champion v1); `umbrella` has no model of its own."""
+    their own (champion v1); `umbrella` has no model of its own; `slim`'s model was
+    trained without `plan_tier`."""
     home = tmp_path_factory.mktemp("tenants")
     uri = f"sqlite:///{home / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as mp:
@@ -60,6 +65,15 @@ def store(
             for _ in range(2):
                 client.create_model_version(name, source=source, run_id=None)
             client.set_registered_model_alias(name, registry.CHAMPION, "1")
+        slim = data_params.model_copy(
+            update={"features": {k: v for k, v in data_params.features.items() if k != SLIMMED}}
+        )
+        slim_source = save_model_dir(
+            fitted(rows, slim, params), slim, rows, home / "slim-model"
+        ).as_uri()
+        client.create_registered_model(registry.model_name(settings, "slim"))
+        client.create_model_version(registry.model_name(settings, "slim"), slim_source, None)
+        client.set_registered_model_alias(registry.model_name(settings, "slim"), "champion", "1")
         yield Registry(settings, client, source)
 
 
@@ -111,7 +125,20 @@ def test_a_tenant_with_its_own_model_is_served_it_loaded_on_first_use(
 
 
 def test_a_look_alike_model_name_is_no_tenants_model(runtime: ModelRuntime) -> None:
-    assert set(runtime.own) == set(OWN)
+    assert set(runtime.own) == {*OWN, "slim"}
+
+
+def test_request_validation_follows_the_tenants_own_model(
+    runtime: ModelRuntime, data_params: DataParams
+) -> None:
+    record = {
+        str(k): (None if pd.isna(v) else v)
+        for k, v in training_rows()[data_params.feature_names].iloc[0].items()
+    }
+    del record[SLIMMED]
+    validate_records(runtime.serving("slim").record, record, max_batch=10)
+    with pytest.raises(ValidationError, match=SLIMMED):
+        validate_records(runtime.serving("umbrella").record, record, max_batch=10)
 
 
 def test_the_runtime_evicts_the_least_recently_used_tenant_past_the_cache_size(
