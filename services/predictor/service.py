@@ -63,13 +63,14 @@ BUNDLE = "predictor-model"
 
 PREDICTIONS = bentoml.metrics.Counter(
     name="predictor_predictions",
-    documentation="Predictions answered, by model name and version and predicted class",
-    labelnames=["model_name", "model_version", "predicted_class"],
+    documentation="Predictions answered, by model version and predicted class",
+    labelnames=["model_version", "predicted_class"],
 )
+"""No model name label: /metrics needs no key, and `<MODEL_NAME>.<tenant>` names tenants."""
 LATENCY = bentoml.metrics.Histogram(
     name="predictor_prediction_latency_seconds",
     documentation="Time to validate and score one /predict request",
-    labelnames=["model_name", "model_version"],
+    labelnames=["model_version"],
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
 QUEUE_DEPTH = bentoml.metrics.Gauge(
@@ -313,10 +314,8 @@ class Predictor:
                     tenant,
                 )
             )
-            PREDICTIONS.labels(
-                model_name=served.name, model_version=served.version, predicted_class=result.label
-            ).inc()
-        LATENCY.labels(model_name=served.name, model_version=served.version).observe(elapsed)
+            PREDICTIONS.labels(model_version=served.version, predicted_class=result.label).inc()
+        LATENCY.labels(model_version=served.version).observe(elapsed)
         QUEUE_DEPTH.set(self.log.depth)
         return {
             "tenant_id": tenant,
