@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     model_alias: str = Field(default="champion", alias="MODEL_ALIAS")
     # Serving: how often the predictor checks the alias, and the largest batch it accepts.
     model_poll_seconds: float = Field(default=10.0, gt=0, alias="MODEL_POLL_SECONDS")
+    # Tenants' own models (`<MODEL_NAME>.<tenant>`) a worker keeps loaded beside the shared
+    # one; the least recently used is dropped past this and loaded again on its next request.
+    model_cache_size: int = Field(default=32, ge=1, alias="MODEL_CACHE_SIZE")
     predict_max_batch: int = Field(default=1000, ge=1, alias="PREDICT_MAX_BATCH")
     # A value outside the range the served model's data contract declares: "refuse" (400
     # naming the field) or "flag" (scored, with a `warnings` list on that prediction).
