@@ -30,7 +30,7 @@ USER_VARIABLES = frozenset(
 """A user's settings (common/settings.py; PG_BIN only finds binaries) and `make deploy`'s
 project dir: each points at that user's state, so tests never inherit them."""
 FAST = {
-    "generate": {"rows": 4000},
+    "generate": {"rows": 4000, "tenant_sources": {"acme": 1000}},
     "train": {"n_estimators": 30},
     "prepare": {"reference_rows": 1000},
     "tenants": {},
