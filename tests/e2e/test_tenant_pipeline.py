@@ -124,6 +124,16 @@ def test_a_tenants_first_version_is_gated_against_the_shared_champion_on_its_hol
         assert (summary.model_name, summary.version) == (f"{NAME}.{tenant}", "1")
 
 
+def test_the_summary_shows_each_tenants_own_model_after_the_shared_one(
+    ws: Workspace, first_run: str
+) -> None:
+    out = ws.python("-m", "common.summary").stdout
+    titles = [line for line in out.splitlines() if line.startswith("Pipeline result:")]
+    assert titles == [f"Pipeline result: {NAME}"] + [
+        f"Pipeline result: {NAME}.{t} (tenant {t}'s own model)" for t in TENANTS
+    ]
+
+
 def _ids(path: Path) -> set[int]:
     """A hash of each row's customer id."""
     ids = pd.read_parquet(path, columns=["customer_id"])["customer_id"]
