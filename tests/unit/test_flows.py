@@ -137,6 +137,41 @@ def test_a_tenants_stages_are_its_own_chain_in_dvc_yaml_order() -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("tenants", "expected"),
+    [
+        ({}, []),
+        (
+            {"acme": {"source": {"path": "a.csv"}}, "b-2": {"source": {"path": "b.csv"}}},
+            ["acme", "b-2"],
+        ),
+    ],
+    ids=["no-tenants", "two-tenants"],
+)
+def test_dvc_makes_a_chain_per_tenant_of_params_yaml_and_none_without(
+    tmp_path: Path, tenants: dict[str, Any], expected: list[str]
+) -> None:
+    """DVC's own reading of dvc.yaml's foreach groups, as `dvc repro` sees them."""
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    params = yaml.safe_load((ROOT / "params.yaml").read_text()) | {"tenants": tenants}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    subprocess.run(
+        [sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True
+    )
+    listed = subprocess.run(
+        [sys.executable, "-m", "dvc", "stage", "list", "--name-only"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+
+    shared = dvc_pipeline.stages(tmp_path)
+    chains = [dvc_pipeline.stages(tmp_path, t) for t in expected]
+    assert listed == shared + [s for group in zip(*chains, strict=True) for s in group]
+    assert all(len(chain) == 6 for chain in chains)
+
+
 def test_a_tenant_without_a_model_of_its_own_is_named_with_the_ones_there_are() -> None:
     with pytest.raises(UserError, match=r"tenant 'globex' has no model of its own .*\['acme'\]"):
         dvc_pipeline.stages(ROOT, "globex")
