@@ -3,7 +3,7 @@
 The ROC plot (plots/roc.csv: fpr, tpr) is the positive class's curve for a binary target
 and the micro-averaged one-vs-rest curve for a multiclass one, one line either way, as
 DVC's `simple` template draws it; the MLflow run also gets every class's one-vs-rest curve.
-`--tenant <id>` (the `evaluate@<id>` stage) scores that tenant's model on its own holdout.
+`--tenant <id>` (the `tenant-evaluate@<id>` stage) scores that tenant's model on its own holdout.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ across, so a retrained challenger and the champion are compared on a holdout nei
 was trained on. Rerun on the same data, it writes the same files and DVC sees nothing
 to do. A reference snapshot of the training rows is kept for drift monitoring.
 
-`--tenant <id>` (the `prepare@<id>` stage) splits that tenant's snapshot and its own
+`--tenant <id>` (the `tenant-prepare@<id>` stage) splits that tenant's snapshot and its own
 production rows into its own files (`paths.layout(tenant)`): no other tenant's row.
 """
 

@@ -4,7 +4,7 @@ The gate scores the current champion on the same holdout as the new version; the
 one is promoted only if there is no champion or it passes the promotion policy
 (`promote.improve` / `promote.no_worse` in params.yaml, the same as the promote flow's).
 
-`--tenant <id>` (the `register@<id>` stage) registers the tenant's own model as
+`--tenant <id>` (the `tenant-register@<id>` stage) registers the tenant's own model as
 `<MODEL_NAME>.<id>` (common.registry.model_name), tagged with the tenant and its source, and
 gates it against the tenant's champion on the tenant's holdout. A tenant's first version has
 no champion of its own: it is gated against the shared champion, scored on the tenant's
@@ -147,7 +147,7 @@ def run(
             **({tag.DATA_SOURCE: shorten(source)} if source else {}),
         },
     )
-    by = "register stage (dvc repro)" if tenant is None else f"register@{tenant} (dvc repro)"
+    by = "register stage (dvc repro)" if tenant is None else f"tenant-register@{tenant} (dvc repro)"
     registry.move_alias(client, name, registry.CHALLENGER, version, by=by, reason="new candidate")
 
     challenger_metrics = {k: float(v) for k, v in holdout_metrics.items() if k != "rows"}

@@ -1,6 +1,6 @@
 """snapshot: a tenant's training data, read from its own source into a DVC-tracked file.
 
-The first stage of a tenant's pipeline (`snapshot@<tenant>` in dvc.yaml). The source
+The first stage of a tenant's pipeline (`tenant-snapshot@<tenant>` in dvc.yaml). The source
 (params.yaml `tenants.<id>.source`: a file, local or `s3://`, or a SQL query) lies outside
 the repository, so DVC reruns this stage on every `dvc repro` (`always_changed`) and the
 stages after it only when the rows changed; each model version names the snapshot's md5
@@ -55,7 +55,7 @@ def run(tenant: str, params: Params, settings: Settings) -> Snapshot:
     table = select(raw, params.data, tenant, source)
     where.SNAPSHOT.parent.mkdir(parents=True, exist_ok=True)
     table.to_parquet(where.SNAPSHOT, index=False)
-    # prepare@<tenant> depends on the tenant's production folder: it exists from here on,
+    # tenant-prepare@<tenant> depends on the tenant's production folder: it exists from here on,
     # empty until the tenant's first labelled rows are exported there.
     where.PRODUCTION.mkdir(parents=True, exist_ok=True)
     return Snapshot(where.SNAPSHOT, len(table), [c for c in raw.columns if c not in table])

@@ -1,6 +1,6 @@
 """train: fit the sklearn pipeline, export it to ONNX, check parity, log one MLflow run.
 
-`--tenant <id>` (the `train@<id>` stage) fits that tenant's own model on its own train
+`--tenant <id>` (the `tenant-train@<id>` stage) fits that tenant's own model on its own train
 split, with its `tenants.<id>.train` overrides; the run is tagged with the tenant.
 """
 

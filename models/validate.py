@@ -3,7 +3,7 @@
 Rules come from params.yaml (data.features and the validate section): required columns,
 types, ranges, allowed categories, missing share, duplicates, row count, and a target
 with at least two classes. The report names the column, the rule and offending rows.
-`--tenant <id>` (the `validate@<id>` stage) checks that tenant's rows by the same contract
+`--tenant <id>` (the `tenant-validate@<id>` stage) checks that tenant's rows by the same contract
 (with its `tenants.<id>.validate` overrides), and its message names the tenant.
 """
 

@@ -116,7 +116,7 @@ def test_a_tenants_first_version_is_gated_against_the_shared_champion_on_its_hol
         assert tags["gate.reason"].startswith(
             f"vs the shared champion {NAME} v1 on the same holdout, "
         ), tags["gate.reason"]
-        assert tags["gate.decided_by"] == f"register@{tenant} (dvc repro)"
+        assert tags["gate.decided_by"] == f"tenant-register@{tenant} (dvc repro)"
         decision = json.loads((ws.path / paths.layout(tenant).REGISTER_REPORT).read_text())
         assert (decision["tenant"], decision["champion_model"]) == (tenant, NAME)
         assert decision["promoted"] == (tags["gate.decision"] == "promoted")
