@@ -128,7 +128,7 @@ def test_the_summary_shows_each_tenants_own_model_after_the_shared_one(
     ws: Workspace, first_run: str
 ) -> None:
     out = ws.python("-m", "common.summary").stdout
-    titles = [line for line in out.splitlines() if line.startswith("Pipeline result:")]
+    titles = [line.strip() for line in out.splitlines() if line.startswith("Pipeline result:")]
     assert titles == [f"Pipeline result: {NAME}"] + [
         f"Pipeline result: {NAME}.{t} (tenant {t}'s own model)" for t in TENANTS
     ]
