@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
 
 from common import paths
 from common.errors import UserError
@@ -70,7 +77,7 @@ class GenerateParams(_Section):
     seed: int
     # Example tenants (models.generate.EXAMPLE_TENANTS) whose own training data the stage
     # also writes, to data/sources/<id>.parquet, and how many rows each.
-    tenant_sources: dict[str, int] = Field(default_factory=dict)
+    tenant_sources: dict[str, PositiveInt] = Field(default_factory=dict)
 
 
 class PrepareParams(_Section):
