@@ -16,6 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
+from dotenv import dotenv_values
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -141,6 +142,14 @@ class Settings(BaseSettings):
         if not self.embedded:
             return None
         return (self.mlops_home / "mlartifacts").resolve().as_uri()
+
+    def variable(self, name: str) -> str | None:
+        """A variable params.yaml names (a tenant source's `url_env`), read as the settings
+        are: the environment, then the dotenv file. None when neither sets it."""
+        if name in os.environ:
+            return os.environ[name] or None
+        dotenv = Path(os.environ.get(ENV_FILE, ".env"))
+        return (dotenv_values(dotenv).get(name) or None) if dotenv.is_file() else None
 
     def export_tool_env(self) -> None:
         """Hand the S3 settings and MLflow's user to boto3/MLflow, which read the process env.

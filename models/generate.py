@@ -264,6 +264,16 @@ def example_tenant(tenant_id: str) -> ExampleTenant:
     raise UserError(f"no example tenant {tenant_id!r}; there are {[t.id for t in EXAMPLE_TENANTS]}")
 
 
+SOURCE_BATCH = 500
+"""The draw (`ExampleTenant.traffic`'s batch) an example tenant's own training data comes
+from: none of the traffic `make demo` sends (batches 0, 1, 99)."""
+
+
+def tenant_source(tenant_id: str, rows: int) -> pd.DataFrame:
+    """An example tenant's own training data: `rows` of its subscribers, labelled."""
+    return example_tenant(tenant_id).traffic(rows, batch=SOURCE_BATCH)
+
+
 def write_table(df: pd.DataFrame, path: Path) -> None:
     """Write CSV or Parquet by the file's suffix."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -281,6 +291,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, help="default: params.yaml generate.rows")
     parser.add_argument("--seed", type=int, help="default: params.yaml generate.seed")
     parser.add_argument(
+        "--sources",
+        type=Path,
+        help="also write each of generate.tenant_sources' example tenants' own training data "
+        "to SOURCES/<id>.parquet",
+    )
+    parser.add_argument(
         "--tenant",
         choices=[t.id for t in EXAMPLE_TENANTS],
         help="an example tenant's traffic instead (--seed then picks its batch, default 0)",
@@ -294,6 +310,10 @@ def main() -> None:
         df = generate(rows, params.seed if args.seed is None else args.seed)
     write_table(df, args.out)
     print(f"wrote {len(df):,} rows to {args.out} (churn rate {df[TARGET].mean():.1%})")
+    for tenant_id, n in params.tenant_sources.items() if args.sources else ():
+        own, path = tenant_source(tenant_id, n), args.sources / f"{tenant_id}.parquet"
+        write_table(own, path)
+        print(f"wrote {len(own):,} rows of tenant {tenant_id}'s own data to {path}")
 
 
 if __name__ == "__main__":
