@@ -214,14 +214,17 @@ class ExampleTenant:
     """A customer of the stack (a tenant) and the subscribers it sends predictions for.
 
     `mix` is a covariate shift, as in `Drift`, that makes its subscriber base differ from
-    the training population: its normal traffic, not drift. Each draw (`batch`) has its own
-    seed, `seed + batch`.
+    the training population: its normal traffic, not drift. `concept` (as in `Drift`) makes
+    its subscribers churn for partly other reasons than the population's: the shared model,
+    trained on the population, then serves it worse than a model of its own would. Each
+    draw (`batch`) has its own seed, `seed + batch`.
     """
 
     id: str
     name: str
     seed: int
     mix: dict[str, float]
+    concept: float = 0.0
 
     def __post_init__(self) -> None:
         Drift(covariate=self.mix)  # the same check of the feature names
@@ -232,18 +235,22 @@ class ExampleTenant:
         covariate = dict(self.mix)
         for column, shift in drift.covariate.items():
             covariate[column] = covariate.get(column, 0.0) + shift
-        df = generate(rows, self.seed + batch, replace(drift, covariate=covariate))
+        concept = min(1.0, self.concept + drift.concept)
+        df = generate(rows, self.seed + batch, replace(drift, covariate=covariate, concept=concept))
         df["customer_id"] = self.id + "-" + df["customer_id"]
         return df
 
 
 EXAMPLE_TENANTS = (
-    # Longer-standing subscribers on dearer plans and longer contracts: fewer churn.
+    # Longer-standing subscribers on dearer plans and longer contracts: fewer churn; and
+    # those who leave do so more for low usage and region than for price (its own model:
+    # ROC AUC 0.71 on its holdout where the shared model reaches 0.67, at 3,000 rows).
     ExampleTenant(
         "acme",
         "Acme Corp",
         seed=1000,
         mix={"tenure_months": 0.3, "age": 0.25, "plan_tier": -0.15, "contract_type": -0.15},
+        concept=0.6,
     ),
     # Younger, newer subscribers on basic plans, month to month: more churn.
     ExampleTenant(
@@ -253,7 +260,8 @@ EXAMPLE_TENANTS = (
         mix={"tenure_months": -0.3, "age": -0.25, "plan_tier": 0.15, "contract_type": 0.15},
     ),
 )
-"""Opposite mixes: equal traffic of both is close to the training population (no drift)."""
+"""Opposite mixes: equal traffic of both is close to the training population (no drift).
+acme has a model of its own (params.yaml `tenants.acme`); globex is served the shared one."""
 
 
 def example_tenant(tenant_id: str) -> ExampleTenant:
