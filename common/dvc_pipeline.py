@@ -21,6 +21,7 @@ import yaml
 
 from common import paths
 from common.errors import UserError
+from common.params import PARAMS_FILE, load_params
 
 DVC = (sys.executable, "-m", "dvc")
 
@@ -33,10 +34,22 @@ class StageRejectedError(UserError):
     """A stage refused its input (validation, parity, bad params): retrying cannot help."""
 
 
-def stages(root: Path) -> list[str]:
-    """The stage names of root/dvc.yaml, in the file's order."""
+TENANT_STAGE_PREFIX = "tenant-"
+"""dvc.yaml's per-tenant foreach groups are `tenant-<stage>`; DVC names each `<group>@<id>`."""
+
+
+def stages(root: Path, tenant: str | None = None) -> list[str]:
+    """The stages of root/dvc.yaml to run, in the file's order: the shared model's (None),
+    or `tenant`'s own chain (its `tenant-<stage>@<tenant>` of every foreach group).
+
+    A tenant params.yaml does not list is a UserError naming the ones it does.
+    """
     spec: Any = yaml.safe_load((root / "dvc.yaml").read_text())
-    return list(spec.get("stages", {}))
+    entries: dict[str, Any] = spec.get("stages", {})
+    if tenant is None:
+        return [name for name, body in entries.items() if "foreach" not in body]
+    load_params(root / PARAMS_FILE).for_tenant(tenant)
+    return [f"{name}@{tenant}" for name, body in entries.items() if "foreach" in body]
 
 
 def _error_paragraph(lines: list[str]) -> str | None:
@@ -116,13 +129,16 @@ class RunSummary:
     reason: str
     metrics: dict[str, float]
     mlflow_run_id: str | None
+    tenant: str | None = None
 
 
-def summary(root: Path) -> RunSummary:
-    """The register decision, holdout metrics and MLflow run of the last pipeline run."""
-    decision = json.loads((root / paths.REGISTER_REPORT).read_text())
-    metrics = json.loads((root / paths.METRICS).read_text())
-    train_file = root / paths.TRAIN_RUN
+def summary(root: Path, tenant: str | None = None) -> RunSummary:
+    """The register decision, holdout metrics and MLflow run of the last pipeline run of the
+    shared model (None) or of `tenant`'s own model."""
+    where = paths.layout(tenant)
+    decision = json.loads((root / where.REGISTER_REPORT).read_text())
+    metrics = json.loads((root / where.METRICS).read_text())
+    train_file = root / where.TRAIN_RUN
     run_id = json.loads(train_file.read_text()).get("run_id") if train_file.exists() else None
     return RunSummary(
         model_name=decision["model_name"],
@@ -131,6 +147,7 @@ def summary(root: Path) -> RunSummary:
         reason=decision["reason"],
         metrics={k: float(v) for k, v in metrics.items() if k != "rows"},
         mlflow_run_id=run_id,
+        tenant=tenant,
     )
 
 
@@ -148,8 +165,9 @@ def summary_markdown(s: RunSummary, tracking_uri: str) -> str:
     """The run summary as a Prefect markdown artifact."""
     verdict = "promoted to **champion**" if s.promoted else "kept as **challenger**"
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(s.metrics.items()))
+    whose = f" (tenant {s.tenant}'s own model)" if s.tenant else ""
     return (
-        f"# train: {s.model_name} v{s.version}\n\n"
+        f"# train: {s.model_name} v{s.version}{whose}\n\n"
         f"{verdict}: {s.reason}\n\n"
         f"| holdout metric | value |\n|---|---|\n{rows}\n\n"
         f"MLflow: {mlflow_run_link(tracking_uri, s.mlflow_run_id)}\n"

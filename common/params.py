@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
 
 from common import paths
 from common.errors import UserError
@@ -66,6 +75,9 @@ class DataParams(_Section):
 class GenerateParams(_Section):
     rows: int = Field(gt=0)
     seed: int
+    # Example tenants (models.generate.EXAMPLE_TENANTS) whose own training data the stage
+    # also writes, to data/sources/<id>.parquet, and how many rows each.
+    tenant_sources: dict[str, PositiveInt] = Field(default_factory=dict)
 
 
 class PrepareParams(_Section):
@@ -244,6 +256,18 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
         return Params.model_validate(raw)
     except ValidationError as exc:
         raise UserError(f"{path} is invalid: {_problems(exc)}") from exc
+
+
+def stage_tenant(argv: Sequence[str] | None = None, *, required: bool = False) -> str | None:
+    """A stage's `--tenant <id>` (dvc.yaml's per-tenant stages pass it); None: the shared model."""
+    parser = argparse.ArgumentParser(description="one stage of the pipeline (dvc.yaml)")
+    parser.add_argument(
+        "--tenant",
+        required=required,
+        help="run the stage of this tenant's own model (params.yaml `tenants`)",
+    )
+    tenant: str | None = parser.parse_args(argv).tenant
+    return tenant
 
 
 def _problems(exc: ValidationError) -> str:

@@ -16,6 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
+from dotenv import dotenv_values
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -58,6 +59,9 @@ class Settings(BaseSettings):
     model_alias: str = Field(default="champion", alias="MODEL_ALIAS")
     # Serving: how often the predictor checks the alias, and the largest batch it accepts.
     model_poll_seconds: float = Field(default=10.0, gt=0, alias="MODEL_POLL_SECONDS")
+    # Tenants' own models (`<MODEL_NAME>.<tenant>`) a worker keeps loaded beside the shared
+    # one; the least recently used is dropped past this and loaded again on its next request.
+    model_cache_size: int = Field(default=32, ge=1, alias="MODEL_CACHE_SIZE")
     predict_max_batch: int = Field(default=1000, ge=1, alias="PREDICT_MAX_BATCH")
     # A value outside the range the served model's data contract declares: "refuse" (400
     # naming the field) or "flag" (scored, with a `warnings` list on that prediction).
@@ -138,6 +142,14 @@ class Settings(BaseSettings):
         if not self.embedded:
             return None
         return (self.mlops_home / "mlartifacts").resolve().as_uri()
+
+    def variable(self, name: str) -> str | None:
+        """A variable params.yaml names (a tenant source's `url_env`), read as the settings
+        are: the environment, then the dotenv file. None when neither sets it."""
+        if name in os.environ:
+            return os.environ[name] or None
+        dotenv = Path(os.environ.get(ENV_FILE, ".env"))
+        return (dotenv_values(dotenv).get(name) or None) if dotenv.is_file() else None
 
     def export_tool_env(self) -> None:
         """Hand the S3 settings and MLflow's user to boto3/MLflow, which read the process env.

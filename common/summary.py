@@ -1,4 +1,7 @@
-"""The table `make demo` ends with: what the pipeline registered, its metrics, where to look."""
+"""The table `make demo` ends with: what the pipeline registered, its metrics, where to look.
+
+One table for the shared model, then one for each tenant's own model the pipeline made.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +12,19 @@ from rich.table import Table
 
 from common import paths, registry
 from common.errors import UserError, run_cli
+from common.params import load_params
 from common.settings import Settings, get_settings
 
 
-def render(settings: Settings) -> Table:
-    if not paths.REGISTER_REPORT.exists():
+def render(settings: Settings, tenant: str | None = None) -> Table:
+    """The last register decision of the shared model (None) or of `tenant`'s own."""
+    where = paths.layout(tenant)
+    if not where.REGISTER_REPORT.exists():
         raise UserError(
-            f"{paths.REGISTER_REPORT} not found: run `dvc repro` (or `make demo`) first."
+            f"{where.REGISTER_REPORT} not found: run `dvc repro` (or `make demo`) first."
         )
-    decision = json.loads(paths.REGISTER_REPORT.read_text())
-    metrics = json.loads(paths.METRICS.read_text())
+    decision = json.loads(where.REGISTER_REPORT.read_text())
+    metrics = json.loads(where.METRICS.read_text())
     client = registry.connect(settings)
     name = decision["model_name"]
     aliases = {
@@ -26,7 +32,8 @@ def render(settings: Settings) -> Table:
         for alias in (registry.CHAMPION, registry.CHALLENGER)
         for mv in [registry.version_by_alias(client, name, alias)]
     }
-    table = Table(title=f"Pipeline result: {name}", show_header=False, title_justify="left")
+    whose = f" (tenant {tenant}'s own model)" if tenant else ""
+    table = Table(title=f"Pipeline result: {name}{whose}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
     table.add_row("model version", f"v{decision['version']}")
@@ -62,6 +69,9 @@ def main() -> None:
     settings = get_settings()
     console = Console()
     console.print(render(settings))
+    for tenant in load_params().tenants:
+        if paths.layout(tenant).REGISTER_REPORT.exists():
+            console.print(render(settings, tenant))
     for line in where_to_look(settings):
         console.print(line, highlight=False, soft_wrap=True)
 

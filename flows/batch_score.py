@@ -1,5 +1,8 @@
 """batch_score: score a Parquet/CSV file (local or s3://) or a table with the champion, in chunks.
 
+With `tenant`, the batch is that tenant's: scored with its own champion
+(`<MODEL_NAME>.<tenant>`) if it has one, else the shared one, and logged as its rows.
+
 `source` is a path (`data/incoming/daily.parquet`, `s3://bucket/key.csv`) or
 `table:[schema.]name`, a table or view in the database of DATABASE_URL: the connection
 stays in the environment, never in a run's parameters. A table is read with one COPY in
@@ -27,9 +30,10 @@ from prefect.tasks import Task
 from common import batch_job
 from common.errors import UserError
 from common.params import load_params
-from common.registry.served import ServedModel, cache_dir, resolve
+from common.registry.served import ServedModel, cache_dir, for_tenant
 from common.settings import Settings, get_settings
 from common.store import sources
+from common.store.tenants import DEFAULT_TENANT, check_tenant_id
 from models import batch
 
 
@@ -58,10 +62,10 @@ def _s3(settings: Settings) -> sources.S3Options:
     retry_condition_fn=_retry_unless_user_error,
     cache_policy=NO_CACHE,
 )
-def fetch_champion(settings: Settings) -> ServedModel:
-    """Download the version the serving alias points at (cached by version)."""
-    cache = cache_dir(settings)
-    return resolve(settings, settings.model_name, settings.model_alias, cache)
+def fetch_champion(settings: Settings, tenant: str | None = None) -> ServedModel:
+    """Download the version the serving alias points at (cached by version): the tenant's
+    own model's, else the shared model's."""
+    return for_tenant(settings, tenant, cache_dir(settings))
 
 
 @task(
@@ -82,14 +86,18 @@ def score(
     batch_id: str,
     output_dir: Path,
     settings: Settings,
+    *,
+    tenant: str = DEFAULT_TENANT,
 ) -> batch.BatchResult:
-    """Score every chunk; files and log rows appear only if the whole batch succeeds."""
+    """Score every chunk; files and log rows (as `tenant`'s) appear only if the whole
+    batch succeeds."""
     logger = get_run_logger()
     params = load_params()
     logger.info(
-        "scoring %s as batch %s with %s v%s (%s), %d rows a chunk",
+        "scoring %s as batch %s of tenant %s with %s v%s (%s), %d rows a chunk",
         inp.source,
         batch_id,
+        tenant,
         model.name,
         model.version,
         model.scorer.backend,
@@ -105,6 +113,7 @@ def score(
         chunk_rows=params.batch_score.chunk_rows,
         id_column=params.data.id_column,
         database_url=settings.database_url,
+        tenant=tenant,
         progress=lambda rows, rejected: logger.info(
             "%s rows read, %s rejected", f"{rows:,}", f"{rejected:,}"
         ),
@@ -127,21 +136,30 @@ def publish(result: batch.BatchResult, output_dir: str, settings: Settings) -> b
 
 @flow(name="batch_score")
 def batch_score(
-    source: str, batch_id: str | None = None, output_dir: str = "data/scored"
+    source: str,
+    batch_id: str | None = None,
+    output_dir: str = "data/scored",
+    tenant: str | None = None,
 ) -> batch.BatchResult:
     """Score `source` with the champion; predictions and rejects to `output_dir/<batch_id>/`.
 
     `source`: a Parquet or CSV path, local or `s3://`, or `table:[schema.]name` in the
     database of DATABASE_URL. Without `batch_id`, one derived from the source and a stamp
-    of its content (a file's size and time, a table's row count and row hash).
+    of its content (a file's size and time, a table's row count and row hash), prefixed
+    with the tenant when one is given. `tenant`: score with its champion and log its rows
+    (unset: the shared champion, rows of the default tenant).
     """
+    if tenant is not None:
+        check_tenant_id(tenant)
     settings = get_settings()
     inp = open_source(source, settings)
-    model = fetch_champion(settings)
+    model = fetch_champion(settings, tenant)
     bid = batch_id or sources.default_batch_id(inp)
+    if batch_id is None and tenant is not None:
+        bid = f"{tenant}-{bid}"  # request ids derive from it: tenants' batches never collide
     remote = output_dir.startswith("s3://")
     local = settings.mlops_home.resolve() / "batch-out" if remote else Path(output_dir).resolve()
-    result = score(inp, model, bid, local, settings)
+    result = score(inp, model, bid, local, settings, tenant=tenant or DEFAULT_TENANT)
     if remote:
         result = publish(result, output_dir, settings)
     get_run_logger().info(
@@ -155,6 +173,7 @@ def batch_score(
     create_table_artifact(
         [
             {"what": "batch id", "value": result.batch_id},
+            {"what": "tenant", "value": tenant or DEFAULT_TENANT},
             {"what": "source", "value": result.source},
             {"what": "model", "value": f"{result.model_name} v{result.model_version}"},
             {"what": "backend", "value": result.backend},

@@ -1,6 +1,8 @@
 """pipeline: the whole DVC pipeline as Prefect tasks, one per dvc.yaml stage, with a summary.
 
 Named after `make pipeline` (`dvc repro`), not after `train`, which is one of its stages.
+With `tenant`, it runs that tenant's own chain (`tenant-snapshot@<id>` ... `tenant-register@<id>`)
+instead, and the summary names the tenant's model (`<MODEL_NAME>.<id>`).
 """
 
 from __future__ import annotations
@@ -50,17 +52,19 @@ def stage(stage: str, root: Path) -> None:
 
 
 @flow(name="pipeline")
-def pipeline(project_dir: str = ".") -> dvc_pipeline.RunSummary:
-    """Pull data, run every dvc.yaml stage in order, push, and summarise the new version."""
+def pipeline(project_dir: str = ".", tenant: str | None = None) -> dvc_pipeline.RunSummary:
+    """Pull data, run the shared model's dvc.yaml stages (or `tenant`'s own) in order, push,
+    and summarise the new version."""
     root = Path(project_dir).resolve()
+    names = dvc_pipeline.stages(root, tenant)
     remote = dvc_pipeline.has_remote(root)
     if remote:
         dvc(PULL, root)
-    for name in dvc_pipeline.stages(root):
+    for name in names:
         stage(name, root)
     if remote:
         dvc("push", root)
-    result = dvc_pipeline.summary(root)
+    result = dvc_pipeline.summary(root, tenant)
     create_markdown_artifact(
         dvc_pipeline.summary_markdown(result, get_settings().tracking_uri),
         key="pipeline-summary",

@@ -16,7 +16,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from common import dvc_pipeline, production, registry
+from common import production, registry
 from common.params import load_params
 from common.registry import tags as tag
 from common.settings import get_settings
@@ -57,14 +57,6 @@ def link(
     registry.set_tags(client, registry.model_name(settings, tenant), version, tags)
 
 
-def _pipeline(project_dir: str, tenant: str | None) -> dvc_pipeline.RunSummary:
-    """`pipeline(project_dir, tenant)`. TEMPORARY: until the per-tenant pipeline is merged,
-    main's `pipeline` takes no tenant, so the shared model's call leaves it out."""
-    if tenant is None:
-        return pipeline(project_dir)
-    return pipeline(project_dir, tenant)  # type: ignore[call-overload,no-any-return,unused-ignore]
-
-
 @flow(name="retrain")
 def retrain(
     project_dir: str = ".", monitor_run_id: str | None = None, tenant: str | None = None
@@ -79,7 +71,7 @@ def retrain(
     champion was made.
     """
     rows = collect(project_dir, tenant)
-    result = _pipeline(project_dir, tenant)
+    result = pipeline(project_dir, tenant)
     link(result.version, monitor_run_id, rows, tenant)
     if result.promoted:
         return True

@@ -3,6 +3,7 @@
 The ROC plot (plots/roc.csv: fpr, tpr) is the positive class's curve for a binary target
 and the micro-averaged one-vs-rest curve for a multiclass one, one line either way, as
 DVC's `simple` template draws it; the MLflow run also gets every class's one-vs-rest curve.
+`--tenant <id>` (the `tenant-evaluate@<id>` stage) scores that tenant's model on its own holdout.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from sklearn.metrics import (
 
 from common import paths, registry
 from common.errors import run_cli
-from common.params import DataParams, load_params
+from common.params import DataParams, load_params, stage_tenant
 from common.settings import Settings, get_settings
 from models.data import model_frame, proba_column, target
 
@@ -77,34 +78,38 @@ def roc_curves(y: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> pd.Data
     return pd.concat(curves, ignore_index=True)[["class", "fpr", "tpr"]]
 
 
-def _write_plots(y: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> pd.DataFrame:
+def _write_plots(
+    y: np.ndarray, proba: np.ndarray, classes: np.ndarray, where: paths.Layout = paths.SHARED
+) -> pd.DataFrame:
     """plots/confusion.csv and plots/roc.csv (one curve: see the module doc); return every curve."""
     pred = classes[proba.argmax(axis=1)]
-    paths.CONFUSION.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame({"actual": y, "predicted": pred}).to_csv(paths.CONFUSION, index=False)
+    where.CONFUSION.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"actual": y, "predicted": pred}).to_csv(where.CONFUSION, index=False)
     curves = roc_curves(y, proba, classes)
     plotted = curves["class"] == (str(classes[1]) if len(classes) == 2 else MICRO)
-    curves.loc[plotted, ["fpr", "tpr"]].to_csv(paths.ROC, index=False)
+    curves.loc[plotted, ["fpr", "tpr"]].to_csv(where.ROC, index=False)
     return curves
 
 
-def run(data: DataParams, settings: Settings) -> dict[str, float]:
-    train_run = json.loads(paths.TRAIN_RUN.read_text())
+def run(
+    data: DataParams, settings: Settings, where: paths.Layout = paths.SHARED
+) -> dict[str, float]:
+    train_run = json.loads(where.TRAIN_RUN.read_text())
     registry.connect(settings)
     model = mlflow.sklearn.load_model(train_run["model_uri"])
-    holdout = pd.read_parquet(paths.HOLDOUT)
+    holdout = pd.read_parquet(where.HOLDOUT)
     y = target(holdout, data)
     proba = model.predict_proba(model_frame(holdout, data))
     result = metrics(y, proba, model.classes_)
     cm = confusion_matrix(y, model.classes_[proba.argmax(axis=1)], labels=model.classes_)
 
-    paths.METRICS.parent.mkdir(parents=True, exist_ok=True)
-    paths.METRICS.write_text(json.dumps({**result, "rows": len(holdout)}, indent=2) + "\n")
-    curves = _write_plots(y, proba, model.classes_)
+    where.METRICS.parent.mkdir(parents=True, exist_ok=True)
+    where.METRICS.write_text(json.dumps({**result, "rows": len(holdout)}, indent=2) + "\n")
+    curves = _write_plots(y, proba, model.classes_, where)
 
     with mlflow.start_run(run_id=train_run["run_id"]):
         holdout_ds = from_pandas(
-            holdout, source=str(paths.HOLDOUT), targets=data.target, name="holdout"
+            holdout, source=str(where.HOLDOUT), targets=data.target, name="holdout"
         )
         mlflow.log_metrics(
             {f"holdout_{k}": v for k, v in result.items()},
@@ -126,8 +131,9 @@ def run(data: DataParams, settings: Settings) -> dict[str, float]:
 
 
 def main() -> None:
-    params = load_params()
-    result = run(params.data, get_settings())
+    tenant = stage_tenant()
+    params = load_params().for_tenant(tenant)
+    result = run(params.data, get_settings(), paths.layout(tenant))
     print("evaluate: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
 
 

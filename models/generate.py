@@ -214,14 +214,17 @@ class ExampleTenant:
     """A customer of the stack (a tenant) and the subscribers it sends predictions for.
 
     `mix` is a covariate shift, as in `Drift`, that makes its subscriber base differ from
-    the training population: its normal traffic, not drift. Each draw (`batch`) has its own
-    seed, `seed + batch`.
+    the training population: its normal traffic, not drift. `concept` (as in `Drift`) makes
+    its subscribers churn for partly other reasons than the population's: the shared model,
+    trained on the population, then serves it worse than a model of its own would. Each
+    draw (`batch`) has its own seed, `seed + batch`.
     """
 
     id: str
     name: str
     seed: int
     mix: dict[str, float]
+    concept: float = 0.0
 
     def __post_init__(self) -> None:
         Drift(covariate=self.mix)  # the same check of the feature names
@@ -232,18 +235,22 @@ class ExampleTenant:
         covariate = dict(self.mix)
         for column, shift in drift.covariate.items():
             covariate[column] = covariate.get(column, 0.0) + shift
-        df = generate(rows, self.seed + batch, replace(drift, covariate=covariate))
+        concept = min(1.0, self.concept + drift.concept)
+        df = generate(rows, self.seed + batch, replace(drift, covariate=covariate, concept=concept))
         df["customer_id"] = self.id + "-" + df["customer_id"]
         return df
 
 
 EXAMPLE_TENANTS = (
-    # Longer-standing subscribers on dearer plans and longer contracts: fewer churn.
+    # Longer-standing subscribers on dearer plans and longer contracts: fewer churn; and
+    # those who leave do so more for low usage and region than for price (its own model:
+    # ROC AUC 0.71 on its holdout where the shared model reaches 0.67, at 3,000 rows).
     ExampleTenant(
         "acme",
         "Acme Corp",
         seed=1000,
         mix={"tenure_months": 0.3, "age": 0.25, "plan_tier": -0.15, "contract_type": -0.15},
+        concept=0.6,
     ),
     # Younger, newer subscribers on basic plans, month to month: more churn.
     ExampleTenant(
@@ -253,7 +260,8 @@ EXAMPLE_TENANTS = (
         mix={"tenure_months": -0.3, "age": -0.25, "plan_tier": 0.15, "contract_type": 0.15},
     ),
 )
-"""Opposite mixes: equal traffic of both is close to the training population (no drift)."""
+"""Opposite mixes: equal traffic of both is close to the training population (no drift).
+acme has a model of its own (params.yaml `tenants.acme`); globex is served the shared one."""
 
 
 def example_tenant(tenant_id: str) -> ExampleTenant:
@@ -262,6 +270,16 @@ def example_tenant(tenant_id: str) -> ExampleTenant:
         if tenant.id == tenant_id:
             return tenant
     raise UserError(f"no example tenant {tenant_id!r}; there are {[t.id for t in EXAMPLE_TENANTS]}")
+
+
+SOURCE_BATCH = 500
+"""The draw (`ExampleTenant.traffic`'s batch) an example tenant's own training data comes
+from: none of the traffic `make demo` sends (batches 0, 1, 99)."""
+
+
+def tenant_source(tenant_id: str, rows: int) -> pd.DataFrame:
+    """An example tenant's own training data: `rows` of its subscribers, labelled."""
+    return example_tenant(tenant_id).traffic(rows, batch=SOURCE_BATCH)
 
 
 def write_table(df: pd.DataFrame, path: Path) -> None:
@@ -281,6 +299,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, help="default: params.yaml generate.rows")
     parser.add_argument("--seed", type=int, help="default: params.yaml generate.seed")
     parser.add_argument(
+        "--sources",
+        type=Path,
+        help="also write each of generate.tenant_sources' example tenants' own training data "
+        "to SOURCES/<id>.parquet",
+    )
+    parser.add_argument(
         "--tenant",
         choices=[t.id for t in EXAMPLE_TENANTS],
         help="an example tenant's traffic instead (--seed then picks its batch, default 0)",
@@ -294,6 +318,10 @@ def main() -> None:
         df = generate(rows, params.seed if args.seed is None else args.seed)
     write_table(df, args.out)
     print(f"wrote {len(df):,} rows to {args.out} (churn rate {df[TARGET].mean():.1%})")
+    for tenant_id, n in params.tenant_sources.items() if args.sources else ():
+        own, path = tenant_source(tenant_id, n), args.sources / f"{tenant_id}.parquet"
+        write_table(own, path)
+        print(f"wrote {len(own):,} rows of tenant {tenant_id}'s own data to {path}")
 
 
 if __name__ == "__main__":

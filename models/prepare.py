@@ -5,6 +5,9 @@ there is no id column), not by shuffling: adding rows later never moves an old r
 across, so a retrained challenger and the champion are compared on a holdout neither
 was trained on. Rerun on the same data, it writes the same files and DVC sees nothing
 to do. A reference snapshot of the training rows is kept for drift monitoring.
+
+`--tenant <id>` (the `tenant-prepare@<id>` stage) splits that tenant's snapshot and its own
+production rows into its own files (`paths.layout(tenant)`): no other tenant's row.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import pandas as pd
 
 from common import paths
 from common.errors import UserError, run_cli
-from common.params import DataParams, PrepareParams, load_params
+from common.params import DataParams, PrepareParams, load_params, stage_tenant
 from models.data import read_table
 
 _BUCKETS = 1_000_000
@@ -85,29 +88,31 @@ def combine(raw: pd.DataFrame, production: pd.DataFrame | None, data: DataParams
     return pd.concat([raw, production], ignore_index=True)
 
 
-def write(parts: Split) -> None:
-    paths.PREPARED.mkdir(parents=True, exist_ok=True)
-    parts.train.to_parquet(paths.TRAIN)
-    parts.holdout.to_parquet(paths.HOLDOUT)
-    parts.reference.to_parquet(paths.REFERENCE)
+def write(parts: Split, where: paths.Layout = paths.SHARED) -> None:
+    where.PREPARED.mkdir(parents=True, exist_ok=True)
+    parts.train.to_parquet(where.TRAIN)
+    parts.holdout.to_parquet(where.HOLDOUT)
+    parts.reference.to_parquet(where.REFERENCE)
 
 
-def run(data: DataParams, params: PrepareParams) -> Split:
+def run(data: DataParams, params: PrepareParams, where: paths.Layout = paths.SHARED) -> Split:
     production = production_rows(data)
     parts = split(combine(read_table(Path(data.path)), production, data), data, params)
     n_production = 0 if production is None else len(production)
     parts = Split(parts.train, parts.holdout, parts.reference, n_production)
-    write(parts)
+    write(parts, where)
     return parts
 
 
 def main() -> None:
-    params = load_params()
-    parts = run(params.data, params.prepare)
+    tenant = stage_tenant()
+    params = load_params().for_tenant(tenant)
+    where = paths.layout(tenant)
+    parts = run(params.data, params.prepare, where)
     extra = f" (incl. {parts.production_rows:,} production rows)" if parts.production_rows else ""
     print(
         f"prepare: {len(parts.train):,} train / {len(parts.holdout):,} holdout rows{extra}, "
-        f"reference snapshot {len(parts.reference):,} rows -> {paths.PREPARED}/"
+        f"reference snapshot {len(parts.reference):,} rows -> {where.PREPARED}/"
     )
 
 

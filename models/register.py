@@ -3,6 +3,12 @@
 The gate scores the current champion on the same holdout as the new version; the new
 one is promoted only if there is no champion or it passes the promotion policy
 (`promote.improve` / `promote.no_worse` in params.yaml, the same as the promote flow's).
+
+`--tenant <id>` (the `tenant-register@<id>` stage) registers the tenant's own model as
+`<MODEL_NAME>.<id>` (common.registry.model_name), tagged with the tenant and its source, and
+gates it against the tenant's champion on the tenant's holdout. A tenant's first version has
+no champion of its own: it is gated against the shared champion, scored on the tenant's
+holdout, so a tenant leaves the shared model only for one that serves its data better.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from common import paths, registry
 from common.errors import run_cli
 from common.lineage import file_md5, git_commit
-from common.params import Params, PromoteParams, load_params
+from common.params import Params, PromoteParams, load_params, stage_tenant
 from common.registry import served
 from common.registry import tags as tag
 from common.settings import Settings, get_settings
@@ -35,6 +41,10 @@ class Decision:
     challenger_metrics: dict[str, float]
     champion_version: str | None
     champion_metrics: dict[str, float] | None
+    tenant: str | None = None
+    champion_model: str | None = None
+    """The registered model the champion it was gated against belongs to (a tenant's first
+    version: the shared model)."""
 
 
 def gate(
@@ -42,14 +52,18 @@ def gate(
     challenger: dict[str, float],
     champion: dict[str, float] | None,
     champion_version: str | None,
+    against: str = "champion",
 ) -> tuple[bool, str]:
-    """Promote when there is no champion, or the challenger passes the promotion policy."""
+    """Promote when there is no champion, or the challenger passes the promotion policy.
+
+    `against` names the champion in the reason (a tenant's first version: the shared one).
+    """
     verdict = judge(policy, challenger, champion)
     if champion is None:
         return verdict.passed, verdict.summary
     outcome = "passes" if verdict.passed else "fails"
     return verdict.passed, (
-        f"vs champion v{champion_version} on the same holdout, {outcome} the promotion "
+        f"vs {against} v{champion_version} on the same holdout, {outcome} the promotion "
         f"policy: {verdict.summary}"
     )
 
@@ -72,14 +86,35 @@ def _champion_metrics(
         )
 
 
-def run(params: Params, settings: Settings) -> Decision:
-    train_run = json.loads(paths.TRAIN_RUN.read_text())
-    holdout_metrics = json.loads(paths.METRICS.read_text())
+def _rival(client: MlflowClient, settings: Settings, tenant: str | None) -> tuple[str, str]:
+    """The registered model whose champion the new version must beat, and how to name it.
+
+    A tenant with a champion of its own: that one. Without (its first version, or none
+    promoted yet): the shared model's, which serves the tenant until then.
+    """
+    own = registry.model_name(settings, tenant)
+    if tenant is None or registry.version_by_alias(client, own, registry.CHAMPION):
+        return own, "champion"
+    shared = registry.model_name(settings)
+    return shared, f"the shared champion {shared}"
+
+
+def run(
+    params: Params,
+    settings: Settings,
+    where: paths.Layout = paths.SHARED,
+    source: str | None = None,
+) -> Decision:
+    """Register, tag, gate; `source`: how params.yaml declares a tenant's data source."""
+    train_run = json.loads(where.TRAIN_RUN.read_text())
+    holdout_metrics = json.loads(where.METRICS.read_text())
     client = registry.connect(settings)
-    name = settings.model_name
-    holdout = pd.read_parquet(paths.HOLDOUT)
+    tenant = where.tenant
+    name = registry.model_name(settings, tenant)
+    holdout = pd.read_parquet(where.HOLDOUT)
+    rival, against = _rival(client, settings, tenant)
     champion_version, champion_metrics, unscorable = _champion_metrics(
-        client, name, holdout, params, served.cache_dir(settings)
+        client, rival, holdout, params, served.cache_dir(settings)
     )
 
     mv = mlflow.register_model(train_run["model_uri"], name)
@@ -93,8 +128,8 @@ def run(params: Params, settings: Settings) -> Decision:
             tag.DVC_RAW_MD5: client.get_run(train_run["run_id"]).data.tags.get(
                 tag.DVC_RAW_MD5, "unknown"
             ),
-            tag.DVC_TRAIN_MD5: file_md5(paths.TRAIN),
-            tag.DVC_HOLDOUT_MD5: file_md5(paths.HOLDOUT),
+            tag.DVC_TRAIN_MD5: file_md5(where.TRAIN),
+            tag.DVC_HOLDOUT_MD5: file_md5(where.HOLDOUT),
             tag.PARAMS_TRAIN: json.dumps(params.train.model_dump(), sort_keys=True),
             tag.METRICS: json.dumps(
                 {k: round(v, 6) for k, v in holdout_metrics.items()}, sort_keys=True
@@ -108,9 +143,11 @@ def run(params: Params, settings: Settings) -> Decision:
                 if settings.prefect_flow_run_id
                 else {}
             ),
+            **({tag.TENANT: tenant} if tenant else {}),
+            **({tag.DATA_SOURCE: shorten(source)} if source else {}),
         },
     )
-    by = "register stage (dvc repro)"
+    by = "register stage (dvc repro)" if tenant is None else f"tenant-register@{tenant} (dvc repro)"
     registry.move_alias(client, name, registry.CHALLENGER, version, by=by, reason="new candidate")
 
     challenger_metrics = {k: float(v) for k, v in holdout_metrics.items() if k != "rows"}
@@ -118,7 +155,7 @@ def run(params: Params, settings: Settings) -> Decision:
         promoted, reason = False, unscorable + "; move the alias by hand if this is intended"
     else:
         promoted, reason = gate(
-            params.promote, challenger_metrics, champion_metrics, champion_version
+            params.promote, challenger_metrics, champion_metrics, champion_version, against
         )
     held = promoted and champion_version is not None and params.promote.require_approval
     if held:  # a person decides in the promote flow; the gate alone must not move champion
@@ -138,15 +175,31 @@ def run(params: Params, settings: Settings) -> Decision:
         client.delete_registered_model_alias(name, registry.CHALLENGER)
 
     decision = Decision(
-        name, version, promoted, reason, challenger_metrics, champion_version, champion_metrics
+        name,
+        version,
+        promoted,
+        reason,
+        challenger_metrics,
+        champion_version,
+        champion_metrics,
+        tenant,
+        rival if champion_version else None,
     )
-    paths.REGISTER_REPORT.parent.mkdir(parents=True, exist_ok=True)
-    paths.REGISTER_REPORT.write_text(json.dumps(asdict(decision), indent=2) + "\n")
+    where.REGISTER_REPORT.parent.mkdir(parents=True, exist_ok=True)
+    where.REGISTER_REPORT.write_text(json.dumps(asdict(decision), indent=2) + "\n")
     return decision
 
 
+def shorten(text: str, limit: int = 5000) -> str:
+    """A tag value MLflow accepts (at most 5,000 characters)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def main() -> None:
-    decision = run(load_params(), get_settings())
+    tenant = stage_tenant()
+    params = load_params()
+    source = params.tenants[tenant].source.describe() if tenant in params.tenants else None
+    decision = run(params.for_tenant(tenant), get_settings(), paths.layout(tenant), source)
     verdict = "promoted to champion" if decision.promoted else "kept as challenger"
     print(f"register: {decision.model_name} v{decision.version} {verdict}: {decision.reason}")
 

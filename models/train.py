@@ -1,4 +1,8 @@
-"""train: fit the sklearn pipeline, export it to ONNX, check parity, log one MLflow run."""
+"""train: fit the sklearn pipeline, export it to ONNX, check parity, log one MLflow run.
+
+`--tenant <id>` (the `tenant-train@<id>` stage) fits that tenant's own model on its own train
+split, with its `tenants.<id>.train` overrides; the run is tagged with the tenant.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from sklearn.preprocessing import OneHotEncoder
 from common import paths, registry
 from common.errors import UserError, run_cli
 from common.lineage import file_md5, git_commit
-from common.params import DataParams, MonitorParams, TrainParams, load_params
+from common.params import DataParams, MonitorParams, TrainParams, load_params, stage_tenant
 from common.registry import tags as tag
 from common.settings import Settings, get_settings
 from models import export
@@ -108,10 +112,11 @@ def run(
     params: TrainParams,
     settings: Settings,
     monitor: MonitorParams | None = None,
+    where: paths.Layout = paths.SHARED,
 ) -> TrainResult:
     """Fit, export, check parity and log; raise UserError when ONNX parity fails."""
-    train_df = pd.read_parquet(paths.TRAIN)
-    holdout_df = pd.read_parquet(paths.HOLDOUT)
+    train_df = pd.read_parquet(where.TRAIN)
+    holdout_df = pd.read_parquet(where.HOLDOUT)
     x_train, y_train = model_frame(train_df, data), target(train_df, data)
     x_hold = model_frame(holdout_df, data)
 
@@ -125,10 +130,11 @@ def run(
 
     client = registry.connect(settings)
     exp_id = registry.experiment_id(client, settings)
-    train_md5 = file_md5(paths.TRAIN)
+    train_md5 = file_md5(where.TRAIN)
     raw = Path(data.path)
+    run_name = "train" if where.tenant is None else f"train@{where.tenant}"
     with (
-        mlflow.start_run(experiment_id=exp_id, run_name="train") as active,
+        mlflow.start_run(experiment_id=exp_id, run_name=run_name) as active,
         tempfile.TemporaryDirectory() as tmp,
     ):
         mlflow.set_tags(
@@ -138,6 +144,7 @@ def run(
                 tag.DVC_TRAIN_MD5: train_md5,
                 "data.path": data.path,
                 "pipeline.stage": "train",
+                **({tag.TENANT: where.tenant} if where.tenant else {}),
                 **(
                     {tag.PREFECT_FLOW_RUN_ID: settings.prefect_flow_run_id}
                     if settings.prefect_flow_run_id
@@ -154,27 +161,27 @@ def run(
         )
         train_ds = from_pandas(
             train_df,
-            source=str(paths.TRAIN),
+            source=str(where.TRAIN),
             targets=data.target,
             name="train",
             digest=train_md5[:8],
         )
         hold_ds = from_pandas(
             holdout_df,
-            source=str(paths.HOLDOUT),
+            source=str(where.HOLDOUT),
             targets=data.target,
             name="holdout",
-            digest=file_md5(paths.HOLDOUT)[:8],
+            digest=file_md5(where.HOLDOUT)[:8],
         )
         mlflow.log_input(
-            train_ds, context="training", tags={"dvc_md5": train_md5, "path": str(paths.TRAIN)}
+            train_ds, context="training", tags={"dvc_md5": train_md5, "path": str(where.TRAIN)}
         )
-        mlflow.log_input(hold_ds, context="evaluation", tags={"dvc_md5": file_md5(paths.HOLDOUT)})
+        mlflow.log_input(hold_ds, context="evaluation", tags={"dvc_md5": file_md5(where.HOLDOUT)})
 
         onnx_path = Path(tmp) / ONNX_FILE
         onnx_path.write_bytes(onnx_bytes)
         reference_path = Path(tmp) / REFERENCE_FILE
-        pd.read_parquet(paths.REFERENCE).to_parquet(reference_path)
+        pd.read_parquet(where.REFERENCE).to_parquet(reference_path)
         scored_path = Path(tmp) / HOLDOUT_SCORED_FILE
         scored_holdout(pipeline, holdout_df, data, monitor or MonitorParams()).to_parquet(
             scored_path
@@ -219,14 +226,15 @@ def run(
             f"{parity.label_mismatches} label mismatch(es). Logged in MLflow run "
             f"{result.run_id}; nothing was registered."
         )
-    paths.TRAIN_RUN.parent.mkdir(parents=True, exist_ok=True)
-    paths.TRAIN_RUN.write_text(json.dumps(asdict(result), indent=2) + "\n")
+    where.TRAIN_RUN.parent.mkdir(parents=True, exist_ok=True)
+    where.TRAIN_RUN.write_text(json.dumps(asdict(result), indent=2) + "\n")
     return result
 
 
 def main() -> None:
-    params = load_params()
-    result = run(params.data, params.train, get_settings(), params.monitor)
+    tenant = stage_tenant()
+    params = load_params().for_tenant(tenant)
+    result = run(params.data, params.train, get_settings(), params.monitor, paths.layout(tenant))
     print(
         f"train: fitted in {result.fit_seconds:.1f} s; ONNX parity max |dp| = "
         f"{result.onnx_max_abs_diff:.1e}; MLflow run {result.run_id}"

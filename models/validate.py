@@ -3,12 +3,14 @@
 Rules come from params.yaml (data.features and the validate section): required columns,
 types, ranges, allowed categories, missing share, duplicates, row count, and a target
 with at least two classes. The report names the column, the rule and offending rows.
+`--tenant <id>` (the `tenant-validate@<id>` stage) checks that tenant's rows by the same contract
+(with its `tenants.<id>.validate` overrides), and its message names the tenant.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -16,7 +18,7 @@ import pandas as pd
 
 from common import paths
 from common.errors import UserError, run_cli
-from common.params import DataParams, FeatureSpec, ValidateParams, load_params
+from common.params import DataParams, FeatureSpec, ValidateParams, load_params, stage_tenant
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class Report:
     source: str
     rows: int
     problems: list[Problem]
+    tenant: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -48,15 +51,17 @@ class Report:
 
     def to_json(self) -> str:
         body = {"source": self.source, "rows": self.rows, "passed": self.passed}
+        body |= {"tenant": self.tenant} if self.tenant else {}
         return json.dumps(body | {"problems": [asdict(p) for p in self.problems]}, indent=2)
 
     def message(self) -> str:
         n = len(self.problems)
         listed = "; ".join(p.sentence() for p in self.problems)
+        whose = f"tenant {self.tenant!r}: " if self.tenant else ""
         return (
-            f"{self.source} failed the data contract ({n} problem{'s' * (n != 1)}): {listed}. "
-            f"Full report: {paths.VALIDATION_REPORT}. Nothing after validate ran; "
-            "the model registry is unchanged."
+            f"{whose}{self.source} failed the data contract ({n} problem{'s' * (n != 1)}): "
+            f"{listed}. Full report: {paths.layout(self.tenant).VALIDATION_REPORT}. Nothing "
+            "after validate ran; the model registry is unchanged."
         )
 
 
@@ -226,20 +231,21 @@ def _check_duplicates(
     ]
 
 
-def run(data: DataParams, params: ValidateParams) -> Report:
+def run(data: DataParams, params: ValidateParams, where: paths.Layout = paths.SHARED) -> Report:
     """Check train and holdout together (the whole raw table) and write the report."""
-    df = pd.concat([pd.read_parquet(paths.TRAIN), pd.read_parquet(paths.HOLDOUT)]).sort_index()
-    report = check(df, data, params)
-    paths.VALIDATION_REPORT.parent.mkdir(parents=True, exist_ok=True)
-    paths.VALIDATION_REPORT.write_text(report.to_json() + "\n")
+    df = pd.concat([pd.read_parquet(where.TRAIN), pd.read_parquet(where.HOLDOUT)]).sort_index()
+    report = replace(check(df, data, params), tenant=where.tenant)
+    where.VALIDATION_REPORT.parent.mkdir(parents=True, exist_ok=True)
+    where.VALIDATION_REPORT.write_text(report.to_json() + "\n")
     if not report.passed:
         raise UserError(report.message())
     return report
 
 
 def main() -> None:
-    params = load_params()
-    report = run(params.data, params.validate_)
+    tenant = stage_tenant()
+    params = load_params().for_tenant(tenant)
+    report = run(params.data, params.validate_, paths.layout(tenant))
     print(f"validate: {report.rows:,} rows of {report.source} meet the data contract")
 
 

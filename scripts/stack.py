@@ -241,7 +241,7 @@ class Stack:
                     str(BIN / "mlflow"),
                     "server",
                     "--app-name",
-                    "basic-auth",
+                    "mlops-auth",
                     "--backend-store-uri",  # no password: libpq takes PGPASSWORD
                     f"postgresql+psycopg://mlflow@127.0.0.1:{p.postgres}/mlflow",
                     "--artifacts-destination",

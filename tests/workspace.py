@@ -30,18 +30,22 @@ USER_VARIABLES = frozenset(
 """A user's settings (common/settings.py; PG_BIN only finds binaries) and `make deploy`'s
 project dir: each points at that user's state, so tests never inherit them."""
 FAST = {
-    "generate": {"rows": 4000},
+    "generate": {"rows": 4000, "tenant_sources": {"acme": 1000}},
     "train": {"n_estimators": 30},
     "prepare": {"reference_rows": 1000},
+    "tenants": {},
 }
+"""Smaller data and models, and no tenant with a model of its own (params.yaml's example
+tenant's chain would double each `dvc repro`): a test that wants tenants names its own."""
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`extra`'s keys over `base`'s, section by section; an empty section empties it."""
     out = dict(base)
     for key, value in extra.items():
         out[key] = (
             _merge(out[key], value)
-            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            if isinstance(value, dict) and value and isinstance(out.get(key), dict)
             else value
         )
     return out

@@ -89,6 +89,28 @@ def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersio
         raise
 
 
+def aliased_versions(client: MlflowClient, name: str, alias: str) -> dict[str, str]:
+    """`alias`'s version of `name` and of every tenant's `<name>.<tenant>`, in one search.
+
+    Registered name -> version; a model without the alias is left out. One call a page
+    of a hundred models, however many tenants have models of their own.
+    """
+    found: dict[str, str] = {}
+    token: str | None = None
+    while True:
+        page = client.search_registered_models(
+            filter_string=f"name LIKE '{name}%'", max_results=100, page_token=token
+        )
+        for model in page:
+            if model.name == name or model.name.startswith(name + TENANT_SEPARATOR):
+                version = model.aliases.get(alias)
+                if version is not None:
+                    found[model.name] = str(version)
+        token = page.token
+        if not token:
+            return found
+
+
 def _model_exists(client: MlflowClient, name: str) -> bool:
     try:
         client.get_registered_model(name)

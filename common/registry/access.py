@@ -15,10 +15,10 @@ password its environment names (changed there, changed here) and with its grants
   It cannot move an alias, tag a version, or delete anything.
 
 What basic-auth does not enforce: grants are per experiment and per registered model, never
-per alias. SetRegisteredModelAlias needs EDIT on the model (and read on its versions) for
-`challenger` and `champion` alike, so the identity that registers versions and sets
-`challenger` can also move `champion`. Only `flows` (and the admin) hold EDIT; the
-predictor, and anyone else the admin adds without a grant, cannot move either alias.
+per alias, so EDIT would move `champion` as well as `challenger`. The server runs it as
+`--app-name mlops-auth` (common.registry.server_auth), which adds that only `flows` (or an
+admin) may move `champion`. The predictor, and anyone the admin adds without a grant, can
+move no alias at all.
 """
 
 from __future__ import annotations

@@ -94,6 +94,11 @@ class ServedModel:
         """The pydantic model one request record must fit."""
         return record_model(self.scorer)
 
+    @cached_property
+    def unbounded_record(self) -> type[BaseModel]:
+        """The request model without the data contract's ranges (PREDICT_OUT_OF_RANGE=flag)."""
+        return record_model(self.scorer, bounded=False)
+
     def load(self) -> ServedModel:
         """Load the scorer and the request model now (before a swap, not on a request)."""
         _ = self.record
@@ -160,6 +165,18 @@ def resolve(target: MlflowClient | Settings, name: str, alias: str, cache_dir: P
     `target` is a connected client, or the settings to connect with.
     """
     return fetch(version_for(target, name, alias), cache_dir, alias=alias)
+
+
+def for_tenant(settings: Settings, tenant: str | None, cache_dir: Path) -> ServedModel:
+    """What serves `tenant`: its own model's alias (`<MODEL_NAME>.<tenant>`) if set, else
+    the shared model's (None: the shared one); a missing shared alias is a UserError."""
+    client = _client(settings)
+    alias = settings.model_alias
+    own = None
+    if tenant is not None:
+        own = registry.version_by_alias(client, registry.model_name(settings, tenant), alias)
+    mv = own or version_for(client, settings.model_name, alias)
+    return fetch(mv, cache_dir, alias=alias)
 
 
 def by_version(

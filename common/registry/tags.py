@@ -7,7 +7,11 @@ where register reads `dvc.raw_md5` back from.
 tag                          written by       means
 ---------------------------  ---------------  ----------------------------------------------------
 git.commit                   train, register  HEAD when trained (`-dirty`: tracked files changed)
-dvc.raw_md5                  train, register  DVC md5 of the raw table it was trained from
+dvc.raw_md5                  train, register  DVC md5 of the raw table it was trained from (a
+                                              tenant's: its snapshot, data/tenants/<id>/)
+tenant                       train, register  the tenant whose own model this is (its data only)
+data.source                  register         a tenant's source as params.yaml declares it (the
+                                              path, or the query and its URL's variable name)
 dvc.train_md5                train, register  DVC md5 of data/prepared/train.parquet
 dvc.holdout_md5              register         DVC md5 of the holdout it was scored on
 params.train                 register         params.yaml's `train` section, JSON
@@ -50,6 +54,8 @@ DVC_HOLDOUT_MD5 = "dvc.holdout_md5"
 PARAMS_TRAIN = "params.train"
 MLFLOW_RUN_ID = "mlflow.run_id"
 PREFECT_FLOW_RUN_ID = "prefect.flow_run_id"
+TENANT = "tenant"
+DATA_SOURCE = "data.source"
 
 # evaluation
 METRICS = "metrics"

@@ -19,7 +19,8 @@ What lives where:
 - `roles`: the service roles (`PREDICTOR`, `FLOWS`, `GRAFANA`) and URLs logging in as them.
 - `readback`: a tenant's own predictions and labels, a page at a time.
 - `sources`: batch inputs and outputs: Parquet/CSV files, local or `s3://`, and
-  PostgreSQL tables (`open_input`, `read_chunks`, `default_batch_id`, `publish`).
+  PostgreSQL tables (`open_input`, `read_chunks`, `default_batch_id`, `publish`); a whole
+  file or a read-only query's rows (`read_file`, `read_query`: a tenant's snapshot).
 
 It may import psycopg, pyarrow (with its S3 filesystem) and the rest of `common`; never
 Prefect, BentoML or `models`.

@@ -12,7 +12,7 @@ import pyarrow.csv as pacsv
 from common.store.connection import connect
 from common.store.migrations import migrate
 from common.store.rows import BATCH_LOG_COLUMNS
-from common.store.tenants import scope
+from common.store.tenants import check_tenant_id, scope
 
 _COLUMNS = ", ".join(BATCH_LOG_COLUMNS)
 _BATCH_STAGING = (
@@ -32,11 +32,13 @@ class BatchLogWriter:
     `write` COPYs an Arrow table (`rows.log_rows`: the `predictions` table's columns and
     batch_id, inputs and probabilities as JSON text) into a staging table; `commit` inserts
     the rows not logged yet (ON CONFLICT DO NOTHING) and returns how many were new. Leaving
-    the `with` block without `commit` rolls everything back.
+    the `with` block without `commit` rolls everything back. With `tenant`, every row is
+    written as that tenant's, whatever the rows say.
     """
 
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, database_url: str, tenant: str | None = None) -> None:
         self._url = database_url
+        self._tenant = None if tenant is None else check_tenant_id(tenant)
         self._conn: psycopg.Connection[Any] | None = None
 
     def __enter__(self) -> BatchLogWriter:
@@ -51,6 +53,10 @@ class BatchLogWriter:
         """COPY one chunk (a pyarrow Table with BATCH_LOG_COLUMNS) into staging."""
         buf = io.BytesIO()
         table = rows.select(list(BATCH_LOG_COLUMNS))
+        if self._tenant is not None:
+            at = BATCH_LOG_COLUMNS.index("tenant_id")
+            owner = pa.array([self._tenant] * table.num_rows, pa.string())
+            table = table.set_column(at, "tenant_id", owner)
         pacsv.write_csv(table, buf, pacsv.WriteOptions(include_header=False))
         with self._connection().cursor() as cur, cur.copy(_COPY_BATCH) as copy:
             copy.write(buf.getbuffer())

@@ -4,7 +4,9 @@
 (`default_batch_id` derives a batch id from it); `read_chunks` streams the columns a
 batch needs, `chunk_rows` rows at a time, so memory stays flat. A table
 (`table:[schema.]name`) is read with one COPY in a single snapshot. `publish` copies a
-finished batch's files to a local or `s3://` directory. Every failure a user can fix (a
+finished batch's files to a local or `s3://` directory. `read_file` and `read_query` read a
+whole file, or what a SQL query returns in a read-only transaction (a tenant's training
+data, snapshotted before its pipeline runs). Every failure a user can fix (a
 missing file, an unknown table, an unreachable database) is a UserError naming it.
 """
 
@@ -298,6 +300,79 @@ def _read_table(
                 yield from parsed(buf)
     except (psycopg.Error, pa.ArrowException) as exc:
         raise UserError(f"{inp.source}: reading failed ({_first_line(exc)})") from exc
+
+
+def read_file(inp: FileInput) -> pa.Table:
+    """The whole file; CSV columns typed as pandas would (numbers as numbers, not text)."""
+    try:
+        if inp.kind == "parquet":
+            with inp.fs.open_input_file(inp.path) as f:
+                return pq.read_table(f)
+        with inp.fs.open_input_stream(inp.path) as f:
+            return pacsv.read_csv(f)
+    except (OSError, pa.ArrowException) as exc:
+        raise UserError(f"{inp.source}: reading failed ({_first_line(exc)})") from exc
+
+
+def read_query(query: str, database_url: str, variable: str) -> pa.Table:
+    """What `query` returns, read in one READ ONLY transaction (one snapshot).
+
+    The rows travel as one COPY; numbers and booleans come back as such, other types as
+    text, as `table:` sources do. A failure (no connection, a bad query, a write) is a
+    UserError naming `variable`, the environment variable holding the URL, never the URL.
+    """
+    query = query.strip().rstrip(";")
+    try:
+        conn = connect(
+            database_url,
+            autocommit=False,
+            statement_timeout=None,
+            connect_timeout=5,
+            application_name="snapshot",
+        )
+    except psycopg.Error as exc:
+        raise UserError(
+            f"cannot connect to the database in {variable} ({_first_line(exc)})"
+        ) from exc
+    with conn:
+        conn.read_only = True  # whatever the role may do, this transaction writes nothing
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql.SQL("SELECT * FROM ({}) AS q LIMIT 0").format(sql.SQL(query)))
+                described = [(c.name, c.type_code) for c in cur.description or []]
+                names = {
+                    oid: name
+                    for oid, name in conn.execute(
+                        "SELECT oid::int, typname FROM pg_type WHERE oid = ANY(%s)",
+                        [[t for _, t in described]],
+                    ).fetchall()
+                }
+                copy_sql = sql.SQL("COPY ({}) TO STDOUT (FORMAT csv)").format(sql.SQL(query))
+                buf = bytearray()
+                with cur.copy(copy_sql) as copy:
+                    for row in copy:
+                        buf += row
+        except psycopg.Error as exc:
+            raise UserError(f"the query failed ({_first_line(exc)})") from exc
+    columns = [c for c, _ in described]
+    if len(set(columns)) != len(columns):
+        raise UserError(f"the query returns the same column name twice: {columns}")
+    if not buf:
+        schema = [(c, _PG_ARROW.get(names.get(t, ""), pa.string())) for c, t in described]
+        return pa.schema(schema).empty_table()
+    return pacsv.read_csv(
+        io.BytesIO(buf),
+        read_options=pacsv.ReadOptions(column_names=columns),
+        parse_options=pacsv.ParseOptions(newlines_in_values=True),
+        convert_options=pacsv.ConvertOptions(
+            column_types={c: _PG_ARROW.get(names.get(t, ""), pa.string()) for c, t in described},
+            null_values=[""],
+            strings_can_be_null=True,
+            quoted_strings_can_be_null=False,
+            true_values=["t"],
+            false_values=["f"],
+        ),
+    )
 
 
 def _sliced(batch: pa.RecordBatch, rows: int) -> Iterator[pa.RecordBatch]:

@@ -111,6 +111,11 @@ def tenant_ids(conn: psycopg.Connection[Any]) -> list[str]:
 # -- keys ----------------------------------------------------------------------------------------
 
 
+def _admin(database_url: str) -> psycopg.Connection[Any]:
+    """A connection for the tenants CLI and the operator's scripts (named in pg_stat_activity)."""
+    return connect(database_url, application_name="mlops-admin")
+
+
 def _sha256(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
 
@@ -170,7 +175,7 @@ def _require_tenant(conn: psycopg.Connection[Any], tenant: str) -> None:
 def create_key(database_url: str, tenant: str, scopes: Sequence[str] = DEFAULT_SCOPES) -> NewKey:
     """A new live key for `tenant`; the returned `secret` is the only copy."""
     checked = _check_scopes(scopes)
-    with connect(database_url, application_name="mlops-admin") as conn, conn.transaction():
+    with _admin(database_url) as conn, conn.transaction():
         _require_tenant(conn, tenant)
         return _insert_key(conn, tenant, checked)
 
@@ -187,7 +192,7 @@ def rotate_key(
     the new one. Returns the new key and the ids of the keys that will expire. The new key
     has `scopes`, else the union of the old keys' scopes, else the default ones.
     """
-    with connect(database_url, application_name="mlops-admin") as conn, conn.transaction():
+    with _admin(database_url) as conn, conn.transaction():
         _require_tenant(conn, tenant)
         old = conn.execute(
             "SELECT key_id, scopes FROM api_keys WHERE tenant_id = %s AND revoked_at IS NULL"
@@ -211,7 +216,7 @@ def revoke_key(database_url: str, tenant: str, key_id: str | None = None) -> lis
 
     A key id of another tenant is an error, as an unknown one is.
     """
-    with connect(database_url, application_name="mlops-admin") as conn, conn.transaction():
+    with _admin(database_url) as conn, conn.transaction():
         _require_tenant(conn, tenant)
         query = sql.SQL(
             "UPDATE api_keys SET revoked_at = now() WHERE tenant_id = %s AND revoked_at IS NULL{}"
@@ -228,7 +233,7 @@ def revoke_key(database_url: str, tenant: str, key_id: str | None = None) -> lis
 
 def list_keys(database_url: str, tenant: str) -> list[KeyInfo]:
     """Every key of `tenant`, newest first (ids and dates only; secrets are not kept)."""
-    with connect(database_url, application_name="mlops-admin") as conn:
+    with _admin(database_url) as conn:
         _require_tenant(conn, tenant)
         rows = conn.execute(
             "SELECT key_id, tenant_id, scopes, created_at, expires_at, revoked_at FROM api_keys"
@@ -244,7 +249,7 @@ def list_keys(database_url: str, tenant: str) -> list[KeyInfo]:
 def add_tenant(database_url: str, tenant: str, name: str | None = None) -> Tenant:
     """Record a new tenant; an existing id is an error (ids are never reused silently)."""
     check_tenant_id(tenant)
-    with connect(database_url, application_name="mlops-admin") as conn:
+    with _admin(database_url) as conn:
         try:
             row = conn.execute(
                 "INSERT INTO tenants (id, name) VALUES (%s, %s) RETURNING created_at",
@@ -258,7 +263,7 @@ def add_tenant(database_url: str, tenant: str, name: str | None = None) -> Tenan
 
 def list_tenants(database_url: str) -> list[Tenant]:
     """Every tenant, with its number of live keys."""
-    with connect(database_url, application_name="mlops-admin") as conn:
+    with _admin(database_url) as conn:
         rows = conn.execute(
             "SELECT t.id, t.name, t.created_at, count(k.key_id) FILTER (WHERE k.revoked_at IS NULL"
             " AND (k.expires_at IS NULL OR k.expires_at > now()))"
@@ -274,7 +279,7 @@ def remove_tenant(database_url: str, tenant: str, *, purge: bool = False) -> dic
     Returns how many rows went from each table. Without `purge` its logged rows stay, under
     its id, for the operator's records: adding the id again gives them back to it.
     """
-    with connect(database_url, application_name="mlops-admin") as conn, conn.transaction():
+    with _admin(database_url) as conn, conn.transaction():
         _require_tenant(conn, tenant)
         removed: dict[str, int] = {}
         scope(conn, tenant)
@@ -303,7 +308,7 @@ def create_reader_role(database_url: str, tenant: str) -> tuple[str, str]:
     """
     role = READER_ROLE_PREFIX + tenant
     password = secrets.token_urlsafe(24)
-    with connect(database_url, application_name="mlops-admin") as conn, conn.transaction():
+    with _admin(database_url) as conn, conn.transaction():
         _require_tenant(conn, tenant)
         exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [role]).fetchone()
         verb = "ALTER" if exists else "CREATE"

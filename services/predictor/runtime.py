@@ -1,8 +1,12 @@
-"""The model the predictor serves, and how it follows the registry alias without downtime.
+"""The models the predictor serves, and how each follows its registry alias without downtime.
 
-A poller thread reads `models:/<name>@<alias>`; when the alias moves, the new version is
-loaded beside the old one, checked on its own input example, and swapped in with one
-assignment, so a request sees either the old model or the new one, never a mix.
+The shared model (`models:/<MODEL_NAME>@<alias>`) is loaded at start; a tenant's own model
+(`<MODEL_NAME>.<tenant>`, `common.registry.model_name`) on its first request, and kept in
+a bounded cache, the least recently used dropped first (MODEL_CACHE_SIZE). A tenant with
+no model of its own is served the shared one. A poller thread reads every alias in one
+registry search; when one moves, the new version is loaded beside the old one, checked on
+its own input example, and swapped in with one assignment, so a request sees either the
+old model or the new one, never a mix, and other tenants' models are not touched.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,8 +35,72 @@ WAKE_CHECK_SECONDS = 0.5
 """How often a worker looks at the wake file between polls (one stat call)."""
 
 
+class ModelUnavailableError(Exception):
+    """A tenant's own model could not be loaded now (registry or artifact store away)."""
+
+
+class ModelCache:
+    """Tenants' own loaded models, at most `size`; past it the least recently used goes.
+
+    Thread-safe: requests read it, the poller and first requests write it. A model
+    dropped here stays alive for requests still holding it.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.evictions = 0
+        self._models: OrderedDict[str, ServedModel] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, tenant: str) -> ServedModel | None:
+        """The tenant's model, now the most recently used; None if not loaded."""
+        with self._lock:
+            model = self._models.get(tenant)
+            if model is not None:
+                self._models.move_to_end(tenant)
+            return model
+
+    def peek(self, tenant: str) -> ServedModel | None:
+        """The tenant's model without counting as a use."""
+        return self._models.get(tenant)
+
+    def put(self, tenant: str, model: ServedModel) -> list[str]:
+        """Add or replace as the most recently used; the tenants evicted to make room."""
+        with self._lock:
+            self._models[tenant] = model
+            self._models.move_to_end(tenant)
+            evicted = []
+            while len(self._models) > self.size:
+                gone, _ = self._models.popitem(last=False)
+                evicted.append(gone)
+            self.evictions += len(evicted)
+            return evicted
+
+    def replace(self, tenant: str, old: ServedModel, new: ServedModel) -> bool:
+        """Swap `old` for `new` in place (its recency kept), if `old` is still the entry."""
+        with self._lock:
+            if self._models.get(tenant) is not old:
+                return False
+            self._models[tenant] = new
+            return True
+
+    def discard(self, tenant: str, old: ServedModel) -> None:
+        """Drop the tenant's entry if it is still `old`."""
+        with self._lock:
+            if self._models.get(tenant) is old:
+                del self._models[tenant]
+
+    def items(self) -> list[tuple[str, ServedModel]]:
+        """A snapshot, least recently used first."""
+        with self._lock:
+            return list(self._models.items())
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+
 class ModelRuntime:
-    """Holds the served model; a background thread follows the alias in the registry."""
+    """Holds the served models; a background thread follows their aliases in the registry."""
 
     def __init__(self, settings: Settings, bundled_dir: Path | None = None) -> None:
         self.settings = settings
@@ -43,7 +112,13 @@ class ModelRuntime:
         self.last_error: str | None = None
         self.last_check: str | None = None
         self.swaps = 0
+        self.loads = 0
+        self.own: dict[str, str] = {}
+        """Tenant -> the version its own model's alias pointed at in the last check."""
+        self.models = ModelCache(settings.model_cache_size)
         self._client: MlflowClient | None = None
+        self._loading: dict[str, threading.Lock] = {}
+        self._loading_guard = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -51,9 +126,9 @@ class ModelRuntime:
 
     def _initial(self) -> ServedModel:
         try:
-            found = self._from_registry()
-            if found is not None:
-                return found
+            version = self._versions().get(self.name)
+            if version is not None:
+                return self._fetch(self.name, version)
         except Exception as exc:  # any registry failure falls back to the bundle
             self._note_failure(exc)
         if self.bundled_dir is not None and (self.bundled_dir / "MLmodel").exists():
@@ -70,13 +145,22 @@ class ModelRuntime:
             self._client = registry.connect(self.settings)
         return self._client
 
-    def _from_registry(self, skip_version: str | None = None) -> ServedModel | None:
-        client = self._registry()
-        mv = registry.version_by_alias(client, self.name, self.alias)
+    def _versions(self) -> dict[str, str]:
+        """Every alias in one registry search; notes the tenants that have models of their own."""
+        versions = registry.aliased_versions(self._registry(), self.name, self.alias)
         self.registry_ok, self.last_error = True, None
         self.last_check = datetime.now(UTC).isoformat(timespec="seconds")
-        if mv is None or str(mv.version) == skip_version:
-            return None
+        own = {}
+        for name, version in versions.items():
+            tenant = registry.tenant_of(self.settings, name)
+            if tenant is not None:
+                own[tenant] = version
+        self.own = own  # one assignment: requests see the old map or the new one
+        return versions
+
+    def _fetch(self, name: str, version: str) -> ServedModel:
+        """Download and load one version (checked on its input example) before it serves."""
+        mv = self._registry().get_model_version(name, version)
         return served.fetch(mv, self.cache, alias=self.alias).load()
 
     def _note_failure(self, exc: BaseException) -> None:
@@ -90,20 +174,79 @@ class ModelRuntime:
             self.last_error,
         )
 
+    def ready(self, tenant: str) -> ServedModel | None:
+        """The model answering `tenant` now, without I/O; None if its own must be loaded."""
+        model = self.models.get(tenant)
+        if model is not None:
+            return model
+        return None if tenant in self.own else self.current
+
+    def load(self, tenant: str) -> ServedModel:
+        """`tenant`'s model, loading its own on first use (once however many wait; blocks).
+
+        ModelUnavailableError if it cannot be loaded now.
+        """
+        with self._loading_guard:
+            lock = self._loading.setdefault(tenant, threading.Lock())
+        with lock:
+            while True:
+                model = self.ready(tenant)
+                version = self.own.get(tenant)
+                if model is not None or version is None:
+                    return model or self.current
+                name = registry.model_name(self.settings, tenant)
+                try:
+                    model = self._fetch(name, version)
+                except Exception as exc:
+                    raise ModelUnavailableError(
+                        f"{name} v{version} cannot be loaded now: {type(exc).__name__}: {exc}"
+                    ) from exc
+                if self.own.get(tenant) != version:
+                    continue  # the alias moved while loading: load what it points at now
+                evicted = self.models.put(tenant, model)
+                self.loads += 1
+                log.info("loaded %s v%s; evicted %s", name, version, evicted or "none")
+                return model
+
+    def serving(self, tenant: str) -> ServedModel:
+        """`ready`, else `load`: what answers `tenant` (blocking on a first use)."""
+        return self.ready(tenant) or self.load(tenant)
+
     def check_now(self) -> bool:
-        """Look at the alias once; swap if it moved. Returns whether a swap happened."""
+        """Look at every alias once; swap the models whose alias moved. Whether one did."""
         try:
-            new = self._from_registry(skip_version=self.current.version)
+            versions = self._versions()
         except Exception as exc:  # keep serving whatever goes wrong
             self._note_failure(exc)
             return False
-        if new is None:
-            return False
-        old = self.current
-        self.current = new
-        self.swaps += 1
-        log.info("swapped %s v%s -> v%s", self.name, old.version, new.version)
-        return True
+        swapped = False
+        shared = versions.get(self.name)
+        if shared is not None and shared != self.current.version:
+            try:
+                new = self._fetch(self.name, shared)
+            except Exception as exc:
+                self._note_failure(exc)
+            else:
+                old, self.current = self.current, new
+                self.swaps += 1
+                swapped = True
+                log.info("swapped %s v%s -> v%s", self.name, old.version, new.version)
+        for tenant, model in self.models.items():
+            wanted = self.own.get(tenant)
+            if wanted is None:  # its own model is gone: the shared one answers
+                self.models.discard(tenant, model)
+                swapped = True
+            elif wanted != model.version:
+                try:
+                    new = self._fetch(model.name, wanted)
+                except Exception as exc:  # keep its current version, retry next check
+                    self._note_failure(exc)
+                    continue
+                if self.models.replace(tenant, model, new):
+                    self.swaps += 1
+                    swapped = True
+                    log.info("swapped %s v%s -> v%s", model.name, model.version, new.version)
+        return swapped
 
     def wake(self) -> None:
         """Check the alias now, in every worker (a registry webhook reaches only one)."""
@@ -149,17 +292,35 @@ class ModelRuntime:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def describe(self) -> dict[str, Any]:
-        """What /model answers: the version served, its lineage, and the registry's state."""
-        cur = self.current
+    def describe(self, tenant: str | None = None) -> dict[str, Any]:
+        """What /model answers: the model that serves `tenant` (None: the shared one), its
+        lineage, the registry's state, and the cache's counts (never other tenants' ids)."""
+        own = tenant is not None and tenant in self.own
+        cur = self.models.peek(tenant) if tenant is not None else None
+        if cur is None and not own:
+            cur = self.current
+        about: dict[str, Any] = (
+            {
+                "model_name": cur.name,
+                "model_version": cur.version,
+                "alias": self.alias,
+                "source": cur.source,
+                "backend": cur.scorer.backend,
+                "loaded_at": cur.loaded_at,
+                "lineage": cur.lineage,
+            }
+            if cur is not None
+            else {  # its own model, not loaded yet: its first request loads it
+                "model_name": registry.model_name(self.settings, tenant),
+                "model_version": self.own.get(tenant or ""),
+                "alias": self.alias,
+                "source": "registry",
+                "loaded_at": None,
+            }
+        )
         return {
-            "model_name": cur.name,
-            "model_version": cur.version,
-            "alias": self.alias,
-            "source": cur.source,
-            "backend": cur.scorer.backend,
-            "loaded_at": cur.loaded_at,
-            "lineage": cur.lineage,
+            **about,
+            **({"tenant_id": tenant, "own_model": own} if tenant is not None else {}),
             "registry": {
                 "reachable": self.registry_ok,
                 "last_check": self.last_check,
@@ -167,4 +328,10 @@ class ModelRuntime:
                 "tracking_uri": self.settings.tracking_uri,
             },
             "swaps": self.swaps,
+            "cache": {
+                "tenant_models_loaded": len(self.models),
+                "size": self.models.size,
+                "loads": self.loads,
+                "evictions": self.models.evictions,
+            },
         }

@@ -1,5 +1,8 @@
 """The BentoML predictor: serves `models:/<name>@champion`, logs every prediction to PostgreSQL.
 
+A tenant with a model of its own (`<name>.<tenant>@champion`) is answered by it, loaded on
+its first request; every other tenant by the shared model.
+
 Thin by design: scoring and request validation live in models.predict, the registry
 following in services.predictor.runtime, the prediction log in common.store, who is
 calling (API keys, tenants, scopes) in services.predictor.identity, checked by the guard
@@ -30,7 +33,7 @@ from common.registry.served import ServedModel
 from common.settings import get_settings
 from common.store import Feedback, Prediction, PredictionLog, migrate, pool, prediction_exists
 from common.store.readback import MAX_PAGE, read_page
-from models.predict import out_of_range, record_model, validate_records
+from models.predict import out_of_range, validate_records
 from services.predictor import identity
 from services.predictor.guard import RequestGuard
 from services.predictor.openapi import (
@@ -42,7 +45,7 @@ from services.predictor.openapi import (
     PredictBody,
     PredictionsPage,
 )
-from services.predictor.runtime import ModelRuntime
+from services.predictor.runtime import ModelRuntime, ModelUnavailableError
 
 log = logging.getLogger("predictor")
 
@@ -63,6 +66,7 @@ PREDICTIONS = bentoml.metrics.Counter(
     documentation="Predictions answered, by model version and predicted class",
     labelnames=["model_version", "predicted_class"],
 )
+"""No model name label: /metrics needs no key, and `<MODEL_NAME>.<tenant>` names tenants."""
 LATENCY = bentoml.metrics.Histogram(
     name="predictor_prediction_latency_seconds",
     documentation="Time to validate and score one /predict request",
@@ -84,8 +88,13 @@ REGISTRY_UP = bentoml.metrics.Gauge(
 )
 SERVED_VERSION = bentoml.metrics.Gauge(
     name="predictor_served_model_version",
-    documentation="The model version each worker serves",
+    documentation="The version of the shared model each worker serves",
     multiprocess_mode="livemax",
+)
+TENANT_MODELS = bentoml.metrics.Gauge(
+    name="predictor_tenant_models_loaded",
+    documentation="Tenants' own models loaded, per worker (at most MODEL_CACHE_SIZE)",
+    multiprocess_mode="livesum",
 )
 
 
@@ -206,7 +215,6 @@ class Predictor:
         identity.install(identity.Gate(self.keys, secret.get_secret_value() if secret else None))
         self.runtime = ModelRuntime(settings, bundled_dir=Path(self.bundled.path))
         self._flag_range = settings.predict_out_of_range == "flag"
-        self._unbounded: tuple[ServedModel, type[BaseModel]] | None = None
         self._publish()
         self._observe(swapped=False)
         self.runtime.start(on_check=self._observe)
@@ -219,6 +227,7 @@ class Predictor:
         SERVED_VERSION.set(
             float(self.runtime.current.version) if self.runtime.current.version.isdigit() else -1
         )
+        TENANT_MODELS.set(len(self.runtime.models))
         QUEUE_DEPTH.set(self.log.depth)
 
     def _publish(self) -> None:
@@ -231,13 +240,21 @@ class Predictor:
 
     def _record(self, served: ServedModel) -> type[BaseModel]:
         """The request model: bounded by the data contract unless out-of-range is flagged."""
-        if not self._flag_range:
-            return served.record
-        cached = self._unbounded
-        if cached is None or cached[0] is not served:
-            cached = (served, record_model(served.scorer, bounded=False))
-            self._unbounded = cached  # one assignment: requests on other threads see either
-        return cached[1]
+        return served.unbounded_record if self._flag_range else served.record
+
+    async def _model(self, tenant: str) -> ServedModel | JSONResponse:
+        """The model answering `tenant`; its own is loaded on a thread on first use (503 if
+        the registry cannot give it now)."""
+        served = self.runtime.ready(tenant)
+        if served is not None:
+            return served
+        try:
+            served = await asyncio.to_thread(self.runtime.load, tenant)
+        except ModelUnavailableError as exc:
+            log.warning("%s", exc)
+            return _error(503, f"{exc}; retry later")
+        TENANT_MODELS.set(len(self.runtime.models))
+        return served
 
     @bentoml.api(route="/predict", input_spec=PredictBody, output_spec=Predictions)
     async def predict(
@@ -252,7 +269,9 @@ class Predictor:
         """
         start = time.perf_counter()
         tenant = identity.current().tenant_id
-        served = self.runtime.current  # one snapshot: the whole request uses one version
+        served = await self._model(tenant)  # one snapshot: the whole request uses one version
+        if isinstance(served, JSONResponse):
+            return served
         try:
             rows = validate_records(
                 self._record(served), records, max_batch=self.settings.predict_max_batch
@@ -313,7 +332,10 @@ class Predictor:
         unknown one is; each label records the key it came with.
         """
         who = identity.current()
-        classes = self.runtime.current.scorer.classes
+        served = await self._model(who.tenant_id)
+        if isinstance(served, JSONResponse):
+            return served
+        classes = served.scorer.classes
         if label not in classes:
             return _error(
                 400, f"label {label!r} is not a class of this model; expected one of {classes}"
@@ -354,9 +376,10 @@ class Predictor:
 
     @info.get("/")
     def model(self) -> dict[str, Any]:
-        """The version being served, its lineage tags, and whether the registry answers."""
+        """The caller tenant's model and version, its lineage tags, whether the registry
+        answers, and the model cache's counts."""
         return {
-            **self.runtime.describe(),
+            **self.runtime.describe(identity.current().tenant_id),
             "log_queue_depth": self.log.depth,
             "log_db_up": self.log.db_up,
             "api_key_listener_up": self.keys.listening,

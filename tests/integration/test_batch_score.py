@@ -2,7 +2,8 @@
 
 The flow runs in-process under Prefect's test harness (a temporary API). It scores the
 pipeline's champion on a Parquet file in the bucket, on a local CSV with garbage rows and
-on a PostgreSQL table in the database of DATABASE_URL.
+on a PostgreSQL table in the database of DATABASE_URL; and for a tenant, with its own
+champion or the shared one, its rows logged as that tenant's.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from common.store import sources
 from flows.batch_score import batch_score
 from models.batch import BatchResult
 from models.generate import generate
+from tests.integration.serving import register_copies
 from tests.servers import HttpServer, S3Endpoint, free_port
 from tests.workspace import Workspace
 
@@ -313,3 +315,52 @@ def test_a_missing_table_or_column_fails_the_run_naming_it(
         out=project / "out",
     )
     assert total_logged(logdb) == before
+
+
+TENANT_ROWS = 300
+
+
+@pytest.fixture(scope="module")
+def tenant_file(project: Path, mlflow_server: HttpServer) -> Path:
+    """A small file, and tenant `batchco` with a model of its own (champion v2)."""
+    client = register_copies(mlflow_server.url, f"{get_settings().model_name}.batchco")
+    client.set_registered_model_alias(f"{get_settings().model_name}.batchco", "champion", "2")
+    path = project / "tenant.parquet"
+    generate(TENANT_ROWS, seed=24).to_parquet(path)
+    return path
+
+
+def tenant_rows(database_url: str, batch_id: str) -> set[tuple[str, str, str]]:
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT DISTINCT tenant_id, model_name, model_version FROM predictions"
+            " WHERE batch_id = %s",
+            [batch_id],
+        ).fetchall()
+    return {(str(t), str(n), str(v)) for t, n, v in rows}
+
+
+def test_a_tenants_batch_is_scored_with_its_own_champion_and_logged_as_its_rows(
+    project: Path, tenant_file: Path, logdb: str
+) -> None:
+    own = f"{get_settings().model_name}.batchco"
+    result = batch_score(str(tenant_file), output_dir="out", tenant="batchco")
+    assert (result.model_name, result.model_version) == (own, "2")
+    assert result.batch_id.startswith("batchco-")
+    assert result.logged == TENANT_ROWS
+    assert tenant_rows(logdb, result.batch_id) == {("batchco", own, "2")}
+
+
+def test_a_tenant_without_its_own_model_gets_the_shared_champion_in_batch(
+    project: Path, tenant_file: Path, logdb: str
+) -> None:
+    shared = get_settings().model_name
+    result = batch_score(str(tenant_file), output_dir="out", tenant="solo")
+    assert result.model_name == shared
+    assert result.logged == TENANT_ROWS  # its own batch id: no clash with batchco's rows
+    assert tenant_rows(logdb, result.batch_id) == {("solo", shared, result.model_version)}
+
+
+def test_a_malformed_tenant_id_is_refused_by_name(project: Path, tenant_file: Path) -> None:
+    with pytest.raises(UserError, match="tenant id 'Not A Tenant'"):
+        batch_score(str(tenant_file), output_dir="out", tenant="Not A Tenant")

@@ -30,6 +30,7 @@ import psutil
 import psycopg
 import pytest
 from mlflow.exceptions import MlflowException
+from mlflow.server.auth.client import AuthServiceClient
 from mlflow.tracking import MlflowClient
 
 from common.store import tenants
@@ -254,7 +255,7 @@ def test_the_predictor_serves_the_champion_and_monitor_runs_on_its_traffic(
 
 
 def test_only_the_flows_identity_may_move_an_alias(stack: Stack, trained: str) -> None:
-    """MLflow's basic-auth grants per model, not per alias: the predictor may move none."""
+    """The predictor (READ) may move no alias; the worker's `flows` moves `champion`."""
     uri = stack.env()["MLFLOW_TRACKING_URI"]
     as_predictor = {
         "MLFLOW_TRACKING_USERNAME": "predictor",
@@ -279,6 +280,28 @@ def test_only_the_flows_identity_may_move_an_alias(stack: Stack, trained: str) -
         MlflowClient(tracking_uri=uri, registry_uri=uri).set_registered_model_alias(
             MODEL, "champion", "1"
         )
+
+
+def test_an_editor_may_propose_a_challenger_but_only_the_promotion_identity_moves_champion(
+    stack: Stack, trained: str
+) -> None:
+    """mlops-auth adds what basic-auth lacks: EDIT on a model no longer moves `champion`."""
+    uri = stack.env()["MLFLOW_TRACKING_URI"]
+    with pytest.MonkeyPatch.context() as env:
+        for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            env.setenv(name, stack.env()[name])
+        admin = AuthServiceClient(uri)
+        admin.create_user("analyst", "analyst-password-1")
+        admin.grant_user_permission("analyst", "registered_model", MODEL, "EDIT")
+        env.setenv("MLFLOW_TRACKING_USERNAME", "analyst")
+        env.setenv("MLFLOW_TRACKING_PASSWORD", "analyst-password-1")
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.set_registered_model_alias(MODEL, "challenger", "1")
+        with pytest.raises(MlflowException, match="only flows or an admin may move"):
+            client.set_registered_model_alias(MODEL, "champion", "1")
+        with pytest.raises(MlflowException, match="Permission denied"):  # basic-auth: MANAGE
+            client.delete_registered_model_alias(MODEL, "champion")
+        assert client.get_model_version_by_alias(MODEL, "champion").version == "1"
 
 
 def test_each_service_logs_in_to_postgres_as_its_own_role(stack: Stack, trained: str) -> None:

@@ -270,12 +270,12 @@ def test_the_roles_script_makes_every_role_from_the_postgres_environment(
     assert all(f"${{{env}:?}}" in checks for env in wanted)
 
 
-def test_mlflow_runs_its_basic_auth_app_behind_a_host_allow_list(
+def test_mlflow_runs_basic_auth_with_the_champion_rule_behind_a_host_allow_list(
     compose: dict[str, Any],
 ) -> None:
     mlflow = compose["services"]["mlflow"]
     argv = mlflow["command"]
-    assert argv[argv.index("--app-name") + 1] == "basic-auth"
+    assert argv[argv.index("--app-name") + 1] == "mlops-auth"
     hosts = argv[argv.index("--allowed-hosts") + 1].split(",")
     assert "*" not in hosts
     assert {"mlflow:5000", "127.0.0.1:5000", "localhost:5000"} <= set(hosts)

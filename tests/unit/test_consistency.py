@@ -1,7 +1,9 @@
 """dvc.yaml, params.yaml, common/paths.py, models/, flows/ and prefect.yaml use the same words.
 
-A dvc.yaml stage is a module of models/ and reads its own params.yaml section; a Prefect
-deployment is a flow of flows/ with the same name. The exceptions are listed here, each with
+A dvc.yaml stage is a module of models/ and reads its own params.yaml section; a tenant's
+stage (`tenant-<stage>@<id>`, a foreach group over params.yaml `tenants`) runs the same
+module with `--tenant` on `paths.layout(<id>)`'s files; a Prefect deployment is a flow of
+flows/ with the same name. The exceptions are listed here, each with
 its reason, and the tests fail if one stops being needed.
 """
 
@@ -18,6 +20,22 @@ from common.params import Params
 from tests.workspace import ROOT
 
 STAGES = ["generate", "prepare", "validate", "train", "evaluate", "register"]
+TENANT_STAGES = ["snapshot", "prepare", "validate", "train", "evaluate", "register"]
+"""A tenant's chain: its own data snapshotted first, then the shared model's steps."""
+KEY = "${key}"
+TENANT = paths.layout(KEY)
+"""A tenant's files as dvc.yaml's foreach groups spell them."""
+TENANT_OUTS = {
+    "snapshot": {TENANT.SNAPSHOT},
+    "prepare": {TENANT.TRAIN, TENANT.HOLDOUT, TENANT.REFERENCE},
+    "validate": {TENANT.VALIDATION_REPORT},
+    "train": {TENANT.TRAIN_RUN},
+    "evaluate": {TENANT.METRICS, TENANT.CONFUSION, TENANT.ROC},
+    "register": {TENANT.REGISTER_REPORT},
+}
+TENANT_SOURCES = {Path("data/sources"), TENANT.PRODUCTION}
+"""What a tenant's chain reads besides its own earlier outputs: local source files (the
+example tenant's from `generate`) and the tenant's labelled production rows."""
 OUTS = {
     "prepare": {paths.TRAIN, paths.HOLDOUT, paths.REFERENCE},
     "validate": {paths.VALIDATION_REPORT},
@@ -34,6 +52,8 @@ DEPLOYMENTS: dict[str, Any] = {
 }
 
 SHARED_SECTIONS = {"data"}
+TENANTS_SECTION = "tenants"
+"""Each tenant's source and overrides: its chain's stages read `tenants.<id>`."""
 """The data contract (paths, columns, label): every stage that touches rows reads it."""
 BORROWED_SECTIONS = {
     # The gate IS the promotion policy: `register` judges a new version against champion
@@ -57,17 +77,27 @@ def _names(entries: list[Any]) -> set[Path]:
     return found
 
 
+def _spec(stage: str) -> dict[str, Any]:
+    """A stage's definition; a foreach group's (`tenant-<stage>`) is its `do:`."""
+    spec: dict[str, Any] = DVC[stage]
+    return spec["do"] if "foreach" in spec else spec
+
+
 def outs(stage: str) -> set[Path]:
-    spec = DVC[stage]
+    spec = _spec(stage)
     return _names(spec.get("outs", []) + spec.get("metrics", []) + spec.get("plots", []))
 
 
 def deps(stage: str) -> set[Path]:
-    return _names(DVC[stage].get("deps", []))
+    return _names(_spec(stage).get("deps", []))
+
+
+def group(stage: str) -> str:
+    return f"tenant-{stage}"
 
 
 def test_stages_are_the_loop_in_order() -> None:
-    assert list(DVC) == STAGES
+    assert list(DVC) == STAGES + [group(s) for s in TENANT_STAGES]
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -100,7 +130,8 @@ def test_stages_depend_only_on_earlier_outputs_or_sources() -> None:
 
 
 def test_generate_writes_the_default_data_path(params: Params) -> None:
-    assert outs("generate") == {Path(params.data.path)}
+    examples = {Path(f"data/sources/{t}.parquet") for t in params.generate.tenant_sources}
+    assert outs("generate") == {Path(params.data.path)} | examples
     assert f"--out {params.data.path}" in DVC["generate"]["cmd"]
     assert "${data.path}" in DVC["prepare"]["deps"]
 
@@ -132,7 +163,7 @@ def test_each_stage_reads_its_own_params_section_or_a_listed_exception() -> None
 
 
 def test_every_params_section_belongs_to_a_stage_or_a_deployment() -> None:
-    owners = set(STAGES) | set(DEPLOYMENTS) | SHARED_SECTIONS
+    owners = set(STAGES) | set(DEPLOYMENTS) | SHARED_SECTIONS | {TENANTS_SECTION}
     assert set(PARAMS) <= owners, set(PARAMS) - owners
 
 
@@ -168,3 +199,42 @@ def test_per_tenant_deployments_share_a_queueing_concurrency_limit() -> None:
     for name in ("monitor", "retrain"):
         assert DEPLOYMENTS[name]["concurrency_limit"]["collision_strategy"] == "ENQUEUE"
         assert DEPLOYMENTS[name]["concurrency_limit"]["limit"] >= 1
+
+
+# -- a tenant's chain: the same modules over its own files ------------------------------
+
+
+@pytest.mark.parametrize("stage", TENANT_STAGES)
+def test_each_tenant_stage_runs_its_module_for_the_tenant_over_params_tenants(stage: str) -> None:
+    assert DVC[group(stage)]["foreach"] == "${tenants}"
+    assert _spec(group(stage))["cmd"] == f"python -m models.{stage} --tenant {KEY}"
+    assert Path(f"models/{stage}.py") in deps(group(stage))
+
+
+@pytest.mark.parametrize("stage", TENANT_STAGES)
+def test_tenant_stage_outputs_are_the_tenants_layout(stage: str) -> None:
+    assert outs(group(stage)) == TENANT_OUTS[stage]
+
+
+def test_a_tenant_stage_reads_only_its_own_earlier_outputs_or_sources() -> None:
+    produced: set[Path] = set()
+    for stage in TENANT_STAGES:
+        for dep in deps(group(stage)):
+            if dep.parts[0] in ("models", "common") or dep in TENANT_SOURCES:
+                continue
+            assert dep in produced, f"{group(stage)} depends on {dep}, not its own chain's"
+        produced |= outs(group(stage))
+
+
+def test_a_tenant_stage_reads_its_tenants_section_or_the_shared_ones_it_overrides() -> None:
+    """The shared sections a stage reads, plus `tenants.<id>` (its overrides), or only its
+    source (snapshot: the data contract's columns and the source)."""
+    for shared, stage in zip(
+        ["prepare", "validate", "train", "evaluate", "register"], TENANT_STAGES[1:], strict=True
+    ):
+        own = [p for p in _spec(group(stage)).get("params", []) if KEY not in p]
+        assert own == DVC[shared].get("params", []), stage
+        if DVC[shared].get("params"):
+            assert f"tenants.{KEY}" in _spec(group(stage))["params"], stage
+    assert f"tenants.{KEY}.source" in _spec(group("snapshot"))["params"]
+    assert _spec(group("snapshot"))["always_changed"] is True

@@ -15,9 +15,9 @@ from models import evaluate
 
 @pytest.fixture
 def plots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setattr(paths, "ROC", tmp_path / "roc.csv")
-    monkeypatch.setattr(paths, "CONFUSION", tmp_path / "confusion.csv")
-    return tmp_path
+    monkeypatch.chdir(tmp_path)
+    assert paths.ROC.parent == paths.CONFUSION.parent
+    return tmp_path / paths.ROC.parent
 
 
 def three_classes(rows: int = 900, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -33,6 +33,7 @@ from prefect.flow_runs import resume_flow_run
 from prefect.testing.utilities import prefect_test_harness
 
 from common import dvc_pipeline, registry
+from common.errors import UserError
 from common.settings import get_settings
 from flows import fanout
 from flows.monitor import monitor_tenants
@@ -59,14 +60,16 @@ if name == "validate" and Path("BAD").exists():
     print("error: validation failed: column age: 3 values above max 120", file=sys.stderr)
     print("(rows 1, 4, 9).", file=sys.stderr)
     sys.exit(1)
-if name == "register":
+if name.startswith(("register", "tenant-register@")):
+    tenant = name.partition("@")[2]
+    sub = f"/tenants/{tenant}" if tenant else ""
     for d in ("reports", "metrics"):
-        Path(d).mkdir(exist_ok=True)
-    Path("reports/train.json").write_text(json.dumps({"run_id": "abc123"}))
-    Path("metrics/holdout.json").write_text(json.dumps({"roc_auc": 0.81, "rows": 10}))
-    Path("reports/register.json").write_text(json.dumps({
-        "model_name": "churn-classifier", "version": "7", "promoted": True,
-        "reason": "no champion yet"}))
+        Path(d + sub).mkdir(parents=True, exist_ok=True)
+    Path(f"reports{sub}/train.json").write_text(json.dumps({"run_id": "abc123"}))
+    Path(f"metrics{sub}/holdout.json").write_text(json.dumps({"roc_auc": 0.81, "rows": 10}))
+    Path(f"reports{sub}/register.json").write_text(json.dumps({
+        "model_name": "churn-classifier" + (f".{tenant}" if tenant else ""), "version": "7",
+        "promoted": True, "reason": "no champion yet"}))
 """
 
 
@@ -91,6 +94,25 @@ def project(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.fixture
+def tenant_project(project: Path) -> Path:
+    """The same project plus a chain per tenant of params.yaml (acme and globex)."""
+    spec = yaml.safe_load((project / "dvc.yaml").read_text())
+    for name in ("prepare", "register"):
+        spec["stages"][f"tenant-{name}"] = {
+            "foreach": "${tenants}",
+            "do": {
+                "cmd": f"{sys.executable} step.py tenant-{name}@${{key}}",
+                "always_changed": True,
+            },
+        }
+    (project / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["tenants"] = {t: {"source": {"path": f"{t}.csv"}} for t in ("acme", "globex")}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return project
+
+
 def _order(project: Path) -> list[str]:
     return (project / "order.log").read_text().split()
 
@@ -104,6 +126,81 @@ def test_stages_come_from_dvc_yaml_in_its_order() -> None:
         "evaluate",
         "register",
     ]
+
+
+def test_a_tenants_stages_are_its_own_chain_in_dvc_yaml_order() -> None:
+    assert dvc_pipeline.stages(ROOT, "acme") == [
+        "tenant-snapshot@acme",
+        "tenant-prepare@acme",
+        "tenant-validate@acme",
+        "tenant-train@acme",
+        "tenant-evaluate@acme",
+        "tenant-register@acme",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("tenants", "expected"),
+    [
+        ({}, []),
+        (
+            {"acme": {"source": {"path": "a.csv"}}, "b-2": {"source": {"path": "b.csv"}}},
+            ["acme", "b-2"],
+        ),
+    ],
+    ids=["no-tenants", "two-tenants"],
+)
+def test_dvc_makes_a_chain_per_tenant_of_params_yaml_and_none_without(
+    tmp_path: Path, tenants: dict[str, Any], expected: list[str]
+) -> None:
+    """DVC's own reading of dvc.yaml's foreach groups, as `dvc repro` sees them."""
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    params = yaml.safe_load((ROOT / "params.yaml").read_text()) | {"tenants": tenants}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    subprocess.run(
+        [sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True
+    )
+    listed = subprocess.run(
+        [sys.executable, "-m", "dvc", "stage", "list", "--name-only"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+
+    shared = dvc_pipeline.stages(tmp_path)
+    chains = [dvc_pipeline.stages(tmp_path, t) for t in expected]
+    assert listed == shared + [s for group in zip(*chains, strict=True) for s in group]
+    assert all(len(chain) == 6 for chain in chains)
+
+
+def test_a_tenant_without_a_model_of_its_own_is_named_with_the_ones_there_are() -> None:
+    with pytest.raises(UserError, match=r"tenant 'globex' has no model of its own .*\['acme'\]"):
+        dvc_pipeline.stages(ROOT, "globex")
+
+
+def test_the_pipeline_flow_runs_only_the_tenants_chain_and_names_its_model(
+    tenant_project: Path,
+) -> None:
+    result = pipeline(project_dir=str(tenant_project), tenant="acme")
+
+    assert _order(tenant_project) == ["tenant-prepare@acme", "tenant-register@acme"]
+    assert (result.model_name, result.tenant, result.version) == (
+        "churn-classifier.acme",
+        "acme",
+        "7",
+    )
+    assert dvc_pipeline.summary(tenant_project, "acme") == result
+    assert "churn-classifier.acme v7 (tenant acme's own model)" in dvc_pipeline.summary_markdown(
+        result, "sqlite:///x.db"
+    )
+
+
+def test_the_shared_pipeline_runs_no_tenants_stage(tenant_project: Path) -> None:
+    result = pipeline(project_dir=str(tenant_project))
+
+    assert _order(tenant_project) == ["prepare", "validate", "register"]
+    assert (result.model_name, result.tenant) == ("churn-classifier", None)
 
 
 def test_the_pipeline_flow_runs_each_stage_in_order_and_publishes_a_summary(project: Path) -> None:

@@ -211,7 +211,19 @@ def test_example_tenants_have_different_subscribers(
     for col in ("plan_tier", "contract_type"):
         assert chi2_pvalue(acme[col], globex[col]) < SIGNIFICANT, col
     assert acme["tenure_months"].mean() > globex["tenure_months"].mean() + 5
-    assert globex[TARGET].mean() > acme[TARGET].mean() + 0.03  # globex loses more
+
+
+def test_acme_churns_for_other_reasons_than_the_population(
+    tenant_traffic: dict[str, pd.DataFrame],
+) -> None:
+    """acme's label relation leans towards low usage (its `concept`); globex's does not."""
+
+    def low_usage_lift(df: pd.DataFrame) -> float:
+        low = df["avg_daily_usage_min"] < 45
+        return float(df.loc[low, TARGET].mean() - df.loc[~low, TARGET].mean())
+
+    assert low_usage_lift(tenant_traffic["acme"]) > 0.1
+    assert abs(low_usage_lift(tenant_traffic["globex"])) < 0.03
 
 
 def test_example_tenants_together_are_not_drift_from_the_training_population(

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
+from common import paths
 from common.errors import UserError
 from common.params import load_params
 from tests.workspace import ROOT
@@ -69,6 +70,13 @@ def test_the_repository_params_load() -> None:
         (_set("data.features.age.max_missing_share", 2), "data.features.age.max_missing_share"),
         (_drop("data.target"), "data.target"),
         (_drop("prepare"), "prepare"),
+        (_set("generate.tenant_sources", {"acme": 0}), "generate.tenant_sources.acme"),
+        (
+            _set("tenants.acme.source", {"path": "a.csv", "sql": "SELECT 1", "url_env": "X"}),
+            "tenants.acme.source",
+        ),
+        (_set("tenants.acme.source", {"sql": "SELECT 1"}), "tenants.acme.source"),
+        (_set("tenants.acme.train", {"n_estimators": 0}), "tenants.acme: train.n_estimators"),
     ],
     ids=[
         "text-for-a-number",
@@ -82,6 +90,10 @@ def test_the_repository_params_load() -> None:
         "missing-share-over-one",
         "no-target",
         "no-prepare-section",
+        "no-rows-for-an-example-tenant",
+        "a-path-and-a-query",
+        "a-query-without-url-env",
+        "a-tenants-bad-override",
     ],
 )
 def test_broken_params_name_the_key(edit: Callable[[Raw], None], key: str, tmp_path: Path) -> None:
@@ -105,3 +117,27 @@ def test_invalid_yaml_names_the_file(tmp_path: Path) -> None:
 def test_missing_params_file_says_where_to_run_from(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="repository root"):
         load_params(tmp_path / "params.yaml")
+
+
+def test_a_tenants_params_are_the_shared_ones_over_its_own_files_and_overrides(
+    tmp_path: Path,
+) -> None:
+    path = write_params(tmp_path, _set("tenants.acme.train", {"n_estimators": 7}))
+    params = load_params(path)
+
+    acme = params.for_tenant("acme")
+
+    assert acme.data.path == str(paths.layout("acme").SNAPSHOT)
+    assert acme.data.production_dir == str(paths.layout("acme").PRODUCTION)
+    assert acme.data.production_tenants == ["acme"]
+    assert acme.train.n_estimators == 7
+    assert acme.train.learning_rate == params.train.learning_rate
+    assert acme.data.features == params.data.features
+    assert params.for_tenant(None) is params
+
+
+def test_a_tenants_files_are_under_its_own_folders() -> None:
+    acme = paths.layout("acme")
+    files = [acme.SNAPSHOT, acme.TRAIN, acme.VALIDATION_REPORT, acme.METRICS, acme.ROC]
+    assert all("tenants/acme" in str(f) for f in files)
+    assert not {f.parts for f in files} & {f.parts for f in (paths.TRAIN, paths.METRICS)}

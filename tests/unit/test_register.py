@@ -49,3 +49,17 @@ def test_log_loss_is_lower_is_better(challenger: float, promoted: bool) -> None:
     decision, reason = gate(policy, {"log_loss": challenger}, {"log_loss": 0.40}, "1")
     assert decision is promoted
     assert "log_loss" in reason
+
+
+def test_a_tenants_first_version_is_judged_against_the_shared_champion_by_name() -> None:
+    promoted, reason = gate(
+        POLICY,
+        {"roc_auc": 0.801, "log_loss": 0.39},
+        CHAMPION,
+        "4",
+        against="the shared champion churn-classifier",
+    )
+    assert not promoted
+    assert reason.startswith(
+        "vs the shared champion churn-classifier v4 on the same holdout, fails"
+    )

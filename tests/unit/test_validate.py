@@ -300,3 +300,29 @@ def test_stage_passes_clean_data(
     clean.iloc[300:].to_parquet(paths.HOLDOUT)
     assert validate.run(data, rules).passed
     assert json.loads(paths.VALIDATION_REPORT.read_text())["passed"] is True
+
+
+def test_a_tenants_rows_meet_the_same_contract_and_its_message_names_the_tenant(
+    clean: pd.DataFrame,
+    data: DataParams,
+    rules: ValidateParams,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    acme = paths.layout("acme")
+    acme.PREPARED.mkdir(parents=True)
+    bad = clean.copy()
+    bad.loc[BAD_ROWS, "region"] = "atlantis"
+    bad.iloc[:300].to_parquet(acme.TRAIN)
+    bad.iloc[300:].to_parquet(acme.HOLDOUT)
+
+    with pytest.raises(UserError) as err:
+        validate.run(data, rules, acme)
+
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"tenant 'acme': {SOURCE} failed the data contract (1 problem)")
+    assert f"Full report: {acme.VALIDATION_REPORT}." in message
+    assert json.loads(acme.VALIDATION_REPORT.read_text())["tenant"] == "acme"
+    assert not paths.VALIDATION_REPORT.exists()  # the shared model's report is untouched
