@@ -33,13 +33,12 @@ def serving_model(settings: Settings, tenant: str | None) -> str:
 
 
 def served(settings: Settings, tenant: str | None, version: str | None) -> ServedModel:
-    """The version to monitor for `tenant`, downloaded: the one its serving alias points at,
-    or `version` of the model that serves it."""
-    name = serving_model(settings, tenant)
+    """The version to monitor for `tenant`, downloaded: the one the predictor serves it
+    (`served.for_tenant`), or `version` of the model that serves it."""
     cache = served_model.cache_dir(settings)
     if version is None:
-        return served_model.resolve(settings, name, settings.model_alias, cache)
-    return served_model.by_version(settings, name, version, cache)
+        return served_model.for_tenant(settings, tenant, cache)
+    return served_model.by_version(settings, serving_model(settings, tenant), version, cache)
 
 
 def read_current(
