@@ -208,6 +208,10 @@ class Params(_Section):
             self.for_tenant(tenant)  # every override must make a valid section
         return self
 
+    def model_owner(self, tenant: str | None) -> str | None:
+        """Whose model serves `tenant`: itself if it has one here, else None (the shared)."""
+        return tenant if tenant in self.tenants else None
+
     def for_tenant(self, tenant: str | None) -> Params:
         """The params of `tenant`'s own pipeline: its snapshot as the raw table, its own
         production rows, its overrides on the shared sections. None: these params."""

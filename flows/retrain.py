@@ -61,8 +61,8 @@ def link(
 def retrain(
     project_dir: str = ".", monitor_run_id: str | None = None, tenant: str | None = None
 ) -> bool:
-    """Train a new version of `tenant`'s model (None: the shared one), then promote it under
-    the policy.
+    """Train a new version of the model serving `tenant` (its own; the shared one if it has
+    none, or for None), then promote it under the policy.
 
     `monitor_run_id` (the MLflow run of the monitoring report that found drift; the
     deployment's trigger passes it and the tenant from the event) is recorded on the new
@@ -70,6 +70,12 @@ def retrain(
     required; then there is no challenger left for `promote` to judge. True if a new
     champion was made.
     """
+    owner = load_params(Path(project_dir) / "params.yaml").model_owner(tenant)
+    if owner != tenant:
+        get_run_logger().info(
+            "tenant %s has no model of its own: retraining the shared one", tenant
+        )
+    tenant = owner
     rows = collect(project_dir, tenant)
     result = pipeline(project_dir, tenant)
     link(result.version, monitor_run_id, rows, tenant)

@@ -1,16 +1,22 @@
-"""The closed loop of `make demo`, on the embedded default, after `dvc repro` made a champion.
+"""The closed loop of `make demo`, on the embedded default, after `dvc repro` made the models.
 
-1. serve the champion (BentoML, prediction log in an embedded PostgreSQL); the example
-   tenants acme and globex exist (added if missing), each with a fresh key of its own;
-2. each tenant sends its own traffic with its own key (together like the training data),
-   globex tries to label and to read acme's predictions (refused), run `monitor` on all of
-   the shared model's traffic: no drift;
-3. each tenant sends drifted traffic (the generator's covariate shift and concept drift),
-   its true labels arriving afterwards through /feedback; run `monitor`: drift, alert, event;
-4. run `retrain` (what the event triggers in the full stack): the labelled production
-   rows join the training data, `train` registers a challenger, the gate decides;
-5. keep a client sending requests throughout, and watch the service swap to the new
-   champion with no failed request;
+`dvc repro` trained the shared champion and acme's own model (params.yaml `tenants.acme`,
+from acme's own data, gated against the shared champion on acme's holdout); globex has no
+model of its own and is served the shared one.
+
+1. serve (BentoML, prediction log in an embedded PostgreSQL); the example tenants acme and
+   globex exist (added if missing), each with a fresh key of its own; each is answered by
+   its own champion, else the shared one;
+2. each tenant sends its own traffic with its own key; globex tries to label and to read
+   acme's predictions (refused); `monitor` runs once per tenant, on that tenant's rows
+   against the model serving it: no drift;
+3. acme's traffic drifts (the generator's covariate shift and concept drift), its true
+   labels arriving afterwards through /feedback, while globex's stays as it was; `monitor`
+   per tenant: drift in acme's only (alert, event naming acme);
+4. run `retrain` for acme (what the event triggers in the full stack): acme's labelled
+   rows join acme's data, acme's pipeline registers a challenger, acme's gate decides;
+5. a client of each tenant sends requests throughout: acme's swaps to its new champion
+   with no failed request, globex's keeps the shared champion;
 6. print a summary table and the commands that open the UIs.
 """
 
@@ -133,9 +139,12 @@ class Traffic:
         return f"{counts}, each with its own key"
 
     def label(self, url: str, keys: dict[str, str], target: str, share: float) -> int:
-        """Send the true labels of a `share` of each tenant's rows, with its key; how many."""
+        """Send the true labels of a `share` of the rows of each tenant in `keys`, with its
+        key; how many."""
         sent = 0
         for tenant, df in self.frames.items():  # labels arrive late, after the predictions
+            if tenant not in keys:
+                continue
             for i in df.sample(frac=share, random_state=0).index:
                 body = {"request_id": self.ids[tenant][i], "label": str(df.loc[i, target])}
                 _request(f"{url}/feedback", body, keys[tenant])
@@ -334,17 +343,26 @@ class Watcher:
 
 @dataclass
 class LoopResult:
-    first_version: str
     tenants: list[str]
+    served: dict[str, str]
+    """Each tenant's model at the start: `name vN`."""
+    own_model: dict[str, bool]
+    """Whether the tenant was answered by a model of its own."""
     isolation: Isolation
-    calm: Outcome
-    drifted: Outcome
+    calm: dict[str, Outcome]
+    drifted: dict[str, Outcome]
+    retrained: list[str]
+    """The tenants whose drift retrained their model (acme)."""
     promoted: bool
+    first_version: str
+    """The drifted tenant's version before the retrain."""
     new_version: str
     swap_seconds: float | None
     requests: int
     failed: int
     old_after_swap: int
+    others_kept: dict[str, list[str]]
+    """The versions each other tenant's client was answered by throughout: one each."""
     monitoring_runs: int
 
 
@@ -353,9 +371,24 @@ def show_verdict(outcome: Outcome) -> None:
     console.print(outcome.run.summary, markup=False)
 
 
-def _monitor_since(start: datetime) -> Outcome:
+def _monitor_since(start: datetime, tenant: str) -> Outcome:
     end = datetime.now(UTC)
-    return monitor(window_hours=(end - start).total_seconds() / 3600 + 1e-6, end=end)
+    return monitor(window_hours=(end - start).total_seconds() / 3600 + 1e-6, end=end, tenant=tenant)
+
+
+def _monitor_each(start: datetime, tenant_ids: Sequence[str]) -> dict[str, Outcome]:
+    """One `monitor` run per tenant (as `monitor_tenants` queues them on a pool), shown."""
+    outcomes = {}
+    for tenant in tenant_ids:
+        outcomes[tenant] = _monitor_since(start, tenant)
+        console.print(f"{tenant}: ", end="")
+        show_verdict(outcomes[tenant])
+    return outcomes
+
+
+def _answered_by(url: str, record: dict[str, Any], key: str) -> tuple[str, str]:
+    answer = _request(f"{url}/predict", {"records": [record]}, key)
+    return str(answer["model_name"]), str(answer["model_version"])
 
 
 def run_loop(port: int, calm_rows: int, drift_rows: int, label_share: float) -> LoopResult:
@@ -369,10 +402,15 @@ def run_loop(port: int, calm_rows: int, drift_rows: int, label_share: float) -> 
         # running cluster themselves and log in as mlops_flows, as a scheduled run does.
         database_url = _database_url()
         keys = setup_tenants(database_url, EXAMPLE_TENANTS)
-        owner, other = (t.id for t in EXAMPLE_TENANTS[:2])
-        probe = _records(EXAMPLE_TENANTS[0].traffic(1, batch=99), features)[0]
-        first = str(_request(f"{url}/predict", {"records": [probe]}, keys[owner])["model_version"])
-        console.rule(f"1. serving {settings.model_name} v{first}")
+        ids = [t.id for t in EXAMPLE_TENANTS]
+        owner, other = ids[:2]
+        probes = {t.id: _records(t.traffic(1, batch=99), features)[0] for t in EXAMPLE_TENANTS}
+        served = {t: _answered_by(url, probes[t], keys[t]) for t in ids}
+        own = {t: name != settings.model_name for t, (name, _) in served.items()}
+        console.rule("1. serving each tenant its model")
+        for t, (name, version) in served.items():
+            whose = "its own model" if own[t] else "the shared champion"
+            console.print(f"{t}: {name} v{version} ({whose})")
         operator = demo_key(database_url)  # the default tenant's, every scope: it reads /model
         try:
             show_answers(url, operator.secret)
@@ -393,61 +431,87 @@ def run_loop(port: int, calm_rows: int, drift_rows: int, label_share: float) -> 
             keys,
             database_url,
         )
-        console.rule(f"2. {calm.total:,} requests like the training data ({calm.split}) -> monitor")
+        console.rule(f"2. {calm.total:,} requests ({calm.split}) -> monitor each tenant")
         isolation = check_isolation(
             url, (owner, calm.ids[owner]), (other, keys[other], calm.ids[other]), calm.start
         )
         isolation.show()
-        calm_outcome = _monitor_since(calm.start)
-        show_verdict(calm_outcome)
+        calm_outcomes = _monitor_each(calm.start, ids)
 
+        # acme's subscribers change; globex's do not.
         drifted = Traffic.send(
             url,
-            {t.id: t.traffic(drift_rows // share, batch=1, drift=DRIFT) for t in EXAMPLE_TENANTS},
+            {
+                t.id: t.traffic(drift_rows, batch=1, drift=DRIFT)
+                if t.id == owner
+                else t.traffic(calm_rows // share, batch=2)
+                for t in EXAMPLE_TENANTS
+            },
             features,
             keys,
             database_url,
         )
-        labelled = drifted.label(url, keys, params.data.target, label_share)
-        console.rule(f"3. {drifted.total:,} drifted requests, {labelled:,} labels later -> monitor")
-        drift_outcome = _monitor_since(drifted.start)
-        show_verdict(drift_outcome)
+        labelled = drifted.label(url, {owner: keys[owner]}, params.data.target, label_share)
+        console.rule(
+            f"3. {owner}'s traffic drifts ({drifted.split}), {labelled:,} of its labels "
+            "later -> monitor each tenant"
+        )
+        drift_outcomes = _monitor_each(drifted.start, ids)
 
-        watcher = Watcher(url, probe, keys[owner])
-        watcher.start()
+        watchers = {t: Watcher(url, probes[t], keys[t]) for t in ids}
+        for watcher in watchers.values():
+            watcher.start()
         retrain_start = time.monotonic()
+        retrained = [t for t in ids if drift_outcomes[t].run.drift_detected]
         promoted = False
-        if drift_outcome.run.drift_detected:
-            console.rule("4. drift -> retrain (labelled production rows join the data) -> gate")
-            promoted = retrain(project_dir=".", monitor_run_id=drift_outcome.run.mlflow_run_id)
-        new, swap, old_after = _swap(watcher, first, promoted, retrain_start)
+        for tenant in retrained:
+            mine = tenant if tenant in params.tenants else None
+            console.rule(
+                f"4. drift in {tenant}'s traffic -> retrain "
+                + (f"{tenant}'s own model" if mine else "the shared model")
+                + " (its labelled rows join its data) -> gate"
+            )
+            promoted |= retrain(
+                project_dir=".",
+                monitor_run_id=drift_outcomes[tenant].run.mlflow_run_id,
+                tenant=mine,
+            )
+        first = served[owner][1]
+        new, swap, old_after = _swap(watchers[owner], served[owner], promoted, retrain_start)
+        for watcher in watchers.values():
+            watcher.stop()
         with connect(database_url) as conn:
             row = conn.execute("SELECT count(*) FROM monitoring_runs").fetchone()
         return LoopResult(
-            first_version=first,
-            tenants=[t.id for t in EXAMPLE_TENANTS],
+            tenants=ids,
+            served={t: f"{name} v{version}" for t, (name, version) in served.items()},
+            own_model=own,
             isolation=isolation,
-            calm=calm_outcome,
-            drifted=drift_outcome,
+            calm=calm_outcomes,
+            drifted=drift_outcomes,
+            retrained=retrained,
             promoted=promoted,
+            first_version=first,
             new_version=new,
             swap_seconds=swap,
-            requests=len(watcher.answers) + len(watcher.failures),
-            failed=len(watcher.failures),
+            requests=sum(len(w.answers) + len(w.failures) for w in watchers.values()),
+            failed=sum(len(w.failures) for w in watchers.values()),
             old_after_swap=old_after,
+            others_kept={t: sorted(w.versions()) for t, w in watchers.items() if t != owner},
             monitoring_runs=int(row[0]) if row else 0,
         )
 
 
 def _swap(
-    watcher: Watcher, first: str, promoted: bool, retrain_start: float
+    watcher: Watcher, served: tuple[str, str], promoted: bool, retrain_start: float
 ) -> tuple[str, float | None, int]:
     """After the gate: the version answering, seconds to the swap, old answers after it."""
+    name, first = served
     new = first
     swap: float | None = None
     if promoted:
-        new = str(_current_champion())
-        console.rule(f"5. v{new} is champion: waiting for the service to swap")
+        new = str(_current_champion(name))
+        console.rule(f"5. {name} v{new} is champion: waiting for the service to swap")
         if watcher.wait_for(new, timeout=60) is not None:
             swap = next(t for t, v in watcher.answers if v == new) - retrain_start
         time.sleep(2)
@@ -469,11 +533,9 @@ def _database_url() -> str:
     return LocalPostgres(settings.mlops_home / "postgres", port=EMBEDDED_PG_PORT).url(EMBEDDED_DB)
 
 
-def _current_champion() -> str:
+def _current_champion(name: str) -> str:
     settings = get_settings()
-    mv = registry.version_by_alias(
-        registry.connect(settings), settings.model_name, settings.model_alias
-    )
+    mv = registry.version_by_alias(registry.connect(settings), name, settings.model_alias)
     return str(mv.version) if mv else "?"
 
 
@@ -482,7 +544,13 @@ def print_summary(r: LoopResult) -> None:
     for col in ("step", "result", "where"):
         table.add_column(col)
     evid = get_settings().evidently_target
-    table.add_row("serve", f"v{r.first_version} answering", "POST /predict, /feedback")
+    table.add_row(
+        "serve",
+        "; ".join(
+            f"{t}: {r.served[t]} ({'own model' if r.own_model[t] else 'shared'})" for t in r.tenants
+        ),
+        "POST /predict, /feedback",
+    )
     iso = r.isolation
     table.add_row(
         "tenants",
@@ -496,28 +564,39 @@ def print_summary(r: LoopResult) -> None:
         ),
         "POST /feedback, GET /predictions\nmlops tenants list",
     )
-    for label, o in (("monitor (calm traffic)", r.calm), ("monitor (drifted)", r.drifted)):
-        run = o.run
-        verdict = "DRIFT" if run.drift_detected else ("no drift" if run.enough_rows else "too few")
-        table.add_row(
-            label,
-            f"{verdict}: {o.share_drifted:.0%} of features drifted, "
-            f"{run.current_rows:,} rows ({run.labelled_rows:,} labelled)",
-            f"MLflow run {run.mlflow_run_id}\n{run.report_uri}/report.html\n"
-            f"Evidently project {run.evidently_project}",
-        )
+    for label, outcomes in (("monitor (calm)", r.calm), ("monitor (acme drifts)", r.drifted)):
+        for tenant, o in outcomes.items():
+            run = o.run
+            verdict = (
+                "DRIFT" if run.drift_detected else ("no drift" if run.enough_rows else "too few")
+            )
+            table.add_row(
+                f"{label}: {tenant}",
+                f"{verdict}: {o.share_drifted:.0%} of features drifted, "
+                f"{run.current_rows:,} rows ({run.labelled_rows:,} labelled), "
+                f"{run.model_name} v{run.model_version}",
+                f"MLflow run {run.mlflow_run_id}\n{run.report_uri}/report.html\n"
+                f"Evidently project {run.evidently_project}",
+            )
     table.add_row(
         "retrain + gate",
-        f"v{r.new_version} promoted" if r.promoted else "no new champion",
+        (f"{', '.join(r.retrained)} only: " if r.retrained else "nothing drifted: ")
+        + (f"v{r.new_version} promoted" if r.promoted else "no new champion"),
         "MLflow registry: gate.* and alias.* tags on the version",
+    )
+    kept = "; ".join(
+        f"{t} answered by v{', v'.join(versions)} throughout"
+        for t, versions in r.others_kept.items()
     )
     table.add_row(
         "live swap",
-        f"v{r.new_version} answering {r.swap_seconds:.0f} s after retraining began; "
-        f"{r.failed} of {r.requests:,} requests failed, "
-        f"{r.old_after_swap} old-version answers after the swap"
-        if r.swap_seconds is not None
-        else f"{r.failed} of {r.requests:,} requests failed",
+        (
+            f"v{r.first_version} -> v{r.new_version} answering {r.swap_seconds:.0f} s after "
+            f"retraining began, {r.old_after_swap} old-version answers after the swap"
+            if r.swap_seconds is not None
+            else "no swap"
+        )
+        + f"; {kept}; {r.failed} of {r.requests:,} requests failed",
         "GET /model",
     )
     console.print(table)
@@ -533,7 +612,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=3000)
     parser.add_argument("--calm-rows", type=int, default=3000, help="split between the tenants")
-    parser.add_argument("--drift-rows", type=int, default=8000, help="split between the tenants")
+    parser.add_argument("--drift-rows", type=int, default=4000, help="acme's drifted requests")
     parser.add_argument("--label-share", type=float, default=0.8)
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()

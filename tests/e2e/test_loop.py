@@ -1,10 +1,12 @@
 """The closed loop of `make demo`, smaller, in a project copy on the embedded default.
 
-dvc repro (v1) -> serve -> two tenants (acme, globex), each with its own key and traffic;
-globex can neither label nor read acme's predictions -> calm traffic -> monitor: no drift
--> drifted traffic with late labels -> monitor: drift -> retrain on the labelled rows ->
-gate -> v2 champion -> the running service answers with v2, no failed request; v2's
-lineage leads back to its data and to the monitoring report that set it off.
+dvc repro (the shared v1, and acme's own v1 from acme's own data) -> serve -> two tenants,
+each with its own key and traffic: acme answered by its own model, globex by the shared
+one; globex can neither label nor read acme's predictions -> calm traffic -> monitor per
+tenant: no drift -> acme's traffic drifts, with late labels -> monitor per tenant: drift in
+acme's only -> retrain acme on its labelled rows -> acme's gate -> acme v2 champion -> the
+running service answers acme with v2 and globex with the shared v1 throughout, no failed
+request; acme v2's lineage leads back to its data and to the report that set it off.
 """
 
 from __future__ import annotations
@@ -30,11 +32,13 @@ from common.settings import get_settings
 s = get_settings()
 c = registry.connect(s)
 out = {
-    "aliases": {k: str(v) for k, v in c.get_registered_model(s.model_name).aliases.items()},
-    "tags": {
-        str(v.version): dict(v.tags)
-        for v in c.search_model_versions(f"name='{s.model_name}'")
-    },
+    name: {
+        "aliases": {k: str(v) for k, v in c.get_registered_model(name).aliases.items()},
+        "tags": {
+            str(v.version): dict(v.tags) for v in c.search_model_versions(f"name='{name}'")
+        },
+    }
+    for name in (s.model_name, registry.model_name(s, "acme"))
 }
 print(json.dumps(out))
 """
@@ -55,7 +59,11 @@ def loop(
 ) -> tuple[Workspace, dict[str, Any], str]:
     ws = make_workspace(
         tmp_path_factory.mktemp("loop") / "ws",
-        overrides={"generate": {"rows": 8000}, "monitor": {"report_rows": 3000}},
+        overrides={
+            "generate": {"rows": 8000, "tenant_sources": {"acme": 4000}},
+            "monitor": {"report_rows": 3000},
+            "tenants": {"acme": {"source": {"path": "data/sources/acme.parquet"}}},
+        },
     )
     for name in ("flows", "scripts", "services"):
         shutil.copytree(ROOT / name, ws.path / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -75,8 +83,22 @@ def loop(
     return ws, json.loads((ws.path / "loop.json").read_text()), out
 
 
+SHARED, ACME = "churn-classifier", "churn-classifier.acme"
+
+
 def registry_state(ws: Workspace) -> dict[str, Any]:
+    """Aliases and version tags of the shared model and of acme's."""
     return dict(json.loads(ws.python("-c", REGISTRY).stdout.strip().splitlines()[-1]))
+
+
+def test_acme_is_served_its_own_model_and_globex_the_shared_champion(
+    loop: tuple[Workspace, dict[str, Any], str],
+) -> None:
+    _, result, out = loop
+    assert result["served"] == {"acme": f"{ACME} v1", "globex": f"{SHARED} v1"}
+    assert result["own_model"] == {"acme": True, "globex": False}
+    assert f"acme: {ACME} v1 (its own model)" in out
+    assert f"globex: {SHARED} v1 (the shared champion)" in out
 
 
 def test_globex_can_neither_label_nor_see_acmes_predictions(
@@ -112,52 +134,67 @@ def test_the_demo_leaves_its_tenants_for_the_mlops_cli(
     assert rows["acme"][1] == rows["globex"][1] == "1"  # live keys: this run's only
 
 
-def test_calm_traffic_is_not_flagged(loop: tuple[Workspace, dict[str, Any], str]) -> None:
+def test_calm_traffic_is_not_flagged_for_either_tenant(
+    loop: tuple[Workspace, dict[str, Any], str],
+) -> None:
     _, result, _ = loop
-    assert result["calm"]["enough_rows"] is True
-    assert result["calm"]["drift_detected"] is False
+    for tenant, model in (("acme", ACME), ("globex", SHARED)):
+        calm = result["calm"][tenant]
+        assert calm["tenant_id"] == tenant
+        assert calm["model_name"] == model
+        assert calm["enough_rows"] is True, tenant
+        assert calm["drift_detected"] is False, tenant
 
 
-def test_drifted_traffic_is_flagged_with_its_late_labels(
+def test_only_acmes_drifted_traffic_is_flagged_with_its_late_labels(
     loop: tuple[Workspace, dict[str, Any], str],
 ) -> None:
     _, result, out = loop
-    drifted = result["drifted"]
-    assert drifted["drift_detected"] is True
-    assert drifted["labelled_rows"] == 2400
+    acme, globex = result["drifted"]["acme"], result["drifted"]["globex"]
+    assert acme["drift_detected"] is True
+    assert acme["labelled_rows"] == 2400
+    assert globex["drift_detected"] is False
+    assert globex["labelled_rows"] == 0
     assert "DRIFT" in out
 
 
-def test_retrain_promotes_v2_through_the_gate_and_the_service_swaps_without_failures(
+def test_drift_retrains_acme_alone_and_the_service_swaps_it_without_failures(
     loop: tuple[Workspace, dict[str, Any], str],
 ) -> None:
     ws, result, out = loop
+    assert result["retrained"] == ["acme"]
     assert result["promoted"] is True, result
-    assert result["new_version"] == "2"
+    assert (result["first_version"], result["new_version"]) == ("1", "2")
     assert result["swap_seconds"] is not None
     assert result["failed"] == 0
     assert result["requests"] > 20
     assert result["old_after_swap"] == 0
-    steps = ["1. serving", "2. ", "3. ", "4. drift -> retrain", "5. v2 is champion"]
+    assert result["others_kept"] == {"globex": ["1"]}  # globex: the shared v1 throughout
+    steps = ["1. serving", "2. ", "3. ", "4. drift in acme", "5. churn-classifier.acme v2"]
     positions = [out.index(s) for s in steps]
     assert positions == sorted(positions)
-    assert registry_state(ws)["aliases"]["champion"] == "2"
+    state = registry_state(ws)
+    assert state[ACME]["aliases"]["champion"] == "2"
+    assert state[SHARED]["aliases"]["champion"] == "1"  # the shared model was not retrained
+    assert set(state[SHARED]["tags"]) == {"1"}
 
 
-def test_v2_leads_back_to_its_data_and_the_report_that_triggered_it(
+def test_acme_v2_leads_back_to_its_data_and_the_report_that_triggered_it(
     loop: tuple[Workspace, dict[str, Any], str],
 ) -> None:
     ws, result, _ = loop
-    tags = registry_state(ws)["tags"]["2"]
-    assert tags["retrain.monitor_run"] == result["drifted"]["mlflow_run_id"]
+    tags = registry_state(ws)[ACME]["tags"]["2"]
+    assert tags["tenant"] == "acme"
+    assert tags["retrain.monitor_run"] == result["drifted"]["acme"]["mlflow_run_id"]
     assert tags["retrain.report"].endswith("/monitoring/report.html")
-    # every labelled prediction: the drifted window's and the 3 the first answers sent
-    assert int(tags["data.production_rows"]) == result["drifted"]["labelled_rows"] + 3
-    assert len(tags["dvc.train_md5"]) == 32
+    # every labelled prediction of acme's: the drifted window's and the 3 the first answers sent
+    assert int(tags["data.production_rows"]) >= result["drifted"]["acme"]["labelled_rows"]
+    assert len(tags["dvc.raw_md5"]) == 32
     assert tags["gate.decision"] == "promoted"
     assert tags["prefect.flow_run_id"]
-    # the production rows are versioned with DVC beside the raw table
-    assert (ws.path / "data/production/labelled.parquet.dvc").is_file()
+    # acme's production rows are versioned with DVC beside its snapshot, not the shared ones
+    assert list((ws.path / "data/tenants/acme/production").glob("*.dvc"))
+    assert not (ws.path / "data/production/labelled.parquet.dvc").exists()
     report = Path(tags["retrain.report"].removeprefix("file://"))
     assert report.is_file()
     assert report.stat().st_size > 10_000
@@ -167,7 +204,12 @@ def test_every_window_is_kept_in_postgres_and_the_evidently_workspace(
     loop: tuple[Workspace, dict[str, Any], str], home: Path
 ) -> None:
     _, result, _ = loop
-    assert result["monitoring_runs"] == 2
-    project = result["drifted"]["evidently_project"]
-    assert project == result["calm"]["evidently_project"]
-    assert (home / "evidently" / project).is_dir()
+    assert result["monitoring_runs"] == 4  # two windows, one run per tenant each
+    for tenant in ("acme", "globex"):
+        project = result["drifted"][tenant]["evidently_project"]
+        assert project == result["calm"][tenant]["evidently_project"]
+        assert (home / "evidently" / project).is_dir()
+    assert (
+        result["drifted"]["acme"]["evidently_project"]
+        != (result["drifted"]["globex"]["evidently_project"])
+    )

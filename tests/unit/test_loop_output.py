@@ -56,18 +56,22 @@ def test_the_verdict_keeps_its_list_of_drifted_columns() -> None:
 @pytest.mark.usefixtures("wide")
 def test_the_summary_table_prints_brackets_in_its_cells_as_text() -> None:
     result = loop.LoopResult(
-        first_version="1",
-        calm=_outcome("calm [bold]"),
-        drifted=_outcome(),
+        tenants=["acme", "globex"],
+        served={"acme": "churn-classifier.acme v1", "globex": "churn-classifier v1"},
+        own_model={"acme": True, "globex": False},
+        isolation=loop.Isolation("acme", "globex", 404, 200, 10, 0, 10, 0),
+        calm={"acme": _outcome("calm [bold]"), "globex": _outcome()},
+        drifted={"acme": _outcome(), "globex": _outcome()},
+        retrained=["acme"],
         promoted=True,
+        first_version="1",
         new_version="2",
         swap_seconds=3.0,
         requests=100,
         failed=0,
         old_after_swap=0,
-        monitoring_runs=2,
-        tenants=["acme", "globex"],
-        isolation=loop.Isolation("acme", "globex", 404, 200, 10, 0, 10, 0),
+        others_kept={"globex": ["1"]},
+        monitoring_runs=4,
     )
     with loop.console.capture() as out:
         loop.print_summary(result)

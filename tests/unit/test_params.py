@@ -141,3 +141,10 @@ def test_a_tenants_files_are_under_its_own_folders() -> None:
     files = [acme.SNAPSHOT, acme.TRAIN, acme.VALIDATION_REPORT, acme.METRICS, acme.ROC]
     assert all("tenants/acme" in str(f) for f in files)
     assert not {f.parts for f in files} & {f.parts for f in (paths.TRAIN, paths.METRICS)}
+
+
+def test_a_tenant_without_a_model_of_its_own_is_served_by_the_shared_one() -> None:
+    params = load_params(ROOT / "params.yaml")
+    assert params.model_owner("acme") == "acme"
+    assert params.model_owner("globex") is None
+    assert params.model_owner(None) is None
