@@ -194,10 +194,19 @@ def test_a_role_cannot_read_tables_it_has_no_business_with(
         select(db[role], f"SELECT * FROM {table}", "acme")
 
 
-def test_grafana_reads_the_shared_models_monitoring_and_no_tenants(db: dict[str, Any]) -> None:
-    rows = select(db["grafana"], "SELECT tenant_id FROM monitoring_runs", "acme")
-    assert rows == [(None,)]
-    assert select(db["grafana"], "SELECT DISTINCT tenant_id FROM monitoring_metrics") == [(None,)]
+def test_grafana_charts_every_models_monitoring_whatever_tenant_is_set(
+    db: dict[str, Any],
+) -> None:
+    """The operator's dashboard: each model's numbers (the tenant variable picks); never a
+    prediction or a label (test_a_role_cannot_read_tables_it_has_no_business_with)."""
+    every = select(db["admin"], "SELECT tenant_id FROM monitoring_runs ORDER BY 1")
+    assert select(db["grafana"], "SELECT tenant_id FROM monitoring_runs ORDER BY 1") == every
+    assert select(db["grafana"], "SELECT tenant_id FROM monitoring_runs ORDER BY 1", "acme") == (
+        every
+    )
+    assert {r[0] for r in every} > {None}  # a tenant's own rows are among them
+    metrics = select(db["grafana"], "SELECT DISTINCT tenant_id FROM monitoring_metrics")
+    assert {r[0] for r in metrics} == {r[0] for r in every}
 
 
 def test_flows_see_shared_monitoring_and_only_the_listed_tenants_own(db: dict[str, Any]) -> None:
