@@ -123,12 +123,20 @@ def _wrk(
     wrk = shutil.which("wrk")
     if wrk is None:
         return None
+    lua = (
+        'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+        + "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in headers.items())
+        + f"wrk.body = [==[{json.dumps(body)}]==]\n"
+    )
+    ok, bad = wrk_run(wrk, lua, url)
+    return ok * records, bad
+
+
+def wrk_run(wrk: str, lua: str, url: str) -> tuple[float, int]:
+    """Successful requests/s and failed requests of wrk (2 threads, CONCURRENCY, SECONDS)
+    running the Lua script `lua` against `url`."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
-        script.write(
-            'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
-            + "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in headers.items())
-            + f"wrk.body = [==[{json.dumps(body)}]==]\n"
-        )
+        script.write(lua)
         script.flush()
         cmd = [wrk, "-t2", f"-c{CONCURRENCY}", f"-d{SECONDS:.0f}s", "-s", script.name, url]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -141,7 +149,7 @@ def _wrk(
     bad = (int(failed.group(1)) if failed else 0) + (
         sum(map(int, errors.groups())) if errors else 0
     )
-    return (int(done.group(1)) - bad) * records / seconds, bad
+    return (int(done.group(1)) - bad) / seconds, bad
 
 
 def throughput(

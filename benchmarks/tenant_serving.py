@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -40,7 +39,7 @@ import psutil
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
-from benchmarks.serving import CONCURRENCY, SECONDS, _free_port, _wait, sequential
+from benchmarks.serving import CONCURRENCY, SECONDS, _free_port, _wait, sequential, wrk_run
 from common import registry
 from common.localpg import prediction_db
 from common.settings import Settings, get_settings
@@ -118,21 +117,7 @@ def _wrk(url: str, body: dict[str, Any], keys: list[str]) -> tuple[float, int]:
         ' ["Authorization"] = keys[i]})\n'
         "end\n"
     )
-    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
-        script.write(lua)
-        script.flush()
-        cmd = [wrk, "-t2", f"-c{CONCURRENCY}", f"-d{SECONDS:.0f}s", "-s", script.name, url]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    done = re.search(r"(\d+) requests in ([\d.]+)(m?s)", out)
-    if done is None:
-        raise RuntimeError(f"cannot read wrk's output:\n{out}")
-    seconds = float(done.group(2)) / (1000 if done.group(3) == "ms" else 1)
-    failed = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    bad = (int(failed.group(1)) if failed else 0) + (
-        sum(map(int, errors.groups())) if errors else 0
-    )
-    return (int(done.group(1)) - bad) / seconds, bad
+    return wrk_run(wrk, lua, url)
 
 
 async def _httpx(url: str, body: dict[str, Any], keys: list[str]) -> tuple[float, int]:

@@ -61,7 +61,7 @@ def loop(
         tmp_path_factory.mktemp("loop") / "ws",
         overrides={
             "generate": {"rows": 8000, "tenant_sources": {"acme": 4000}},
-            "monitor": {"report_rows": 3000},
+            "monitor": {"report_rows": 3000, "min_rows": 500},  # 750 calm rows a tenant
             "tenants": {"acme": {"source": {"path": "data/sources/acme.parquet"}}},
         },
     )
