@@ -24,6 +24,7 @@ from common.localpg import LocalPostgres
 from common.params import TenantSource
 from common.settings import Settings
 from models.generate import tenant_source
+from tests.servers import DVC_BUCKET, S3Endpoint
 from tests.workspace import Workspace, make_workspace
 
 ROWS = 1200
@@ -160,3 +161,29 @@ def test_the_snapshot_transaction_is_read_only_whatever_the_role_may_do(
     with psycopg.connect(crm.owner_url) as conn:
         count = conn.execute("SELECT count(*) FROM crm.customers").fetchone()
     assert count == (ROWS,)
+
+
+@pytest.mark.parametrize("suffix", ["parquet", "csv"])
+def test_an_s3_source_is_read_from_the_bucket_and_a_missing_object_is_named(
+    s3: S3Endpoint, monkeypatch: pytest.MonkeyPatch, suffix: str
+) -> None:
+    """The same reader as batch scoring's, against a real S3 endpoint (moto's server)."""
+    rows = tenant_source("acme", 200)
+    body = (
+        rows.to_parquet(index=False) if suffix == "parquet" else rows.to_csv(index=False).encode()
+    )
+    key = f"sources/acme.{suffix}"
+    s3.client().put_object(Bucket=DVC_BUCKET, Key=key, Body=body)
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", s3.url)
+    for name, value in s3.creds.items():
+        monkeypatch.setenv(name, value)
+
+    got = reader.read("acme", TenantSource(path=f"s3://{DVC_BUCKET}/{key}"), Settings())
+
+    assert sorted(got["customer_id"]) == sorted(rows["customer_id"])
+    assert (
+        got["tenure_months"].astype(float).tolist() == rows["tenure_months"].astype(float).tolist()
+    )
+    missing = f"s3://{DVC_BUCKET}/sources/initech.{suffix}"
+    with pytest.raises(UserError, match=rf"^tenant 'initech', source {missing}: "):
+        reader.read("initech", TenantSource(path=missing), Settings())
