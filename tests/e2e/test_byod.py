@@ -33,6 +33,7 @@ import json, sys, tempfile, uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 import pandas as pd
+from common import evidently_store
 from common.params import load_params
 from common.settings import get_settings
 from common.store import Prediction, connect, create_staging, migrate, monitoring, write_items
@@ -40,7 +41,7 @@ from flows import monitor as flow
 from models.predict import validate_records
 
 settings, params = get_settings(), load_params()
-served = flow.served_version.fn(settings, None)
+served = flow.served_version.fn(settings, None, None)
 scorer = served.scorer
 rows = pd.read_csv(sys.argv[1])
 payload = json.loads(rows[[name for name, _ in scorer.features]].to_json(orient="records"))
@@ -59,15 +60,16 @@ with connect(settings.database_url) as conn:
 
 window = monitoring.Window(served.name, served.version, start, start + timedelta(seconds=1))
 reference = flow.reference_of.fn(served)
-current = flow.read_window.fn(settings.database_url, window, params, reference)
+current = flow.read_window.fn(settings.database_url, window, params, reference, None)
 result = flow.check.fn(reference, current, params)
 run_id = monitoring.new_run_id()
 with tempfile.TemporaryDirectory() as tmp:
     files = Path(tmp)
     kept = flow.write_report.fn(params, served, window, reference, current, result, files)
-    project = None if kept is None else flow.upload_report.fn(settings, served, window, kept)
+    name = evidently_store.project_name(served.name)
+    project = None if kept is None else flow.upload_report.fn(settings, served, window, kept, name)
     mlflow_run, report_uri = flow.log_run.fn(
-        settings, params, served, window, result, run_id, project, files
+        settings, params, served, window, result, run_id, project, files, None
     )
 flow.record.fn(settings.database_url, monitoring.RunRecord(
     run_id, served.name, served.version, window.start, window.end, result.current_rows,
