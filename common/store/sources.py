@@ -16,7 +16,7 @@ import hashlib
 import io
 import re
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
@@ -264,24 +264,12 @@ def _read_table(
     chunk is held at a time. NULL is an unquoted empty field, '' a quoted one.
     """
     types = dict(zip(inp.columns, inp.types, strict=True))
+    arrow = {c: _PG_ARROW.get(types[c], pa.string()) for c in columns}
     names = sql.SQL(", ").join(sql.Identifier(c) for c in columns)
     query = sql.SQL("COPY (SELECT {names} FROM {rel} ORDER BY {names}) TO STDOUT (FORMAT csv)")
-    read = pacsv.ReadOptions(column_names=list(columns))
-    parse = pacsv.ParseOptions(newlines_in_values=True)
-    convert = pacsv.ConvertOptions(
-        column_types={c: _PG_ARROW.get(types[c], pa.string()) for c in columns},
-        null_values=[""],
-        strings_can_be_null=True,
-        quoted_strings_can_be_null=False,
-        true_values=["t"],
-        false_values=["f"],
-    )
 
     def parsed(buf: bytearray) -> Iterator[pa.RecordBatch]:
-        table = pacsv.read_csv(
-            io.BytesIO(buf), read_options=read, parse_options=parse, convert_options=convert
-        )
-        yield from table.combine_chunks().to_batches(max_chunksize=chunk_rows)
+        yield from _parse_copy(buf, arrow).combine_chunks().to_batches(max_chunksize=chunk_rows)
 
     try:
         with (
@@ -357,15 +345,23 @@ def read_query(query: str, database_url: str, variable: str) -> pa.Table:
     columns = [c for c, _ in described]
     if len(set(columns)) != len(columns):
         raise UserError(f"the query returns the same column name twice: {columns}")
+    arrow = {c: _PG_ARROW.get(names.get(t, ""), pa.string()) for c, t in described}
     if not buf:
-        schema = [(c, _PG_ARROW.get(names.get(t, ""), pa.string())) for c, t in described]
-        return pa.schema(schema).empty_table()
+        return pa.schema(list(arrow.items())).empty_table()
+    return _parse_copy(buf, arrow)
+
+
+def _parse_copy(buf: bytearray, types: Mapping[str, pa.DataType]) -> pa.Table:
+    """Rows of `COPY ... TO STDOUT (FORMAT csv)` in `types`' column order and types.
+
+    NULL is an unquoted empty field, '' a quoted one; booleans come as t/f.
+    """
     return pacsv.read_csv(
         io.BytesIO(buf),
-        read_options=pacsv.ReadOptions(column_names=columns),
+        read_options=pacsv.ReadOptions(column_names=list(types)),
         parse_options=pacsv.ParseOptions(newlines_in_values=True),
         convert_options=pacsv.ConvertOptions(
-            column_types={c: _PG_ARROW.get(names.get(t, ""), pa.string()) for c, t in described},
+            column_types=dict(types),
             null_values=[""],
             strings_can_be_null=True,
             quoted_strings_can_be_null=False,
