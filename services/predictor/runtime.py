@@ -160,8 +160,9 @@ class ModelRuntime:
 
     def _fetch(self, name: str, version: str) -> ServedModel:
         """Download and load one version (checked on its input example) before it serves."""
-        mv = self._registry().get_model_version(name, version)
-        return served.fetch(mv, self.cache, alias=self.alias).load()
+        return served.by_version(
+            self._registry(), name, version, self.cache, alias=self.alias
+        ).load()
 
     def _note_failure(self, exc: BaseException) -> None:
         self.registry_ok = False
