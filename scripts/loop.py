@@ -465,7 +465,7 @@ def run_loop(port: int, calm_rows: int, drift_rows: int, label_share: float) -> 
         retrained = [t for t in ids if drift_outcomes[t].run.drift_detected]
         promoted = False
         for tenant in retrained:
-            mine = tenant if tenant in params.tenants else None
+            mine = params.model_owner(tenant)
             console.rule(
                 f"4. drift in {tenant}'s traffic -> retrain "
                 + (f"{tenant}'s own model" if mine else "the shared model")
