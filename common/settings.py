@@ -79,6 +79,22 @@ class Settings(BaseSettings):
     # The secret an `evidently ui` started with EVIDENTLY_SECRET wants for writes (uploads).
     evidently_secret: SecretStr | None = Field(default=None, alias="EVIDENTLY_SECRET")
     monitor_webhook_url: str | None = Field(default=None, alias="MONITOR_WEBHOOK_URL")
+    # Asynchronous jobs (POST /jobs, the workers): the most records a job may hold, the
+    # largest body /jobs reads (larger: 413 before parsing), and the records per queue
+    # message (a worker scores one message at a time, a job's chunks in parallel).
+    job_max_records: int = Field(default=100_000, ge=1, alias="JOB_MAX_RECORDS")
+    job_max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1, alias="JOB_MAX_BODY_BYTES")
+    job_chunk_records: int = Field(default=1000, ge=1, alias="JOB_CHUNK_RECORDS")
+    # Delivery: a chunk a worker took and did not finish within the visibility timeout is
+    # delivered again; after JOB_MAX_TRIES deliveries it goes to the dead-letter queue.
+    job_visibility_timeout: float = Field(default=30.0, gt=0, alias="JOB_VISIBILITY_TIMEOUT")
+    job_max_tries: int = Field(default=5, ge=1, alias="JOB_MAX_TRIES")
+    # Ended jobs, their results and their response/dead-letter messages are kept this long.
+    job_retention_hours: float = Field(default=168.0, gt=0, alias="JOB_RETENTION_HOURS")
+    # Callbacks: the hosts a job's callback_url may name (comma-separated; empty: callbacks
+    # are refused), and the secret their HMAC-SHA256 signature is made with.
+    job_callback_hosts: str = Field(default="", alias="JOB_CALLBACK_HOSTS")
+    job_callback_secret: SecretStr | None = Field(default=None, alias="JOB_CALLBACK_SECRET")
 
     @classmethod
     def settings_customise_sources(

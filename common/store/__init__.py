@@ -16,7 +16,11 @@ What lives where:
   `monitoring_metrics`) out.
 - `tenants`: tenants, their API keys (`authenticate`), and `scope`, which sets the
   tenant(s) a transaction may see under row-level security.
-- `roles`: the service roles (`PREDICTOR`, `FLOWS`, `GRAFANA`) and URLs logging in as them.
+- `roles`: the service roles (`PREDICTOR`, `FLOWS`, `GRAFANA`, `WORKER`) and URLs logging
+  in as them.
+- `jobs`: asynchronous jobs: `submit` (the job row and its chunks in the tenant's pgmq
+  request queue, one transaction), `read` / `complete` / `retry_later` / `dead_letter`
+  (the workers), `get` / `results` (status and answers), `depths`, `purge`.
 - `readback`: a tenant's own predictions and labels, a page at a time.
 - `sources`: batch inputs and outputs: Parquet/CSV files, local or `s3://`, and
   PostgreSQL tables (`open_input`, `read_chunks`, `default_batch_id`, `publish`); a whole
@@ -28,11 +32,17 @@ Prefect, BentoML or `models`.
 
 from __future__ import annotations
 
-from common.store import monitoring, readback, roles, sources, tenants
+from common.store import jobs, monitoring, readback, roles, sources, tenants
 from common.store.batch import BatchLogWriter
 from common.store.connection import CONNECT_TIMEOUT, STATEMENT_TIMEOUT, connect, conninfo, pool
 from common.store.log import PredictionLog, prediction_exists
-from common.store.migrations import MIGRATIONS_DIR, apply_migrations, migrate, pending
+from common.store.migrations import (
+    MIGRATIONS_DIR,
+    apply_migrations,
+    migrate,
+    migration_names,
+    pending,
+)
 from common.store.rows import (
     BATCH_LOG_COLUMNS,
     LOG_COLUMNS,
@@ -64,8 +74,10 @@ __all__ = [
     "create_staging",
     "dumps",
     "from_line",
+    "jobs",
     "log_rows",
     "migrate",
+    "migration_names",
     "monitoring",
     "pending",
     "pool",

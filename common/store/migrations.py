@@ -1,18 +1,22 @@
 """The prediction database's schema: `migrations/NNNN_*.sql`, applied once each, in order.
 
-The project owns its migrations (the prediction log, feedback, monitoring results); each
-file runs in the same transaction as its row in `schema_migrations`, under an advisory
-lock, so several workers starting at once apply each file exactly once.
+The project owns its migrations (the prediction log, feedback, monitoring results, jobs);
+each runs in the same transaction as its row in `schema_migrations`, under an advisory
+lock, so several workers starting at once apply each exactly once. One step is not a file
+of ours: `0006_pgmq` is the SQL the `pgmq` package ships (the queue of async jobs),
+installed SQL-only, so no PostgreSQL extension package is needed.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psycopg
+from pgmq.install import get_embedded_install_sql
 
 from common.errors import UserError
 from common.store.connection import connect
@@ -25,13 +29,24 @@ _MIGRATION_FILE = re.compile(r"^\d{4}_[a-z0-9_]+\.sql$")
 _MIGRATION_LOCK_KEY = 0x7072_6564_6C6F_67  # "predlog"
 
 
-def _migration_files() -> list[Path]:
-    return sorted(p for p in MIGRATIONS_DIR.iterdir() if _MIGRATION_FILE.match(p.name))
+PACKAGED: dict[str, Callable[[], str]] = {"0006_pgmq": get_embedded_install_sql}
+"""Steps whose SQL a package ships: pgmq's schema and functions (pgmq 1.13's SQL-only install)."""
+
+
+def _steps() -> list[tuple[str, Callable[[], str]]]:
+    """Every migration, in order: (name, its SQL)."""
+    files = {p.stem: p.read_text for p in MIGRATIONS_DIR.iterdir() if _MIGRATION_FILE.match(p.name)}
+    return sorted({**files, **PACKAGED}.items())
+
+
+def migration_names() -> list[str]:
+    """The names of every migration, in the order they apply."""
+    return [name for name, _ in _steps()]
 
 
 def pending(conn: psycopg.Connection[Any], names: list[str] | None = None) -> list[str]:
     """The migrations not applied yet on `conn`'s database, in order."""
-    names = names if names is not None else [p.stem for p in _migration_files()]
+    names = names if names is not None else migration_names()
     try:
         with conn.transaction():
             done = {row[0] for row in conn.execute("SELECT name FROM schema_migrations")}
@@ -45,8 +60,10 @@ def apply_migrations(conn: psycopg.Connection[Any]) -> list[str]:
 
     The advisory lock serialises workers: the second waits, then finds nothing to do.
     """
-    names = [p.stem for p in _migration_files()]
-    if not pending(conn, names):  # a service role reads this, but may not migrate
+    steps = _steps()
+    if not pending(
+        conn, [name for name, _ in steps]
+    ):  # a service role reads this, but may not migrate
         return []
     applied: list[str] = []
     with conn.transaction():
@@ -56,12 +73,12 @@ def apply_migrations(conn: psycopg.Connection[Any]) -> list[str]:
             " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
         )
         done = {row[0] for row in conn.execute("SELECT name FROM schema_migrations")}
-        for path in _migration_files():
-            if path.stem in done:
+        for name, read in steps:
+            if name in done:
                 continue
-            conn.execute(path.read_bytes())
-            conn.execute("INSERT INTO schema_migrations (name) VALUES (%s)", [path.stem])
-            applied.append(path.stem)
+            conn.execute(read().encode())
+            conn.execute("INSERT INTO schema_migrations (name) VALUES (%s)", [name])
+            applied.append(name)
     return applied
 
 

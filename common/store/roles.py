@@ -19,7 +19,9 @@ FLOWS = "mlops_flows"
 """The Prefect flows: read the log, log batch predictions, write monitoring results."""
 GRAFANA = "mlops_grafana"
 """Grafana: reads the shared model's monitoring numbers, nothing else."""
-SERVICE_ROLES = (PREDICTOR, FLOWS, GRAFANA)
+WORKER = "mlops_worker"
+"""The job workers: read the request queues granted them, write results and predictions."""
+SERVICE_ROLES = (PREDICTOR, FLOWS, GRAFANA, WORKER)
 
 
 def role_url(database_url: str, role: str, password: str | None = None) -> str:

@@ -284,7 +284,13 @@ def remove_tenant(database_url: str, tenant: str, *, purge: bool = False) -> dic
         removed: dict[str, int] = {}
         scope(conn, tenant)
         if purge:
-            for table in ("feedback", "predictions", "monitoring_metrics", "monitoring_runs"):
+            for table in (
+                "feedback",
+                "predictions",
+                "monitoring_metrics",
+                "monitoring_runs",
+                "jobs",  # and their results, by cascade
+            ):
                 cur = conn.execute(
                     sql.SQL("DELETE FROM {} WHERE tenant_id = %s").format(sql.Identifier(table)),
                     [tenant],
@@ -296,6 +302,8 @@ def remove_tenant(database_url: str, tenant: str, *, purge: bool = False) -> dic
         conn.execute("DELETE FROM tenants WHERE id = %s", [tenant])
         role = READER_ROLE_PREFIX + tenant
         if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [role]).fetchone():
+            # Its grants (its response queue) go first, or PostgreSQL refuses the drop.
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
             conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
     return removed
 
@@ -303,7 +311,8 @@ def remove_tenant(database_url: str, tenant: str, *, purge: bool = False) -> dic
 def create_reader_role(database_url: str, tenant: str) -> tuple[str, str]:
     """A read-only SQL role for `tenant`'s consumers: (role name, password, shown once).
 
-    It sees only `tenant`'s predictions and labels, whatever it sets; running this again
+    It sees only `tenant`'s predictions, labels and jobs, whatever it sets, and consumes only
+    its own response queue (`jobs.queue_name("res", tenant)`); running this again
     gives the role a new password.
     """
     role = READER_ROLE_PREFIX + tenant
@@ -318,4 +327,5 @@ def create_reader_role(database_url: str, tenant: str) -> tuple[str, str]:
             )
         )
         conn.execute(sql.SQL("GRANT mlops_tenant_reader TO {}").format(sql.Identifier(role)))
+        conn.execute("SELECT mlops_tenant_queues(%s)", [tenant])  # its response queue
     return role, password

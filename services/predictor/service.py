@@ -4,7 +4,7 @@ A tenant with a model of its own (`<name>.<tenant>@champion`) is answered by it,
 its first request; every other tenant by the shared model.
 
 Thin by design: scoring and request validation live in models.predict, the registry
-following in services.predictor.runtime, the prediction log in common.store, who is
+following in common.registry.runtime, the prediction log in common.store, who is
 calling (API keys, tenants, scopes) in services.predictor.identity, checked by the guard
 before a request reaches these methods.
 """
@@ -29,6 +29,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.responses import JSONResponse
 from typing_extensions import TypedDict
 
+from common.registry.runtime import ModelRuntime, ModelUnavailableError
 from common.registry.served import ServedModel
 from common.settings import get_settings
 from common.store import Feedback, Prediction, PredictionLog, migrate, pool, prediction_exists
@@ -45,7 +46,6 @@ from services.predictor.openapi import (
     PredictBody,
     PredictionsPage,
 )
-from services.predictor.runtime import ModelRuntime, ModelUnavailableError
 
 log = logging.getLogger("predictor")
 

@@ -17,14 +17,21 @@ from pathlib import Path
 import pytest
 
 from common.localpg import LocalPostgres
-from common.store import MIGRATIONS_DIR, Prediction, create_staging, roles, tenants, write_items
+from common.store import (
+    Prediction,
+    create_staging,
+    migration_names,
+    roles,
+    tenants,
+    write_items,
+)
 from common.store.connection import connect
 from tests.servers import VENV_BIN, clean_env
 
 pytestmark = pytest.mark.integration
 
 KEY = re.compile(r"^mlops_([0-9a-f]{16})_[A-Za-z0-9_-]{43}$")
-MIGRATIONS = ", ".join(sorted(p.stem for p in MIGRATIONS_DIR.glob("*.sql")))
+MIGRATIONS = ", ".join(migration_names())
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,11 @@ import pytest
 
 from common.localpg import LocalPostgres
 from common.store import (
-    MIGRATIONS_DIR,
     Feedback,
     Prediction,
     PredictionLog,
     migrate,
+    migration_names,
     pool,
     prediction_exists,
     to_line,
@@ -98,7 +98,7 @@ def test_migrate_applies_each_migration_once_when_two_workers_start_together(
     for t in threads:
         t.join(30)
 
-    every = sorted(p.stem for p in MIGRATIONS_DIR.glob("*.sql"))
+    every = migration_names()
     assert sorted(results) == [[], every]
     assert migrate(database) == []
     assert query(database, "SELECT name FROM schema_migrations ORDER BY name") == [

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 
 from common.params import DataParams, Params
+from common.registry.runtime import ModelRuntime
 from common.registry.served import TAGS_FILE
 from common.settings import Settings
-from services.predictor.runtime import ModelRuntime
 from tests.unit.test_predict import fitted, save_model_dir, training_rows
 
 UNREACHABLE = "http://127.0.0.1:9"

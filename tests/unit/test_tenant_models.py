@@ -18,10 +18,10 @@ from pydantic import ValidationError
 
 from common import registry
 from common.params import DataParams, Params
+from common.registry.runtime import ModelCache, ModelRuntime, ModelUnavailableError
 from common.registry.served import ServedModel
 from common.settings import Settings
 from models.predict import validate_records
-from services.predictor.runtime import ModelCache, ModelRuntime, ModelUnavailableError
 from tests.unit.test_predict import fitted, save_model_dir, training_rows
 
 SHARED = "tenant-test"

@@ -1,4 +1,4 @@
-"""The models the predictor serves, and how each follows its registry alias without downtime.
+"""The models the predictor and the job workers serve, each following its registry alias live.
 
 The shared model (`models:/<MODEL_NAME>@<alias>`) is loaded at start; a tenant's own model
 (`<MODEL_NAME>.<tenant>`, `common.registry.model_name`) on its first request, and kept in

@@ -1,0 +1,177 @@
+"""The jobs store on a real PostgreSQL with pgmq's SQL: submit, read, complete, dead-letter,
+idempotency, and who may reach which queue."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+
+from common.localpg import LocalPostgres
+from common.store import Prediction, connect, create_staging, jobs, migrate, roles, tenants
+
+pytestmark = pytest.mark.integration
+
+RECORD = {"tenure_months": 3, "plan": "basic"}
+
+
+@pytest.fixture
+def db(postgres: LocalPostgres) -> dict[str, str]:
+    """A migrated database with tenants a-1 and b, URLs per role."""
+    postgres.start()
+    name = f"jobs_{uuid.uuid4().hex[:12]}"
+    postgres.create_database(name)
+    admin = postgres.url(name)
+    migrate(admin)
+    for role in roles.SERVICE_ROLES:
+        roles.enable_login(admin, role)
+    for tenant in ("a-1", "b"):
+        tenants.add_tenant(admin, tenant)
+    return {
+        "admin": admin,
+        "predictor": roles.role_url(admin, roles.PREDICTOR),
+        "worker": roles.role_url(admin, roles.WORKER),
+    }
+
+
+def answers_for(chunk: jobs.Chunk) -> tuple[list[dict[str, Any]], list[Prediction]]:
+    now = datetime.now(UTC)
+    answers, rows = [], []
+    for rid, record in zip(chunk.request_ids(), chunk.records, strict=True):
+        answers.append({"request_id": rid, "predicted_class": "no", "model_version": "1"})
+        rows.append(Prediction(rid, now, "m", "1", record, "no", {"no": 1.0}, 0.1, chunk.tenant_id))
+    return answers, rows
+
+
+def drain(url: str, tenant: str) -> list[jobs.Job]:
+    """Score every visible chunk of `tenant` as a worker would; the jobs that ended."""
+    ended = []
+    with connect(url) as conn:
+        create_staging(conn)
+        while chunks := jobs.read(conn, tenant, visibility_timeout=30, limit=8):
+            for chunk in chunks:
+                answers, rows = answers_for(chunk)
+                job = jobs.complete(conn, chunk, answers, rows, model_name="m", model_version="1")
+                if job:
+                    ended.append(job)
+    return ended
+
+
+def test_a_submitted_job_is_scored_in_chunks_and_read_back_in_order(db: dict[str, str]) -> None:
+    with connect(db["predictor"]) as conn:
+        job, created = jobs.submit(
+            conn, "a-1", [{**RECORD, "i": i} for i in range(25)], chunk_records=10
+        )
+    assert created
+    assert job.status == "queued"
+    assert job.chunks == 3
+    ended = drain(db["worker"], "a-1")
+    assert [j.id for j in ended] == [job.id]
+    with connect(db["predictor"]) as conn:
+        done = jobs.get(conn, "a-1", job.id)
+        page = jobs.results(conn, "a-1", job.id, offset=5, limit=12)
+    assert done is not None
+    assert done.status == "done"
+    assert done.progress == 1
+    assert [a["request_id"] for a in page] == [jobs.request_id(job.id, i) for i in range(5, 17)]
+    with connect(db["admin"]) as conn:
+        logged = conn.execute("SELECT count(*) FROM predictions WHERE tenant_id = 'a-1'").fetchone()
+        response = conn.execute(
+            "SELECT message FROM pgmq.read(%s, 30, 10)", [jobs.queue_name(jobs.RESPONSE, "a-1")]
+        ).fetchall()
+    assert logged == (25,)  # each record logged once, for monitoring and feedback
+    assert [m[0]["job_id"] for m in response] == [job.id]
+
+
+def test_a_redelivered_chunk_is_written_once(db: dict[str, str]) -> None:
+    with connect(db["predictor"]) as conn:
+        job, _ = jobs.submit(conn, "b", [RECORD] * 4, chunk_records=4)
+    with connect(db["worker"]) as conn:
+        create_staging(conn)
+        first = jobs.read(conn, "b", visibility_timeout=1, limit=1)[0]
+        again = None
+        for _ in range(30):  # its visibility timeout passes: it comes back
+            chunks = jobs.read(conn, "b", visibility_timeout=30, limit=1)
+            again = next((c for c in chunks if c.msg_id == first.msg_id), None)
+            if again:
+                break
+            conn.execute("SELECT pg_sleep(0.1)")
+        assert again is not None
+        assert again.read_ct == 2
+        for chunk in (first, again):
+            answers, rows = answers_for(chunk)
+            jobs.complete(conn, chunk, answers, rows, model_name="m", model_version="1")
+    with connect(db["predictor"]) as conn:
+        done = jobs.get(conn, "b", job.id)
+        assert done is not None
+        assert (done.status, done.chunks_done) == ("done", 1)
+        assert len(jobs.results(conn, "b", job.id, offset=0, limit=100)) == 4
+
+
+def test_an_idempotency_key_returns_the_first_job_and_queues_nothing_more(
+    db: dict[str, str],
+) -> None:
+    with connect(db["predictor"]) as conn:
+        first, created = jobs.submit(conn, "b", [RECORD], chunk_records=10, idempotency_key="k")
+        second, again = jobs.submit(conn, "b", [RECORD] * 3, chunk_records=10, idempotency_key="k")
+        other, _ = jobs.submit(conn, "a-1", [RECORD], chunk_records=10, idempotency_key="k")
+    assert created
+    assert not again
+    assert second.id == first.id
+    assert second.records == 1
+    assert other.id != first.id  # keys are per tenant
+    with connect(db["worker"]) as conn:
+        assert [d.depth for d in jobs.depths(conn, ["b", "a-1"])] == [1, 1]
+
+
+def test_a_dead_lettered_chunk_fails_its_job_with_the_reason(db: dict[str, str]) -> None:
+    with connect(db["predictor"]) as conn:
+        job, _ = jobs.submit(conn, "b", [RECORD] * 2, chunk_records=1)
+    with connect(db["worker"]) as conn:
+        create_staging(conn)
+        chunk = jobs.read(conn, "b", visibility_timeout=30, limit=1)[0]
+        failed = jobs.dead_letter(conn, chunk, "ValueError: boom")
+        assert failed is not None
+        assert failed.status == "failed"
+        assert "boom" in (failed.error or "")
+    drain(db["worker"], "b")  # the other chunk still scores; the job stays failed
+    with connect(db["admin"]) as conn:
+        letters = conn.execute(
+            "SELECT message FROM pgmq.read(%s, 30, 10)", [jobs.queue_name(jobs.DEAD, "b")]
+        ).fetchall()
+    assert [m[0]["reason"] for m in letters] == ["ValueError: boom"]
+    with connect(db["predictor"]) as conn:
+        after = jobs.get(conn, "b", job.id)
+    assert after is not None
+    assert (after.status, after.chunks_done) == ("failed", 1)
+
+
+def test_tenants_reach_only_their_own_jobs_and_queues(db: dict[str, str]) -> None:
+    with connect(db["predictor"]) as conn:
+        job_b, _ = jobs.submit(conn, "b", [RECORD], chunk_records=10)
+        assert jobs.get(conn, "a-1", job_b.id) is None
+    drain(db["worker"], "b")
+    role, password = tenants.create_reader_role(db["admin"], "a-1")
+    reader = roles.role_url(db["admin"], role, password)
+    with connect(reader) as conn:
+        assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM job_results").fetchone() == (0,)
+        conn.execute("SELECT * FROM pgmq.read(%s, 30, 1)", [jobs.queue_name(jobs.RESPONSE, "a-1")])
+        for kind in (jobs.RESPONSE, jobs.REQUEST):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("SELECT * FROM pgmq.read(%s, 30, 1)", [jobs.queue_name(kind, "b")])
+    tenants.remove_tenant(db["admin"], "a-1")  # its grants do not block dropping its role
+
+
+def test_purge_removes_ended_jobs_past_retention(db: dict[str, str]) -> None:
+    with connect(db["predictor"]) as conn:
+        job, _ = jobs.submit(conn, "b", [RECORD], chunk_records=10)
+    drain(db["worker"], "b")
+    with connect(db["worker"]) as conn:
+        assert jobs.purge(conn, ["b"], timedelta(hours=1)) == 0
+        assert jobs.purge(conn, ["b"], timedelta(0)) == 1
+    with connect(db["predictor"]) as conn:
+        assert jobs.get(conn, "b", job.id) is None
