@@ -15,7 +15,7 @@ PYTEST_WORKERS ?= 4
 UV := $(or $(shell command -v uv 2>/dev/null),$(CURDIR)/.tools/bin/uv)
 RUN := $(UV) run --frozen
 
-.PHONY: help bootstrap demo serve bento bench-serving bench-tenants up down status pipeline summary test lint format unit integration e2e bench mlflow-ui evidently-ui licenses clean
+.PHONY: help bootstrap demo serve bento bench-serving bench-tenants bench-jobs up down status pipeline summary test lint format unit integration e2e bench mlflow-ui evidently-ui licenses clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -109,6 +109,9 @@ bench-serving: bootstrap ## serving benchmark: in-process floor vs this service 
 
 bench-tenants: bootstrap ## 20 tenants' own models on one predictor vs one model vs mlflow models serve (needs make demo)
 	$(RUN) python -m benchmarks.tenant_serving
+
+bench-jobs: bootstrap ## async jobs: pgmq alone, then POST /jobs with 1 and 2 workers vs /predict, latency at 100 jobs/s (needs make demo)
+	$(RUN) python -m benchmarks.async_jobs
 
 mlflow-ui: bootstrap ## MLflow UI on the embedded store (http://127.0.0.1:5000)
 	$(RUN) mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.mlops/mlflow.db --port 5000 --workers 1
