@@ -17,7 +17,10 @@ model of its own and is served the shared one.
    rows join acme's data, acme's pipeline registers a challenger, acme's gate decides;
 5. a client of each tenant sends requests throughout: acme's swaps to its new champion
    with no failed request, globex's keeps the shared champion;
-6. print a summary table and the commands that open the UIs.
+6. each tenant submits a job of a few hundred of its records (`POST /jobs`), worker
+   processes score them and end by themselves, each job is polled until done
+   (`scripts.loop_jobs`);
+7. print a summary table and the commands that open the UIs.
 """
 
 from __future__ import annotations
@@ -45,16 +48,20 @@ from common import registry
 from common.errors import run_cli
 from common.localpg import EMBEDDED_DB, EMBEDDED_PG_PORT, LocalPostgres
 from common.params import load_params
-from common.settings import get_settings
+from common.settings import Settings, get_settings
 from common.store import connect, tenants
 from flows.monitor import Outcome, monitor
 from flows.retrain import retrain
 from models.generate import EXAMPLE_TENANTS, Drift, ExampleTenant
+from scripts import loop_jobs
 from services.predictor.demo import demo_key, show_answers
 from services.predictor.launch import serving
 
 console = Console(highlight=False, markup=False)
 """Plain text: what the loop prints is data (column lists in [...], paths), never rich markup."""
+
+JOB_RECORDS = 300
+"""Records of each tenant's job in step 6."""
 
 DRIFT = Drift(
     covariate={"tenure_months": -0.8, "monthly_charges": 0.8, "contract_type": 0.3},
@@ -364,6 +371,8 @@ class LoopResult:
     others_kept: dict[str, list[str]]
     """The versions each other tenant's client was answered by throughout: one each."""
     monitoring_runs: int
+    jobs: list[loop_jobs.JobOutcome] = field(default_factory=list)
+    """Each tenant's job of step 6."""
 
 
 def show_verdict(outcome: Outcome) -> None:
@@ -480,6 +489,7 @@ def run_loop(port: int, calm_rows: int, drift_rows: int, label_share: float) -> 
         new, swap, old_after = _swap(watchers[owner], served[owner], promoted, retrain_start)
         for watcher in watchers.values():
             watcher.stop()
+        jobs = _jobs_step(url, settings, database_url, keys, features)
         with connect(database_url) as conn:
             row = conn.execute("SELECT count(*) FROM monitoring_runs").fetchone()
         return LoopResult(
@@ -499,7 +509,34 @@ def run_loop(port: int, calm_rows: int, drift_rows: int, label_share: float) -> 
             old_after_swap=old_after,
             others_kept={t: sorted(w.versions()) for t, w in watchers.items() if t != owner},
             monitoring_runs=int(row[0]) if row else 0,
+            jobs=jobs,
         )
+
+
+def _jobs_step(
+    url: str, settings: Settings, database_url: str, keys: dict[str, str], features: list[str]
+) -> list[loop_jobs.JobOutcome]:
+    """Step 6: a job of each tenant's records, scored by workers started for it; shown."""
+    ids = [t.id for t in EXAMPLE_TENANTS]
+    console.rule(
+        f"6. a job of {JOB_RECORDS} records per tenant (POST /jobs) -> {loop_jobs.WORKERS} "
+        "workers -> results (GET /jobs/{id})"
+    )
+    env = {
+        **os.environ,
+        "DATABASE_URL": loop_jobs.worker_database_url(settings, database_url),
+        "OMP_NUM_THREADS": "1",
+    }
+    outcomes = loop_jobs.run_jobs(
+        _request,
+        url,
+        keys,
+        {t.id: _records(t.traffic(JOB_RECORDS, batch=4), features) for t in EXAMPLE_TENANTS},
+        lambda: loop_jobs.workers(loop_jobs.worker_command(ids), env),
+    )
+    for job in outcomes:
+        console.print(job.line(), style="green" if job.ok else "bold red", markup=False)
+    return outcomes
 
 
 def _swap(
@@ -599,6 +636,16 @@ def print_summary(r: LoopResult) -> None:
         + f"; {kept}; {r.failed} of {r.requests:,} requests failed",
         "GET /model",
     )
+    if r.jobs:
+        table.add_row(
+            "async jobs",
+            "; ".join(
+                f"{j.tenant}: {j.records:,} records by {', '.join(j.models) or 'no model'} "
+                + (f"in {j.seconds:.1f} s" if j.ok else f"NOT DONE ({j.status})")
+                for j in r.jobs
+            ),
+            "POST /jobs, GET /jobs/{id}\npython -m services.worker",
+        )
     console.print(table)
     console.print(f"Evidently workspace: {evid}")
     console.print(

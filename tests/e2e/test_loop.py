@@ -213,3 +213,19 @@ def test_every_window_is_kept_in_postgres_and_the_evidently_workspace(
         result["drifted"]["acme"]["evidently_project"]
         != (result["drifted"]["globex"]["evidently_project"])
     )
+
+
+def test_each_tenants_job_is_scored_by_workers_with_the_model_serving_it(
+    loop: tuple[Workspace, dict[str, Any], str],
+) -> None:
+    _, result, out = loop
+    jobs = {job["tenant"]: job for job in result["jobs"]}
+    assert set(jobs) == {"acme", "globex"}
+    for tenant, model in (("acme", f"{ACME} v2"), ("globex", f"{SHARED} v1")):
+        job = jobs[tenant]
+        assert job["status"] == "done", job
+        assert job["records"] == job["scored"] == 300
+        assert job["models"] == [model]  # acme's new champion by then; globex the shared one
+    assert out.index("6. a job of 300 records per tenant") > out.index("5. ")
+    text = " ".join(out.split())
+    assert f"acme: job {jobs['acme']['job_id'][:8]}, 300 records scored by {ACME} v2" in text
