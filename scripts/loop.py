@@ -519,8 +519,7 @@ def _jobs_step(
     """Step 6: a job of each tenant's records, scored by workers started for it; shown."""
     ids = [t.id for t in EXAMPLE_TENANTS]
     console.rule(
-        f"6. a job of {JOB_RECORDS} records per tenant (POST /jobs) -> {loop_jobs.WORKERS} "
-        "workers -> results (GET /jobs/{id})"
+        f"6. a job of {JOB_RECORDS} records per tenant (POST /jobs) -> {loop_jobs.WORKERS} workers"
     )
     env = {
         **os.environ,

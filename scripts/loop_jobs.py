@@ -54,7 +54,8 @@ class JobOutcome:
         if self.ok:
             return (
                 f"{self.tenant}: job {self.job_id[:8]}, {self.records:,} records scored by "
-                f"{self.models[0]} in {self.seconds:.1f} s"
+                f"{self.models[0]}, done {self.seconds:.1f} s after it was submitted (the "
+                "workers' start included)"
             )
         models = ", ".join(self.models) or "no model"
         return (

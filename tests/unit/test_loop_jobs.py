@@ -104,7 +104,14 @@ def test_each_job_is_followed_to_done_and_names_the_model_that_scored_it() -> No
         ("acme", "done", 300, ("churn-classifier.acme v2",), True),
         ("globex", "done", 200, ("churn-classifier v1",), True),
     ]
-    assert outcomes[0].line().endswith("300 records scored by churn-classifier.acme v2 in 3.5 s")
+    assert (
+        outcomes[0]
+        .line()
+        .endswith(
+            "300 records scored by churn-classifier.acme v2, done 3.5 s after it was submitted "
+            "(the workers' start included)"
+        )
+    )
 
 
 def test_results_are_read_to_the_last_page() -> None:
