@@ -250,21 +250,23 @@ class Contract:
         return _schema(model)
 
     def job_body(self) -> dict[str, Any]:
-        """POST /jobs' body; `callback_url` only to the allowed hosts (none: no such field)."""
+        """POST /jobs' body; `callback_url` only to the allowed hosts (none: null only)."""
         model = create_model(
             "JobRequest",
             __config__=STRICT,
             records=(records_type(self.record, max_batch=self.job_max_records), ...),
         )
         schema = _schema(model)
+        url: dict[str, Any] = {"type": "null"}  # JSON null: no callback
         if self.callback_hosts:
             hosts = "|".join(re.escape(h) for h in self.callback_hosts)
-            schema["properties"]["callback_url"] = {
-                "type": "string",
-                "maxLength": 2048,
-                "pattern": rf"^https?://({hosts})(:[0-9]{{1,5}})?([/?#][!-~]*)?$",
-                "description": "Where a signed POST goes when the job ends (an allowed host).",
-            }
+            allowed = rf"^https?://({hosts})(:[0-9]{{1,5}})?([/?#][!-~]*)?$"
+            url = {"anyOf": [{"type": "string", "maxLength": 2048, "pattern": allowed}, url]}
+        url["description"] = (
+            "Where a signed POST goes when the job ends: only to the hosts JOB_CALLBACK_HOSTS "
+            "allows (none: callbacks are off)."
+        )
+        schema["properties"]["callback_url"] = url
         return schema
 
     def feedback_body(self) -> dict[str, Any]:

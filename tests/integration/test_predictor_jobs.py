@@ -105,29 +105,27 @@ def stored(admin: str, tenant: str) -> tuple[int, int]:
         return int(row[0]), jobs.depths(conn, [tenant])[0].depth
 
 
-def drain(worker: str, tenant: str) -> None:
-    """Score every visible chunk of `tenant` as a worker would, with /predict's answers."""
+def score(conn: Any, chunk: jobs.Chunk) -> None:
+    """Write `chunk`'s answers as a worker would, shaped as /predict's."""
     now = datetime.now(UTC)
+    answers, rows = [], []
+    probabilities = {"0": 0.25, "1": 0.75}
+    for rid, record in zip(chunk.request_ids(), chunk.records, strict=True):
+        answer = {"request_id": rid, "predicted_class": "1", "probabilities": probabilities}
+        answers.append({**answer, "model_name": SERVED, "model_version": "1"})
+        rows.append(
+            Prediction(rid, now, SERVED, "1", record, "1", probabilities, 0.1, chunk.tenant_id)
+        )
+    jobs.complete(conn, chunk, answers, rows, model_name=SERVED, model_version="1")
+
+
+def drain(worker: str, tenant: str) -> None:
+    """Score every visible chunk of `tenant`."""
     with connect(worker) as conn:
         create_staging(conn)
         while chunks := jobs.read(conn, tenant, visibility_timeout=30, limit=8):
             for chunk in chunks:
-                answers, rows = [], []
-                for rid, record in zip(chunk.request_ids(), chunk.records, strict=True):
-                    probabilities = {"0": 0.25, "1": 0.75}
-                    answers.append(
-                        {
-                            "request_id": rid,
-                            "predicted_class": "1",
-                            "probabilities": probabilities,
-                            "model_name": SERVED,
-                            "model_version": "1",
-                        }
-                    )
-                    rows.append(
-                        Prediction(rid, now, SERVED, "1", record, "1", probabilities, 0.1, tenant)
-                    )
-                jobs.complete(conn, chunk, answers, rows, model_name=SERVED, model_version="1")
+                score(conn, chunk)
 
 
 def test_a_job_is_accepted_with_202_recorded_and_queued_in_chunks(
@@ -177,6 +175,25 @@ def test_a_job_is_read_back_whole_and_in_order_through_next_offset(
         offset = page["next_offset"]
     assert [a["request_id"] for a in answers] == [jobs.request_id(job_id, i) for i in range(1_200)]
     assert {(a["model_name"], a["model_version"]) for a in answers} == {(SERVED, "1")}
+
+
+def test_answers_after_a_record_still_being_scored_wait_for_it(
+    predictor: str, keys: dict[str, str], urls: dict[str, str]
+) -> None:
+    drain(urls["worker"], "globex")  # earlier tests' jobs out of the way
+    job_id = submit(predictor, keys["globex"], {"records": [RECORD] * (2 * CHUNK)}).json()["job_id"]
+    with connect(urls["worker"]) as conn:
+        create_staging(conn)
+        first, second = jobs.read(conn, "globex", visibility_timeout=30, limit=2)
+        score(conn, second)
+        waiting = status(predictor, keys["globex"], job_id).json()
+        assert (waiting["status"], waiting["progress"]) == ("running", 0.5)
+        assert (waiting["results"], waiting["next_offset"]) == ([], 0)
+        score(conn, first)
+    done = status(predictor, keys["globex"], job_id).json()
+    assert done["status"] == "done"
+    assert len(done["results"]) == 2 * CHUNK
+    assert done["next_offset"] is None
 
 
 def test_another_tenants_job_is_a_404_exactly_as_an_unknown_one(
