@@ -233,6 +233,8 @@ class Stack:
             "MLFLOW_TRACKING_PASSWORD": self.secrets[PREDICTOR.password_env],
             "DATABASE_URL": self.db_url("worker", "predictions"),
             "JOB_CALLBACK_SECRET": self.secrets["JOB_CALLBACK_SECRET"],
+            # Models through MLflow's proxy, not presigned S3 URLs (compose's worker too).
+            "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
         }
 
     def _job_metrics_ports(self) -> dict[str, int]:

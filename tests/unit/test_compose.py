@@ -149,6 +149,7 @@ def test_job_workers_run_as_two_replicas_of_the_flows_image_with_a_metrics_healt
     env = worker["environment"]
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert env["JOB_CALLBACK_SECRET"].startswith("${JOB_CALLBACK_SECRET:?")
+    assert env["MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD"] == "false"  # no route to MinIO needed
 
 
 def test_every_server_has_a_healthcheck_and_restart_policy(compose: dict[str, Any]) -> None:
