@@ -11,8 +11,10 @@ write secret.
 
 from __future__ import annotations
 
+import configparser
 import json
 import re
+import shlex
 import subprocess
 import sys
 import tomllib
@@ -23,7 +25,7 @@ import pytest
 import yaml
 
 from common.registry.access import FLOWS, PREDICTOR, auth_config
-from scripts.stack import PG_ROLES
+from scripts.stack import JOB_WORKERS, PG_ROLES, SECRETS, Ports, Stack
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "infra/docker"
@@ -150,6 +152,33 @@ def test_job_workers_run_as_two_replicas_of_the_flows_image_with_a_metrics_healt
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert env["JOB_CALLBACK_SECRET"].startswith("${JOB_CALLBACK_SECRET:?")
     assert env["MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD"] == "false"  # no route to MinIO needed
+
+
+def test_make_up_runs_the_job_workers_as_compose_does(
+    compose: dict[str, Any], tmp_path: Path
+) -> None:
+    """scripts/stack.py's supervisord programs: compose's `worker`, one per replica."""
+    worker = compose["services"]["worker"]
+    stack = Stack(tmp_path, Ports())
+    stack.secrets = {name: f"secret-{i}" for i, name in enumerate(SECRETS)}
+    stack.write_conf()
+    conf = configparser.RawConfigParser()
+    conf.read(stack.conf)
+    assert len(JOB_WORKERS) == worker["deploy"]["replicas"]
+    ports = set()
+    for name in JOB_WORKERS:
+        program = conf[f"program:{name}"]
+        argv = shlex.split(program["command"])
+        assert argv[1:-1] == worker["command"][1:-1]  # its venv's python, its own port
+        ports.add(argv[-1])
+        assert stack.health_urls()[name] == f"http://127.0.0.1:{argv[-1]}/metrics"
+        assert int(program["stopwaitsecs"]) > 30  # the batch in hand: the visibility timeout
+        env = dict(re.findall(r'(\w+)="([^"]*)"', program["environment"]))
+        assert env["DATABASE_URL"].startswith("postgresql://mlops_worker:secret-")
+        for same in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD"):
+            assert env[same] == worker["environment"][same], same
+        assert env["JOB_CALLBACK_SECRET"] == stack.secrets["JOB_CALLBACK_SECRET"]
+    assert len(ports) == len(JOB_WORKERS)
 
 
 def test_every_server_has_a_healthcheck_and_restart_policy(compose: dict[str, Any]) -> None:
