@@ -34,7 +34,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.server.auth.client import AuthServiceClient
 from mlflow.tracking import MlflowClient
 
-from common.store import tenants
+from common.store import connect, jobs, tenants
 from models.generate import generate
 from scripts.stack import JOB_WORKERS, PG_ROLES, Ports, Stack
 from tests.servers import VENV_BIN, Server, clean_env, free_port, http_ok, run_ok
@@ -256,6 +256,29 @@ def test_the_predictor_serves_the_champion_and_monitor_runs_on_its_traffic(
     snapshots = httpx.get(f"{stack.env()['EVIDENTLY_WORKSPACE']}/api/projects/{project}/snapshots")
     assert snapshots.status_code == 200, snapshots.text
     assert snapshots.json(), project
+
+
+def test_the_two_job_workers_score_a_job_queued_by_the_predictors_role(
+    stack: Stack, trained: str, workspace: Workspace
+) -> None:
+    records = _traffic(workspace, 50, seed=5)
+    predictor = stack.db_url("predictor", "predictions")
+    with connect(predictor) as conn:
+        job, _ = jobs.submit(conn, tenants.DEFAULT_TENANT, records, chunk_records=10)
+    deadline = time.monotonic() + 120
+    while True:
+        with connect(predictor) as conn:
+            now = jobs.get(conn, tenants.DEFAULT_TENANT, job.id)
+        assert now is not None
+        if now.ended or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert now.status == "done", now
+    with connect(predictor) as conn:
+        answers = jobs.results(conn, tenants.DEFAULT_TENANT, job.id, offset=0, limit=100)
+    assert [a["request_id"] for a in answers] == [jobs.request_id(job.id, i) for i in range(50)]
+    for name in JOB_WORKERS:  # both polled the queues all along, as mlops_worker
+        assert httpx.get(stack.health_urls()[name], timeout=10).status_code == 200
 
 
 def test_only_the_flows_identity_may_move_an_alias(stack: Stack, trained: str) -> None:
