@@ -5,9 +5,10 @@ Every path but health, metrics and the docs needs an API key holding the path's 
 `WWW-Authenticate` header, before any of the body is read. Then it refuses non-JSON and
 oversized bodies with a clear 4xx: without it BentoML answers a POST with a malformed
 Content-Type (e.g. multipart without a boundary) with a 500, and reads a body of any size
-into memory. It also answers a wrong method on BentoML's own routes with a 405 (BentoML
-routes them to its API app, which 404s), and serves /docs.json as
-`services.predictor.openapi.document` rewrites it.
+into memory. The size limit is per route (the gate's `body_limits`, else `max_body`), and
+holds for chunked bodies too: reading stops at the first byte over it. It also answers a
+wrong method on BentoML's own routes with a 405 (BentoML routes them to its API app, which
+404s), and serves /docs.json as `services.predictor.openapi.document` rewrites it.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ JSON_TYPES = ("application/json",)
 
 class RequestGuard:
     """The caller's key and scope first (401/403), then 415 for an API POST that is not
-    JSON, 413 for a body over `max_body` bytes, 405 for a method a BentoML route does not
-    serve; /docs.json as the service really behaves."""
+    JSON, 413 for a body over its route's limit (default `max_body` bytes), 405 for a
+    method a BentoML route does not serve; /docs.json as the service really behaves."""
 
     def __init__(self, app: ASGIApp, max_body: int) -> None:
         self.app = app
@@ -72,7 +73,8 @@ class RequestGuard:
         token = identity.as_caller(who)
         try:
             if api_post:
-                body = await self._read_body(scope, receive, send, headers)
+                limit = gate.body_limits.get(scope["path"], self.max_body)
+                body = await self._read_body(scope, receive, send, headers, limit)
                 if body is not None:
                     await self.app(scope, _replay(body, receive), send)
             else:
@@ -90,7 +92,7 @@ class RequestGuard:
         self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], secret: str
     ) -> None:
         """With a webhook secret set, MLflow's signature is the credential (it sends no key)."""
-        body = await self._read_body(scope, receive, send, headers)
+        body = await self._read_body(scope, receive, send, headers, self.max_body)
         if body is None:
             return
         problem = identity.verify_signature(secret, headers, body)
@@ -103,17 +105,17 @@ class RequestGuard:
         await self.app(scope, _replay(body, receive), send)
 
     async def _read_body(
-        self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]
+        self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], limit: int
     ) -> bytes | None:
-        """An API POST's body: JSON only, read whole up to `max_body` (None: refused)."""
+        """An API POST's body: JSON only, read whole up to `limit` bytes (None: refused)."""
         media = headers.get("content-type", "").split(";")[0].strip().lower()
         if media not in JSON_TYPES:
             shown = media or "none"
             await _reject(send, 415, f"Content-Type must be application/json, got {shown}")
             return None
         declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_body:
-            await _reject(send, 413, self._too_big(int(declared)))
+        if declared.isdigit() and int(declared) > limit:
+            await _reject(send, 413, _too_big(int(declared), limit))
             return None
         body = bytearray()
         more = True
@@ -123,13 +125,10 @@ class RequestGuard:
                 return None
             body += message.get("body", b"")
             more = message.get("more_body", False)
-            if len(body) > self.max_body:
-                await _reject(send, 413, self._too_big(len(body)))
+            if len(body) > limit:
+                await _reject(send, 413, _too_big(None, limit))
                 return None
         return bytes(body)
-
-    def _too_big(self, size: int) -> str:
-        return f"request body of {size:,} bytes is over the limit of {self.max_body:,} bytes"
 
     async def _docs(self, scope: Scope, receive: Receive, send: Send) -> None:
         """BentoML's generated document, rewritten to what the service accepts and sends."""
@@ -151,6 +150,12 @@ class RequestGuard:
         signed = gate is not None and bool(gate.webhook_secret)
         spec = document(json.loads(b"".join(chunks)), PUBLISHED.get(), signed_webhook=signed)
         await _send_json(send, 200, spec)
+
+
+def _too_big(size: int | None, limit: int) -> str:
+    """The 413's message; `size` None: a streamed body, refused before its end."""
+    said = "request body" if size is None else f"request body of {size:,} bytes"
+    return f"{said} is over the limit of {limit:,} bytes"
 
 
 def _headers(scope: Scope) -> dict[str, str]:

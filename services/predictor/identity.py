@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -53,8 +53,11 @@ SCOPES_BY_PATH: dict[str, frozenset[str]] = {
     "/predictions": frozenset({"predict", "feedback"}),
     WEBHOOK: frozenset({"admin"}),
     "/model": frozenset({"admin"}),
+    # Asynchronous jobs are predictions handed in now and collected later.
+    "/jobs": frozenset({"predict"}),
+    "/jobs/{job_id}": frozenset({"predict"}),
 }
-"""The scopes a path accepts (any one of them); /model/... as /model."""
+"""The scopes a route accepts (any one of them); `route` maps a path to its route."""
 
 SIGNATURE_HEADER = "x-mlflow-signature"
 TIMESTAMP_HEADER = "x-mlflow-timestamp"
@@ -69,9 +72,17 @@ def required_scopes(path: str) -> frozenset[str] | None:
     """None for a public path; else the scopes that open it (empty: any valid key)."""
     if path in PUBLIC or path.startswith(PUBLIC_PREFIXES):
         return None
+    return SCOPES_BY_PATH.get(route(path), frozenset())
+
+
+def route(path: str) -> str:
+    """The route of SCOPES_BY_PATH a path belongs to: /model/... is /model, /jobs/<id> is
+    /jobs/{job_id}; any other path is itself."""
     if path.startswith("/model/"):
-        path = "/model"
-    return SCOPES_BY_PATH.get(path, frozenset())
+        return "/model"
+    if path.startswith("/jobs/"):
+        return "/jobs/{job_id}"
+    return path
 
 
 def current() -> Identity:
@@ -370,6 +381,8 @@ class Gate:
 
     keys: Keys
     webhook_secret: str | None = None
+    body_limits: Mapping[str, int] = field(default_factory=dict)
+    """Per API route, the largest body it reads (others: the guard's `max_body`)."""
 
 
 class _Installed:

@@ -14,6 +14,7 @@ service.
 from __future__ import annotations
 
 import copy
+import re
 import threading
 import uuid
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, TypeAdapter, create_model
 
 from models.predict import records_type
-from services.predictor.identity import REALM, SCOPES_BY_PATH, required_scopes
+from services.predictor.identity import REALM, SCOPES_BY_PATH, required_scopes, route
 
 REF = "#/components/schemas/{model}"
 ALLOWED = {
@@ -68,7 +69,8 @@ AUTH_ERRORS = {
     "was sent).",
     403: "The key is valid but lacks the scope this operation needs (`WWW-Authenticate`: "
     '`error="insufficient_scope"`).',
-    503: "PostgreSQL cannot be reached to check the key (or read the data) now; retry later.",
+    503: "PostgreSQL cannot be reached to check the key (or to read or write the data), or "
+    "the caller's model cannot be loaded, now; retry later.",
 }
 SIGNATURE_401 = (
     "Missing or bad MLflow signature (X-MLflow-Signature, X-MLflow-Timestamp within 5 "
@@ -76,6 +78,7 @@ SIGNATURE_401 = (
 )
 API_ROUTES = {
     "/predict": (400, 413, 415),
+    "/jobs": (400, 413, 415),
     "/feedback": (400, 404, 413, 415),
     "/webhooks/mlflow": (400, 413, 415),
 }
@@ -152,6 +155,65 @@ class PredictionsPage(BaseModel):
     next_cursor: str | None
 
 
+JOB_PAGE_MAX = 1000
+"""The most answers one GET /jobs/{job_id} returns."""
+IDEMPOTENCY_KEY = r"^[!-~]([ -~]{0,198}[!-~])?$"
+"""An Idempotency-Key: 1-200 printable ASCII characters, no space at either end."""
+
+
+class JobBody(BaseModel):
+    """POST /jobs: records (as /predict takes them, more of them) and where to call back."""
+
+    model_config = STRICT
+
+    records: list[dict[str, Any]] | dict[str, Any]
+    callback_url: str | None = None
+
+
+class JobAccepted(BaseModel):
+    """A job recorded and queued: poll `status_url` (also the `Location` header)."""
+
+    job_id: str
+    status: Literal["queued", "running", "done", "failed"]
+    status_url: str
+    records: int
+
+
+class JobAnswer(BaseModel):
+    """One record's answer, as /predict gives it, with the version that scored it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    request_id: str
+    predicted_class: str
+    probabilities: dict[str, float]
+    model_name: str
+    model_version: str
+
+
+class JobStatus(BaseModel):
+    """GET /jobs/{job_id}: the job and a page of its answers, in submission order.
+
+    `results` holds the answers of records `offset` onwards that are ready, up to `limit`
+    of them; ask again from `next_offset` (the first record not returned) until it is null
+    (the job ended and every answer was handed out). An empty page of a running job means
+    wait. A failed job's page holds whatever was scored (each answer's request_id says
+    which record it is); `error` says why it failed.
+    """
+
+    job_id: str
+    tenant_id: str
+    status: Literal["queued", "running", "done", "failed"]
+    records: int
+    progress: float
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    results: list[JobAnswer]
+    next_offset: int | None
+
+
 class MlflowEvent(BaseModel):
     """The body of an MLflow registry webhook; only its arrival matters."""
 
@@ -165,6 +227,8 @@ FEEDBACK_FROM_PREDICTION = {
     "label": "$response.body#/predictions/0/predicted_class",
 }
 """An OpenAPI link's body: /feedback for the first prediction of a /predict answer."""
+JOB_FROM_SUBMISSION = {"job_id": "$response.body#/job_id"}
+"""An OpenAPI link's parameters: the status of the job POST /jobs accepted."""
 
 
 @dataclass(frozen=True)
@@ -174,6 +238,8 @@ class Contract:
     record: type[BaseModel]
     max_batch: int
     classes: tuple[str, ...]
+    job_max_records: int = 1
+    callback_hosts: tuple[str, ...] = ()
 
     def predict_body(self) -> dict[str, Any]:
         model = create_model(
@@ -182,6 +248,26 @@ class Contract:
             records=(records_type(self.record, max_batch=self.max_batch), ...),
         )
         return _schema(model)
+
+    def job_body(self) -> dict[str, Any]:
+        """POST /jobs' body; `callback_url` only to the allowed hosts (none: null only)."""
+        model = create_model(
+            "JobRequest",
+            __config__=STRICT,
+            records=(records_type(self.record, max_batch=self.job_max_records), ...),
+        )
+        schema = _schema(model)
+        url: dict[str, Any] = {"type": "null"}  # JSON null: no callback
+        if self.callback_hosts:
+            hosts = "|".join(re.escape(h) for h in self.callback_hosts)
+            allowed = rf"^https?://({hosts})(:[0-9]{{1,5}})?([/?#][!-~]*)?$"
+            url = {"anyOf": [{"type": "string", "maxLength": 2048, "pattern": allowed}, url]}
+        url["description"] = (
+            "Where a signed POST goes when the job ends: only to the hosts JOB_CALLBACK_HOSTS "
+            "allows (none: callbacks are off)."
+        )
+        schema["properties"]["callback_url"] = url
+        return schema
 
     def feedback_body(self) -> dict[str, Any]:
         label: Any = Literal[self.classes] if self.classes else str
@@ -253,9 +339,12 @@ def document(
     _set_body(paths, "/webhooks/mlflow", _schema(MlflowEvent))
     _set_body(paths, "/predict", _schema(PredictBody))
     _set_body(paths, "/feedback", _schema(FeedbackBody))
+    _set_body(paths, "/jobs", _schema(JobBody))
     if contract is not None:
         _set_body(paths, "/predict", contract.predict_body())
         _set_body(paths, "/feedback", contract.feedback_body())
+        _set_body(paths, "/jobs", contract.job_body())
+    _jobs(paths)
     _secure(paths, signed_webhook)
     return out
 
@@ -283,10 +372,35 @@ def _secure(paths: dict[str, Any], signed_webhook: bool) -> None:
             operation["description"] = f"{operation.get('description', '')}\n\n{note}".strip()
 
 
+def _jobs(paths: dict[str, Any]) -> None:
+    """The job operations' own statuses: 202 with Location, 404, 503 when the store is down."""
+    submit = paths.get("/jobs", {}).get("post")
+    accepted = None
+    if submit is not None:
+        accepted = submit.get("responses", {}).get("202")
+        if accepted is not None:
+            accepted["headers"] = {
+                "Location": {
+                    "description": "The job's status URL (`/jobs/{job_id}`).",
+                    "required": True,
+                    "schema": {"type": "string"},
+                }
+            }
+    status = paths.get("/jobs/{job_id}", {}).get("get")
+    if accepted is not None and status is not None and status.get("operationId"):
+        link = {"operationId": status["operationId"], "parameters": JOB_FROM_SUBMISSION}
+        accepted["links"] = {"Status": link}
+    if status is not None:
+        status.setdefault("responses", {})["404"] = _error(
+            "No job with this id for the caller's tenant (unknown, malformed, another "
+            "tenant's or removed after its retention time: all answered alike)."
+        )
+
+
 def _queries(paths: dict[str, Any]) -> None:
     """FastAPI's query operations as they behave: a bad parameter is a 400 naming it (not
     422), an optional parameter is absent or a value (never null), a cursor is opaque."""
-    for path in (p for p in paths if p.rstrip("/") in SCOPES_BY_PATH):
+    for path in (p for p in paths if route(p.rstrip("/")) in SCOPES_BY_PATH):
         for operation in paths[path].values():
             if not isinstance(operation, dict):
                 continue

@@ -12,35 +12,51 @@ before a request reaches these methods.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
 import uuid
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path as FilePath
 from typing import Annotated, Any, NotRequired
 
 import bentoml
 import psycopg
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Header, Path, Query, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from psycopg_pool import PoolTimeout
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.responses import JSONResponse
 from typing_extensions import TypedDict
 
+from common.callbacks import allowed_hosts, check_url
 from common.registry.runtime import ModelRuntime, ModelUnavailableError
 from common.registry.served import ServedModel
 from common.settings import get_settings
-from common.store import Feedback, Prediction, PredictionLog, migrate, pool, prediction_exists
+from common.store import (
+    Feedback,
+    Prediction,
+    PredictionLog,
+    jobs,
+    migrate,
+    pool,
+    prediction_exists,
+)
 from common.store.readback import MAX_PAGE, read_page
+from common.store.tenants import Identity
 from models.predict import out_of_range, validate_records
 from services.predictor import identity
 from services.predictor.guard import RequestGuard
 from services.predictor.openapi import (
+    IDEMPOTENCY_KEY,
+    JOB_PAGE_MAX,
     PUBLISHED,
     Contract,
     FeedbackBody,
+    JobAccepted,
+    JobStatus,
     LoggedPrediction,
     MlflowEvent,
     PredictBody,
@@ -78,6 +94,11 @@ QUEUE_DEPTH = bentoml.metrics.Gauge(
     documentation="Prediction-log rows waiting to be written (memory + spill file)",
     multiprocess_mode="livesum",
 )
+JOBS_ACCEPTED = bentoml.metrics.Counter(
+    name="predictor_jobs_accepted",
+    documentation="Jobs recorded and queued by POST /jobs (an Idempotency-Key's replays not)",
+)
+"""No tenant label: /metrics needs no key (the workers' queue depths are per tenant)."""
 SWAPS = bentoml.metrics.Counter(
     name="predictor_model_swaps", documentation="Times the served model version changed"
 )
@@ -135,6 +156,93 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 READBACK_PARAMETERS = frozenset({"start", "end", "model_version", "limit", "cursor"})
+JOB_PARAMETERS = frozenset({"offset", "limit"})
+JOB_ERRORS_SHOWN = 20
+"""A job's 400 names at most this many bad fields (100,000 bad records make one error)."""
+JOB_STATEMENT_TIMEOUT = 60.0
+"""Seconds a job's insert may take: 100,000 records are ~30 MB of queue messages."""
+
+
+class _JobInput(BaseModel):
+    """POST /jobs as parsed: `records` are then validated as /predict's are."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    records: Any
+    callback_url: str | None = None
+
+
+class JobRefusedError(Exception):
+    """A job request answered with a 400 naming the field (nothing was queued)."""
+
+    def __init__(self, message: str, detail: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+
+    def response(self) -> JSONResponse:
+        body: dict[str, Any] = {"error": self.message}
+        if self.detail is not None:
+            body["detail"] = self.detail
+        return JSONResponse(body, status_code=400)
+
+
+def _refused(exc: ValidationError, prefix: tuple[str, ...] = ()) -> JobRefusedError:
+    """A ValidationError as a 400 naming each field (`records.<index>.<field>`)."""
+    problems = exc.errors(include_context=False, include_input=False)
+    shown = problems[:JOB_ERRORS_SHOWN]
+    detail = [{"loc": [*prefix, *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in shown]
+    said = "; ".join(f"{'.'.join(map(str, d['loc'])) or 'body'}: {d['msg']}" for d in detail)
+    if len(problems) > len(shown):
+        said += f"; and {len(problems) - len(shown):,} more"
+    return JobRefusedError(said, detail)
+
+
+def job_rows(
+    record: type[BaseModel], body: bytes, *, max_records: int, callback_hosts: frozenset[str]
+) -> tuple[list[dict[str, Any]], str | None]:
+    """A POST /jobs body as (validated records, callback URL); a JobRefusedError if bad."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise JobRefusedError(f"the body is not JSON: {exc}") from None
+    try:
+        parsed = _JobInput.model_validate(payload)
+    except ValidationError as exc:
+        raise _refused(exc) from None
+    callback = None
+    if parsed.callback_url is not None:
+        try:
+            callback = check_url(parsed.callback_url, callback_hosts)
+        except ValueError as exc:
+            raise JobRefusedError(str(exc)) from None
+    try:
+        rows = validate_records(record, parsed.records, max_batch=max_records)
+    except ValidationError as exc:
+        raise _refused(exc, ("records",)) from None
+    except ValueError as exc:
+        raise JobRefusedError(f"records: {exc}") from None
+    return rows, callback
+
+
+def job_page(
+    job: jobs.Job, answers: list[dict[str, Any]], offset: int, limit: int
+) -> tuple[list[dict[str, Any]], int | None]:
+    """The answers to hand out from `offset` and where the next page starts (None: all
+    handed out). Only a run of consecutive records: an answer after a record still being
+    scored waits for it, so following `next_offset` reads every answer once, in order.
+    A failed job's missing records never come: its pages hold what there is."""
+    if job.status == "failed":
+        return answers, offset + limit if offset + limit < job.records else None
+    ready = 0
+    for answer in answers:
+        if answer.get("request_id") != jobs.request_id(job.id, offset + ready):
+            break
+        ready += 1
+    following = offset + ready
+    return answers[:ready], None if job.ended and following >= job.records else following
+
+
 TIME = "{}: an RFC 3339 date-time with a UTC offset (2026-12-01T00:00:00Z)."
 _RFC3339 = re.compile(r"\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)", re.ASCII)
 
@@ -157,7 +265,8 @@ def _instant(name: str, value: str | None) -> datetime | None:
 
 info = FastAPI(title="predictor info")
 pages = FastAPI(title="predictor readback", docs_url=None, redoc_url=None, openapi_url=None)
-"""GET /predictions; mounted at / (BentoML's passive mount matches only its own route)."""
+"""GET /predictions and the jobs; mounted at / (BentoML's passive mount matches only its
+own routes). FastAPI, not @bentoml.api, for their 202 and 404 and path parameter."""
 
 
 @pages.exception_handler(RequestValidationError)
@@ -181,7 +290,8 @@ async def _bad_query(request: Request, exc: RequestValidationError) -> JSONRespo
     logging={"access": {"enabled": False}},
 )
 class Predictor:
-    """POST /predict, POST /feedback, GET /predictions, GET /model; BentoML adds /readyz,
+    """POST /predict, POST /feedback, GET /predictions, GET /model, POST /jobs,
+    GET /jobs/{job_id}; BentoML adds /readyz,
     /livez, /metrics. Who is calling comes from the guard: `identity.current()`."""
 
     bundled = bentoml.models.BentoModel(f"{BUNDLE}:latest")
@@ -207,13 +317,27 @@ class Predictor:
         self.lookups.open(wait=False)
         self.pages = pool(self.database_url, max_size=2, application_name="predictor-readback")
         self.pages.open(wait=False)
+        self.jobs = pool(
+            self.database_url,
+            max_size=2,
+            statement_timeout=JOB_STATEMENT_TIMEOUT,
+            application_name="predictor-jobs",
+        )
+        self.jobs.open(wait=False)
+        self.callback_hosts = allowed_hosts(settings.job_callback_hosts)
         self.keys = identity.Keys(
             self.database_url, self.lookups, ttl=settings.api_key_cache_seconds
         )
         self.keys.start()
         secret = settings.mlflow_webhook_secret
-        identity.install(identity.Gate(self.keys, secret.get_secret_value() if secret else None))
-        self.runtime = ModelRuntime(settings, bundled_dir=Path(self.bundled.path))
+        identity.install(
+            identity.Gate(
+                self.keys,
+                secret.get_secret_value() if secret else None,
+                body_limits={"/jobs": settings.job_max_body_bytes},
+            )
+        )
+        self.runtime = ModelRuntime(settings, bundled_dir=FilePath(self.bundled.path))
         self._flag_range = settings.predict_out_of_range == "flag"
         self._publish()
         self._observe(swapped=False)
@@ -235,7 +359,13 @@ class Predictor:
         served = self.runtime.current
         record = self._record(served)
         PUBLISHED.set(
-            Contract(record, self.settings.predict_max_batch, tuple(served.scorer.classes))
+            Contract(
+                record,
+                self.settings.predict_max_batch,
+                tuple(served.scorer.classes),
+                job_max_records=self.settings.job_max_records,
+                callback_hosts=tuple(sorted(self.callback_hosts)),
+            )
         )
 
     def _record(self, served: ServedModel) -> type[BaseModel]:
@@ -438,6 +568,127 @@ class Predictor:
         rows = [LoggedPrediction.model_validate(row) for row in page.rows]
         return PredictionsPage(tenant_id=tenant, rows=rows, next_cursor=page.next_cursor)
 
+    @pages.post(
+        "/jobs",
+        status_code=202,
+        response_model=JobAccepted,
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {}}}},
+    )
+    async def submit_job(
+        self,
+        request: Request,
+        idempotency_key: Annotated[
+            str | None,
+            Header(
+                alias="Idempotency-Key",
+                pattern=IDEMPOTENCY_KEY,
+                max_length=200,
+                description="Sent again with a retried submission, returns the same job "
+                "(1-200 printable characters; per tenant).",
+            ),
+        ] = None,
+    ) -> JSONResponse:
+        """Record records to score later and queue them: 202 with the job's status URL.
+
+        Scope `predict`. The records are validated as /predict's are (a bad one: 400
+        naming its index and field, nothing queued), up to JOB_MAX_RECORDS of them; the
+        job row and its queue messages are written in one transaction.
+        """
+        who = identity.current()
+        served = await self._model(who.tenant_id)
+        if isinstance(served, JSONResponse):
+            return served
+        body = await request.body()  # the guard read it already, within JOB_MAX_BODY_BYTES
+        try:  # 100,000 records take seconds to validate and write: not on the event loop
+            job, created = await asyncio.to_thread(
+                self._submit, self._record(served), who, body, idempotency_key
+            )
+        except JobRefusedError as refused:
+            return refused.response()
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            log.warning("job not accepted, the job store is unreachable: %s", exc)
+            return _error(503, "the job store cannot be reached now: nothing was queued; retry")
+        if created:
+            JOBS_ACCEPTED.inc()
+        url = f"/jobs/{job.id}"
+        accepted = {"job_id": job.id, "status": job.status, "status_url": url}
+        return JSONResponse(
+            {**accepted, "records": job.records}, status_code=202, headers={"location": url}
+        )
+
+    def _submit(
+        self, record: type[BaseModel], who: Identity, body: bytes, key: str | None
+    ) -> tuple[jobs.Job, bool]:
+        rows, callback = job_rows(
+            record,
+            body,
+            max_records=self.settings.job_max_records,
+            callback_hosts=self.callback_hosts,
+        )
+        with self.jobs.connection() as conn:
+            return jobs.submit(
+                conn,
+                who.tenant_id,
+                rows,
+                chunk_records=self.settings.job_chunk_records,
+                idempotency_key=key,
+                callback_url=callback,
+                key_id=who.key_id,
+            )
+
+    @pages.get("/jobs/{job_id}", response_model=JobStatus)
+    def job_status(
+        self,
+        request: Request,
+        job_id: Annotated[
+            str,
+            Path(description="POST /jobs' `job_id`.", json_schema_extra={"format": "uuid"}),
+        ],
+        *,
+        offset: Annotated[
+            int, Query(ge=0, le=2**31 - 1, description="The first record to answer for.")
+        ] = 0,
+        limit: Annotated[
+            int, Query(ge=1, le=JOB_PAGE_MAX, description="Answers per page.")
+        ] = JOB_PAGE_MAX,
+    ) -> JSONResponse:
+        """A job of the caller's tenant: status, progress, and a page of its answers.
+
+        Scope `predict`. Follow `next_offset` (as `offset`) until it is null to read every
+        answer in submission order. Another tenant's job is answered as an unknown one.
+        """
+        tenant = identity.current().tenant_id
+        unknown = sorted(set(request.query_params) - JOB_PARAMETERS)
+        if unknown:
+            known = ", ".join(sorted(JOB_PARAMETERS))
+            return _error(400, f"{unknown[0]}: not a parameter of GET /jobs/{{job_id}} ({known})")
+        try:
+            with self.jobs.connection() as conn:
+                job = jobs.get(conn, tenant, job_id)
+                answers = (
+                    jobs.results(conn, tenant, job.id, offset=offset, limit=limit) if job else []
+                )
+        except (psycopg.OperationalError, PoolTimeout):
+            return _error(503, "the job store cannot be read now; retry later")
+        if job is None:
+            # The id is not echoed: an unknown, a malformed and a foreign id read the same.
+            return _error(404, "no job with this id for the caller's tenant")
+        results, following = job_page(job, answers, offset, limit)
+        status = {
+            "job_id": job.id,
+            "tenant_id": job.tenant_id,
+            "status": job.status,
+            "records": job.records,
+            "progress": round(job.progress, 4),
+            "error": job.error,
+            "created_at": job.created_at,
+            "started_at": job.started_at,
+            "finished_at": job.finished_at,
+            "results": results,
+            "next_offset": following,
+        }
+        return JSONResponse(jsonable_encoder(status))
+
     @bentoml.on_shutdown
     def close(self) -> None:
         self.runtime.stop()
@@ -445,6 +696,7 @@ class Predictor:
         self.log.close()
         self.lookups.close()
         self.pages.close()
+        self.jobs.close()
 
 
 # @bentoml.service returns a Service; mypy sees the class.

@@ -5,7 +5,9 @@ database as `mlops_predictor`; schemathesis reads the served /docs.json and runs
 phases (examples, coverage, fuzzing, stateful) with `--checks all` and a valid key: no
 server error, every response status, header and body as documented, schema-valid requests
 accepted, schema-invalid ones refused, 405 for undocumented methods, and every operation
-that declares the key refusing a request without it. Without a key, every operation but
+that declares the key refusing a request without it. Jobs are submitted (POST /jobs, with
+callback URLs to the one allowed host) and looked up (GET /jobs/{job_id}, linked from the
+submission); no worker runs, so they stay queued. Without a key, every operation but
 health and metrics answers 401.
 """
 
@@ -28,6 +30,7 @@ from tests.workspace import Workspace
 
 SERVED = "churn-contract"
 MAX_BATCH = 20
+JOB_MAX_RECORDS = 50
 MAX_EXAMPLES = 50
 """Per operation and phase: ~650 requests, about a minute on 2 busy cores. Most of it is
 /feedback, where an unknown request_id is looked up for ~1.25 s before its 404."""
@@ -55,6 +58,8 @@ def predictor(
         "MLFLOW_TRACKING_URI": mlflow_server.url,
         "MODEL_NAME": SERVED,
         "PREDICT_MAX_BATCH": str(MAX_BATCH),
+        "JOB_MAX_RECORDS": str(JOB_MAX_RECORDS),
+        "JOB_CALLBACK_HOSTS": "hooks.example.com",
         "DATABASE_URL": as_predictor,
     }
     with serve_predictor(tmp_path_factory.mktemp("contract"), env) as url:
@@ -100,7 +105,14 @@ def test_api_conforms_to_its_openapi_document_under_every_check(
     # The /predict -> /feedback link gives the stateful phase real request ids to send.
     assert "Stateful (not applicable)" not in proc.stdout, report
     tested = junit.read_text()  # one testcase per operation
-    operations = ("POST /predict", "POST /feedback", "GET /predictions", "POST /webhooks/mlflow")
+    operations = (
+        "POST /predict",
+        "POST /feedback",
+        "GET /predictions",
+        "POST /webhooks/mlflow",
+        "POST /jobs",
+        "GET /jobs/{job_id}",
+    )
     for operation in (*operations, "GET /model/", "GET /livez"):
         assert f'name="{operation}"' in tested, tested
 
@@ -141,6 +153,8 @@ def test_without_a_key_every_operation_but_health_and_metrics_is_401(predictor: 
         "GET /predictions",
         "POST /webhooks/mlflow",
         "GET /model/",
+        "POST /jobs",
+        "GET /jobs/{job_id}",
     }
     for public in ("/docs.json", "/", "/livez", "/readyz", "/metrics"):  # Swagger UI loads
         assert httpx.get(f"{predictor}{public}", timeout=30).status_code == 200, public

@@ -83,10 +83,11 @@ def authenticate(_pool: Any, key: str) -> Identity | None:
 def client(monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
     monkeypatch.setattr(identity, "authenticate", authenticate)
     keys = identity.Keys("postgresql://unused", cast(ConnectionPool[Any], None))
-    identity.install(identity.Gate(keys, webhook_secret="s3cret"))
+    identity.install(identity.Gate(keys, webhook_secret="s3cret", body_limits={"/jobs": 300}))
     app = Starlette(
         routes=[
             Route("/predict", echo, methods=["POST"]),
+            Route("/jobs", echo, methods=["POST"]),
             Route("/feedback", echo, methods=["POST"]),
             Route("/whoami", whoami, methods=["POST"]),
             Route("/webhooks/mlflow", echo, methods=["POST"]),
@@ -117,6 +118,30 @@ def test_non_json_and_oversized_posts_are_refused(client: TestClient) -> None:
     assert resp.status_code == 413
     assert "over the limit of 100 bytes" in resp.json()["error"]
     assert client.post("/predict", json={"x": 1}, headers=AUTH).json() == {"x": 1}
+
+
+def test_a_route_with_its_own_limit_takes_bodies_up_to_it_and_no_more(client: TestClient) -> None:
+    fits = {"x": "y" * 250}
+    assert client.post("/jobs", json=fits, headers=AUTH).json() == fits
+    resp = client.post("/jobs", json={"x": "y" * 400}, headers=AUTH)
+    assert resp.status_code == 413
+    assert "over the limit of 300 bytes" in resp.json()["error"]
+    assert client.post("/predict", json=fits, headers=AUTH).status_code == 413
+
+
+def test_a_chunked_body_without_content_length_is_cut_off_at_the_limit(
+    client: TestClient,
+) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b'{"x": "'
+        for _ in range(100):
+            yield b"y" * 50
+        yield b'"}'
+
+    headers = {"content-type": "application/json", **AUTH}
+    resp = client.post("/jobs", content=chunks(), headers=headers)
+    assert resp.status_code == 413
+    assert "request body is over the limit of 300 bytes" in resp.json()["error"]
 
 
 def test_no_key_is_a_401_before_the_body_is_looked_at(client: TestClient) -> None:

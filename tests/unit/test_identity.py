@@ -38,6 +38,9 @@ ACME = Identity("acme", "0123456789abcdef", frozenset({"predict"}))
         ("/model/", {"admin"}),
         ("/model/docs", {"admin"}),
         ("/webhooks/mlflow", {"admin"}),
+        ("/jobs", {"predict"}),
+        ("/jobs/0b7c1e52-6a11-4c43-9d55-3f1f2a0a8a51", {"predict"}),
+        ("/jobs/not-an-id", {"predict"}),
         ("/predict/", set()),  # any valid key; the route then redirects or 404s
         ("/nowhere", set()),
     ],
