@@ -234,6 +234,19 @@ def results(
 # -- the consumer (the workers) ------------------------------------------------------------------
 
 
+def consumable_tenants(conn: psycopg.Connection[Any]) -> list[str]:
+    """The tenants whose request queue this connection's role may consume (read and delete)."""
+    rows = conn.execute(
+        "SELECT t.id FROM tenants t JOIN pg_catalog.pg_class c"
+        " ON c.relname = 'q_' || mlops_queue_name(%s, t.id)"
+        " AND c.relnamespace = 'pgmq'::regnamespace"
+        " WHERE has_table_privilege(c.oid, 'UPDATE') AND has_table_privilege(c.oid, 'DELETE')"
+        " ORDER BY t.id",
+        [REQUEST],
+    ).fetchall()
+    return [row[0] for row in rows]
+
+
 def read(
     conn: psycopg.Connection[Any], tenant: str, *, visibility_timeout: float, limit: int
 ) -> list[Chunk]:
