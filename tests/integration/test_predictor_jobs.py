@@ -1,8 +1,9 @@
 """POST /jobs and GET /jobs/{job_id} over HTTP: jobs recorded and queued, or refused whole.
 
 A real `bentoml serve` (2 workers) logging in as `mlops_predictor` to a real PostgreSQL with
-pgmq's SQL and two tenants. Chunks are scored in the test process as a worker would
-(`drain`, as the worker role), so these tests need only the producer side. What a tenant
+pgmq's SQL and three tenants. Chunks are mostly scored in the test process as a worker
+would (`drain`, as the worker role); one test runs a real `python -m services.worker` and
+finds its answers equal to /predict's for the same records. What a tenant
 sees of the store is checked as its owner: a refused submission leaves no job row and no
 message; a replayed Idempotency-Key queues nothing more; another tenant's job id is a 404
 exactly as an unknown one; answers come back in order through `next_offset`.
@@ -11,10 +12,12 @@ exactly as an unknown one; answers come back in order through `next_offset`.
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -30,11 +33,13 @@ from tests.integration.serving import (
     serve_predictor,
 )
 from tests.integration.test_predictor import RECORD
-from tests.servers import HttpServer, throwaway_cluster
-from tests.workspace import Workspace
+from tests.servers import VENV_BIN, HttpServer, clean_env, throwaway_cluster
+from tests.workspace import ROOT, Workspace
 
 SERVED = "churn-jobs"
 TENANTS = ("acme", "globex")
+LONE = "initech"
+"""Only the real worker's test submits for it: its queue holds that one job."""
 MAX_BODY = 40_000_000
 """Room for the largest job (100,000 records, ~33 MB), over /predict's 8 MiB."""
 MAX_RECORDS = 100_000
@@ -59,7 +64,7 @@ def urls(logdb: LocalPostgres) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def keys(urls: dict[str, str]) -> dict[str, str]:
     """A `predict` key per tenant; `feedback-only` lacks the scope jobs need."""
-    found = {t: api_key(urls["admin"], t, ("predict",)) for t in TENANTS}
+    found = {t: api_key(urls["admin"], t, ("predict",)) for t in (*TENANTS, LONE)}
     found["feedback-only"] = api_key(urls["admin"], TENANTS[0], ("feedback",))
     return found
 
@@ -196,6 +201,48 @@ def test_answers_after_a_record_still_being_scored_wait_for_it(
     assert done["status"] == "done"
     assert len(done["results"]) == 2 * CHUNK
     assert done["next_offset"] is None
+
+
+def test_a_real_worker_answers_a_job_as_predict_answers_its_records(
+    predictor: str,
+    keys: dict[str, str],
+    urls: dict[str, str],
+    mlflow_server: HttpServer,
+    tmp_path: Path,
+) -> None:
+    """`python -m services.worker` for the tenant alone; it exits once the queue is idle."""
+    rows = [{**RECORD, "tenure_months": i, "support_tickets_90d": i % 7} for i in range(30)]
+    job_id = submit(predictor, keys[LONE], {"records": rows}).json()["job_id"]
+    env = clean_env(
+        DATABASE_URL=urls["worker"],
+        MLFLOW_TRACKING_URI=mlflow_server.url,
+        MODEL_NAME=SERVED,
+        MLOPS_HOME=str(tmp_path / ".mlops"),
+        JOB_CHUNK_RECORDS=str(CHUNK),
+    )
+    command = [str(VENV_BIN / "python"), "-m", "services.worker", "--tenant", LONE]
+    worker = subprocess.run(
+        [*command, "--idle-exit", "2", "--poll", "0.1"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert worker.returncode == 0, worker.stderr[-4000:]
+    page = status(predictor, keys[LONE], job_id).json()
+    assert (page["status"], page["progress"], page["next_offset"]) == ("done", 1, None)
+    synchronous = httpx.post(
+        f"{predictor}/predict", json={"records": rows}, headers=auth(keys[LONE]), timeout=30
+    ).json()["predictions"]
+    assert [a["request_id"] for a in page["results"]] == [
+        jobs.request_id(job_id, i) for i in range(len(rows))
+    ]
+    same = ("predicted_class", "probabilities", "model_name", "model_version")
+    assert [{k: a[k] for k in same} for a in page["results"]] == [
+        {k: a[k] for k in same} for a in synchronous
+    ]
 
 
 def test_another_tenants_job_is_a_404_exactly_as_an_unknown_one(
