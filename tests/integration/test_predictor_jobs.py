@@ -283,6 +283,10 @@ BAD_JOBS = {
         "callback_url: host 'evil.example.net' is not allowed",
     ),
     "callback not a URL": ({"records": [RECORD], "callback_url": "file:///etc"}, "callback_url"),
+    "callback with a NUL": (
+        {"records": [RECORD], "callback_url": f"https://{CALLBACK_HOST}/\x00"},
+        "callback_url: only printable ASCII",
+    ),
 }
 
 
