@@ -212,6 +212,9 @@ def job_rows(
         raise _refused(exc) from None
     callback = None
     if parsed.callback_url is not None:
+        if not (parsed.callback_url.isascii() and parsed.callback_url.isprintable()):
+            # urlsplit drops some control characters; PostgreSQL text takes no NUL
+            raise JobRefusedError("callback_url: only printable ASCII characters are allowed")
         try:
             callback = check_url(parsed.callback_url, callback_hosts)
         except ValueError as exc:
