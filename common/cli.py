@@ -26,7 +26,7 @@ import psycopg
 from common.errors import UserError, run_cli
 from common.localpg import prediction_db
 from common.settings import get_settings
-from common.store import conninfo, migrate, tenants
+from common.store import conninfo, jobs, migrate, tenants
 
 
 def _say(message: str) -> None:
@@ -119,7 +119,10 @@ def _keys_revoke(url: str, args: argparse.Namespace) -> None:
 
 def _sql_role(url: str, args: argparse.Namespace) -> None:
     role, password = tenants.create_reader_role(url, args.tenant)
-    _say(f"role {role} reads only {args.tenant}'s predictions and labels; its password, once:")
+    _say(
+        f"role {role} reads only {args.tenant}'s predictions, labels and jobs, and consumes its"
+        f" response queue {jobs.queue_name(jobs.RESPONSE, args.tenant)}; its password, once:"
+    )
     print(password)
 
 

@@ -3,9 +3,10 @@
 Same services and the same environment variables as infra/docker/compose.yml: PostgreSQL
 (installed binaries), an S3 endpoint (moto's server, where MinIO is absent), `mlflow
 server`, `prefect server` + a worker with the deployments of the project's prefect.yaml
-applied, `evidently ui` over the monitoring workspace, and the predictor once a champion
-exists. `up` waits on each service's health endpoint; each logs to
-MLOPS_HOME/stack/logs/<name>.log; `down` stops everything supervisord started, nothing else.
+applied, `evidently ui` over the monitoring workspace, two job workers (`python -m
+services.worker`, compose's `worker` replicas) and the predictor once a champion exists.
+`up` waits on each service's health endpoint; each logs to MLOPS_HOME/stack/logs/<name>.log;
+`down` stops everything supervisord started, nothing else.
 
 Locked as compose is: every server listens on 127.0.0.1; PostgreSQL wants a password over
 TCP (scram) and each service logs in as its own role (infra/docker/initdb/roles.psql);
@@ -56,6 +57,7 @@ PG_ROLES = {
     "grafana": ("mlops_grafana", "POSTGRES_GRAFANA_PASSWORD"),
     "mlflow": ("mlflow", "POSTGRES_MLFLOW_PASSWORD"),
     "prefect": ("prefect", "POSTGRES_PREFECT_PASSWORD"),
+    "worker": ("mlops_worker", "POSTGRES_WORKER_PASSWORD"),
 }
 """Each service's PostgreSQL role (roles.psql creates them) and its password's variable."""
 MLFLOW_ADMIN = "admin"
@@ -68,6 +70,7 @@ SECRETS = (
     PREDICTOR.password_env,
     "PREFECT_API_AUTH_STRING",
     "EVIDENTLY_SECRET",
+    "JOB_CALLBACK_SECRET",
 )
 """What `up` generates once into secrets.env; the names are compose's .env names."""
 
@@ -103,6 +106,14 @@ class Ports:
     predictor: int = 3000
     evidently: int = 8000
     worker: int = 8080  # the worker's health endpoint (`prefect worker start --with-healthcheck`)
+    jobs1: int = 9101  # the job workers' metrics (`python -m services.worker --metrics-port`)
+    jobs2: int = 9102
+
+
+JOB_WORKERS = ("jobs-worker-1", "jobs-worker-2")
+"""The job workers `up` starts (compose: the `worker` service's two replicas)."""
+_STOP_WAIT = {"prefect-worker": 5, **dict.fromkeys(JOB_WORKERS, 40)}
+"""Seconds supervisord waits after SIGTERM before SIGKILL, where not the default 20."""
 
 
 class Stack:
@@ -214,9 +225,32 @@ class Stack:
             "DATABASE_URL": self.db_url("predictor", "predictions"),
         }
 
+    def jobs_worker_env(self) -> dict[str, str]:
+        """The job workers': their own role, the read-only MLflow user, the callback secret."""
+        return {
+            **self._common_env(),
+            "MLFLOW_TRACKING_USERNAME": PREDICTOR.name,
+            "MLFLOW_TRACKING_PASSWORD": self.secrets[PREDICTOR.password_env],
+            "DATABASE_URL": self.db_url("worker", "predictions"),
+            "JOB_CALLBACK_SECRET": self.secrets["JOB_CALLBACK_SECRET"],
+            # Models through MLflow's proxy, not presigned S3 URLs (compose's worker too).
+            "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
+        }
+
+    def _job_metrics_ports(self) -> dict[str, int]:
+        return dict(zip(JOB_WORKERS, (self.ports.jobs1, self.ports.jobs2), strict=True))
+
     def _programs(self) -> dict[str, tuple[list[str], dict[str, str], bool]]:
         p, pg, secret = self.ports, self.pg, self.secrets
         mlflow_hosts = f"127.0.0.1:{p.mlflow},localhost:{p.mlflow}"
+        jobs_workers: dict[str, tuple[list[str], dict[str, str], bool]] = {
+            name: (
+                [str(BIN / "python"), "-m", "services.worker", "--metrics-port", str(port)],
+                self.jobs_worker_env(),
+                False,
+            )
+            for name, port in self._job_metrics_ports().items()
+        }
         return {
             "postgres": (
                 [
@@ -340,6 +374,7 @@ class Stack:
                 self.predictor_env(),
                 False,
             ),
+            **jobs_workers,
         }
 
     def write_conf(self) -> None:
@@ -370,8 +405,9 @@ class Stack:
                 "startsecs=2",
                 "stopasgroup=true",
                 "killasgroup=true",
-                # The worker ignores its first signal; its flow runs are in its group.
-                f"stopwaitsecs={5 if name == 'prefect-worker' else 20}",
+                # The worker ignores its first signal; its flow runs are in its group. A job
+                # worker finishes the batch in hand (JOB_VISIBILITY_TIMEOUT at most).
+                f"stopwaitsecs={_STOP_WAIT.get(name, 20)}",
                 "redirect_stderr=true",
                 f"stdout_logfile={self.logs / f'{name}.log'}",
             ]
@@ -475,8 +511,8 @@ class Stack:
         if not (self.project / "prefect.yaml").exists():
             raise UserError(f"{self.project / 'prefect.yaml'} not found: nothing to deploy")
         self._deploy()
-        self.start("prefect-worker")
-        self.wait_healthy("prefect-worker", timeout=timeout)
+        self.start("prefect-worker", *JOB_WORKERS)
+        self.wait_healthy("prefect-worker", *JOB_WORKERS, timeout=timeout)
         self.serve_if_champion(timeout)
 
     def create_roles(self) -> None:
@@ -577,6 +613,10 @@ class Stack:
             "evidently": f"http://127.0.0.1:{p.evidently}/api/projects",
             "prefect-worker": f"http://127.0.0.1:{p.worker}/health",
             "predictor": f"http://127.0.0.1:{p.predictor}/readyz",
+            **{
+                name: f"http://127.0.0.1:{port}/metrics"
+                for name, port in self._job_metrics_ports().items()
+            },
         }
 
     def wait_healthy(self, *names: str, timeout: float = 180) -> None:
@@ -611,6 +651,7 @@ class Stack:
             ("Evidently UI", f"http://127.0.0.1:{p.evidently}"),
             ("Predictor (Swagger UI)", f"http://127.0.0.1:{p.predictor}"),
             ("S3 endpoint (moto)", f"http://127.0.0.1:{p.s3}"),
+            ("Job workers' metrics", f"http://127.0.0.1:{p.jobs1}/metrics, :{p.jobs2}/metrics"),
             ("PostgreSQL", f"127.0.0.1:{p.postgres} (roles and passwords: secrets.env)"),
         ]
 

@@ -258,19 +258,12 @@ def read(
             "SELECT msg_id, read_ct, enqueued_at, message FROM pgmq.read(%s, %s, %s)",
             [queue_name(REQUEST, tenant), max(round(visibility_timeout), 1), limit],
         ).fetchall()
-        chunks = [
-            Chunk(
-                msg_id,
-                read_ct,
-                enqueued_at,
-                tenant,
-                str(message["job"]),
-                int(message["chunk"]),
-                int(message["first"]),
-                list(message["records"]),
-            )
-            for msg_id, read_ct, enqueued_at, message in rows
-        ]
+        chunks: list[Chunk] = []
+        for msg_id, read_ct, enqueued_at, message in rows:
+            try:
+                chunks.append(_chunk(msg_id, read_ct, enqueued_at, tenant, message))
+            except (KeyError, TypeError, ValueError) as exc:  # not a message `submit` wrote
+                _set_aside(conn, tenant, msg_id, message, f"malformed message: {exc!r}")
         if chunks:
             conn.execute(
                 "UPDATE jobs SET status = 'running', started_at = coalesce(started_at, now())"
@@ -278,6 +271,32 @@ def read(
                 [sorted({c.job_id for c in chunks})],
             )
     return chunks
+
+
+def _chunk(msg_id: int, read_ct: int, enqueued_at: datetime, tenant: str, message: Any) -> Chunk:
+    """A request message as a Chunk; KeyError, TypeError or ValueError if it is not one."""
+    records = message["records"]
+    if not isinstance(records, list) or not records:
+        raise ValueError("records: not a non-empty list")
+    return Chunk(
+        msg_id,
+        read_ct,
+        enqueued_at,
+        tenant,
+        str(uuid.UUID(str(message["job"]))),
+        int(message["chunk"]),
+        int(message["first"]),
+        records,
+    )
+
+
+def _set_aside(
+    conn: psycopg.Connection[Any], tenant: str, msg_id: int, message: Any, reason: str
+) -> None:
+    """Move a message that is no chunk to the dead-letter queue (it would block the queue)."""
+    letter = {"msg_id": msg_id, "message": message, "reason": reason}
+    conn.execute("SELECT pgmq.send(%s, %s)", [queue_name(DEAD, tenant), Jsonb(letter, dumps=dumps)])
+    conn.execute("SELECT pgmq.delete(%s, %s::bigint)", [queue_name(REQUEST, tenant), msg_id])
 
 
 def complete(

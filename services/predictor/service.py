@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import time
 import uuid
@@ -212,6 +213,9 @@ def job_rows(
         raise _refused(exc) from None
     callback = None
     if parsed.callback_url is not None:
+        if not (parsed.callback_url.isascii() and parsed.callback_url.isprintable()):
+            # urlsplit drops some control characters; PostgreSQL text takes no NUL
+            raise JobRefusedError("callback_url: only printable ASCII characters are allowed")
         try:
             callback = check_url(parsed.callback_url, callback_hosts)
         except ValueError as exc:
@@ -317,9 +321,12 @@ class Predictor:
         self.lookups.open(wait=False)
         self.pages = pool(self.database_url, max_size=2, application_name="predictor-readback")
         self.pages.open(wait=False)
+        # As many connections as submissions can run at once (they run on the default
+        # executor's threads, min(32, cores + 4)): a burst of big jobs then waits for
+        # validation, never for a connection (a 2 s pool wait answered bursts with 503).
         self.jobs = pool(
             self.database_url,
-            max_size=2,
+            max_size=min(32, (os.cpu_count() or 1) + 4),
             statement_timeout=JOB_STATEMENT_TIMEOUT,
             application_name="predictor-jobs",
         )

@@ -39,8 +39,9 @@ DEPTH_SECONDS = 2.0
 """How often the queue gauges are refreshed (when metrics are served)."""
 PURGE_SECONDS = 300.0
 """How often ended jobs past JOB_RETENTION_HOURS are removed."""
-MODEL_WAIT_SECONDS = 10
-"""How long chunks wait when their model cannot be loaded now (the registry is away)."""
+MODEL_WAIT_SECONDS = 10.0
+"""Longest wait of chunks whose model cannot be loaded now (the registry is away); a
+visibility timeout shorter than this is the wait."""
 MAX_BACKOFF = 5.0
 """Longest pause between reconnection attempts, and the longest retry backoff's unit."""
 
@@ -273,8 +274,9 @@ class Worker:
             served = self.models.get(tenant)
         except ModelUnavailableError as exc:
             log.warning("tenant %s: %s; %d chunk(s) wait", tenant, exc, len(chunks))
+            wait = min(self.settings.job_visibility_timeout, MODEL_WAIT_SECONDS)
             for chunk in chunks:
-                jobs.retry_later(conn, chunk, reason(exc), delay=MODEL_WAIT_SECONDS)
+                jobs.retry_later(conn, chunk, reason(exc), delay=wait)
             metrics.count(tenant, "retried", len(chunks))
             return
         flag = self.settings.predict_out_of_range == "flag"

@@ -9,6 +9,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.types.json import Jsonb
 
 from common.localpg import LocalPostgres
 from common.store import Prediction, connect, create_staging, jobs, migrate, roles, tenants
@@ -175,3 +176,23 @@ def test_purge_removes_ended_jobs_past_retention(db: dict[str, str]) -> None:
         assert jobs.purge(conn, ["b"], timedelta(0)) == 1
     with connect(db["predictor"]) as conn:
         assert jobs.get(conn, "b", job.id) is None
+
+
+def test_a_message_that_is_no_chunk_is_set_aside_without_blocking_the_queue(
+    db: dict[str, str],
+) -> None:
+    with connect(db["admin"]) as conn:
+        for bad in ({"job": "nope"}, {"job": str(uuid.uuid4()), "chunk": 0, "first": 0}, [1]):
+            conn.execute(
+                "SELECT pgmq.send(%s, %s)", [jobs.queue_name(jobs.REQUEST, "b"), Jsonb(bad)]
+            )
+    with connect(db["predictor"]) as conn:
+        job, _ = jobs.submit(conn, "b", [RECORD], chunk_records=10)
+    ended = drain(db["worker"], "b")
+    assert [j.id for j in ended] == [job.id]
+    with connect(db["admin"]) as conn:
+        letters = conn.execute(
+            "SELECT message FROM pgmq.read(%s, 30, 10)", [jobs.queue_name(jobs.DEAD, "b")]
+        ).fetchall()
+    assert len(letters) == 3
+    assert all(m[0]["reason"].startswith("malformed message: ") for m in letters)

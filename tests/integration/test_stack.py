@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.server.auth.client import AuthServiceClient
 from mlflow.tracking import MlflowClient
 
-from common.store import tenants
+from common.store import connect, jobs, tenants
 from models.generate import generate
-from scripts.stack import PG_ROLES, Ports, Stack
+from scripts.stack import JOB_WORKERS, PG_ROLES, Ports, Stack
 from tests.servers import VENV_BIN, Server, clean_env, free_port, http_ok, run_ok
 from tests.workspace import ROOT, Workspace, add_deployments, make_workspace
 
@@ -58,7 +59,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
 def stack(workspace: Workspace) -> Iterator[Stack]:
     home = Path(tempfile.mkdtemp(prefix="mlops-it-stack-"))
     home.chmod(0o755)  # the postgres program runs as the `postgres` user
-    stack = Stack(home / "stack", Ports(*(free_port() for _ in range(7))), workspace.path)
+    stack = Stack(home / "stack", Ports(*(free_port() for _ in fields(Ports))), workspace.path)
     try:
         stack.up(timeout=240)
         # This process's MLflow clients sign in as the operator (stack.env's admin).
@@ -153,7 +154,10 @@ def _traffic(workspace: Workspace, rows: int, seed: int) -> list[dict[str, Any]]
 
 def test_every_service_is_healthy_with_the_compose_variables(stack: Stack) -> None:
     states = stack.states()
-    for name in ("postgres", "s3", "mlflow", "prefect-server", "prefect-worker", "evidently"):
+    for name in (
+        *("postgres", "s3", "mlflow", "prefect-server", "prefect-worker", "evidently"),
+        *JOB_WORKERS,
+    ):
         assert states.get(name) == "RUNNING", states
     for name, url in stack.health_urls().items():
         if name != "predictor":
@@ -254,6 +258,29 @@ def test_the_predictor_serves_the_champion_and_monitor_runs_on_its_traffic(
     assert snapshots.json(), project
 
 
+def test_the_two_job_workers_score_a_job_queued_by_the_predictors_role(
+    stack: Stack, trained: str, workspace: Workspace
+) -> None:
+    records = _traffic(workspace, 50, seed=5)
+    predictor = stack.db_url("predictor", "predictions")
+    with connect(predictor) as conn:
+        job, _ = jobs.submit(conn, tenants.DEFAULT_TENANT, records, chunk_records=10)
+    deadline = time.monotonic() + 120
+    while True:
+        with connect(predictor) as conn:
+            now = jobs.get(conn, tenants.DEFAULT_TENANT, job.id)
+        assert now is not None
+        if now.ended or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert now.status == "done", now
+    with connect(predictor) as conn:
+        answers = jobs.results(conn, tenants.DEFAULT_TENANT, job.id, offset=0, limit=100)
+    assert [a["request_id"] for a in answers] == [jobs.request_id(job.id, i) for i in range(50)]
+    for name in JOB_WORKERS:  # both polled the queues all along, as mlops_worker
+        assert httpx.get(stack.health_urls()[name], timeout=10).status_code == 200
+
+
 def test_only_the_flows_identity_may_move_an_alias(stack: Stack, trained: str) -> None:
     """The predictor (READ) may move no alias; the worker's `flows` moves `champion`."""
     uri = stack.env()["MLFLOW_TRACKING_URI"]
@@ -320,6 +347,7 @@ def test_each_service_logs_in_to_postgres_as_its_own_role(stack: Stack, trained:
     assert not {user for _, user in sessions} & superusers, sessions
     assert {("mlflow", "mlflow"), ("prefect", "prefect")} <= sessions
     assert ("predictions", "mlops_predictor") in sessions  # the predictor's feedback pool
+    assert ("predictions", "mlops_worker") in sessions  # the job workers polling the queues
     assert roles["mlops_owner"] == (False, True)  # CREATEROLE for the tenants' read roles
     for name, _ in PG_ROLES.values():
         assert roles[name][0] is False, name

@@ -50,6 +50,9 @@ SERVED = "churn-worker"
 TENANTS = ("a", "b", "c")
 IDLE_TENANT = "idle"
 """Served by no long-running worker: only the idle-exit test's workers read it."""
+LATE_TENANT = "late"
+LATE_MODEL = "churn-late"
+"""Served to LATE_TENANT by the `late` worker; registered only during the test."""
 VISIBILITY = 5
 MAX_TRIES = 3
 SECRET = "callback-secret"
@@ -77,7 +80,7 @@ def stack(
         migrate(admin)
         for role in roles.SERVICE_ROLES:
             roles.enable_login(admin, role)
-        for tenant in (*TENANTS, IDLE_TENANT):
+        for tenant in (*TENANTS, IDLE_TENANT, LATE_TENANT):
             tenants.add_tenant(admin, tenant)
         worker = roles.role_url(admin, roles.WORKER)
         env = {
@@ -98,15 +101,15 @@ def worker_cmd(*args: str) -> list[str]:
     return [str(VENV_BIN / "python"), "-m", "services.worker", *args]
 
 
-def worker_server(stack: Stack, name: str, *args: str) -> tuple[Server, str]:
-    """A worker with /metrics (up once its model is loaded); (the server, its metrics URL)."""
+def worker_server(stack: Stack, name: str, *args: str, **env: str) -> tuple[Server, str]:
+    """A worker with /metrics (up once it tried to load its model); (server, metrics URL)."""
     port = free_port()
     server = Server(
         name,
         worker_cmd("--metrics-port", str(port), "--poll", "0.1", *args),
         log_path=stack.home / f"{name}.log",
         healthy=http_ok(f"http://127.0.0.1:{port}/metrics"),
-        env=clean_env(**stack.env),
+        env=clean_env(**(stack.env | env)),
         cwd=ROOT,
     )
     return server, f"http://127.0.0.1:{port}/metrics"
@@ -117,6 +120,7 @@ class Workers:
     steady: Server
     metrics: str
     partner: Server
+    late: Server
     first_idle: subprocess.Popen[str]
 
 
@@ -136,11 +140,14 @@ def workers(stack: Stack) -> Iterator[Workers]:
     )
     steady, url = worker_server(stack, "steady", *served)
     partner, _ = worker_server(stack, "partner", *served)
+    late, _ = worker_server(
+        stack, "late", "--tenant", LATE_TENANT, MODEL_NAME=LATE_MODEL, JOB_MAX_TRIES="1"
+    )
     try:
-        with ThreadPoolExecutor(2) as pool:
-            for started in [pool.submit(s.start, 120) for s in (steady, partner)]:
+        with ThreadPoolExecutor(3) as pool:
+            for started in [pool.submit(s.start, 120) for s in (steady, partner, late)]:
                 started.result()
-        yield Workers(steady, url, partner, first_idle)
+        yield Workers(steady, url, partner, late, first_idle)
         assert steady.pid is not None
         os.kill(steady.pid, signal.SIGTERM)  # finishes the batch in hand, exits 0
         asked = time.monotonic()
@@ -152,7 +159,7 @@ def workers(stack: Stack) -> Iterator[Workers]:
         )
         print(f"steady worker stopped {time.monotonic() - asked:.1f} s after SIGTERM")
     finally:
-        for server in (steady, partner):
+        for server in (steady, partner, late):
             server.stop()
         if first_idle.poll() is None:
             first_idle.kill()
@@ -401,7 +408,7 @@ def test_an_idle_worker_exits_and_a_new_one_picks_up_the_next_job(
         timeout=120,
     )
     assert second.returncode == 0, second.stderr
-    assert f"serving tenants: a, b, c, default, {IDLE_TENANT}" in second.stderr
+    assert f"serving tenants: a, b, c, default, {IDLE_TENANT}, {LATE_TENANT}" in second.stderr
     with connect(stack.predictor) as conn:
         done = jobs.get(conn, IDLE_TENANT, job.id)
         answers = jobs.results(conn, IDLE_TENANT, job.id, offset=0, limit=10)
@@ -423,14 +430,40 @@ def test_a_worker_serves_the_tenants_whose_request_queue_its_role_may_consume(
 ) -> None:
     queue = sql.Identifier("q_" + jobs.queue_name(jobs.REQUEST, "default"))
     with connect(stack.worker) as conn:
-        assert jobs.consumable_tenants(conn) == ["a", "b", "c", "default", IDLE_TENANT]
+        everyone = ["a", "b", "c", "default", IDLE_TENANT, LATE_TENANT]
+        assert jobs.consumable_tenants(conn) == everyone
     with connect(stack.admin) as admin:
         admin.execute(sql.SQL("REVOKE UPDATE, DELETE ON pgmq.{} FROM mlops_worker").format(queue))
         try:
             with connect(stack.worker) as conn:
-                assert jobs.consumable_tenants(conn) == ["a", "b", "c", IDLE_TENANT]
+                assert jobs.consumable_tenants(conn) == [t for t in everyone if t != "default"]
         finally:
             admin.execute(sql.SQL("GRANT UPDATE, DELETE ON pgmq.{} TO mlops_worker").format(queue))
+
+
+def test_chunks_wait_for_a_model_the_registry_cannot_give_yet_and_are_not_dead_lettered(
+    stack: Stack, workers: Workers, mlflow_server: HttpServer
+) -> None:
+    job = submit(stack, LATE_TENANT, records(4), chunk_records=2)
+    with connect(stack.predictor) as conn:
+
+        def waiting() -> bool:
+            j = jobs.get(conn, LATE_TENANT, job.id)
+            return j is not None and "no model to serve now" in (j.last_error or "")
+
+        wait_until(waiting, 30, "the chunks told to wait", workers.late.log_path)
+        register_copies(mlflow_server.url, LATE_MODEL, versions=1)
+        wait_until(
+            lambda: (j := jobs.get(conn, LATE_TENANT, job.id)) is not None and j.ended,
+            30,
+            "the job ended once its model was registered",
+            workers.late.log_path,
+        )
+        done = jobs.get(conn, LATE_TENANT, job.id)
+        answers = jobs.results(conn, LATE_TENANT, job.id, offset=0, limit=10)
+    assert done is not None
+    assert done.status == "done"  # JOB_MAX_TRIES is 1: a poison chunk would have failed it
+    assert {(a["model_name"], a["model_version"]) for a in answers} == {(LATE_MODEL, "1")}
 
 
 class Receiver(http.server.BaseHTTPRequestHandler):

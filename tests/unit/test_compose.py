@@ -11,8 +11,10 @@ write secret.
 
 from __future__ import annotations
 
+import configparser
 import json
 import re
+import shlex
 import subprocess
 import sys
 import tomllib
@@ -23,7 +25,7 @@ import pytest
 import yaml
 
 from common.registry.access import FLOWS, PREDICTOR, auth_config
-from scripts.stack import PG_ROLES
+from scripts.stack import JOB_WORKERS, PG_ROLES, SECRETS, Ports, Stack
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "infra/docker"
@@ -45,6 +47,7 @@ EXPECTED_SERVICES = {
     "predictor",
     "mlflow-init",
     "db-migrate",
+    "worker",
 }
 SECRET = re.compile(r"^[A-Z_]*(PASSWORD|SECRET|SECRET_KEY|AUTH_STRING)$")
 INTERPOLATED = re.compile(r"(?<!\$)\$\{([A-Z_][A-Z0-9_]*)")
@@ -106,7 +109,7 @@ def test_worker_starts_after_the_servers_its_flows_call(compose: dict[str, Any])
 def test_clients_start_after_the_migrations_and_their_mlflow_users(
     compose: dict[str, Any],
 ) -> None:
-    for name in ("prefect-worker", "predictor"):
+    for name in ("prefect-worker", "predictor", "worker"):
         needs = compose["services"][name]["depends_on"]
         for job in ("db-migrate", "mlflow-init"):
             assert needs[job]["condition"] == "service_completed_successfully", (name, job)
@@ -125,6 +128,57 @@ def test_worker_deploys_then_serves_the_pool_with_a_health_server(
     port = worker["environment"]["PREFECT_WORKER_WEBSERVER_PORT"]
     assert f"127.0.0.1:{port}/health" in " ".join(worker["healthcheck"]["test"])
     assert worker["environment"]["MLOPS_PROJECT_DIR"] == "/app"
+
+
+def test_job_workers_run_as_two_replicas_of_the_flows_image_with_a_metrics_healthcheck(
+    compose: dict[str, Any],
+) -> None:
+    services = compose["services"]
+    worker = services["worker"]
+    argv = worker["command"]
+    assert argv[:3] == ["python", "-m", "services.worker"]
+    assert "--idle-exit" not in argv  # `restart: unless-stopped` would start it again
+    port = argv[argv.index("--metrics-port") + 1]
+    assert f"127.0.0.1:{port}/metrics" in " ".join(worker["healthcheck"]["test"])
+    assert worker["deploy"]["replicas"] == 2
+    assert "ports" not in worker  # replicas cannot share a published port
+    assert "volumes" not in worker  # stateless: any replica may die, none keeps data
+    assert (worker["image"], worker["build"]) == (
+        services["prefect-worker"]["image"],
+        services["prefect-worker"]["build"],
+    )
+    assert set(worker["depends_on"]) >= {"postgres", "db-migrate", "mlflow", "mlflow-init"}
+    env = worker["environment"]
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert env["JOB_CALLBACK_SECRET"].startswith("${JOB_CALLBACK_SECRET:?")
+    assert env["MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD"] == "false"  # no route to MinIO needed
+
+
+def test_make_up_runs_the_job_workers_as_compose_does(
+    compose: dict[str, Any], tmp_path: Path
+) -> None:
+    """scripts/stack.py's supervisord programs: compose's `worker`, one per replica."""
+    worker = compose["services"]["worker"]
+    stack = Stack(tmp_path, Ports())
+    stack.secrets = {name: f"secret-{i}" for i, name in enumerate(SECRETS)}
+    stack.write_conf()
+    conf = configparser.RawConfigParser()
+    conf.read(stack.conf)
+    assert len(JOB_WORKERS) == worker["deploy"]["replicas"]
+    ports = set()
+    for name in JOB_WORKERS:
+        program = conf[f"program:{name}"]
+        argv = shlex.split(program["command"])
+        assert argv[1:-1] == worker["command"][1:-1]  # its venv's python, its own port
+        ports.add(argv[-1])
+        assert stack.health_urls()[name] == f"http://127.0.0.1:{argv[-1]}/metrics"
+        assert int(program["stopwaitsecs"]) > 30  # the batch in hand: the visibility timeout
+        env = dict(re.findall(r'(\w+)="([^"]*)"', program["environment"]))
+        assert env["DATABASE_URL"].startswith("postgresql://mlops_worker:secret-")
+        for same in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD"):
+            assert env[same] == worker["environment"][same], same
+        assert env["JOB_CALLBACK_SECRET"] == stack.secrets["JOB_CALLBACK_SECRET"]
+    assert len(ports) == len(JOB_WORKERS)
 
 
 def test_every_server_has_a_healthcheck_and_restart_policy(compose: dict[str, Any]) -> None:
@@ -241,6 +295,13 @@ def test_each_service_logs_in_as_its_own_identity(compose: dict[str, Any]) -> No
 
     assert "//mlops_predictor:" in env("predictor")["DATABASE_URL"]
     assert "//mlops_flows:" in env("prefect-worker")["DATABASE_URL"]
+    assert env("worker")["DATABASE_URL"].startswith(
+        "postgresql://mlops_worker:${POSTGRES_WORKER_PASSWORD:?"
+    )
+    # The job workers only read models: the predictor's read-only MLflow user, no S3 key.
+    assert env("worker")["MLFLOW_TRACKING_USERNAME"] == PREDICTOR.name
+    assert env("worker")["MLFLOW_TRACKING_PASSWORD"].startswith(f"${{{PREDICTOR.password_env}:?")
+    assert "AWS_SECRET_ACCESS_KEY" not in env("worker")
     assert "//prefect:" in env("prefect-server")["PREFECT_API_DATABASE_CONNECTION_URL"]
     assert "postgresql+psycopg://mlflow@postgres:5432/mlflow" in services["mlflow"]["command"]
     assert env("mlflow")["PGPASSWORD"].startswith("${POSTGRES_MLFLOW_PASSWORD:?")
