@@ -8,7 +8,7 @@ By default they act on the stack `make up` started (MLOPS_HOME/stack): its servi
 use the databases are stopped for a restore or an upgrade and started again afterwards.
 For another deployment (e.g. compose with the Postgres port published) pass --pg-url and
 --s3-endpoint (credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and stop the
-clients yourself: `docker compose stop mlflow prefect-server prefect-worker predictor`.
+clients yourself: `docker compose stop mlflow prefect-server prefect-worker predictor worker`.
 
 The URL's user is a superuser (it reads every database); each database keeps its owner
 (the service role that owns it) through a restore or an upgrade, so the services can
@@ -39,9 +39,9 @@ from psycopg import sql
 from common.errors import UserError, run_cli
 from common.localpg import find_bin_dir
 from common.settings import get_settings
-from scripts.stack import BUCKETS, DATABASES, Stack
+from scripts.stack import BUCKETS, DATABASES, JOB_WORKERS, Stack
 
-CLIENTS = ("predictor", "prefect-worker", "evidently", "prefect-server", "mlflow")
+CLIENTS = ("predictor", *JOB_WORKERS, "prefect-worker", "evidently", "prefect-server", "mlflow")
 """The stack's services that hold connections or files, stopped around a restore/upgrade."""
 
 
