@@ -153,7 +153,8 @@ def rollback_target(client: MlflowClient, name: str) -> tuple[str, str]:
     if not previous:
         raise UserError(
             f"{name} v{current.version} has no {PREVIOUS} tag: no earlier champion to "
-            "return to (it replaced none; a rollback already walked back to the first one)."
+            f"return to (v{current.version} replaced none: the first champion the registry "
+            "records)."
         )
     if previous == str(current.version):
         raise UserError(f"{name} v{previous} names itself as {PREVIOUS}: nothing to return to.")
