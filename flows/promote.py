@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger, pause_flow_run, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import FlowPauseTimeout
@@ -144,7 +145,12 @@ def main(argv: list[str] | None = None) -> None:
     settings = get_settings()
     name = registry.model_name(settings, args.tenant or None)
     client = registry.connect(settings)
-    old, target = promotion.rollback_target(client, name)  # a UserError before any flow run
+    try:  # a UserError before any flow run
+        old, target = promotion.rollback_target(client, name)
+    except UserError as exc:
+        if args.tenant:
+            raise
+        raise UserError(f"{exc}{_tenant_hint(client, name)}") from None
     print(f"{name}: rolling champion back from v{old} to v{target} ({args.reason})")
     rollback(reason=args.reason, tenant=args.tenant or None)
     now = registry.version_by_alias(client, name, registry.CHAMPION)
@@ -163,6 +169,20 @@ def main(argv: list[str] | None = None) -> None:
     )
     if not moved:
         raise UserError(f"{name}: the rollback did not move champion to v{target}")
+
+
+def _tenant_hint(client: MlflowClient, name: str) -> str:
+    """Tenants' own models a rollback could move, when the shared one cannot (after `make
+    demo`, acme's own v2 is the champion the register stage's gate promoted)."""
+    movable = promotion.rollback_candidates(client, name)
+    if not movable:
+        return ""
+    listed = ", ".join(
+        f"{registry.tenant_of(get_settings(), n) or n} (v{old} -> v{to})"
+        for n, (old, to) in movable.items()
+    )
+    first = registry.tenant_of(get_settings(), next(iter(movable)))
+    return f"\nTenants' own models that can roll back: {listed}; e.g. make rollback TENANT={first}"
 
 
 if __name__ == "__main__":

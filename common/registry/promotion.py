@@ -24,7 +24,14 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from common.errors import UserError
-from common.registry import CHALLENGER, CHAMPION, move_alias, set_tags, version_by_alias
+from common.registry import (
+    CHALLENGER,
+    CHAMPION,
+    aliased_versions,
+    move_alias,
+    set_tags,
+    version_by_alias,
+)
 from common.registry import tags as tag
 
 PREVIOUS = tag.alias_tag(CHAMPION, tag.ALIAS_PREVIOUS)
@@ -168,6 +175,20 @@ def rollback_target(client: MlflowClient, name: str) -> tuple[str, str]:
             "in the registry: nothing to return to; promote a version instead."
         ) from exc
     return str(current.version), previous
+
+
+def rollback_candidates(client: MlflowClient, name: str) -> dict[str, tuple[str, str]]:
+    """Tenants' own models of `name` (`<name>.<tenant>`) a rollback could move now:
+    registered name -> (champion, the version it would return to)."""
+    found: dict[str, tuple[str, str]] = {}
+    for model in sorted(aliased_versions(client, name, CHAMPION)):
+        if model == name:
+            continue
+        try:
+            found[model] = rollback_target(client, model)
+        except UserError:
+            continue
+    return found
 
 
 def rollback(client: MlflowClient, name: str, *, by: str, reason: str) -> Move:

@@ -457,6 +457,26 @@ def test_make_rollback_for_a_tenant_moves_only_its_own_model(
     assert _champion(client) == shared
 
 
+def test_make_rollback_points_at_the_tenants_that_can_roll_back_when_the_shared_one_cannot(
+    store: tuple[Path, MlflowClient], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, client = store
+    acme = f"{NAME}.acme"
+    client.create_registered_model(acme)
+    source = (Path(get_settings().mlops_home) / "placeholder").resolve().as_uri()
+    for _ in "12":
+        v = str(client.create_model_version(acme, source=source).version)
+        promotion.move_champion(client, acme, v, by="tenant-register@acme", reason="gate")
+    client.set_registered_model_alias(NAME, registry.CHAMPION, _version(client, 0.8))
+
+    with pytest.raises(SystemExit):
+        run_cli(lambda: promote_cli(["rollback"]))
+
+    err = capsys.readouterr().err
+    assert "no earlier champion to return to" in err
+    assert "can roll back: acme (v2 -> v1); e.g. make rollback TENANT=acme" in err
+
+
 # human approval
 
 
