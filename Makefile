@@ -125,6 +125,14 @@ licenses: bootstrap ## fail if a dependency's licence is incompatible with Apach
 clean: ## remove the embedded store and pipeline outputs (keeps the DVC cache)
 	rm -rf .mlops data/prepared reports metrics plots dvc_plots
 
+# The rollback flow in this process, on the embedded store (or MLFLOW_TRACKING_URI's server).
+.PHONY: rollback
+REASON ?= manual rollback (make rollback)
+
+rollback: bootstrap ## move champion back to the version it replaced, through the rollback flow (TENANT=acme: acme's own model; again: one further back)
+	@PREFECT_SERVER_ANALYTICS_ENABLED=false $(RUN) python -m flows.promote rollback \
+		$(if $(TENANT),--tenant "$(TENANT)") --reason "$(REASON)"
+
 # Prefect: a local server, the deployments of prefect.yaml, and a worker that runs them.
 .PHONY: prefect-server deploy worker
 POOL ?= local-process

@@ -6,8 +6,11 @@ Both act on the shared model (`tenant` None) or on one tenant's own model
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
+from typing import Any
 
+from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger, pause_flow_run, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import FlowPauseTimeout
@@ -15,8 +18,10 @@ from prefect.input import RunInput
 from prefect.runtime import flow_run
 
 from common import paths, registry
+from common.errors import UserError, run_cli
 from common.params import load_params
-from common.registry import served
+from common.registry import promotion, served
+from common.registry import tags as tag
 from common.settings import get_settings
 from models import promote as policy
 
@@ -53,13 +58,20 @@ def compare(
 
 @task
 def decide(
-    c: policy.Candidates, promoted: bool, by: str, reason: str, tenant: str | None = None
+    c: policy.Candidates,
+    promoted: bool,
+    by: str,
+    reason: str,
+    *,
+    tenant: str | None = None,
+    evidence: dict[str, Any] | None = None,
 ) -> None:
-    """Record the decision on the challenger and move the alias if it was promoted."""
+    """Record the decision on the challenger and move the alias if it was promoted
+    (through the one promotion path, `evidence` joining the scores)."""
     client = registry.connect(get_settings())
     name = registry.model_name(get_settings(), tenant)
     if promoted:
-        policy.promote(client, name, c, by=by, reason=reason)
+        policy.promote(client, name, c, by=by, reason=reason, extra=evidence)
     else:
         policy.reject(client, name, c, by=by, reason=reason)
 
@@ -94,7 +106,12 @@ def promote(project_dir: str = ".", tenant: str | None = None) -> bool:
     promoted, by, reason = verdict.passed, _by("promote policy"), verdict.summary
     if promoted and params.require_approval:
         promoted, by, reason = _ask(c, verdict, params.approval_timeout_seconds)
-    decide(c, promoted, by, reason, tenant)
+    evidence = {
+        "decided_in": "promote flow",
+        "policy": params.model_dump(include={"improve", "no_worse", "require_approval"}),
+        "verdict": verdict.summary,
+    }
+    decide(c, promoted, by, reason, tenant=tenant, evidence=evidence)
     verb = "promoted to champion" if promoted else "not promoted"
     get_run_logger().info("challenger v%s %s: %s", c.challenger, verb, reason)
     create_markdown_artifact(
@@ -107,7 +124,7 @@ def promote(project_dir: str = ".", tenant: str | None = None) -> bool:
 @flow(name="rollback")
 def rollback(reason: str = "manual rollback", tenant: str | None = None) -> str:
     """Point `champion` of `tenant`'s model (None: the shared one) back at the version the
-    current champion replaced."""
+    current champion replaced; run again, it walks one further back."""
     settings = get_settings()
     name = registry.model_name(settings, tenant)
     old, new = policy.rollback(
@@ -115,3 +132,58 @@ def rollback(reason: str = "manual rollback", tenant: str | None = None) -> str:
     )
     get_run_logger().info("%s: champion moved back from v%s to v%s: %s", name, old, new, reason)
     return new
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m flows.promote rollback [--tenant acme]` (`make rollback`): run the rollback
+    flow here and say what moved; no earlier champion is one line, not a traceback."""
+    parser = argparse.ArgumentParser(prog="python -m flows.promote", description=main.__doc__)
+    parser.add_argument("command", choices=["rollback"])
+    parser.add_argument("--tenant", default=None, help="a tenant's own model (default: shared)")
+    parser.add_argument("--reason", default="manual rollback (make rollback)")
+    args = parser.parse_args(argv)
+    settings = get_settings()
+    name = registry.model_name(settings, args.tenant or None)
+    client = registry.connect(settings)
+    try:  # a UserError before any flow run
+        old, target = promotion.rollback_target(client, name)
+    except UserError as exc:
+        if args.tenant:
+            raise
+        raise UserError(f"{exc}{_tenant_hint(client, name)}") from None
+    print(f"{name}: rolling champion back from v{old} to v{target} ({args.reason})")
+    rollback(reason=args.reason, tenant=args.tenant or None)
+    now = registry.version_by_alias(client, name, registry.CHAMPION)
+    moved = now is not None and str(now.version) == target
+    tags = dict(now.tags) if now is not None else {}
+    print(
+        f"{name}: champion v{old} -> v{target}"
+        if moved
+        else f"{name}: champion is v{now.version if now else '(none)'}, not v{target}"
+    )
+    further = tags.get(promotion.PREVIOUS)
+    print(
+        f"  by {tags.get(tag.alias_tag(registry.CHAMPION, tag.ALIAS_SET_BY), '?')} at "
+        f"{tags.get(tag.alias_tag(registry.CHAMPION, tag.ALIAS_SET_AT), '?')}; "
+        + (f"the next rollback returns to v{further}" if further else "no earlier champion left")
+    )
+    if not moved:
+        raise UserError(f"{name}: the rollback did not move champion to v{target}")
+
+
+def _tenant_hint(client: MlflowClient, name: str) -> str:
+    """Tenants' own models a rollback could move, when the shared one cannot (after `make
+    demo`, acme's own v2 is the champion the register stage's gate promoted)."""
+    movable = promotion.rollback_candidates(client, name)
+    if not movable:
+        return ""
+    listed = ", ".join(
+        f"{registry.tenant_of(get_settings(), n) or n} (v{old} -> v{to})"
+        for n, (old, to) in movable.items()
+    )
+    first = registry.tenant_of(get_settings(), next(iter(movable)))
+    return f"\nTenants' own models that can roll back: {listed}; e.g. make rollback TENANT={first}"
+
+
+if __name__ == "__main__":
+    run_cli(main)

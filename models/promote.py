@@ -3,14 +3,16 @@
 `challenger` and `champion` are scored on the same holdout; the challenger is promoted
 only when every `improve` metric gains at least its amount and no `no_worse` metric
 loses more than its tolerance. Every decision is tagged on the version it concerns:
-`promote.decision`, `promote.decided_by`, `promote.decided_at`, `promote.reason`; a
-promoted version also carries `alias.champion.previous`, which rollback returns to.
+`promote.decision`, `promote.decided_by`, `promote.decided_at`, `promote.reason`. A
+promotion and a rollback move `champion` through `common.registry.promotion`, the one path
+the register stage's gate takes too: the version records the champion it replaced
+(`alias.champion.previous`, where rollback returns) and the evidence (both scores).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -20,11 +22,10 @@ from mlflow.tracking import MlflowClient
 from common import paths, registry
 from common.errors import UserError
 from common.params import DataParams, PromoteParams
-from common.registry import served
-from common.registry import tags as tag
+from common.registry import promotion, served
 from models.evaluate import LOWER_IS_BETTER, score
 
-PREVIOUS = tag.alias_tag(registry.CHAMPION, tag.ALIAS_PREVIOUS)
+PREVIOUS = promotion.PREVIOUS
 
 
 @dataclass(frozen=True)
@@ -120,51 +121,49 @@ def compare(
     return c, judge(policy, c.challenger_metrics, c.champion_metrics)
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+def evidence(c: Candidates, **extra: object) -> dict[str, object]:
+    """What a promotion rested on: both versions' metrics on the same holdout, and `extra`."""
+    return {
+        "challenger": {"version": c.challenger, "metrics": c.challenger_metrics},
+        "champion": (
+            {"version": c.champion, "metrics": c.champion_metrics} if c.champion else None
+        ),
+        **extra,
+    }
 
 
 def record(
     client: MlflowClient, name: str, version: str, *, decision: str, by: str, reason: str
 ) -> None:
     """Tag a decision (promoted, rejected, rolled back) on the version it concerns."""
-    registry.set_tags(
-        client,
-        name,
-        version,
-        {
-            tag.PROMOTE_DECISION: decision,
-            tag.PROMOTE_DECIDED_BY: by,
-            tag.PROMOTE_DECIDED_AT: _now(),
-            tag.PROMOTE_REASON: reason,
-        },
+    promotion.record_decision(client, name, version, decision=decision, by=by, reason=reason)
+
+
+def promote(
+    client: MlflowClient,
+    name: str,
+    c: Candidates,
+    *,
+    by: str,
+    reason: str,
+    extra: Mapping[str, object] | None = None,
+) -> promotion.Move:
+    """Move `champion` to the challenger through the one promotion path (which remembers
+    the champion it replaced); `extra` joins the scores in the recorded evidence."""
+    return promotion.move_champion(
+        client, name, c.challenger, by=by, reason=reason, evidence=evidence(c, **(extra or {}))
     )
-
-
-def promote(client: MlflowClient, name: str, c: Candidates, *, by: str, reason: str) -> None:
-    """Move `champion` to the challenger, remembering the previous champion on it."""
-    if c.champion is not None:
-        registry.set_tags(client, name, c.challenger, {PREVIOUS: c.champion})
-    registry.move_alias(client, name, registry.CHAMPION, c.challenger, by=by, reason=reason)
-    client.delete_registered_model_alias(name, registry.CHALLENGER)
-    record(client, name, c.challenger, decision="promoted", by=by, reason=reason)
 
 
 def reject(client: MlflowClient, name: str, c: Candidates, *, by: str, reason: str) -> None:
     """Keep the champion; the challenger keeps its alias and the reason in its tags."""
-    record(client, name, c.challenger, decision="rejected", by=by, reason=reason)
+    record(client, name, c.challenger, decision=promotion.REJECTED, by=by, reason=reason)
 
 
 def rollback(client: MlflowClient, name: str, *, by: str, reason: str) -> tuple[str, str]:
-    """Point `champion` back at the version it replaced; return (from, to)."""
-    current = registry.version_by_alias(client, name, registry.CHAMPION)
-    if current is None:
-        raise UserError(f"{name} has no '{registry.CHAMPION}': nothing to roll back.")
-    previous = current.tags.get(PREVIOUS)
-    if not previous:
-        raise UserError(
-            f"{name} v{current.version} has no {PREVIOUS} tag: no earlier champion to return to."
-        )
-    registry.move_alias(client, name, registry.CHAMPION, previous, by=by, reason=reason)
-    record(client, name, str(current.version), decision="rolled back", by=by, reason=reason)
-    return str(current.version), previous
+    """Point `champion` back at the version it replaced; return (from, to).
+
+    A second rollback walks one further back (common.registry.promotion.rollback).
+    """
+    move = promotion.rollback(client, name, by=by, reason=reason)
+    return str(move.replaced), move.version

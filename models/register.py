@@ -1,5 +1,10 @@
 """register: a new model version, alias `challenger`, promoted to `champion` only through the gate.
 
+A promotion goes through `common.registry.promotion.move_champion`, the one path every move
+of `champion` takes (the promote flow's and a rollback's too), so the version records the
+champion it replaced, the gate's evidence (policy, both versions' metrics on the holdout)
+and rollback works after it; `gate.*` records the gate's verdict whatever it was.
+
 The gate scores the current champion on the same holdout as the new version; the new
 one is promoted only if there is no champion or it passes the promotion policy
 (`promote.improve` / `promote.no_worse` in params.yaml, the same as the promote flow's).
@@ -25,7 +30,7 @@ from common import paths, registry
 from common.errors import run_cli
 from common.lineage import file_md5, git_commit
 from common.params import Params, PromoteParams, load_params, stage_tenant
-from common.registry import served
+from common.registry import promotion, served
 from common.registry import tags as tag
 from common.settings import Settings, get_settings
 from models.evaluate import score
@@ -119,6 +124,7 @@ def run(
 
     mv = mlflow.register_model(train_run["model_uri"], name)
     version = str(mv.version)
+    holdout_md5 = file_md5(where.HOLDOUT)
     registry.set_tags(
         client,
         name,
@@ -129,7 +135,7 @@ def run(
                 tag.DVC_RAW_MD5, "unknown"
             ),
             tag.DVC_TRAIN_MD5: file_md5(where.TRAIN),
-            tag.DVC_HOLDOUT_MD5: file_md5(where.HOLDOUT),
+            tag.DVC_HOLDOUT_MD5: holdout_md5,
             tag.PARAMS_TRAIN: json.dumps(params.train.model_dump(), sort_keys=True),
             tag.METRICS: json.dumps(
                 {k: round(v, 6) for k, v in holdout_metrics.items()}, sort_keys=True
@@ -144,7 +150,7 @@ def run(
                 else {}
             ),
             **({tag.TENANT: tenant} if tenant else {}),
-            **({tag.DATA_SOURCE: shorten(source)} if source else {}),
+            **({tag.DATA_SOURCE: promotion.shorten(source)} if source else {}),
         },
     )
     by = "register stage (dvc repro)" if tenant is None else f"tenant-register@{tenant} (dvc repro)"
@@ -160,19 +166,28 @@ def run(
     held = promoted and champion_version is not None and params.promote.require_approval
     if held:  # a person decides in the promote flow; the gate alone must not move champion
         promoted, reason = False, f"{reason}; held for approval (promote.require_approval)"
+    verdict = "held" if held else "promoted" if promoted else "rejected"
     registry.set_tags(
         client,
         name,
         version,
-        {
-            tag.GATE_DECISION: "held" if held else "promoted" if promoted else "rejected",
-            tag.GATE_REASON: reason,
-            tag.GATE_DECIDED_BY: by,
-        },
+        {tag.GATE_DECISION: verdict, tag.GATE_REASON: reason, tag.GATE_DECIDED_BY: by},
     )
     if promoted:
-        registry.move_alias(client, name, registry.CHAMPION, version, by=by, reason=reason)
-        client.delete_registered_model_alias(name, registry.CHALLENGER)
+        evidence = {
+            "gate": "register stage",
+            "policy": params.promote.model_dump(include={"improve", "no_worse"}),
+            "holdout_md5": holdout_md5,
+            "challenger": {"model": name, "version": version, "metrics": challenger_metrics},
+            "champion": (
+                {"model": rival, "version": champion_version, "metrics": champion_metrics}
+                if champion_version
+                else None
+            ),
+        }
+        promotion.move_champion(client, name, version, by=by, reason=reason, evidence=evidence)
+    else:
+        promotion.record_decision(client, name, version, decision=verdict, by=by, reason=reason)
 
     decision = Decision(
         name,
@@ -188,11 +203,6 @@ def run(
     where.REGISTER_REPORT.parent.mkdir(parents=True, exist_ok=True)
     where.REGISTER_REPORT.write_text(json.dumps(asdict(decision), indent=2) + "\n")
     return decision
-
-
-def shorten(text: str, limit: int = 5000) -> str:
-    """A tag value MLflow accepts (at most 5,000 characters)."""
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def main() -> None:

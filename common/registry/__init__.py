@@ -122,12 +122,23 @@ def _model_exists(client: MlflowClient, name: str) -> bool:
 
 
 def move_alias(
-    client: MlflowClient, name: str, alias: str, version: str, *, by: str, reason: str
+    client: MlflowClient,
+    name: str,
+    alias: str,
+    version: str,
+    *,
+    by: str,
+    reason: str,
+    at: str | None = None,
 ) -> None:
-    """Point `alias` at `version` and record on that version who moved it, when and why."""
+    """Point `alias` at `version` and record on that version who moved it, when and why.
+
+    `champion` moves only through `common.registry.promotion.move_champion`, which calls
+    this and records the rest (the champion replaced, the evidence).
+    """
     client.set_registered_model_alias(name, alias, version)
-    now = datetime.now(UTC).isoformat(timespec="seconds")
-    record = {tag.ALIAS_SET_BY: by, tag.ALIAS_SET_AT: now, tag.ALIAS_REASON: reason}
+    at = at or datetime.now(UTC).isoformat(timespec="seconds")
+    record = {tag.ALIAS_SET_BY: by, tag.ALIAS_SET_AT: at, tag.ALIAS_REASON: reason}
     for key, value in record.items():
         client.set_model_version_tag(name, version, tag.alias_tag(alias, key), value)
 

@@ -4,6 +4,15 @@ Stored registries, dashboards and the MLflow UI read these exact strings: never 
 The train stage also sets the lineage tags (git, dvc, onnx, prefect) on its MLflow run,
 where register reads `dvc.raw_md5` back from.
 
+One promotion record: every move of `champion` (the register stage's gate, the promote
+flow, a rollback, a rollout) goes through `common.registry.promotion.move_champion`, which
+writes the same tags on the version it now points at: `alias.champion.set_by` (who or
+what decided), `.set_at` (when), `.reason` (why), `.evidence` (on what), `.previous` (the
+champion replaced), and `promote.decision` with `promote.decided_by/_at/reason`. A
+promotion sets `.previous`; a rollback keeps the restored version's own `.previous` (so a
+second rollback walks one further back) and marks the version it left `rolled back`.
+`gate.*` stays the register stage's verdict, written whatever it decided.
+
 tag                          written by       means
 ---------------------------  ---------------  ----------------------------------------------------
 git.commit                   train, register  HEAD when trained (`-dirty`: tracked files changed)
@@ -22,17 +31,22 @@ onnx.parity                  train, register  `passed`/`failed`: ONNX agrees wit
 onnx.max_abs_diff            register         largest ONNX-vs-sklearn probability gap
 mlflow.run_id                register         the MLflow run that trained it
 prefect.flow_run_id          train, register  the Prefect flow run that trained it, if any
-gate.decision                register         `promoted`/`held`/`rejected` by the gate
+gate.decision                register         the gate's verdict: `promoted`/`held`/`rejected`
 gate.reason                  register         why
 gate.decided_by              register         who (the register stage)
-promote.decision             promote          `promoted`/`rejected`/`rolled back`
-promote.decided_by           promote          who decided
-promote.decided_at           promote          when (UTC)
-promote.reason               promote          why
+promote.decision             promotion        the latest decision about this version:
+                                              `promoted`/`restored` (champion again by a
+                                              rollback)/`rolled back`/`rejected`/`held`
+promote.decided_by           promotion        who or what decided
+promote.decided_at           promotion        when (UTC)
+promote.reason               promotion        why
 alias.<alias>.set_by         move_alias       who pointed <alias> at this version
 alias.<alias>.set_at         move_alias       when (UTC)
 alias.<alias>.reason         move_alias       why
-alias.champion.previous      promote          the champion it replaced: where rollback goes
+alias.champion.previous      promotion        the champion it replaced: where rollback goes
+alias.champion.evidence      promotion        JSON: what the move rested on (the gate's or the
+                                              promote flow's policy, metrics and comparison,
+                                              the reviewer; a rollback's `rolled_back_from`)
 monitor.last_run             monitor flow     MLflow run of the latest monitoring report
 monitor.last_window_end      monitor flow     end of that report's window (UTC)
 monitor.last_drift           monitor flow     `true`/`false`: did that window drift
@@ -80,6 +94,7 @@ ALIAS_SET_BY = "set_by"
 ALIAS_SET_AT = "set_at"
 ALIAS_REASON = "reason"
 ALIAS_PREVIOUS = "previous"
+ALIAS_EVIDENCE = "evidence"
 
 # the loop after serving
 MONITOR_LAST_RUN = "monitor.last_run"

@@ -7,6 +7,7 @@ fixed metrics, so the tests are about the decisions, the aliases and the tags.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -34,11 +35,13 @@ from prefect.flow_runs import resume_flow_run
 from prefect.testing.utilities import prefect_test_harness
 
 from common import dvc_pipeline, registry
-from common.errors import UserError
+from common.errors import UserError, run_cli
+from common.registry import promotion
 from common.settings import get_settings
 from flows import fanout
 from flows.monitor import monitor_tenants
 from flows.pipeline import pipeline
+from flows.promote import main as promote_cli
 from flows.promote import promote, rollback
 from flows.retrain import retrain, retrain_tenants
 from models import promote as policy
@@ -360,6 +363,118 @@ def test_rollback_without_an_earlier_champion_fails(store: tuple[Path, MlflowCli
 
     assert state.is_failed()
     assert "no earlier champion" in str(state.message)
+
+
+def test_promote_records_the_evidence_the_flow_decided_on(
+    store: tuple[Path, MlflowClient],
+) -> None:
+    project, client = store
+    _policy(project)
+    old, new = _with_champion_and_challenger(client, 0.83)
+
+    promote(project_dir=str(project))
+
+    evidence = json.loads(_tags(client, new)["alias.champion.evidence"])
+    assert evidence["challenger"] == {"version": new, "metrics": SCORES[new]}
+    assert evidence["champion"] == {"version": old, "metrics": SCORES[old]}
+    assert evidence["policy"]["improve"] == {"roc_auc": 0.01}
+    assert "gain +0.0300" in evidence["verdict"]
+
+
+def test_a_second_rollback_walks_further_back_then_says_there_is_nothing_left(
+    store: tuple[Path, MlflowClient],
+) -> None:
+    project, client = store
+    _policy(project)
+    v1, v2 = _with_champion_and_challenger(client, 0.83)
+    promote(project_dir=str(project))
+    v3 = _version(client, 0.90)
+    client.set_registered_model_alias(NAME, registry.CHALLENGER, v3)
+    promote(project_dir=str(project))
+
+    assert rollback(reason="first") == v2
+    assert rollback(reason="second") == v1
+    state = rollback(return_state=True)
+
+    assert state.is_failed()
+    assert "no earlier champion" in str(state.message)
+    assert _champion(client) == v1
+    assert [_tags(client, v)["promote.decision"] for v in (v1, v2, v3)] == [
+        "restored",
+        "rolled back",
+        "rolled back",
+    ]
+
+
+def test_make_rollback_says_what_moved_and_where_the_next_one_would_go(
+    store: tuple[Path, MlflowClient], capsys: pytest.CaptureFixture[str]
+) -> None:
+    project, client = store
+    _policy(project)
+    old, new = _with_champion_and_challenger(client, 0.83)
+    promote(project_dir=str(project))
+
+    promote_cli(["rollback"])
+
+    out = capsys.readouterr().out
+    assert f"{NAME}: champion v{new} -> v{old}" in out
+    assert "no earlier champion left" in out
+    assert _champion(client) == old
+
+
+def test_make_rollback_without_an_earlier_champion_is_one_line_not_a_traceback(
+    store: tuple[Path, MlflowClient], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, client = store
+    client.set_registered_model_alias(NAME, registry.CHAMPION, _version(client, 0.8))
+
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(lambda: promote_cli(["rollback"]))
+
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {NAME} v1 has no alias.champion.previous tag")
+    assert "Traceback" not in err
+
+
+def test_make_rollback_for_a_tenant_moves_only_its_own_model(
+    store: tuple[Path, MlflowClient], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, client = store
+    acme = f"{NAME}.acme"
+    client.create_registered_model(acme)
+    source = (Path(get_settings().mlops_home) / "placeholder").resolve().as_uri()
+    v1, v2 = (str(client.create_model_version(acme, source=source).version) for _ in "12")
+    client.set_registered_model_alias(acme, registry.CHAMPION, v1)
+    promotion.move_champion(client, acme, v2, by="test", reason="better on acme's data")
+    shared = _version(client, 0.8)
+    client.set_registered_model_alias(NAME, registry.CHAMPION, shared)
+
+    promote_cli(["rollback", "--tenant", "acme"])
+
+    assert f"{acme}: champion v{v2} -> v{v1}" in capsys.readouterr().out
+    assert str(client.get_model_version_by_alias(acme, registry.CHAMPION).version) == v1
+    assert _champion(client) == shared
+
+
+def test_make_rollback_points_at_the_tenants_that_can_roll_back_when_the_shared_one_cannot(
+    store: tuple[Path, MlflowClient], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, client = store
+    acme = f"{NAME}.acme"
+    client.create_registered_model(acme)
+    source = (Path(get_settings().mlops_home) / "placeholder").resolve().as_uri()
+    for _ in "12":
+        v = str(client.create_model_version(acme, source=source).version)
+        promotion.move_champion(client, acme, v, by="tenant-register@acme", reason="gate")
+    client.set_registered_model_alias(NAME, registry.CHAMPION, _version(client, 0.8))
+
+    with pytest.raises(SystemExit):
+        run_cli(lambda: promote_cli(["rollback"]))
+
+    err = capsys.readouterr().err
+    assert "no earlier champion to return to" in err
+    assert "can roll back: acme (v2 -> v1); e.g. make rollback TENANT=acme" in err
 
 
 # human approval
