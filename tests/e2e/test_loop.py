@@ -229,3 +229,24 @@ def test_each_tenants_job_is_scored_by_workers_with_the_model_serving_it(
     assert out.index("6. a job of 300 records per tenant") > out.index("5. ")
     text = " ".join(out.split())
     assert f"acme: job {jobs['acme']['job_id'][:8]}, 300 records scored by {ACME} v2" in text
+
+
+def test_after_the_loop_one_command_rolls_acme_back_and_says_when_it_cannot(
+    loop: tuple[Workspace, dict[str, Any], str],
+) -> None:
+    """Last in this module: it moves acme's champion (the gate promoted v2 in the loop)."""
+    ws, _, _ = loop
+    before = registry_state(ws)[ACME]["tags"]["2"]
+    assert before["alias.champion.previous"] == "1"  # the gate's move records where to go back
+
+    moved = ws.python("-m", "flows.promote", "rollback", "--tenant", "acme")
+    assert f"{ACME}: champion v2 -> v1" in " ".join((moved.stdout + moved.stderr).split())
+    after = registry_state(ws)[ACME]
+    assert after["aliases"]["champion"] == "1"
+    assert after["tags"]["2"]["promote.decision"] == "rolled back"
+    assert registry_state(ws)[SHARED]["aliases"]["champion"] == "1"  # the shared one untouched
+
+    again = ws.python("-m", "flows.promote", "rollback", "--tenant", "acme", check=False)
+    assert again.returncode == 1
+    assert "no earlier champion" in again.stderr
+    assert "Traceback" not in again.stderr
