@@ -20,7 +20,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path as FilePath
-from typing import Annotated, Any, NotRequired
+from typing import Annotated, Any, NotRequired, cast
 
 import bentoml
 import psycopg
@@ -32,13 +32,13 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.responses import JSONResponse
 from typing_extensions import TypedDict
 
+from common.answers import answer_records
 from common.callbacks import allowed_hosts, check_url
 from common.registry.runtime import ModelRuntime, ModelUnavailableError
 from common.registry.served import ServedModel
 from common.settings import get_settings
 from common.store import (
     Feedback,
-    Prediction,
     PredictionLog,
     jobs,
     migrate,
@@ -423,42 +423,28 @@ class Predictor:
         else:  # a big batch would hold the event loop; score it on a thread
             scored = await asyncio.to_thread(served.scorer.predict, rows)
         elapsed = time.perf_counter() - start
-        now = datetime.now(UTC)
-        per_row_ms = elapsed * 1000 / len(rows)
-        answers: list[Answer] = []
-        for i, (row, result) in enumerate(zip(rows, scored, strict=True)):
-            request_id = str(uuid.uuid4())
-            answer: Answer = {
-                "request_id": request_id,
-                "predicted_class": result.label,
-                "probabilities": result.probabilities,
-                "model_name": served.name,
-                "model_version": served.version,
-            }
-            if flagged is not None:
-                answer["warnings"] = flagged[i]
-            answers.append(answer)
-            self.log.submit(
-                Prediction(
-                    request_id,
-                    now,
-                    served.name,
-                    served.version,
-                    row,
-                    result.label,
-                    result.probabilities,
-                    per_row_ms,
-                    tenant,
-                )
-            )
-            PREDICTIONS.labels(model_version=served.version, predicted_class=result.label).inc()
+        said, logged = answer_records(
+            served,
+            rows,
+            scored,
+            [str(uuid.uuid4()) for _ in rows],
+            tenant=tenant,
+            now=datetime.now(UTC),
+            per_row_ms=elapsed * 1000 / len(rows),
+            flagged=flagged,
+        )
+        for prediction in logged:
+            self.log.submit(prediction)
+            PREDICTIONS.labels(
+                model_version=served.version, predicted_class=prediction.predicted
+            ).inc()
         LATENCY.labels(model_version=served.version).observe(elapsed)
         QUEUE_DEPTH.set(self.log.depth)
         return {
             "tenant_id": tenant,
             "model_name": served.name,
             "model_version": served.version,
-            "predictions": answers,
+            "predictions": cast(list[Answer], said),
         }
 
     @bentoml.api(route="/feedback", input_spec=FeedbackBody, output_spec=FeedbackAccepted)

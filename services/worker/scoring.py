@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from common.answers import answer_records
 from common.registry.served import ServedModel
 from common.store import Prediction
 from common.store.jobs import Chunk
@@ -117,30 +118,14 @@ def _answer(
     flag_range: bool,
 ) -> Scored:
     flagged = out_of_range(served.scorer.schema, rows) if flag_range else None
-    answers: list[dict[str, Any]] = []
-    predictions: list[Prediction] = []
-    for i, (rid, row, result) in enumerate(zip(chunk.request_ids(), rows, results, strict=True)):
-        answer: dict[str, Any] = {
-            "request_id": rid,
-            "predicted_class": result.label,
-            "probabilities": result.probabilities,
-            "model_name": served.name,
-            "model_version": served.version,
-        }
-        if flagged is not None:
-            answer["warnings"] = flagged[i]
-        answers.append(answer)
-        predictions.append(
-            Prediction(
-                rid,
-                now,
-                served.name,
-                served.version,
-                row,
-                result.label,
-                result.probabilities,
-                per_row_ms,
-                chunk.tenant_id,
-            )
-        )
-    return Scored(chunk, answers, predictions)
+    said, logged = answer_records(
+        served,
+        rows,
+        results,
+        chunk.request_ids(),
+        tenant=chunk.tenant_id,
+        now=now,
+        per_row_ms=per_row_ms,
+        flagged=flagged,
+    )
+    return Scored(chunk, said, logged)
