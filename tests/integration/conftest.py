@@ -8,12 +8,14 @@ their logs stay under pytest's basetemp (servers*/).
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from common.localpg import LocalPostgres
+from common.store import migrate, roles, tenants
 from tests.servers import (
     DVC_BUCKET,
     FAKE_AWS_CREDS,
@@ -94,3 +96,23 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory, mlflow_server: HttpServer
     )
     ws.run("dvc", "repro", timeout=600)
     return ws
+
+
+@pytest.fixture
+def jobs_db(postgres: LocalPostgres) -> dict[str, str]:
+    """A migrated database of its own with tenants a-1 and b; URLs of the owner (admin),
+    the predictor's role and the workers' role."""
+    postgres.start()
+    name = f"jobs_{uuid.uuid4().hex[:12]}"
+    postgres.create_database(name)
+    admin = postgres.url(name)
+    migrate(admin)
+    for role in roles.SERVICE_ROLES:
+        roles.enable_login(admin, role)
+    for tenant in ("a-1", "b"):
+        tenants.add_tenant(admin, tenant)
+    return {
+        "admin": admin,
+        "predictor": roles.role_url(admin, roles.PREDICTOR),
+        "worker": roles.role_url(admin, roles.WORKER),
+    }

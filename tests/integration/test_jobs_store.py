@@ -11,8 +11,7 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from common.localpg import LocalPostgres
-from common.store import Prediction, connect, create_staging, jobs, migrate, roles, tenants
+from common.store import Prediction, connect, create_staging, jobs, roles, tenants
 
 pytestmark = pytest.mark.integration
 
@@ -20,22 +19,9 @@ RECORD = {"tenure_months": 3, "plan": "basic"}
 
 
 @pytest.fixture
-def db(postgres: LocalPostgres) -> dict[str, str]:
-    """A migrated database with tenants a-1 and b, URLs per role."""
-    postgres.start()
-    name = f"jobs_{uuid.uuid4().hex[:12]}"
-    postgres.create_database(name)
-    admin = postgres.url(name)
-    migrate(admin)
-    for role in roles.SERVICE_ROLES:
-        roles.enable_login(admin, role)
-    for tenant in ("a-1", "b"):
-        tenants.add_tenant(admin, tenant)
-    return {
-        "admin": admin,
-        "predictor": roles.role_url(admin, roles.PREDICTOR),
-        "worker": roles.role_url(admin, roles.WORKER),
-    }
+def db(jobs_db: dict[str, str]) -> dict[str, str]:
+    """A migrated database with tenants a-1 and b, URLs per role (conftest's jobs_db)."""
+    return jobs_db
 
 
 def answers_for(chunk: jobs.Chunk) -> tuple[list[dict[str, Any]], list[Prediction]]:
