@@ -2,9 +2,10 @@
 
 1. the queue alone: the project's request queue (`jobs.queue_name(REQUEST, tenant)`, pgmq,
    migrations 0006-0007) on a PostgreSQL of its own (`LocalPostgres`, fsync on as in
-   production), messages sent with `pgmq.send_batch`, read with `pgmq.read` and deleted with
-   `pgmq.delete` in batches of 32, messages/s; once with 1-record messages and once with
-   full chunks (JOB_CHUNK_RECORDS records), the message a job's records become
+   production), messages sent with one `pgmq.send` each, pipelined (as `jobs.submit` does)
+   or with one `pgmq.send_batch`, read with `pgmq.read` and deleted with `pgmq.delete` in
+   batches of 32, messages/s; once with 1-record messages and once with full chunks
+   (JOB_CHUNK_RECORDS records), the message a job's records become
 2. end to end over HTTP: jobs submitted to a real `bentoml serve` predictor (`POST /jobs`,
    then `GET /jobs/{id}` polled until done) and scored by 1, then 2 worker processes
    (`python -m services.worker`), records/s from the first submission to the last job
@@ -61,8 +62,8 @@ WORKER_BATCH = 4
 """Chunks a worker reads at a time: small beside a run's chunks, so two workers share the
 last ones instead of one holding 32 while the other idles (the worker's default is 32)."""
 SUBMITTERS = 4
-"""Clients submitting the throughput figures' jobs at once: the predictor's job store has
-2 connections a worker, and a burst of big jobs past that waits, then gets 503s."""
+"""Clients submitting the throughput figures' jobs at once: a burst of big jobs mostly
+waits for validation, which the predictor's 2 BentoML workers share."""
 RATE = 100.0
 """Jobs per second of the fixed-rate figure (issue 14's target)."""
 
@@ -109,7 +110,7 @@ def queue_alone(
 ) -> tuple[float, float, float]:
     """(send, read + delete, round trip) messages/s of `n` copies of `message` through the
     bench tenant's request queue, BATCH at a time, a transaction each: sent with one
-    `pgmq.send_batch` (as `jobs.submit`), or else with BATCH `pgmq.send` (executemany)."""
+    `pgmq.send_batch`, or else with BATCH `pgmq.send` (executemany, as `jobs.submit`)."""
     queue = jobs.queue_name(jobs.REQUEST, TENANT)
     body = [Jsonb(message, dumps=dumps)] * BATCH
     with connect(url) as conn:
