@@ -39,7 +39,8 @@ STATUSES = ("queued", "running", "done", "failed")
 
 _JOB_COLUMNS = (
     "id, tenant_id, status, records, chunks, chunks_done, error, last_error, idempotency_key,"
-    " callback_url, key_id, created_at, started_at, finished_at, callback_status"
+    " callback_url, key_id, created_at, started_at, finished_at, callback_status,"
+    " callback_attempts, callback_due"
 )
 
 
@@ -74,6 +75,8 @@ class Job:
     started_at: datetime | None
     finished_at: datetime | None
     callback_status: str | None
+    callback_attempts: int = 0
+    callback_due: datetime | None = None
 
     @property
     def ended(self) -> bool:
@@ -398,18 +401,47 @@ def dead_letter(conn: psycopg.Connection[Any], chunk: Chunk, reason: str) -> Job
 
 
 def _respond(cur: psycopg.Cursor[Any], job: Job) -> None:
-    """Tell the tenant's response queue that `job` ended (in the caller's transaction)."""
+    """Tell the tenant's response queue that `job` ended, and make its callback due (in the
+    caller's transaction)."""
     cur.execute(
         "SELECT pgmq.send(%s, %s)",
         [queue_name(RESPONSE, job.tenant_id), Jsonb(job.summary(), dumps=dumps)],
     )
+    if job.callback_url:
+        cur.execute("UPDATE jobs SET callback_due = now() WHERE id = %s", [job.id])
 
 
-def record_callback(conn: psycopg.Connection[Any], job: Job, status: str) -> None:
-    """Note how the job's callback went (`delivered`, or why not)."""
+def claim_callbacks(
+    conn: psycopg.Connection[Any], tenants: Sequence[str], *, lease: float, limit: int = 20
+) -> list[Job]:
+    """Up to `limit` ended jobs of `tenants` whose callback is due, each claimed for `lease`
+    seconds (another worker's claim waits it out) and its attempt counted."""
+    if not tenants:
+        return []
+    with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        scope(conn, tenants)
+        cur.execute(
+            "UPDATE jobs SET callback_due = now() + %s, callback_attempts = callback_attempts + 1"
+            " WHERE id IN (SELECT id FROM jobs WHERE callback_due <= now() ORDER BY callback_due"
+            "  LIMIT %s FOR UPDATE SKIP LOCKED)"
+            f" RETURNING {_JOB_COLUMNS}",
+            [timedelta(seconds=lease), limit],
+        )
+        return [_job(row) for row in cur.fetchall()]
+
+
+def record_callback(
+    conn: psycopg.Connection[Any], job: Job, status: str, *, retry_in: float | None = None
+) -> None:
+    """Note how the job's callback went (`delivered`, or why not); with `retry_in`, claim it
+    again after that many seconds, else never again."""
+    due = None if retry_in is None else timedelta(seconds=retry_in)
     with conn.transaction():
         scope(conn, job.tenant_id)
-        conn.execute("UPDATE jobs SET callback_status = %s WHERE id = %s", [status, job.id])
+        conn.execute(
+            "UPDATE jobs SET callback_status = %s, callback_due = now() + %s WHERE id = %s",
+            [status, due, job.id],
+        )
 
 
 def depths(conn: psycopg.Connection[Any], tenants: Sequence[str]) -> list[QueueDepth]:

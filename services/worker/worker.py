@@ -42,6 +42,12 @@ PURGE_SECONDS = 300.0
 MODEL_WAIT_SECONDS = 10.0
 """Longest wait of chunks whose model cannot be loaded now (the registry is away); a
 visibility timeout shorter than this is the wait."""
+CALLBACK_SECONDS = 2.0
+"""How often a worker looks for callbacks due (a job it ends makes it look at once)."""
+CALLBACK_LEASE = 60.0
+"""Seconds a claimed callback is left to its worker before another may send it."""
+CALLBACK_TRIES = 5
+"""Attempts at a job's callback before it is given up (each recorded on the job)."""
 MAX_BACKOFF = 5.0
 """Longest pause between reconnection attempts, and the longest retry backoff's unit."""
 
@@ -100,7 +106,12 @@ class Models:
 
 
 class Callbacks:
-    """Signed POSTs of ended jobs, off the scoring loop (a slow receiver holds up nobody)."""
+    """Signed POSTs of ended jobs, off the scoring loop (a slow receiver holds up nobody).
+
+    At least once: the loop claims due callbacks (`jobs.claim_callbacks`, a lease each), so
+    a callback whose worker died before its POST, or whose receiver failed, is claimed again
+    later, up to CALLBACK_TRIES attempts with backoff.
+    """
 
     def __init__(self, settings: Settings) -> None:
         assert settings.database_url
@@ -115,16 +126,22 @@ class Callbacks:
             self.pool.submit(self._deliver, job, job.callback_url)
 
     def _deliver(self, job: jobs.Job, url: str) -> None:
+        retry_in: float | None = None
         try:  # the allow-list may have shrunk since the job was accepted
             callbacks.check_url(url, self.hosts)
         except ValueError as exc:
             status = f"refused: {exc}"
         else:
             status = callbacks.deliver(url, job.summary(), self.secret)
+            if status != "delivered":
+                if job.callback_attempts < CALLBACK_TRIES:
+                    retry_in = backoff(job.callback_attempts + 1)
+                else:
+                    status = f"gave up after {job.callback_attempts} attempts: {status}"
         try:
             with connect(self.database_url, application_name="mlops-worker") as conn:
-                jobs.record_callback(conn, job, status)
-        except psycopg.Error as exc:
+                jobs.record_callback(conn, job, status, retry_in=retry_in)
+        except psycopg.Error as exc:  # its lease ends: another claim sends it again
             log.warning("job %s: callback %s; not recorded: %s", job.id, status, reason(exc))
 
     def close(self) -> None:
@@ -145,7 +162,7 @@ class Worker:
         self.conn: psycopg.Connection[Any] | None = None
         self.tenants: list[str] = []
         self._skipped: set[str] = set()
-        self._due = {"relist": 0.0, "depths": 0.0, "purge": 0.0}
+        self._due = {"relist": 0.0, "depths": 0.0, "purge": 0.0, "callbacks": 0.0}
         self._down_since: float | None = None
 
     def stop(self) -> None:
@@ -298,8 +315,8 @@ class Worker:
                 failed.append(Failed(done.chunk, reason(exc)))  # e.g. a chunk of no job
                 continue
             metrics.count(tenant, "done")
-            if job is not None:
-                self.callbacks.send(job)
+            if job is not None and job.callback_url:
+                self._due["callbacks"] = 0.0  # claim it in this round's housekeeping
         for failure in failed:
             self._fail(conn, failure)
 
@@ -315,19 +332,23 @@ class Worker:
             )
             job = jobs.dead_letter(conn, chunk, failure.reason)
             metrics.count(chunk.tenant_id, "dead")
-            if job is not None:
-                self.callbacks.send(job)
+            if job is not None and job.callback_url:
+                self._due["callbacks"] = 0.0
         else:
             jobs.retry_later(conn, chunk, failure.reason, delay=backoff(chunk.read_ct))
             metrics.count(chunk.tenant_id, "retried")
 
     def _housekeeping(self, conn: psycopg.Connection[Any]) -> None:
-        """Refresh the queue gauges, and purge jobs past retention, when due."""
+        """Refresh the queue gauges, send due callbacks, purge jobs past retention, when due."""
         now = time.monotonic()
         served = [t for t in self.tenants if t not in self._skipped]
         if self.options.metrics_port and now >= self._due["depths"]:
             self._due["depths"] = now + DEPTH_SECONDS
             metrics.observe(jobs.depths(conn, served))
+        if served and now >= self._due["callbacks"]:
+            self._due["callbacks"] = now + CALLBACK_SECONDS
+            for job in jobs.claim_callbacks(conn, served, lease=CALLBACK_LEASE):
+                self.callbacks.send(job)
         if served and now >= self._due["purge"]:
             self._due["purge"] = now + PURGE_SECONDS
             removed = jobs.purge(conn, served, timedelta(hours=self.settings.job_retention_hours))

@@ -3,6 +3,7 @@ idempotency, and who may reach which queue."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -182,3 +183,33 @@ def test_a_message_that_is_no_chunk_is_set_aside_without_blocking_the_queue(
         ).fetchall()
     assert len(letters) == 3
     assert all(m[0]["reason"].startswith("malformed message: ") for m in letters)
+
+
+def test_a_callback_is_claimed_by_one_worker_at_a_time_until_it_is_recorded(
+    db: dict[str, str],
+) -> None:
+    with connect(db["predictor"]) as conn:
+        job, _ = jobs.submit(
+            conn, "b", [RECORD], chunk_records=10, callback_url="http://127.0.0.1:9/hook"
+        )
+    drain(db["worker"], "b")
+    with connect(db["worker"]) as conn:
+        (claimed,) = jobs.claim_callbacks(conn, ["b"], lease=0.5)
+        assert (claimed.id, claimed.callback_attempts) == (job.id, 1)
+        assert jobs.claim_callbacks(conn, ["b"], lease=0.5) == []  # leased to the first
+        time.sleep(0.6)  # that worker died before recording: the lease ends, it comes back
+        (again,) = jobs.claim_callbacks(conn, ["b"], lease=30)
+        assert again.callback_attempts == 2
+        jobs.record_callback(conn, again, "HTTP 500", retry_in=0)
+        (third,) = jobs.claim_callbacks(conn, ["b"], lease=30)
+        jobs.record_callback(conn, third, "delivered")
+        assert jobs.claim_callbacks(conn, ["b"], lease=0) == []
+        assert jobs.claim_callbacks(conn, ["a-1"], lease=0) == []
+    with connect(db["predictor"]) as conn:
+        done = jobs.get(conn, "b", job.id)
+    assert done is not None
+    assert (done.callback_status, done.callback_attempts, done.callback_due) == (
+        "delivered",
+        3,
+        None,
+    )
