@@ -20,7 +20,8 @@ What lives where:
   in as them.
 - `jobs`: asynchronous jobs: `submit` (the job row and its chunks in the tenant's pgmq
   request queue, one transaction), `read` / `complete` / `retry_later` / `dead_letter`
-  (the workers), `get` / `results` (status and answers), `depths`, `purge`.
+  (the workers), `claim_callbacks` / `record_callback` (callbacks, at least once), `get` /
+  `results` (status and answers), `depths`, `purge`.
 - `readback`: a tenant's own predictions and labels, a page at a time.
 - `sources`: batch inputs and outputs: Parquet/CSV files, local or `s3://`, and
   PostgreSQL tables (`open_input`, `read_chunks`, `default_batch_id`, `publish`); a whole
