@@ -60,6 +60,11 @@ def _options(argv: list[str] | None) -> Options:
         "--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0: off)"
     )
     parser.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="the address /metrics listens on (127.0.0.1; 0.0.0.0 in a container)",
+    )
+    parser.add_argument(
         "--poll", type=_seconds, default=0.5, help="seconds between reads when idle (0.5)"
     )
     args = parser.parse_args(argv)
@@ -69,7 +74,9 @@ def _options(argv: list[str] | None) -> Options:
         tenants = tuple(dict.fromkeys(check_tenant_id(t) for t in args.tenant))
     except UserError as exc:
         parser.error(f"--tenant: {exc}")
-    return Options(tenants, args.batch, args.poll, args.idle_exit, args.metrics_port)
+    return Options(
+        tenants, args.batch, args.poll, args.idle_exit, args.metrics_port, args.metrics_host
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -90,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, _stop)
     worker.warm()
     if options.metrics_port:
-        metrics.serve(options.metrics_port)
+        metrics.serve(options.metrics_port, options.metrics_host)
     log.info(
         "worker %d started: tenants %s, batch %d, visibility timeout %g s, max tries %d%s",
         os.getpid(),
@@ -98,7 +105,9 @@ def main(argv: list[str] | None = None) -> None:
         options.batch,
         settings.job_visibility_timeout,
         settings.job_max_tries,
-        f", metrics on :{options.metrics_port}" if options.metrics_port else "",
+        f", metrics on {options.metrics_host}:{options.metrics_port}"
+        if options.metrics_port
+        else "",
     )
     try:
         why = worker.run()

@@ -30,9 +30,9 @@ CHUNKS = Counter(
 )
 
 
-def serve(port: int) -> None:
-    """Serve /metrics on `port` (all interfaces) from a daemon thread."""
-    start_http_server(port)
+def serve(port: int, host: str = "127.0.0.1") -> None:
+    """Serve /metrics on `host`:`port` from a daemon thread."""
+    start_http_server(port, addr=host)
 
 
 def observe(depths: Iterable[QueueDepth], gone: Iterable[str] = ()) -> None:

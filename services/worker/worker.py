@@ -62,6 +62,7 @@ class Options:
     poll: float = 0.5
     idle_exit: float | None = None
     metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
 
 
 def backoff(read_ct: int) -> float:

@@ -169,7 +169,9 @@ def test_make_up_runs_the_job_workers_as_compose_does(
     for name in JOB_WORKERS:
         program = conf[f"program:{name}"]
         argv = shlex.split(program["command"])
-        assert argv[1:-1] == worker["command"][1:-1]  # its venv's python, its own port
+        # its venv's python, its own port, 127.0.0.1 (the default) where compose has 0.0.0.0
+        compose_argv = worker["command"][: worker["command"].index("--metrics-host")]
+        assert argv[1:-1] == compose_argv[1:-1]
         ports.add(argv[-1])
         assert stack.health_urls()[name] == f"http://127.0.0.1:{argv[-1]}/metrics"
         assert int(program["stopwaitsecs"]) > 30  # the batch in hand: the visibility timeout
