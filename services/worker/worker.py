@@ -282,8 +282,6 @@ class Worker:
                 raise
             # Not granted, or removed meanwhile: leave it until the next listing.
             log.warning("tenant %s skipped until relisted: %s", tenant, reason(exc))
-        except (KeyError, TypeError, ValueError) as exc:  # a message not written by submit
-            log.error("tenant %s: unreadable message, skipped until relisted: %s", tenant, exc)
         self._skipped.add(tenant)
         return []
 
