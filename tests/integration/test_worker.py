@@ -9,6 +9,7 @@ under the workers by one test.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -484,25 +485,38 @@ class Receiver(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_a_job_with_a_callback_url_gets_one_signed_post(stack: Stack, workers: Workers) -> None:
+@contextlib.contextmanager
+def receiving(path: str) -> Iterator[str]:
+    """A receiver's URL at `path` while the block runs; what it got in Receiver.got."""
     Receiver.got.clear()
     receiver = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Receiver)
-    thread = threading.Thread(target=receiver.serve_forever, daemon=True)
-    thread.start()
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
     try:
-        url = f"http://127.0.0.1:{receiver.server_port}/hook"
-        job = submit(stack, "c", records(6), callback_url=url)
-        with connect(stack.predictor) as conn:
-
-            def recorded() -> bool:
-                j = jobs.get(conn, "c", job.id)
-                return j is not None and j.callback_status is not None
-
-            wait_until(recorded, 30, "the callback recorded", workers.steady.log_path)
-            after = jobs.get(conn, "c", job.id)
+        yield f"http://127.0.0.1:{receiver.server_port}{path}"
     finally:
         receiver.shutdown()
+
+
+def callback_ended(
+    stack: Stack, workers: Workers, url: str, n: int, ended: Callable[[jobs.Job], bool]
+) -> jobs.Job:
+    """A job of `n` records with `url` as its callback, once `ended` says its callback is."""
+    job = submit(stack, "c", records(n), callback_url=url)
+    with connect(stack.predictor) as conn:
+        wait_until(
+            lambda: (j := jobs.get(conn, "c", job.id)) is not None and ended(j),
+            30,
+            "the callback recorded",
+            workers.steady.log_path,
+        )
+        after = jobs.get(conn, "c", job.id)
     assert after is not None
+    return after
+
+
+def test_a_job_with_a_callback_url_gets_one_signed_post(stack: Stack, workers: Workers) -> None:
+    with receiving("/hook") as url:
+        after = callback_ended(stack, workers, url, 6, lambda j: j.callback_status is not None)
     assert after.callback_status == "delivered"
     (headers, body), *more = Receiver.got
     assert more == []
@@ -518,26 +532,10 @@ def test_a_job_with_a_callback_url_gets_one_signed_post(stack: Stack, workers: W
 def test_a_callback_the_receiver_failed_is_sent_again_until_delivered(
     stack: Stack, workers: Workers
 ) -> None:
-    Receiver.got.clear()
-    receiver = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Receiver)
-    thread = threading.Thread(target=receiver.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{receiver.server_port}/flaky"
-        job = submit(stack, "c", records(3), callback_url=url)
-        with connect(stack.predictor) as conn:
-
-            def delivered() -> bool:
-                j = jobs.get(conn, "c", job.id)
-                return j is not None and j.callback_status == "delivered"
-
-            wait_until(delivered, 30, "the callback delivered", workers.steady.log_path)
-            after = jobs.get(conn, "c", job.id)
-    finally:
-        receiver.shutdown()
-    assert after is not None
+    with receiving("/flaky") as url:  # its first POST fails
+        after = callback_ended(stack, workers, url, 3, lambda j: j.callback_status == "delivered")
     assert after.callback_attempts == 2
-    assert [json.loads(body)["job_id"] for _, body in Receiver.got] == [job.id, job.id]
+    assert [json.loads(body)["job_id"] for _, body in Receiver.got] == [after.id, after.id]
 
 
 def test_metrics_show_the_queue_depth_of_a_tenant_with_queued_chunks(
