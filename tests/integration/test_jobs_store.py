@@ -5,47 +5,25 @@ from __future__ import annotations
 
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from datetime import timedelta
 
 import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from common.store import Prediction, connect, create_staging, jobs, roles, tenants
+from common.store import connect, create_staging, jobs, roles, tenants
+from tests.integration import scoring
 
 pytestmark = pytest.mark.integration
 
 RECORD = {"tenure_months": 3, "plan": "basic"}
+MODEL = "m"
 
 
 @pytest.fixture
 def db(jobs_db: dict[str, str]) -> dict[str, str]:
     """A migrated database with tenants a-1 and b, URLs per role (conftest's jobs_db)."""
     return jobs_db
-
-
-def answers_for(chunk: jobs.Chunk) -> tuple[list[dict[str, Any]], list[Prediction]]:
-    now = datetime.now(UTC)
-    answers, rows = [], []
-    for rid, record in zip(chunk.request_ids(), chunk.records, strict=True):
-        answers.append({"request_id": rid, "predicted_class": "no", "model_version": "1"})
-        rows.append(Prediction(rid, now, "m", "1", record, "no", {"no": 1.0}, 0.1, chunk.tenant_id))
-    return answers, rows
-
-
-def drain(url: str, tenant: str) -> list[jobs.Job]:
-    """Score every visible chunk of `tenant` as a worker would; the jobs that ended."""
-    ended = []
-    with connect(url) as conn:
-        create_staging(conn)
-        while chunks := jobs.read(conn, tenant, visibility_timeout=30, limit=8):
-            for chunk in chunks:
-                answers, rows = answers_for(chunk)
-                job = jobs.complete(conn, chunk, answers, rows, model_name="m", model_version="1")
-                if job:
-                    ended.append(job)
-    return ended
 
 
 def test_a_submitted_job_is_scored_in_chunks_and_read_back_in_order(db: dict[str, str]) -> None:
@@ -56,7 +34,7 @@ def test_a_submitted_job_is_scored_in_chunks_and_read_back_in_order(db: dict[str
     assert created
     assert job.status == "queued"
     assert job.chunks == 3
-    ended = drain(db["worker"], "a-1")
+    ended = scoring.drain(db["worker"], "a-1", MODEL)
     assert [j.id for j in ended] == [job.id]
     with connect(db["predictor"]) as conn:
         done = jobs.get(conn, "a-1", job.id)
@@ -90,8 +68,7 @@ def test_a_redelivered_chunk_is_written_once(db: dict[str, str]) -> None:
         assert again is not None
         assert again.read_ct == 2
         for chunk in (first, again):
-            answers, rows = answers_for(chunk)
-            jobs.complete(conn, chunk, answers, rows, model_name="m", model_version="1")
+            scoring.score(conn, chunk, MODEL)
     with connect(db["predictor"]) as conn:
         done = jobs.get(conn, "b", job.id)
         assert done is not None
@@ -125,7 +102,7 @@ def test_a_dead_lettered_chunk_fails_its_job_with_the_reason(db: dict[str, str])
         assert failed is not None
         assert failed.status == "failed"
         assert "boom" in (failed.error or "")
-    drain(db["worker"], "b")  # the other chunk still scores; the job stays failed
+    scoring.drain(db["worker"], "b", MODEL)  # the other chunk still scores; the job stays failed
     with connect(db["admin"]) as conn:
         letters = conn.execute(
             "SELECT message FROM pgmq.read(%s, 30, 10)", [jobs.queue_name(jobs.DEAD, "b")]
@@ -141,7 +118,7 @@ def test_tenants_reach_only_their_own_jobs_and_queues(db: dict[str, str]) -> Non
     with connect(db["predictor"]) as conn:
         job_b, _ = jobs.submit(conn, "b", [RECORD], chunk_records=10)
         assert jobs.get(conn, "a-1", job_b.id) is None
-    drain(db["worker"], "b")
+    scoring.drain(db["worker"], "b", MODEL)
     role, password = tenants.create_reader_role(db["admin"], "a-1")
     reader = roles.role_url(db["admin"], role, password)
     with connect(reader) as conn:
@@ -157,7 +134,7 @@ def test_tenants_reach_only_their_own_jobs_and_queues(db: dict[str, str]) -> Non
 def test_purge_removes_ended_jobs_past_retention(db: dict[str, str]) -> None:
     with connect(db["predictor"]) as conn:
         job, _ = jobs.submit(conn, "b", [RECORD], chunk_records=10)
-    drain(db["worker"], "b")
+    scoring.drain(db["worker"], "b", MODEL)
     with connect(db["worker"]) as conn:
         assert jobs.purge(conn, ["b"], timedelta(hours=1)) == 0
         assert jobs.purge(conn, ["b"], timedelta(0)) == 1
@@ -175,7 +152,7 @@ def test_a_message_that_is_no_chunk_is_set_aside_without_blocking_the_queue(
             )
     with connect(db["predictor"]) as conn:
         job, _ = jobs.submit(conn, "b", [RECORD], chunk_records=10)
-    ended = drain(db["worker"], "b")
+    ended = scoring.drain(db["worker"], "b", MODEL)
     assert [j.id for j in ended] == [job.id]
     with connect(db["admin"]) as conn:
         letters = conn.execute(
@@ -192,7 +169,7 @@ def test_a_callback_is_claimed_by_one_worker_at_a_time_until_it_is_recorded(
         job, _ = jobs.submit(
             conn, "b", [RECORD], chunk_records=10, callback_url="http://127.0.0.1:9/hook"
         )
-    drain(db["worker"], "b")
+    scoring.drain(db["worker"], "b", MODEL)
     with connect(db["worker"]) as conn:
         (claimed,) = jobs.claim_callbacks(conn, ["b"], lease=0.5)
         assert (claimed.id, claimed.callback_attempts) == (job.id, 1)

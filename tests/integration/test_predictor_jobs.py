@@ -2,8 +2,9 @@
 
 A real `bentoml serve` (2 workers) logging in as `mlops_predictor` to a real PostgreSQL with
 pgmq's SQL and three tenants. Chunks are mostly scored in the test process as a worker
-would (`drain`, as the worker role); one test runs a real `python -m services.worker` and
-finds its answers equal to /predict's for the same records. What a tenant
+would (`tests.integration.scoring`, as the worker role); one test runs a real
+`python -m services.worker` and finds its answers equal to /predict's for the same
+records. What a tenant
 sees of the store is checked as its owner: a refused submission leaves no job row and no
 message; a replayed Idempotency-Key queues nothing more; another tenant's job id is a 404
 exactly as an unknown one; answers come back in order through `next_offset`.
@@ -16,7 +17,6 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,8 @@ import httpx
 import pytest
 
 from common.localpg import LocalPostgres
-from common.store import Prediction, connect, create_staging, jobs, roles
+from common.store import connect, create_staging, jobs, roles
+from tests.integration import scoring
 from tests.integration.serving import (
     api_key,
     auth,
@@ -112,29 +113,6 @@ def stored(admin: str, tenant: str) -> tuple[int, int]:
         return int(row[0]), jobs.depths(conn, [tenant])[0].depth
 
 
-def score(conn: Any, chunk: jobs.Chunk) -> None:
-    """Write `chunk`'s answers as a worker would, shaped as /predict's."""
-    now = datetime.now(UTC)
-    answers, rows = [], []
-    probabilities = {"0": 0.25, "1": 0.75}
-    for rid, record in zip(chunk.request_ids(), chunk.records, strict=True):
-        answer = {"request_id": rid, "predicted_class": "1", "probabilities": probabilities}
-        answers.append({**answer, "model_name": SERVED, "model_version": "1"})
-        rows.append(
-            Prediction(rid, now, SERVED, "1", record, "1", probabilities, 0.1, chunk.tenant_id)
-        )
-    jobs.complete(conn, chunk, answers, rows, model_name=SERVED, model_version="1")
-
-
-def drain(worker: str, tenant: str) -> None:
-    """Score every visible chunk of `tenant`."""
-    with connect(worker) as conn:
-        create_staging(conn)
-        while chunks := jobs.read(conn, tenant, visibility_timeout=30, limit=8):
-            for chunk in chunks:
-                score(conn, chunk)
-
-
 def test_a_job_is_accepted_with_202_recorded_and_queued_in_chunks(
     predictor: str, keys: dict[str, str], urls: dict[str, str]
 ) -> None:
@@ -165,7 +143,7 @@ def test_a_job_is_read_back_whole_and_in_order_through_next_offset(
 ) -> None:
     records = [{**RECORD, "tenure_months": i % 60} for i in range(1_200)]
     job_id = submit(predictor, keys["acme"], {"records": records}).json()["job_id"]
-    drain(urls["worker"], "acme")
+    scoring.drain(urls["worker"], "acme", SERVED)
     first = status(predictor, keys["acme"], job_id).json()
     assert (first["status"], first["progress"], first["error"]) == ("done", 1, None)
     assert first["finished_at"] is not None
@@ -187,16 +165,16 @@ def test_a_job_is_read_back_whole_and_in_order_through_next_offset(
 def test_answers_after_a_record_still_being_scored_wait_for_it(
     predictor: str, keys: dict[str, str], urls: dict[str, str]
 ) -> None:
-    drain(urls["worker"], "globex")  # earlier tests' jobs out of the way
+    scoring.drain(urls["worker"], "globex", SERVED)  # earlier tests' jobs out of the way
     job_id = submit(predictor, keys["globex"], {"records": [RECORD] * (2 * CHUNK)}).json()["job_id"]
     with connect(urls["worker"]) as conn:
         create_staging(conn)
         first, second = jobs.read(conn, "globex", visibility_timeout=30, limit=2)
-        score(conn, second)
+        scoring.score(conn, second, SERVED)
         waiting = status(predictor, keys["globex"], job_id).json()
         assert (waiting["status"], waiting["progress"]) == ("running", 0.5)
         assert (waiting["results"], waiting["next_offset"]) == ([], 0)
-        score(conn, first)
+        scoring.score(conn, first, SERVED)
     done = status(predictor, keys["globex"], job_id).json()
     assert done["status"] == "done"
     assert len(done["results"]) == 2 * CHUNK
