@@ -132,13 +132,6 @@ def evidence(c: Candidates, **extra: object) -> dict[str, object]:
     }
 
 
-def record(
-    client: MlflowClient, name: str, version: str, *, decision: str, by: str, reason: str
-) -> None:
-    """Tag a decision (promoted, rejected, rolled back) on the version it concerns."""
-    promotion.record_decision(client, name, version, decision=decision, by=by, reason=reason)
-
-
 def promote(
     client: MlflowClient,
     name: str,
@@ -157,7 +150,9 @@ def promote(
 
 def reject(client: MlflowClient, name: str, c: Candidates, *, by: str, reason: str) -> None:
     """Keep the champion; the challenger keeps its alias and the reason in its tags."""
-    record(client, name, c.challenger, decision=promotion.REJECTED, by=by, reason=reason)
+    promotion.record_decision(
+        client, name, c.challenger, decision=promotion.REJECTED, by=by, reason=reason
+    )
 
 
 def rollback(client: MlflowClient, name: str, *, by: str, reason: str) -> tuple[str, str]:
