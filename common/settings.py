@@ -27,6 +27,10 @@ from pydantic_settings import (
 
 from common.errors import UserError
 
+Environment = Literal["dev", "staging", "prod"]
+ENVIRONMENTS: tuple[Environment, ...] = ("dev", "staging", "prod")
+"""In promotion order: a version moves dev -> staging -> prod."""
+
 ENV_FILE = "MLOPS_ENV_FILE"
 """The variable naming the dotenv file to read instead of `.env` in the working directory."""
 
@@ -55,7 +59,11 @@ class Settings(BaseSettings):
     database_url: str | None = Field(default=None, alias="DATABASE_URL")
     # Where initdb/postgres live, for the embedded PostgreSQL (found automatically if unset).
     pg_bin: Path | None = Field(default=None, alias="PG_BIN")
-    model_name: str = Field(default="churn-classifier", alias="MODEL_NAME")
+    # The environment this process works in (dev, staging, prod): it picks the registered
+    # model (`model_name`); its database, buckets and work pool come from its own settings.
+    mlops_env: Environment = Field(default="dev", alias="MLOPS_ENV")
+    # The model's base name; `model_name` is this environment's registered model.
+    model_base: str = Field(default="churn-classifier", alias="MODEL_NAME")
     model_alias: str = Field(default="champion", alias="MODEL_ALIAS")
     # Serving: how often the predictor checks the alias, and the largest batch it accepts.
     model_poll_seconds: float = Field(default=10.0, gt=0, alias="MODEL_POLL_SECONDS")
@@ -127,6 +135,15 @@ class Settings(BaseSettings):
             given, missing = ("USERNAME", "PASSWORD") if user else ("PASSWORD", "USERNAME")
             raise ValueError(f"MLFLOW_TRACKING_{missing} must be set with MLFLOW_TRACKING_{given}")
         return self
+
+    @property
+    def model_name(self) -> str:
+        """This environment's registered model: MODEL_NAME in dev, `<MODEL_NAME>-<env>` else."""
+        return self.model_name_in(self.mlops_env)
+
+    def model_name_in(self, env: Environment) -> str:
+        """The registered model of environment `env` (one registered model per environment)."""
+        return self.model_base if env == "dev" else f"{self.model_base}-{env}"
 
     @property
     def tracking_uri(self) -> str:

@@ -46,7 +46,9 @@ from common.store.migrations import (
 )
 from common.store.rows import (
     BATCH_LOG_COLUMNS,
+    LIVE_LOG_COLUMNS,
     LOG_COLUMNS,
+    VARIANTS,
     Feedback,
     Item,
     Prediction,
@@ -61,9 +63,11 @@ from common.store.rows import (
 __all__ = [
     "BATCH_LOG_COLUMNS",
     "CONNECT_TIMEOUT",
+    "LIVE_LOG_COLUMNS",
     "LOG_COLUMNS",
     "MIGRATIONS_DIR",
     "STATEMENT_TIMEOUT",
+    "VARIANTS",
     "BatchLogWriter",
     "Feedback",
     "Item",

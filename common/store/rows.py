@@ -44,6 +44,12 @@ LOG_COLUMNS = (
 BATCH_LOG_COLUMNS = (*LOG_COLUMNS, "batch_id")
 """Columns of a batch job's log rows (`log_rows`): a prediction's, and the batch it is from."""
 
+LIVE_LOG_COLUMNS = (*LOG_COLUMNS, "variant")
+"""Columns of a live prediction (`Prediction`): a prediction's, and the variant that made it."""
+
+VARIANTS = ("champion", "challenger", "shadow")
+"""The variants of a served model (registry aliases); a batch row is always the champion's."""
+
 
 # -- one row -----------------------------------------------------------------------------
 
@@ -68,9 +74,13 @@ class Prediction:
     probabilities: dict[str, float]
     latency_ms: float
     tenant_id: str
+    variant: str = "champion"
+    """Which alias answered (VARIANTS); a shadow's rows are logged, never returned."""
 
     def __post_init__(self) -> None:
         _check_row(self.request_id, self.ts)
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
 
 
 @dataclass(frozen=True)
@@ -166,6 +176,7 @@ def to_line(item: Item) -> bytes:
             "probabilities": item.probabilities,
             "latency_ms": item.latency_ms,
             "tenant_id": item.tenant_id,
+            "variant": item.variant,
         }
     else:
         doc = {
@@ -197,7 +208,7 @@ def from_line(line: bytes | str) -> Item:
 
 # -- live rows to PostgreSQL ---------------------------------------------------------------
 
-_COLUMNS = ", ".join(LOG_COLUMNS)
+_COLUMNS = ", ".join(LIVE_LOG_COLUMNS)
 # Staging tables for COPY, one set per connection, emptied at each commit.
 _STAGING = """
 CREATE TEMP TABLE IF NOT EXISTS predlog_predictions_in
@@ -264,6 +275,7 @@ def write_items(conn: psycopg.Connection[Any], items: Sequence[Item]) -> None:
                             p.predicted,
                             dumps(p.probabilities),
                             float(p.latency_ms),
+                            p.variant,
                         )
                     )
         if labels:

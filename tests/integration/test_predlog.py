@@ -128,6 +128,7 @@ def test_a_prediction_lands_with_its_columns(database: str, tmp_path: Path) -> N
             3.5,
             None,  # batch_id: an online prediction belongs to no batch
             "default",
+            "champion",  # variant: the champion answered
         )
     ]
     assert prediction_exists(database, prediction.request_id, "default") is True
