@@ -139,6 +139,32 @@ class MonitorParams(_Section):
     experiment: str = "monitoring"
 
 
+class RolloutParams(_Section):
+    """A canary's ramp on live traffic (flows/rollout.py): the steps, when a step may be
+    judged, and how much worse the challenger may be before it is rolled back."""
+
+    steps: list[float] = Field(default_factory=lambda: [10.0, 50.0, 100.0], min_length=1)
+    min_samples: int = Field(default=500, ge=1)
+    min_labels: int = Field(default=200, ge=1)
+    alpha: float = Field(default=0.05, gt=0, lt=1)
+    error_rate_margin: float = Field(default=0.01, ge=0, le=1)
+    latency_p95_margin_ms: float = Field(default=20.0, ge=0)
+    latency_p95_margin_share: float = Field(default=0.2, ge=0)
+    accuracy_margin: float = Field(default=0.02, ge=0, le=1)
+    roc_auc_margin: float = Field(default=0.02, ge=0, le=1)
+    poll_seconds: float = Field(default=30.0, gt=0)
+    step_timeout_seconds: float = Field(default=3600.0, gt=0)
+    canary: bool = False
+
+    @model_validator(mode="after")
+    def _steps_ramp_up(self) -> RolloutParams:
+        if any(not 0 < w <= 100 for w in self.steps):
+            raise ValueError(f"steps are percentages in (0, 100], got {self.steps}")
+        if any(b <= a for a, b in zip(self.steps, self.steps[1:], strict=False)):
+            raise ValueError(f"steps must increase, got {self.steps}")
+        return self
+
+
 class BatchScoreParams(_Section):
     chunk_rows: int = Field(default=100_000, gt=0)
 
@@ -186,6 +212,7 @@ class TenantParams(_Section):
     train: dict[str, Any] = Field(default_factory=dict)
     promote: dict[str, Any] = Field(default_factory=dict)
     monitor: dict[str, Any] = Field(default_factory=dict)
+    rollout: dict[str, Any] = Field(default_factory=dict)
 
 
 class Params(_Section):
@@ -197,6 +224,7 @@ class Params(_Section):
     promote: PromoteParams
     batch_score: BatchScoreParams = Field(default_factory=BatchScoreParams)
     monitor: MonitorParams = Field(default_factory=MonitorParams)
+    rollout: RolloutParams = Field(default_factory=RolloutParams)
     tenants: dict[str, TenantParams] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -239,6 +267,7 @@ class Params(_Section):
             ("train", own.train),
             ("promote", own.promote),
             ("monitor", own.monitor),
+            ("rollout", own.rollout),
         ):
             raw[section] = {**raw[section], **override}
         try:

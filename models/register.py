@@ -8,6 +8,10 @@ and rollback works after it; `gate.*` records the gate's verdict whatever it was
 The gate scores the current champion on the same holdout as the new version; the new
 one is promoted only if there is no champion or it passes the promotion policy
 (`promote.improve` / `promote.no_worse` in params.yaml, the same as the promote flow's).
+With params.yaml `rollout.canary: true` and a champion of its own, a version that passes
+is not promoted: it stays `challenger` (`gate.decision: canary`, the gate's evidence in
+`alias.challenger.evidence`) and the rollout flow ramps it on live traffic; a model's first
+version still becomes champion directly. `promote.require_approval` wins over a canary.
 
 `--tenant <id>` (the `tenant-register@<id>` stage) registers the tenant's own model as
 `<MODEL_NAME>.<id>` (common.registry.model_name), tagged with the tenant and its source, and
@@ -21,6 +25,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pandas as pd
@@ -50,6 +55,8 @@ class Decision:
     champion_model: str | None = None
     """The registered model the champion it was gated against belongs to (a tenant's first
     version: the shared model)."""
+    canary: bool = False
+    """Passed the gate with `rollout.canary` on: `challenger` for the rollout flow."""
 
 
 def gate(
@@ -102,6 +109,24 @@ def _rival(client: MlflowClient, settings: Settings, tenant: str | None) -> tupl
         return own, "champion"
     shared = registry.model_name(settings)
     return shared, f"the shared champion {shared}"
+
+
+def _canary(
+    client: MlflowClient, name: str, version: str, *, by: str, reason: str, evidence: dict[str, Any]
+) -> None:
+    """`challenger` points at `version` for the rollout flow, with the gate's evidence; the
+    rollout's end records the decision (`promote.decision`)."""
+    registry.move_alias(client, name, registry.CHALLENGER, version, by=by, reason=reason)
+    registry.set_tags(
+        client,
+        name,
+        version,
+        {
+            tag.alias_tag(registry.CHALLENGER, tag.ALIAS_EVIDENCE): promotion.shorten(
+                json.dumps(evidence, sort_keys=True, default=str)
+            )
+        },
+    )
 
 
 def run(
@@ -166,25 +191,35 @@ def run(
     held = promoted and champion_version is not None and params.promote.require_approval
     if held:  # a person decides in the promote flow; the gate alone must not move champion
         promoted, reason = False, f"{reason}; held for approval (promote.require_approval)"
-    verdict = "held" if held else "promoted" if promoted else "rejected"
+    # a canary: live traffic decides (flows/rollout.py); a model's first version has no
+    # champion of its own to compare with, so it still becomes champion directly
+    canary = promoted and rival == name and champion_version is not None and params.rollout.canary
+    if canary:
+        promoted = False
+        reason = f"{reason}; canary: challenger for the rollout flow (rollout.canary)"
+    verdict = (
+        "held" if held else tag.GATE_CANARY if canary else "promoted" if promoted else "rejected"
+    )
     registry.set_tags(
         client,
         name,
         version,
         {tag.GATE_DECISION: verdict, tag.GATE_REASON: reason, tag.GATE_DECIDED_BY: by},
     )
-    if promoted:
-        evidence = {
-            "gate": "register stage",
-            "policy": params.promote.model_dump(include={"improve", "no_worse"}),
-            "holdout_md5": holdout_md5,
-            "challenger": {"model": name, "version": version, "metrics": challenger_metrics},
-            "champion": (
-                {"model": rival, "version": champion_version, "metrics": champion_metrics}
-                if champion_version
-                else None
-            ),
-        }
+    evidence = {
+        "gate": "register stage",
+        "policy": params.promote.model_dump(include={"improve", "no_worse"}),
+        "holdout_md5": holdout_md5,
+        "challenger": {"model": name, "version": version, "metrics": challenger_metrics},
+        "champion": (
+            {"model": rival, "version": champion_version, "metrics": champion_metrics}
+            if champion_version
+            else None
+        ),
+    }
+    if canary:
+        _canary(client, name, version, by=by, reason=reason, evidence=evidence)
+    elif promoted:
         promotion.move_champion(client, name, version, by=by, reason=reason, evidence=evidence)
     else:
         promotion.record_decision(client, name, version, decision=verdict, by=by, reason=reason)
@@ -199,6 +234,7 @@ def run(
         champion_metrics,
         tenant,
         rival if champion_version else None,
+        canary,
     )
     where.REGISTER_REPORT.parent.mkdir(parents=True, exist_ok=True)
     where.REGISTER_REPORT.write_text(json.dumps(asdict(decision), indent=2) + "\n")

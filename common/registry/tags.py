@@ -13,6 +13,13 @@ promotion sets `.previous`; a rollback keeps the restored version's own `.previo
 second rollback walks one further back) and marks the version it left `rolled back`.
 `gate.*` stays the register stage's verdict, written whatever it decided.
 
+A rollout (flows/rollout.py) records each step it judged on the challenger version
+(`rollout.step.<n>`) and how it ended (`rollout.outcome`); the end itself is the one
+promotion record again (`promoted` through `move_champion`), or `promote.decision: rolled
+back` / `held` on the challenger. With params.yaml `rollout.canary`, a version that passes
+the gate while a champion exists becomes `challenger` (`gate.decision: canary`, the gate's
+evidence in `alias.challenger.evidence`) and the rollout decides.
+
 tag                          written by       means
 ---------------------------  ---------------  ----------------------------------------------------
 git.commit                   train, register  HEAD when trained (`-dirty`: tracked files changed)
@@ -31,7 +38,8 @@ onnx.parity                  train, register  `passed`/`failed`: ONNX agrees wit
 onnx.max_abs_diff            register         largest ONNX-vs-sklearn probability gap
 mlflow.run_id                register         the MLflow run that trained it
 prefect.flow_run_id          train, register  the Prefect flow run that trained it, if any
-gate.decision                register         the gate's verdict: `promoted`/`held`/`rejected`
+gate.decision                register         the gate's verdict: `promoted`/`held`/`rejected`/
+                                              `canary` (passed; challenger for a rollout)
 gate.reason                  register         why
 gate.decided_by              register         who (the register stage)
 promote.decision             promotion        the latest decision about this version:
@@ -46,7 +54,15 @@ alias.<alias>.reason         move_alias       why
 alias.champion.previous      promotion        the champion it replaced: where rollback goes
 alias.champion.evidence      promotion        JSON: what the move rested on (the gate's or the
                                               promote flow's policy, metrics and comparison,
-                                              the reviewer; a rollback's `rolled_back_from`)
+                                              the reviewer; a rollback's `rolled_back_from`;
+                                              a rollout's live numbers per variant)
+alias.challenger.evidence    register         JSON: the gate's evidence for a canary (canary)
+rollout.step.<n>             rollout flow     JSON: step n judged: the weight, the verdict
+                                              (`advance`/`promote`/`roll back`/`hold`), why,
+                                              both variants' live numbers, the comparisons
+rollout.outcome              rollout flow     how the rollout ended: `promoted`/`rolled back`/
+                                              `held` (no verdict in time: weight 0, kept)
+rollout.champion             rollout flow     the champion version it was compared with
 monitor.last_run             monitor flow     MLflow run of the latest monitoring report
 monitor.last_window_end      monitor flow     end of that report's window (UTC)
 monitor.last_drift           monitor flow     `true`/`false`: did that window drift
@@ -96,6 +112,13 @@ ALIAS_REASON = "reason"
 ALIAS_PREVIOUS = "previous"
 ALIAS_EVIDENCE = "evidence"
 
+# rollouts: the challenger's live steps (flows/rollout.py); rollout_step_tag(n)
+ROLLOUT_STEP_PREFIX = "rollout.step."
+ROLLOUT_OUTCOME = "rollout.outcome"
+ROLLOUT_CHAMPION = "rollout.champion"
+GATE_CANARY = "canary"
+"""`gate.decision` of a version that passed while `rollout.canary` is on: a challenger."""
+
 # the loop after serving
 MONITOR_LAST_RUN = "monitor.last_run"
 MONITOR_LAST_WINDOW_END = "monitor.last_window_end"
@@ -121,6 +144,11 @@ LINEAGE = (
 def alias_tag(alias: str, key: str) -> str:
     """`alias.<alias>.<key>`, e.g. alias_tag("champion", ALIAS_PREVIOUS)."""
     return f"{ALIAS_PREFIX}{alias}.{key}"
+
+
+def rollout_step_tag(step: int) -> str:
+    """`rollout.step.<step>`: what step `step` (1-based) of a rollout decided."""
+    return f"{ROLLOUT_STEP_PREFIX}{step}"
 
 
 def metric_tag(metric: str) -> str:

@@ -23,6 +23,8 @@ What lives where:
   (the workers), `claim_callbacks` / `record_callback` (callbacks, at least once), `get` /
   `results` (status and answers), `depths`, `purge`.
 - `readback`: a tenant's own predictions and labels, a page at a time.
+- `variants`: per-variant live numbers of one model over a window (`live_numbers`): what
+  the rollout flow compares.
 - `sources`: batch inputs and outputs: Parquet/CSV files, local or `s3://`, and
   PostgreSQL tables (`open_input`, `read_chunks`, `default_batch_id`, `publish`); a whole
   file or a read-only query's rows (`read_file`, `read_query`: a tenant's snapshot).
@@ -33,7 +35,7 @@ Prefect, BentoML or `models`.
 
 from __future__ import annotations
 
-from common.store import jobs, monitoring, readback, roles, sources, tenants
+from common.store import jobs, monitoring, readback, roles, sources, tenants, variants
 from common.store.batch import BatchLogWriter
 from common.store.connection import CONNECT_TIMEOUT, STATEMENT_TIMEOUT, connect, conninfo, pool
 from common.store.log import PredictionLog, prediction_exists
@@ -92,5 +94,6 @@ __all__ = [
     "sources",
     "tenants",
     "to_line",
+    "variants",
     "write_items",
 ]
