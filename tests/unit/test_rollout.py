@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 from sklearn.metrics import roc_auc_score
-from statsmodels.stats.proportion import proportions_ztest
+from statsmodels.stats.proportion import proportions_ztest  # type: ignore[import-untyped]
 
 from common.errors import UserError
 from common.params import RolloutParams, load_params
@@ -121,17 +121,21 @@ def test_rolls_back_on_lower_accuracy_naming_the_metric_and_the_amount() -> None
     verdict = judge(arm("champion", accuracy=0.85), arm("challenger", accuracy=0.75, seed=1))
     assert verdict.action == rollout.ROLL_BACK
     failed = verdict.failed
-    assert failed is not None and failed.metric == rollout.ACCURACY
+    assert failed is not None
+    assert failed.metric == rollout.ACCURACY
     assert failed.worse_by == pytest.approx(0.10)
-    assert failed.p_value is not None and failed.p_value < 1e-6
+    assert failed.p_value is not None
+    assert failed.p_value < 1e-6
     assert "accuracy: champion 0.85, challenger 0.75, worse by 0.1 (margin 0.02" in verdict.reason
 
 
 def test_rolls_back_on_a_lower_roc_auc() -> None:
     verdict = judge(arm("champion", signal=1.5), arm("challenger", signal=0.2, seed=1))
     assert verdict.action == rollout.ROLL_BACK
-    assert verdict.failed is not None and verdict.failed.metric == rollout.ROC_AUC
-    assert verdict.failed.worse_by is not None and verdict.failed.worse_by > 0.2
+    assert verdict.failed is not None
+    assert verdict.failed.metric == rollout.ROC_AUC
+    assert verdict.failed.worse_by is not None
+    assert verdict.failed.worse_by > 0.2
 
 
 def test_a_worse_accuracy_that_is_not_significant_does_not_roll_back() -> None:
@@ -140,7 +144,8 @@ def test_a_worse_accuracy_that_is_not_significant_does_not_roll_back() -> None:
     challenger = arm("challenger", n_labels=200, accuracy=0.79, seed=1)
     comparison = rollout.compare_accuracy(POLICY, champion, challenger)
     assert comparison.worse_by == pytest.approx(0.06)
-    assert comparison.p_value is not None and comparison.p_value > POLICY.alpha
+    assert comparison.p_value is not None
+    assert comparison.p_value > POLICY.alpha
     assert not comparison.worse
 
 
@@ -151,7 +156,8 @@ def test_a_significant_difference_within_the_margin_does_not_roll_back() -> None
         replace(arm("champion"), labelled=big, correct=int(0.85 * big)),
         replace(arm("challenger"), labelled=big, correct=int(0.845 * big)),
     )
-    assert comparison.p_value is not None and comparison.p_value < 0.001
+    assert comparison.p_value is not None
+    assert comparison.p_value < 0.001
     assert not comparison.worse
 
 
@@ -164,7 +170,8 @@ def test_accuracy_waits_for_min_labels_and_the_verdict_says_so() -> None:
 def test_a_failing_challenger_is_rolled_back_before_min_samples() -> None:
     verdict = judge(arm("champion", requests=300), arm("challenger", requests=20, errors=20))
     assert verdict.action == rollout.ROLL_BACK
-    assert verdict.failed is not None and verdict.failed.metric == rollout.ERROR_RATE
+    assert verdict.failed is not None
+    assert verdict.failed.metric == rollout.ERROR_RATE
     assert verdict.failed.challenger == pytest.approx(0.5)
 
 
@@ -173,7 +180,8 @@ def test_latency_margin_is_the_larger_of_milliseconds_and_share() -> None:
     assert judge(arm("champion"), arm("challenger", p95=69)).action == rollout.ADVANCE
     slow = judge(arm("champion"), arm("challenger", p95=75))
     assert slow.action == rollout.ROLL_BACK
-    assert slow.failed is not None and slow.failed.metric == rollout.LATENCY_P95
+    assert slow.failed is not None
+    assert slow.failed.metric == rollout.LATENCY_P95
     # champion p95 500 ms: margin 100 ms
     assert judge(arm("champion", p95=500), arm("challenger", p95=590)).action == rollout.ADVANCE
 
@@ -202,5 +210,5 @@ def test_a_bad_rollout_key_in_params_yaml_is_a_user_error_naming_it(tmp_path: Pa
     raw["rollout"]["alpha"] = 2
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
-    with pytest.raises(UserError, match="rollout.alpha"):
+    with pytest.raises(UserError, match=r"rollout\.alpha"):
         load_params(path)
