@@ -286,37 +286,53 @@ def rollout(tenant: str | None = None, project_dir: str = ".") -> Outcome:
     versions = {CHAMPION: champion, CHALLENGER: challenger}
     logger = get_run_logger()
     logger.info("%s: rolling out v%s against champion v%s", name, challenger, champion)
+    with prediction_db(settings, reuse_running=True, role=roles.FLOWS) as database_url:
+        try:
+            return _ramp(settings, rules, database_url, name, versions, tenant)
+        except Exception as exc:  # nobody would watch a challenger left on traffic
+            set_weight(settings, name, 0, f"rollout stopped by an error: {exc}")
+            raise
+
+
+def _ramp(  # noqa: PLR0917  (the rollout's inputs)
+    settings: Settings,
+    rules: RolloutParams,
+    database_url: str,
+    name: str,
+    versions: dict[str, str],
+    tenant: str | None,
+) -> Outcome:
+    """Each step in turn until one promotes, rolls back or holds."""
     start = datetime.now(UTC)
     steps: list[Step] = []
-    with prediction_db(settings, reuse_running=True, role=roles.FLOWS) as database_url:
-        for n, weight in enumerate(rules.steps, start=1):
-            last = n == len(rules.steps)
-            set_weight(settings, name, weight, f"rollout step {n}/{len(rules.steps)}")
-            verdict, numbers, timed_out = _wait_for_verdict(
-                rules, database_url, name, versions, start, tenant, weight, last
+    for n, weight in enumerate(rules.steps, start=1):
+        last = n == len(rules.steps)
+        set_weight(settings, name, weight, f"rollout step {n}/{len(rules.steps)}")
+        verdict, numbers, timed_out = _wait_for_verdict(
+            rules, database_url, name, versions, start, tenant, weight, last
+        )
+        if timed_out:
+            verdict = policy.Verdict(
+                policy.HOLD,
+                f"no verdict within {rules.step_timeout_seconds:g} s at {weight:g}% "
+                f"({verdict.reason})",
+                verdict.comparisons,
             )
-            if timed_out:
-                verdict = policy.Verdict(
-                    policy.HOLD,
-                    f"no verdict within {rules.step_timeout_seconds:g} s at {weight:g}% "
-                    f"({verdict.reason})",
-                    verdict.comparisons,
-                )
-            step = _step_record(n, weight, verdict, numbers)
-            steps.append(step)
-            record_step(settings, name, challenger, step)
-            _report(name, step, len(rules.steps))
-            if verdict.action == policy.HOLD:
-                hold(settings, name, versions, verdict.reason)
-                return _end(name, versions, HELD, verdict.reason, steps)
-            if verdict.action == policy.ROLL_BACK:
-                roll_back(settings, name, versions, verdict.reason)
-                outcome = _end(name, versions, ROLLED_BACK, verdict.reason, steps, verdict)
-                alert(settings, _alert_payload(outcome, verdict, tenant))
-                return outcome
-            if verdict.action == policy.PROMOTE:
-                promote(settings, name, versions, verdict.reason, _evidence(rules, steps))
-                return _end(name, versions, PROMOTED, verdict.reason, steps)
+        step = _step_record(n, weight, verdict, numbers)
+        steps.append(step)
+        record_step(settings, name, versions[CHALLENGER], step)
+        _report(name, step, len(rules.steps))
+        if verdict.action == policy.HOLD:
+            hold(settings, name, versions, verdict.reason)
+            return _end(name, versions, HELD, verdict.reason, steps)
+        if verdict.action == policy.ROLL_BACK:
+            roll_back(settings, name, versions, verdict.reason)
+            outcome = _end(name, versions, ROLLED_BACK, verdict.reason, steps, verdict)
+            alert(settings, _alert_payload(outcome, verdict, tenant))
+            return outcome
+        if verdict.action == policy.PROMOTE:
+            promote(settings, name, versions, verdict.reason, _evidence(rules, steps))
+            return _end(name, versions, PROMOTED, verdict.reason, steps)
     raise AssertionError("the last step promotes, rolls back or holds")  # pragma: no cover
 
 

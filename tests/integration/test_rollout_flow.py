@@ -277,3 +277,19 @@ def test_the_cli_without_a_challenger_says_so_in_one_line(setup: Setup) -> None:
         rollout_flow.main(["--project-dir", str(setup.project)])
     with pytest.raises(UserError, match="tenant 'nobody' has no model of its own"):
         rollout_flow.main(["--tenant", "nobody", "--project-dir", str(setup.project)])
+
+
+def test_a_rollout_that_fails_leaves_no_challenger_on_traffic(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gone = setup.admin_url.rsplit("/", 1)[0] + "/no_such_database"
+    monkeypatch.setenv("DATABASE_URL", gone)
+    get_settings.cache_clear()
+
+    with pytest.raises(Exception, match="no_such_database"):
+        _run(setup)
+
+    assert variants.current_weight(setup.client, NAME) == 0
+    reason = setup.client.get_registered_model(NAME).tags[variants.WEIGHT_REASON_TAG]
+    assert reason.startswith("rollout stopped by an error")
+    assert _alias(setup, registry.CHAMPION) == setup.champion
