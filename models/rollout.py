@@ -123,9 +123,14 @@ class Verdict:
 
     @property
     def failed(self) -> Comparison | None:
-        """The comparison that rolled the challenger back (the worst one by margin)."""
-        worse = [c for c in self.comparisons if c.worse]
-        return max(worse, key=lambda c: (c.worse_by or 0) / (c.margin or 1), default=None)
+        """The comparison that rolled the challenger back (None: nothing is worse)."""
+        return worst(self.comparisons)
+
+
+def worst(comparisons: Sequence[Comparison]) -> Comparison | None:
+    """The metric worse by the most margins (the one a rollback names), or None."""
+    worse = [c for c in comparisons if c.worse]
+    return max(worse, key=lambda c: (c.worse_by or 0) / (c.margin or 1), default=None)
 
 
 def _fmt(value: float | None) -> str:
@@ -297,17 +302,15 @@ def judge(
 ) -> Verdict:
     """The step's verdict at `weight` (percent); `last`: the final step (passing promotes)."""
     comparisons = compare(policy, champion, challenger)
-    worse = [c for c in comparisons if c.worse]
     short = short_of_samples(policy, champion, challenger, weight)
     if short:
         errors = comparisons[0]
         if errors.worse:  # failing requests: no reason to wait for more of them
             return Verdict(ROLL_BACK, f"challenger worse: {errors.describe()}", comparisons)
         return Verdict(HOLD, f"waiting for traffic: {short}", comparisons)
-    if worse:
-        failed = Verdict(ROLL_BACK, "", comparisons).failed
-        assert failed is not None
-        others = [c.metric for c in worse if c is not failed]
+    failed = worst(comparisons)
+    if failed is not None:
+        others = [c.metric for c in comparisons if c.worse and c is not failed]
         also = f" (also worse: {', '.join(others)})" if others else ""
         return Verdict(ROLL_BACK, f"challenger worse: {failed.describe()}{also}", comparisons)
     unjudged = [c.describe() for c in comparisons if not c.judged]

@@ -26,6 +26,7 @@ from common.registry import tags as tag
 from common.registry.promotion import (
     HELD,
     PROMOTED,
+    REJECTED,
     ROLLED_BACK,
     Move,
     move_champion,
@@ -52,6 +53,14 @@ def candidates(client: MlflowClient, name: str) -> tuple[ModelVersion, ModelVers
         )
     if str(champion.version) == str(challenger.version):
         raise UserError(f"{name} v{champion.version} is both champion and challenger.")
+    if challenger.tags.get(tag.PROMOTE_DECISION) == REJECTED:
+        # the register stage points `challenger` at every new version, passing or not
+        raise UserError(
+            f"{name} v{challenger.version} (challenger) was rejected: "
+            f"{challenger.tags.get(tag.PROMOTE_REASON, 'no reason recorded')}. Point "
+            f"'{CHALLENGER}' at a version that passed, or delete v{challenger.version}'s "
+            f"{tag.PROMOTE_DECISION} tag to roll it out anyway."
+        )
     return champion, challenger
 
 

@@ -279,6 +279,15 @@ def test_the_cli_without_a_challenger_says_so_in_one_line(setup: Setup) -> None:
         rollout_flow.main(["--tenant", "nobody", "--project-dir", str(setup.project)])
 
 
+def test_a_challenger_the_gate_rejected_is_not_rolled_out(setup: Setup) -> None:
+    promotion.record_decision(
+        setup.client, NAME, setup.challenger, decision="rejected", by="gate", reason="worse AUC"
+    )
+    with pytest.raises(UserError, match=r"v2 \(challenger\) was rejected: worse AUC"):
+        rollout_flow.main(["--project-dir", str(setup.project)])
+    assert variants.current_weight(setup.client, NAME) == 0
+
+
 def test_a_rollout_that_fails_leaves_no_challenger_on_traffic(
     setup: Setup, monkeypatch: pytest.MonkeyPatch
 ) -> None:
