@@ -90,7 +90,8 @@ def setup(
     admin = postgres.url(db)
     migrate(admin)
     roles.enable_login(admin, roles.FLOWS)
-    tenants.add_tenant(admin, "globex")
+    for tenant in ("globex", "acme"):
+        tenants.add_tenant(admin, tenant)
     monkeypatch.setenv("MLOPS_HOME", str(tmp_path / ".mlops"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("MODEL_NAME", NAME)
@@ -113,8 +114,17 @@ def setup(
 class Traffic:
     """The predictor's stand-in: requests assigned by the live weight, logged with labels."""
 
-    def __init__(self, setup: Setup, accuracy: dict[str, float], batch: int = 60) -> None:
+    def __init__(
+        self,
+        setup: Setup,
+        accuracy: dict[str, float],
+        *,
+        model: str = NAME,
+        tenants: tuple[str, ...] = TENANTS,
+        batch: int = 60,
+    ) -> None:
         self.setup, self.accuracy, self.batch = setup, accuracy, batch
+        self.model, self.tenants = model, tenants
         self.stop = threading.Event()
         self.weights: set[float] = set()
         self.rng = np.random.default_rng(7)
@@ -130,8 +140,10 @@ class Traffic:
 
     def _versions(self) -> tuple[float, dict[str, str]]:
         client = self.setup.client
-        weight = variants.current_weight(client, NAME)
-        found = {a: registry.version_by_alias(client, NAME, a) for a in variants.VARIANT_ALIASES}
+        weight = variants.current_weight(client, self.model)
+        found = {
+            a: registry.version_by_alias(client, self.model, a) for a in variants.VARIANT_ALIASES
+        }
         return weight, {a: str(mv.version) for a, mv in found.items() if mv is not None}
 
     def _request(self, tenant: str, weight: float, versions: dict[str, str]) -> list[Any]:
@@ -146,7 +158,7 @@ class Traffic:
             Prediction(
                 key,
                 now,
-                NAME,
+                self.model,
                 versions[variant],
                 {"x": 1.0},
                 str(predicted),
@@ -167,7 +179,7 @@ class Traffic:
                 items = [
                     item
                     for i in range(self.batch)
-                    for item in self._request(TENANTS[i % 2], weight, versions)
+                    for item in self._request(self.tenants[i % len(self.tenants)], weight, versions)
                 ]
                 write_items(conn, items)
                 self.stop.wait(0.05)
@@ -182,8 +194,8 @@ def _alias(setup: Setup, alias: str) -> str | None:
     return None if found is None else str(found.version)
 
 
-def _run(setup: Setup) -> rollout_flow.Outcome:
-    return rollout_flow.rollout(project_dir=str(setup.project))
+def _run(setup: Setup, tenant: str | None = None) -> rollout_flow.Outcome:
+    return rollout_flow.rollout(tenant=tenant, project_dir=str(setup.project))
 
 
 def test_a_challenger_worse_on_live_labels_is_rolled_back_and_paged(
@@ -254,6 +266,33 @@ def test_a_better_challenger_is_ramped_and_promoted_through_the_one_path(
     move = promotion.rollback(setup.client, NAME, by="test", reason="make rollback")
     assert (move.replaced, move.version) == (setup.challenger, setup.champion)
     assert _alias(setup, registry.CHAMPION) == setup.champion
+
+
+def test_a_tenants_rollout_reads_its_own_rows_under_its_own_policy(setup: Setup) -> None:
+    raw = yaml.safe_load((setup.project / "params.yaml").read_text())
+    raw["tenants"]["acme"]["rollout"] = {"steps": [20, 100]}
+    (setup.project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    acme = f"{NAME}.acme"
+    setup.client.create_registered_model(acme)
+    source = (setup.project / "placeholder").resolve().as_uri()
+    v1, v2 = (str(setup.client.create_model_version(acme, source=source).version) for _ in "12")
+    promotion.move_champion(setup.client, acme, v1, by="test", reason="acme's first")
+    setup.client.set_registered_model_alias(acme, registry.CHALLENGER, v2)
+    good = {"champion": 0.8, "challenger": 0.95}
+    # rows under acme's model name from another tenant, its challenger always wrong: a
+    # rollout that read them would roll back
+    noise = {"champion": 0.8, "challenger": 0.0}
+    with (
+        Traffic(setup, good, model=acme, tenants=("acme",)),
+        Traffic(setup, noise, model=acme, tenants=("globex",)),
+    ):
+        outcome = _run(setup, tenant="acme")
+
+    assert outcome.outcome == "promoted"
+    assert outcome.model_name == acme
+    assert [s.weight for s in outcome.steps] == [20, 100]
+    assert str(setup.client.get_model_version_by_alias(acme, registry.CHAMPION).version) == v2
+    assert _alias(setup, registry.CHAMPION) == setup.champion  # the shared model untouched
 
 
 def test_without_enough_traffic_the_rollout_is_held_not_condemned(setup: Setup) -> None:
