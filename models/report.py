@@ -41,6 +41,9 @@ DRIFT_TAG = "drift"
 """Tag of the snapshot computed on every row of a window (drift, data summary)."""
 PERFORMANCE_TAG = "performance"
 """Tag of the snapshot computed on the window's labelled rows (classification quality)."""
+VARIANT_KEY = "variant"
+"""Snapshot metadata naming whose traffic the window is: champion, challenger or shadow."""
+DEFAULT_VARIANT = "champion"
 
 SUMMARY_FILE = "summary.json"
 HTML_FILE = "report.html"
@@ -150,12 +153,17 @@ def evidently_report(
     summary on every row of `current`; classification performance (ClassificationPreset)
     on its labelled rows only, against the reference's when the reference is scored.
     `timestamp` (default now) places both snapshots on the dashboards' time axis;
-    `metadata` (e.g. model name and version) goes on both.
+    `metadata` (e.g. model name, version and `variant`, by default the champion) goes on both.
     """
     params = params or MonitorParams()
     when = _naive_local(timestamp or datetime.now())
     labelled = int(current[data.target].notna().sum()) if data.target in current else 0
-    meta = {"current_rows": str(len(current)), "labelled_rows": str(labelled), **(metadata or {})}
+    meta = {
+        "current_rows": str(len(current)),
+        "labelled_rows": str(labelled),
+        VARIANT_KEY: DEFAULT_VARIANT,
+        **(metadata or {}),
+    }
     cols = _columns(reference, current, data, params)
     ref, cur = _as_objects(_frame(reference, cols.all)), _as_objects(_frame(current, cols.all))
     drift_snapshot = _run(
