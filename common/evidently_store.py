@@ -5,8 +5,9 @@ The target (settings.evidently_target) is a directory, Evidently's local Workspa
 reached through its RemoteWorkspace. Each monitored model, and each tenant's traffic, has
 one project, created on first use with a dashboard of the headline numbers; each window
 adds its snapshots, one pair per variant live in it (champion, challenger, shadow), each
-carrying its variant in its metadata (`variant`) and its name; the dashboard charts each
-variant's numbers in panels of their own, the champion's beside the challenger's.
+carrying its variant in its tags (a challenger's and shadow's, models.report.snapshot_tags),
+metadata (`variant`) and name; the dashboard charts each variant's numbers in panels of
+their own, the champion's beside the challenger's.
 A UI started with EVIDENTLY_SECRET refuses writes without it: uploads send settings'
 EVIDENTLY_SECRET (or the `secret` given) in its `evidently-secret` header.
 
@@ -36,7 +37,13 @@ from evidently.ui.workspace import RemoteWorkspace, Workspace  # type: ignore[im
 
 from common.params import MonitorParams
 from common.settings import get_settings
-from models.report import DEFAULT_VARIANT, DRIFT_TAG, PERFORMANCE_TAG, VARIANT_KEY
+from models.report import (
+    DEFAULT_VARIANT,
+    DRIFT_TAG,
+    PART_KEY,
+    PERFORMANCE_TAG,
+    snapshot_tags,
+)
 
 OTHER_VARIANTS = ("challenger", "shadow")
 """The variants besides the champion (predictions.variant) that get panels of their own."""
@@ -175,13 +182,15 @@ def ensure_project(
 def dashboard_panels(prediction_columns: Sequence[str]) -> list[DashboardPanelPlot]:
     """Panels of the headline numbers: drift share and count, prediction drift, rows, quality.
 
-    Series are picked by Evidently metric type and labels, by the snapshot tags
-    `drift`/`performance` and by the snapshot's `variant` metadata. The UI matches each
-    point of a panel to the panel's first series with that metric and labels, and drops it
-    if that series' tags or metadata then differ: so series differing by tag or variant
-    only cannot share a panel. The two row counts sit in separate panels, and each variant
-    has its own panel of each headline number, the champion's first and titled as before,
-    the challenger's beside it, then the shadow's.
+    Series are picked by Evidently metric type and labels and by the snapshot tags
+    (`drift`/`performance` for the champion, `challenger-drift` and so on for the others:
+    models.report.snapshot_tags). The UI matches each point of a panel to the panel's first
+    series with that metric and labels, and drops it if that series' tags then differ: so
+    series differing by tag only cannot share a panel. The two row counts sit in separate
+    panels, and each variant has its own panel of each headline number, the champion's
+    first and titled as before, the challenger's beside it, then the shadow's. The
+    champion's panels filter by tag only, so windows kept before variants existed stay in
+    its charts.
     """
     panels = _variant_panels(DEFAULT_VARIANT, prediction_columns)
     challenger, shadow = (_variant_panels(v, prediction_columns) for v in OTHER_VARIANTS)
@@ -191,9 +200,8 @@ def dashboard_panels(prediction_columns: Sequence[str]) -> list[DashboardPanelPl
 
 def _variant_panels(variant: str, prediction_columns: Sequence[str]) -> list[DashboardPanelPlot]:
     """The headline numbers of one variant's snapshots, half a row each."""
-    meta = {VARIANT_KEY: variant}
-    drift = {"tags": [DRIFT_TAG], "metadata": meta}
-    perf = {"tags": [PERFORMANCE_TAG], "metadata": meta}
+    drift: dict[str, Any] = {"tags": snapshot_tags(DRIFT_TAG, variant)}
+    perf: dict[str, Any] = {"tags": snapshot_tags(PERFORMANCE_TAG, variant)}
     suffix = "" if variant == DEFAULT_VARIANT else f" ({variant})"
     return [
         line_plot_panel(
@@ -243,7 +251,6 @@ def _variant_panels(variant: str, prediction_columns: Sequence[str]) -> list[Das
 
 def _champion_only_panels() -> list[DashboardPanelPlot]:
     """The champion's details: drifted feature count, F1 by class, labelled rows."""
-    meta = {VARIANT_KEY: DEFAULT_VARIANT}
     return [
         bar_plot_panel(
             "Drifted features",
@@ -253,7 +260,6 @@ def _champion_only_panels() -> list[DashboardPanelPlot]:
                     metric="DriftedColumnsCount",
                     metric_labels={"value_type": "count"},
                     tags=[DRIFT_TAG],
-                    metadata=meta,
                 )
             ],
             size="half",
@@ -265,7 +271,6 @@ def _champion_only_panels() -> list[DashboardPanelPlot]:
                     legend="F1 of {{label}}",
                     metric="F1ByLabel",
                     tags=[PERFORMANCE_TAG],
-                    metadata=meta,
                 )
             ],
             description="their mean is the macro F1",
@@ -278,7 +283,6 @@ def _champion_only_panels() -> list[DashboardPanelPlot]:
                     legend="labelled rows",
                     metric="RowCount",
                     tags=[PERFORMANCE_TAG],
-                    metadata=meta,
                 )
             ],
             size="half",
@@ -299,6 +303,8 @@ def _run_name(snapshot: Any, description: str | None) -> str | None:
     """`description (drift)` / `description (performance)`; None keeps the snapshot's name."""
     if description is None:
         return None
-    tags = snapshot.to_snapshot_model().tags
-    part = next((t for t in (DRIFT_TAG, PERFORMANCE_TAG) if t in tags), None)
+    model = snapshot.to_snapshot_model()
+    part = model.metadata.get(PART_KEY) or next(
+        (t for t in (DRIFT_TAG, PERFORMANCE_TAG) if t in model.tags), None
+    )
     return f"{description} ({part})" if part else description

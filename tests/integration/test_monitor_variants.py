@@ -20,7 +20,9 @@ from evidently.ui.workspace import Workspace as EvidentlyWorkspace  # type: igno
 
 from common.evidently_store import project_name
 from common.localpg import LocalPostgres
+from tests.integration.test_evidently_ui import series
 from tests.integration.test_monitoring_store import GRAFANA_DASHBOARDS, _grafana_sql
+from tests.servers import VENV_BIN, Server, clean_env, free_port, http_ok
 from tests.workspace import ROOT, Workspace
 
 pytestmark = pytest.mark.integration
@@ -173,8 +175,26 @@ def stored(url: str, run_ids: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def evidently_charts(workspace: Path, project_id: str, logs: Path) -> dict[str, Any]:
+    """Each dashboard panel's series, from an `evidently ui` started on `workspace`."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = Server(
+        "evidently ui",
+        [
+            *(str(VENV_BIN / "evidently"), "ui", "--workspace", str(workspace)),
+            *("--host", "127.0.0.1", "--port", str(port)),
+        ],
+        log_path=logs / "evidently-ui-variants.log",
+        healthy=http_ok(f"{url}/api/version"),
+        env=clean_env(DO_NOT_TRACK="1"),
+    )
+    with server.start(timeout=60):
+        return series(url, project_id)
+
+
 def test_each_variant_is_judged_against_its_own_reference_and_kept_with_its_variant(
-    variants: tuple[Workspace, str, Path],
+    variants: tuple[Workspace, str, Path], server_logs: Path
 ) -> None:
     ws, url, evidently = variants
     # champion v1: calm traffic; challenger v2: traffic like v2's own (moved) reference;
@@ -218,7 +238,7 @@ def test_each_variant_is_judged_against_its_own_reference_and_kept_with_its_vari
     workspace = EvidentlyWorkspace(str(evidently))
     (project,) = [p for p in workspace.list_projects() if p.name == project_name(MODEL)]
     snapshots = [workspace.get_run(project.id, s) for s in workspace.list_runs(project.id)]
-    by_part = {(s.metadata["variant"], s.tags[0]): s for s in snapshots}
+    by_part = {(s.metadata["variant"], s.metadata["part"]): s for s in snapshots}
     assert set(by_part) == {
         ("champion", "drift"),
         ("champion", "performance"),
@@ -226,8 +246,19 @@ def test_each_variant_is_judged_against_its_own_reference_and_kept_with_its_vari
         ("challenger", "performance"),
         ("shadow", "drift"),
     }
+    assert by_part["champion", "drift"].tags == ["drift"]
+    assert by_part["challenger", "drift"].tags == ["challenger", "challenger-drift"]
+    assert by_part["shadow", "drift"].tags == ["shadow", "shadow-drift"]
     assert by_part["challenger", "drift"].metadata["model_version"] == "2"
     assert by_part["challenger", "drift"].name.startswith(f"{MODEL} v2 challenger, window to")
+    # the project's dashboard, as `evidently ui` serves it: each variant's numbers in its
+    # own panels, none of them in the champion's
+    charts = evidently_charts(evidently, str(project.id), server_logs)
+    assert [s["values"] for s in charts["Rows in window"]] == [[3000.0]]
+    assert [s["values"] for s in charts["Rows in window (challenger)"]] == [[2000.0]]
+    assert [s["values"] for s in charts["Rows in window (shadow)"]] == [[1200.0]]
+    assert len(charts["Model quality on labelled rows (challenger)"]) == 3
+    assert charts["Model quality on labelled rows (shadow)"] == []
 
     # Grafana's SQL panels: a series per variant, side by side
     with psycopg.connect(url) as conn:
