@@ -4,8 +4,12 @@ The target (settings.evidently_target) is a directory, Evidently's local Workspa
 `evidently ui --workspace DIR` serves, or the http(s) URL of a running `evidently ui`,
 reached through its RemoteWorkspace. Each monitored model, and each tenant's traffic, has
 one project, created on first use with a dashboard of the headline numbers; each window
-adds its snapshots. A UI started with EVIDENTLY_SECRET refuses writes without it: uploads
-send settings' EVIDENTLY_SECRET (or the `secret` given) in its `evidently-secret` header.
+adds its snapshots, one pair per variant live in it (champion, challenger, shadow), each
+carrying its variant in its tags (a challenger's and shadow's, models.report.snapshot_tags),
+metadata (`variant`) and name; the dashboard charts each variant's numbers in panels of
+their own, the champion's beside the challenger's.
+A UI started with EVIDENTLY_SECRET refuses writes without it: uploads send settings'
+EVIDENTLY_SECRET (or the `secret` given) in its `evidently-secret` header.
 
 A directory may be served by a running `evidently ui` while a monitor run writes to it:
 every file this module writes there appears whole, by a rename (see _RenamedInLocation).
@@ -33,7 +37,16 @@ from evidently.ui.workspace import RemoteWorkspace, Workspace  # type: ignore[im
 
 from common.params import MonitorParams
 from common.settings import get_settings
-from models.report import DRIFT_TAG, PERFORMANCE_TAG
+from models.report import (
+    DEFAULT_VARIANT,
+    DRIFT_TAG,
+    PART_KEY,
+    PERFORMANCE_TAG,
+    snapshot_tags,
+)
+
+OTHER_VARIANTS = ("challenger", "shadow")
+"""The variants besides the champion (predictions.variant) that get panels of their own."""
 
 
 def project_name(model_name: str, tenant: str | None = None) -> str:
@@ -134,8 +147,8 @@ def ensure_project(
 ) -> Any:
     """The project named `name` (created if missing) with every dashboard panel in place.
 
-    Panels are matched by title, so a second call adds nothing and a panel added to this
-    module later reaches existing projects.
+    Panels are matched by title, so a second call adds nothing, and a panel added or
+    changed in this module later reaches existing projects (a changed one keeps its id).
     """
     found = [p for p in workspace.search_project(name) if p.name == name]
     if found:
@@ -147,13 +160,21 @@ def ensure_project(
         defaults = MonitorParams()
         prediction_columns = (defaults.prediction_column, defaults.probability_column)
     dashboard = workspace.get_dashboard(project.id)
+    wanted = {p.title: p for p in dashboard_panels(prediction_columns)}
+    changed = False
+    for i, panel in enumerate(dashboard.panels):
+        want = wanted.get(panel.title)
+        if want is not None and (panel.values, panel.size) != (want.values, want.size):
+            dashboard.panels[i] = want.copy(update={"id": panel.id})
+            changed = True
     have = {p.title for p in dashboard.panels}
-    missing = [p for p in dashboard_panels(prediction_columns) if p.title not in have]
+    missing = [p for p in wanted.values() if p.title not in have]
     if missing:
         if not dashboard.tabs:
             dashboard.tabs.append(DashboardTabModel(title=DASHBOARD_TAB, panels=[]))
         dashboard.panels.extend(missing)
         dashboard.tabs[0].panels.extend(p.id for p in missing)
+    if missing or changed:
         workspace.save_dashboard(project.id, dashboard)
     return project
 
@@ -161,75 +182,109 @@ def ensure_project(
 def dashboard_panels(prediction_columns: Sequence[str]) -> list[DashboardPanelPlot]:
     """Panels of the headline numbers: drift share and count, prediction drift, rows, quality.
 
-    Series are picked by Evidently metric type and labels, and by the snapshot tags
-    `drift`/`performance`. The two row counts share the RowCount metric and differ by tag
-    only, so they sit in separate panels: the UI matches each point to the first series
-    of its panel with that metric and labels, and drops it if the tags then differ.
+    Series are picked by Evidently metric type and labels and by the snapshot tags
+    (`drift`/`performance` for the champion, `challenger-drift` and so on for the others:
+    models.report.snapshot_tags). The UI matches each point of a panel to the panel's first
+    series with that metric and labels, and drops it if that series' tags then differ: so
+    series differing by tag only cannot share a panel. The two row counts sit in separate
+    panels, and each variant has its own panel of each headline number, the champion's
+    first and titled as before, the challenger's beside it, then the shadow's. The
+    champion's panels filter by tag only, so windows kept before variants existed stay in
+    its charts.
     """
-    drift, perf = [DRIFT_TAG], [PERFORMANCE_TAG]
-    drifted = "DriftedColumnsCount"
+    panels = _variant_panels(DEFAULT_VARIANT, prediction_columns)
+    challenger, shadow = (_variant_panels(v, prediction_columns) for v in OTHER_VARIANTS)
+    side_by_side = [p for pair in zip(panels, challenger, strict=True) for p in pair]
+    return [*side_by_side, *shadow, *_champion_only_panels()]
+
+
+def _variant_panels(variant: str, prediction_columns: Sequence[str]) -> list[DashboardPanelPlot]:
+    """The headline numbers of one variant's snapshots, half a row each."""
+    drift: dict[str, Any] = {"tags": snapshot_tags(DRIFT_TAG, variant)}
+    perf: dict[str, Any] = {"tags": snapshot_tags(PERFORMANCE_TAG, variant)}
+    suffix = "" if variant == DEFAULT_VARIANT else f" ({variant})"
     return [
         line_plot_panel(
-            "Share of drifted features",
+            f"Share of drifted features{suffix}",
             [
                 PanelMetric(
-                    legend="share",
-                    metric=drifted,
+                    legend=f"share ({variant})",
+                    metric="DriftedColumnsCount",
                     metric_labels={"value_type": "share"},
-                    tags=drift,
+                    **drift,
                 )
             ],
-            description="DataDriftPreset over the model's features",
-            size="half",
-        ),
-        bar_plot_panel(
-            "Drifted features",
-            [
-                PanelMetric(
-                    legend="features",
-                    metric=drifted,
-                    metric_labels={"value_type": "count"},
-                    tags=drift,
-                )
-            ],
+            description=f"DataDriftPreset over the model's features, {variant} traffic",
             size="half",
         ),
         line_plot_panel(
-            "Prediction drift score",
+            f"Prediction drift score{suffix}",
             [
                 PanelMetric(
                     legend=f"{column} ({{{{method}}}})",
                     metric="ValueDrift",
                     metric_labels={"column": column},
-                    tags=drift,
+                    **drift,
                 )
                 for column in prediction_columns
             ],
-            description="ValueDrift of the predictions against the reference's",
+            description=f"ValueDrift of the {variant}'s predictions against its reference's",
+            size="half",
         ),
         line_plot_panel(
-            "Model quality on labelled rows",
+            f"Model quality on labelled rows{suffix}",
             [
-                PanelMetric(legend="accuracy", metric="Accuracy", tags=perf),
-                PanelMetric(legend="F1 (positive class)", metric="F1Score", tags=perf),
-                PanelMetric(legend="ROC AUC", metric="RocAuc", tags=perf),
+                PanelMetric(legend="accuracy", metric="Accuracy", **perf),
+                PanelMetric(legend="F1 (positive class)", metric="F1Score", **perf),
+                PanelMetric(legend="ROC AUC", metric="RocAuc", **perf),
             ],
-            description="ClassificationPreset on the rows whose label has arrived",
+            description=f"ClassificationPreset on the {variant}'s rows whose label has arrived",
+            size="half",
+        ),
+        bar_plot_panel(
+            f"Rows in window{suffix}",
+            [PanelMetric(legend=f"rows ({variant})", metric="RowCount", **drift)],
+            size="half",
+        ),
+    ]
+
+
+def _champion_only_panels() -> list[DashboardPanelPlot]:
+    """The champion's details: drifted feature count, F1 by class, labelled rows."""
+    return [
+        bar_plot_panel(
+            "Drifted features",
+            [
+                PanelMetric(
+                    legend="features",
+                    metric="DriftedColumnsCount",
+                    metric_labels={"value_type": "count"},
+                    tags=[DRIFT_TAG],
+                )
+            ],
+            size="half",
         ),
         line_plot_panel(
             "F1 by class",
-            [PanelMetric(legend="F1 of {{label}}", metric="F1ByLabel", tags=perf)],
+            [
+                PanelMetric(
+                    legend="F1 of {{label}}",
+                    metric="F1ByLabel",
+                    tags=[PERFORMANCE_TAG],
+                )
+            ],
             description="their mean is the macro F1",
             size="half",
         ),
         bar_plot_panel(
-            "Rows in window",
-            [PanelMetric(legend="rows", metric="RowCount", tags=drift)],
-            size="half",
-        ),
-        bar_plot_panel(
             "Labelled rows",
-            [PanelMetric(legend="labelled rows", metric="RowCount", tags=perf)],
+            [
+                PanelMetric(
+                    legend="labelled rows",
+                    metric="RowCount",
+                    tags=[PERFORMANCE_TAG],
+                )
+            ],
             size="half",
         ),
     ]
@@ -248,6 +303,8 @@ def _run_name(snapshot: Any, description: str | None) -> str | None:
     """`description (drift)` / `description (performance)`; None keeps the snapshot's name."""
     if description is None:
         return None
-    tags = snapshot.to_snapshot_model().tags
-    part = next((t for t in (DRIFT_TAG, PERFORMANCE_TAG) if t in tags), None)
+    model = snapshot.to_snapshot_model()
+    part = model.metadata.get(PART_KEY) or next(
+        (t for t in (DRIFT_TAG, PERFORMANCE_TAG) if t in model.tags), None
+    )
     return f"{description} ({part})" if part else description

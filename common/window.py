@@ -7,6 +7,10 @@ labels and predictions take, so the drift checks compare like with like.
 A run is the shared model's (tenant None: the traffic it served, every tenant's) or one
 tenant's (only that tenant's rows, against the model that serves it: its own champion
 `<MODEL_NAME>.<tenant>@champion` if it has one, else the shared champion).
+
+Within a window each variant (champion, challenger, shadow: predictions.variant) is its
+own current data, against its own version's reference: `live_variants` says which
+(variant, version) pairs answered, `version_of` fetches a pair's version.
 """
 
 from __future__ import annotations
@@ -39,6 +43,20 @@ def served(settings: Settings, tenant: str | None, version: str | None) -> Serve
     if version is None:
         return served_model.for_tenant(settings, tenant, cache)
     return served_model.by_version(settings, serving_model(settings, tenant), version, cache)
+
+
+def version_of(settings: Settings, model_name: str, version: str) -> ServedModel:
+    """`version` of `model_name` (a challenger's or shadow's), downloaded with its reference."""
+    return served_model.by_version(settings, model_name, version, served_model.cache_dir(settings))
+
+
+def live_variants(
+    database_url: str, window: monitoring.Window, tenant: str | None = None
+) -> list[monitoring.LiveVariant]:
+    """The challengers and shadows with rows in the window of its model (`tenant`'s rows only,
+    if set): every (variant, version) but the champion's, which the run judges anyway."""
+    live = monitoring.live_variants(database_url, window, None if tenant is None else [tenant])
+    return [v for v in live if v.variant != monitoring.CHAMPION]
 
 
 def read_current(

@@ -11,6 +11,11 @@ A run is the shared model's (`tenant` None) or one tenant's: that tenant's rows 
 against the model serving it (common.window), its numbers, report and event under its
 name, so drift in one customer's traffic retrains that customer's model alone.
 `monitor_tenants` queues one run per tenant on the work pool.
+
+Per variant: when a challenger or a shadow was live in the window, its rows are judged
+apart, against its own version's reference, with the same checks, report (a snapshot pair
+in the same Evidently project, named and labelled with the variant), MLflow run and rows
+(`variant` column); the champion's verdict alone decides the alert and the retrain.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from common.registry import tags as tag
 from common.registry.served import ServedModel
 from common.settings import Settings, get_settings
 from common.store import monitoring, roles
+from common.store.monitoring import CHAMPION
 from flows import fanout
 from models import drift as drift_core
 from models import report
@@ -45,6 +51,12 @@ DRIFT_EVENT = "mlops.drift.detected"
 """The event the `retrain` deployment's trigger expects (prefect.yaml)."""
 TENANT_TAG = "mlops.tenant"
 """The MLflow run tag and event resource label naming a run's tenant (absent: the shared model)."""
+VARIANT_TAG = "monitor.variant"
+"""The MLflow run tag naming whose traffic a monitor run judged: champion, challenger, shadow."""
+
+
+def _variant(window: monitoring.Window) -> str:
+    return window.variant or CHAMPION
 
 
 @dataclass(frozen=True)
@@ -52,28 +64,52 @@ class Outcome:
     """What one monitor run decided and where its results are.
 
     `run` is the row `monitoring_runs` keeps; the flow adds the drifted share and the alert.
+    `run` is the champion's, whose verdict decides; `variants` are the other variants live
+    in the window (a challenger, a shadow), each judged against its own version's reference
+    and never alerting.
     """
 
     run: monitoring.RunRecord
     share_drifted: float
     alerted: bool
+    variants: tuple[Outcome, ...] = ()
 
     def payload(self) -> dict[str, Any]:
         """One flat JSON-ready dict: the webhook's body, the drift event's payload, `_cli`'s print.
 
-        The keys are the run's fields, `share_drifted` and `alerted`; prefect.yaml's retrain
-        trigger reads `mlflow_run_id` and `tenant_id` (None: the shared model) from it.
+        The keys are the champion run's fields, `share_drifted` and `alerted`, and, when a
+        challenger or shadow was live, `variants`: each one's payload with its `variant`.
+        prefect.yaml's retrain trigger reads `mlflow_run_id` and `tenant_id` (None: the
+        shared model) from it.
         """
         run = asdict(self.run)
+        run.pop("variant")  # the top level is the champion's; the others are under `variants`
         for key in ("window_start", "window_end"):
             run[key] = run[key].isoformat(timespec="seconds")
-        return {**run, "share_drifted": self.share_drifted, "alerted": self.alerted}
+        out = {**run, "share_drifted": self.share_drifted, "alerted": self.alerted}
+        if self.variants:
+            out["variants"] = [{"variant": v.run.variant, **v.payload()} for v in self.variants]
+        return out
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
 def served_version(settings: Settings, tenant: str | None, version: str | None) -> ServedModel:
     """The version serving `tenant` (default: under the serving alias), downloaded."""
     return window_data.served(settings, tenant, version)
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
+def live_variants(
+    database_url: str, window: monitoring.Window, tenant: str | None
+) -> list[monitoring.LiveVariant]:
+    """The challengers and shadows (variant, version, rows) live in the window's traffic."""
+    return window_data.live_variants(database_url, window, tenant)
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
+def variant_version(settings: Settings, model_name: str, version: str) -> ServedModel:
+    """A challenger's or shadow's version, downloaded with its reference."""
+    return window_data.version_of(settings, model_name, version)
 
 
 @task(cache_policy=NO_CACHE)
@@ -119,7 +155,11 @@ def write_report(  # noqa: PLR0917  (a task's inputs are its signature)
         params.monitor,
         out=out,
         timestamp=window.end,
-        metadata={"model_name": served.name, "model_version": served.version},
+        metadata={
+            "model_name": served.name,
+            "model_version": served.version,
+            report.VARIANT_KEY: _variant(window),
+        },
     )
 
 
@@ -136,7 +176,8 @@ def upload_report(
         settings.evidently_target,
         project,
         kept,
-        description=f"{served.name} v{served.version}, window to {window.end:%F %H:%M} UTC",
+        description=f"{served.name} v{served.version} {_variant(window)},"
+        f" window to {window.end:%F %H:%M} UTC",
     )
 
 
@@ -153,9 +194,11 @@ def log_run(  # noqa: PLR0917  (a task's inputs are its signature)
     tenant: str | None,
 ) -> tuple[str, str]:
     """The run in the monitoring experiment, the kept files as its artifacts: (run id, uri)."""
+    variant = _variant(window)
     tags = {
         "model.name": served.name,
         "model.version": served.version,
+        VARIANT_TAG: variant,
         "window.start": window.start.isoformat(),
         "window.end": window.end.isoformat(),
         "monitor.run_id": run_id,
@@ -168,7 +211,9 @@ def log_run(  # noqa: PLR0917  (a task's inputs are its signature)
     return registry.log_run(
         settings,
         params.monitor.experiment,
-        f"monitor v{served.version}" + (f" {tenant}" if tenant else ""),
+        f"monitor v{served.version}"
+        + ("" if variant == CHAMPION else f" {variant}")
+        + (f" {tenant}" if tenant else ""),
         tags=tags,
         metrics=result.metrics(),
         artifacts=files,
@@ -257,48 +302,25 @@ def monitor(
 
     `tenant` None: the shared model's traffic, every tenant's; a tenant id: that tenant's
     rows only, against its own model's champion if it has one, else the shared one's.
+    A challenger's or shadow's rows in the window are judged too, each against its own
+    version's reference (`Outcome.variants`); only the champion's drift alerts.
     """
     settings = get_settings()
     params = load_params()
-    logger = get_run_logger()
     end = (end or datetime.now(UTC)).astimezone(UTC)
     start = end - timedelta(hours=window_hours or params.monitor.window_hours)
     served = served_version(settings, tenant, model_version)
-    window = monitoring.Window(served.name, served.version, start, end)
-    reference = reference_of(served)
-    run_id = monitoring.new_run_id()
+    window = monitoring.Window(served.name, served.version, start, end, CHAMPION)
     with prediction_db(settings, reuse_running=True, role=roles.FLOWS) as database_url:
-        current = read_window(database_url, window, params, reference, tenant)
-        result = check(reference, current, params)
-        logger.info("%s v%s %s: %s", served.name, served.version, _whose(tenant), result.summary())
-        with tempfile.TemporaryDirectory() as tmp:
-            files = Path(tmp)
-            kept = write_report(params, served, window, reference, current, result, files)
-            name = evidently_store.project_name(served.name, tenant)
-            project = None if kept is None else upload_report(settings, served, window, kept, name)
-            mlflow_run, report_uri = log_run(
-                settings, params, served, window, result, run_id, project, files, tenant
-            )
-        tag_version(settings, served, window, result, mlflow_run)
-        run = monitoring.RunRecord(
-            run_id=run_id,
-            model_name=served.name,
-            model_version=served.version,
-            window_start=start,
-            window_end=end,
-            current_rows=result.current_rows,
-            labelled_rows=result.labelled_rows,
-            enough_rows=result.enough_rows,
-            drift_detected=result.drift_detected,
-            summary=result.summary(),
-            mlflow_run_id=mlflow_run,
-            report_uri=report_uri,
-            evidently_project=project,
-            tenant_id=tenant,
-        )
-        record(database_url, run, result)
-    outcome = Outcome(run, share_drifted=result.share_drifted, alerted=result.drift_detected)
-    if result.drift_detected:
+        champion, result = judge(settings, params, database_url, served, window, tenant)
+        others = []
+        for live in live_variants(database_url, window, tenant):
+            version = variant_version(settings, served.name, live.model_version)
+            of_variant = monitoring.Window(served.name, version.version, start, end, live.variant)
+            other, _ = judge(settings, params, database_url, version, of_variant, tenant)
+            others.append(other)
+    outcome = Outcome(champion.run, champion.share_drifted, champion.alerted, tuple(others))
+    if outcome.alerted:
         _raise_alarm(settings, outcome, result)
     create_markdown_artifact(
         _markdown(outcome),
@@ -306,6 +328,66 @@ def monitor(
         description=f"{served.name} v{served.version} {_whose(tenant)}",
     )
     return outcome
+
+
+def judge(  # noqa: PLR0917  (the run's context, passed on to its tasks)
+    settings: Settings,
+    params: Params,
+    database_url: str,
+    served: ServedModel,
+    window: monitoring.Window,
+    tenant: str | None,
+) -> tuple[Outcome, drift_core.DriftResult]:
+    """One variant's rows of the window against its version's reference, kept and recorded.
+
+    The verdict, report, MLflow run, version tags and rows of `window.variant`'s traffic;
+    the outcome alerts only for the champion (the caller raises the alarm).
+    """
+    logger = get_run_logger()
+    variant = _variant(window)
+    reference = reference_of(served)
+    run_id = monitoring.new_run_id()
+    current = read_window(database_url, window, params, reference, tenant)
+    result = check(reference, current, params)
+    said = f"{served.name} v{served.version}" + ("" if variant == CHAMPION else f" ({variant})")
+    if variant != CHAMPION and result.drift_detected:
+        logger.warning(
+            "%s %s: %s No alert: the champion's verdict decides.",
+            said,
+            _whose(tenant),
+            result.summary(),
+        )
+    else:
+        logger.info("%s %s: %s", said, _whose(tenant), result.summary())
+    with tempfile.TemporaryDirectory() as tmp:
+        files = Path(tmp)
+        kept = write_report(params, served, window, reference, current, result, files)
+        name = evidently_store.project_name(window.model_name, tenant)
+        project = None if kept is None else upload_report(settings, served, window, kept, name)
+        mlflow_run, report_uri = log_run(
+            settings, params, served, window, result, run_id, project, files, tenant
+        )
+    tag_version(settings, served, window, result, mlflow_run)
+    run = monitoring.RunRecord(
+        run_id=run_id,
+        model_name=served.name,
+        model_version=served.version,
+        window_start=window.start,
+        window_end=window.end,
+        current_rows=result.current_rows,
+        labelled_rows=result.labelled_rows,
+        enough_rows=result.enough_rows,
+        drift_detected=result.drift_detected,
+        summary=result.summary(),
+        mlflow_run_id=mlflow_run,
+        report_uri=report_uri,
+        evidently_project=project,
+        tenant_id=tenant,
+        variant=variant,
+    )
+    record(database_url, run, result)
+    alerted = result.drift_detected and variant == CHAMPION
+    return Outcome(run, share_drifted=result.share_drifted, alerted=alerted), result
 
 
 @task(cache_policy=NO_CACHE, task_run_name="queue-{tenant}")
@@ -347,11 +429,7 @@ def _alert_markdown(o: Outcome, result: drift_core.DriftResult) -> str:
 
 def _markdown(o: Outcome) -> str:
     r = o.run
-    verdict = (
-        "too few rows: no verdict"
-        if not r.enough_rows
-        else ("**drift detected**" if r.drift_detected else "no drift")
-    )
+    verdict = _verdict(r)
     start, end = (t.isoformat(timespec="seconds") for t in (r.window_start, r.window_end))
     return (
         f"## Monitoring {r.model_name} v{r.model_version}, {_whose(r.tenant_id)}\n\n"
@@ -360,7 +438,30 @@ def _markdown(o: Outcome) -> str:
         f"| verdict | {verdict} |\n| drifted features | {o.share_drifted:.0%} |\n"
         f"| MLflow run | `{r.mlflow_run_id}` |\n| report | `{r.report_uri}` |\n"
         f"| Evidently project | `{r.evidently_project}` |\n\n{r.summary}\n"
+        + (_variants_markdown(o) if o.variants else "")
     )
+
+
+def _variants_markdown(o: Outcome) -> str:
+    """The variants side by side (rows, verdict, drifted share), then each one's summary."""
+    runs = [(v.run, v.share_drifted) for v in (o, *o.variants)]
+    table = "\n".join(
+        f"| {r.variant} | v{r.model_version} | {r.current_rows:,} ({r.labelled_rows:,}) "
+        f"| {_verdict(r)} | {share:.0%} |"
+        for r, share in runs
+    )
+    notes = "\n".join(f"- **{r.variant}** v{r.model_version}: {r.summary}" for r, _ in runs)
+    return (
+        "\n### Variants (each against its own version's reference)\n\n"
+        "| variant | version | rows (labelled) | verdict | drifted features |\n"
+        f"|---|---|---|---|---|\n{table}\n\n{notes}\n"
+    )
+
+
+def _verdict(r: monitoring.RunRecord) -> str:
+    if not r.enough_rows:
+        return "too few rows: no verdict"
+    return "**drift detected**" if r.drift_detected else "no drift"
 
 
 def _cli() -> dict[str, Any]:

@@ -3,8 +3,9 @@
 Drift and a data summary on every row, classification performance on the rows whose
 label has arrived: two Evidently snapshots (tagged DRIFT_TAG and PERFORMANCE_TAG), kept
 as HTML and JSON in the run's MLflow artifacts and added to the Evidently workspace
-(common.evidently_store), whose dashboards pick their series by these tags. The verdicts
-themselves are `models.drift`'s.
+(common.evidently_store), whose dashboards pick their series by these tags. A challenger's
+or shadow's window is tagged with its variant instead (`snapshot_tags`), so the champion's
+charts never pick up its points. The verdicts themselves are `models.drift`'s.
 """
 
 from __future__ import annotations
@@ -41,6 +42,22 @@ DRIFT_TAG = "drift"
 """Tag of the snapshot computed on every row of a window (drift, data summary)."""
 PERFORMANCE_TAG = "performance"
 """Tag of the snapshot computed on the window's labelled rows (classification quality)."""
+VARIANT_KEY = "variant"
+"""Snapshot metadata naming whose traffic the window is: champion, challenger or shadow."""
+DEFAULT_VARIANT = "champion"
+PART_KEY = "part"
+"""Snapshot metadata naming its part: DRIFT_TAG or PERFORMANCE_TAG."""
+
+
+def snapshot_tags(part: str, variant: str = DEFAULT_VARIANT) -> list[str]:
+    """A snapshot's tags: the part alone for the champion (as before variants existed);
+    `<variant>` and `<variant>-<part>` for another variant.
+
+    Evidently matches a panel's series by tags it must all carry, with no way to exclude
+    one: a challenger's snapshot tagged `drift` would land in the champion's charts.
+    """
+    return [part] if variant == DEFAULT_VARIANT else [variant, f"{variant}-{part}"]
+
 
 SUMMARY_FILE = "summary.json"
 HTML_FILE = "report.html"
@@ -150,12 +167,18 @@ def evidently_report(
     summary on every row of `current`; classification performance (ClassificationPreset)
     on its labelled rows only, against the reference's when the reference is scored.
     `timestamp` (default now) places both snapshots on the dashboards' time axis;
-    `metadata` (e.g. model name and version) goes on both.
+    `metadata` (e.g. model name, version and `variant`, by default the champion) goes on both.
     """
     params = params or MonitorParams()
     when = _naive_local(timestamp or datetime.now())
     labelled = int(current[data.target].notna().sum()) if data.target in current else 0
-    meta = {"current_rows": str(len(current)), "labelled_rows": str(labelled), **(metadata or {})}
+    meta = {
+        "current_rows": str(len(current)),
+        "labelled_rows": str(labelled),
+        VARIANT_KEY: DEFAULT_VARIANT,
+        **(metadata or {}),
+    }
+    variant = meta[VARIANT_KEY]
     cols = _columns(reference, current, data, params)
     ref, cur = _as_objects(_frame(reference, cols.all)), _as_objects(_frame(current, cols.all))
     drift_snapshot = _run(
@@ -164,11 +187,17 @@ def evidently_report(
         cur,
         cols,
         timestamp=when,
-        tags=[DRIFT_TAG],
-        metadata={**meta, "part": DRIFT_TAG},
+        tags=snapshot_tags(DRIFT_TAG, variant),
+        metadata={**meta, PART_KEY: DRIFT_TAG},
     )
     performance_snapshot = _performance_report(
-        reference, current, data, params, timestamp=when, metadata={**meta, "part": PERFORMANCE_TAG}
+        reference,
+        current,
+        data,
+        params,
+        timestamp=when,
+        tags=snapshot_tags(PERFORMANCE_TAG, variant),
+        metadata={**meta, PART_KEY: PERFORMANCE_TAG},
     )
     return MonitorReport(drift_snapshot, performance_snapshot, len(current), labelled)
 
@@ -221,7 +250,7 @@ def _performance_report(
         categorical_columns=[data.target, params.prediction_column],
         classification=[task],
     )
-    return Report([RowCount(), ClassificationPreset()], tags=[PERFORMANCE_TAG]).run(
+    return Report([RowCount(), ClassificationPreset()]).run(
         Dataset.from_pandas(cur, data_definition=definition),
         None if ref is None else Dataset.from_pandas(ref, data_definition=definition),
         **run,

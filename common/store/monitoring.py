@@ -28,16 +28,32 @@ from common.store.tenants import scope, tenant_ids
 REQUEST_ID = "request_id"
 TS = "ts"
 MODEL_VERSION = "model_version"
+CHAMPION = "champion"
+"""The variant of every row logged before variants existed and of a single-variant run."""
 
 
 @dataclass(frozen=True)
 class Window:
-    """Which logged predictions one monitor run looks at."""
+    """Which logged predictions one monitor run looks at.
+
+    `model_version` None: every version; `variant` None: every variant (champion,
+    challenger, shadow: predictions.variant).
+    """
 
     model_name: str
     model_version: str | None
     start: datetime
     end: datetime
+    variant: str | None = None
+
+
+@dataclass(frozen=True)
+class LiveVariant:
+    """A variant that answered (or shadowed) some of a window's traffic, with one version."""
+
+    variant: str
+    model_version: str
+    rows: int
 
 
 def _select(
@@ -134,6 +150,8 @@ def read_window(
     ]
     if window.model_version is not None:
         where.append(sql.SQL("p.model_version = {}").format(sql.Literal(window.model_version)))
+    if window.variant is not None:
+        where.append(sql.SQL("p.variant = {}").format(sql.Literal(window.variant)))
     where.append(_of_tenants(tenants))
     query = sql.SQL(
         "SELECT {} FROM predictions p LEFT JOIN feedback f {} WHERE {} ORDER BY p.ts"
@@ -146,6 +164,32 @@ def read_window(
     with connect(database_url, statement_timeout=None) as conn, conn.transaction():
         _scope(conn, tenants)
         return _copy_frame(conn, query, data, text)
+
+
+def live_variants(
+    database_url: str, window: Window, tenants: Sequence[str] | None = None
+) -> list[LiveVariant]:
+    """Each (variant, version) of the window's model with rows in its time range, and how many.
+
+    The window's own version and variant are not looked at: this is what else was live.
+    `tenants` as `read_window`'s. Ordered champion, challenger, shadow, then by version.
+    """
+    migrate(database_url)
+    query = sql.SQL(
+        "SELECT p.variant, p.model_version, count(*) FROM predictions p"
+        " WHERE p.model_name = {} AND p.ts >= {} AND p.ts < {} AND {}"
+        " GROUP BY 1, 2"
+        " ORDER BY array_position(ARRAY['champion', 'challenger', 'shadow'], p.variant), 2"
+    ).format(
+        sql.Literal(window.model_name),
+        sql.Literal(window.start),
+        sql.Literal(window.end),
+        _of_tenants(tenants),
+    )
+    with connect(database_url, statement_timeout=None) as conn, conn.transaction():
+        _scope(conn, tenants)
+        rows = conn.execute(query).fetchall()
+    return [LiveVariant(str(v), str(version), int(n)) for v, version, n in rows]
 
 
 def labelled_rows(
@@ -216,6 +260,7 @@ class RunRecord:
     report_uri: str | None = None
     evidently_project: str | None = None
     tenant_id: str | None = None  # None: the shared model, over every tenant's traffic
+    variant: str = CHAMPION  # whose traffic: champion, challenger or shadow
 
 
 def new_run_id() -> str:
@@ -242,7 +287,8 @@ def write_results(
         with conn.cursor() as cur:
             cur.executemany(
                 "INSERT INTO monitoring_metrics (run_id, window_end, model_name, model_version,"
-                " metric, column_name, value, tenant_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                " metric, column_name, value, tenant_id, variant)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
                 [
                     (
                         run.run_id,
@@ -253,6 +299,7 @@ def write_results(
                         column or "",
                         float(value),
                         run.tenant_id,
+                        run.variant,
                     )
                     for metric, column, value in metrics
                 ],
@@ -260,11 +307,16 @@ def write_results(
 
 
 def history(
-    database_url: str, model_name: str, metric: str, tenant: str | None = None
+    database_url: str,
+    model_name: str,
+    metric: str,
+    tenant: str | None = None,
+    variant: str = CHAMPION,
 ) -> list[dict[str, Any]]:
     """A metric over time (window end, version, column, value): what a dashboard charts.
 
     `tenant` None is the shared model's monitoring; a tenant id, that tenant's own.
+    `variant` picks whose traffic: the champion's by default, or a challenger's or shadow's.
     """
     with connect(database_url) as conn, conn.transaction():
         if tenant is not None:
@@ -272,8 +324,8 @@ def history(
         rows = conn.execute(
             "SELECT window_end, model_version, column_name, value FROM monitoring_metrics"
             " WHERE model_name = %s AND metric = %s AND tenant_id IS NOT DISTINCT FROM %s"
-            " ORDER BY window_end, column_name",
-            [model_name, metric, tenant],
+            " AND variant = %s ORDER BY window_end, column_name",
+            [model_name, metric, tenant, variant],
         ).fetchall()
     return [
         {"window_end": r[0], "model_version": r[1], "column": r[2] or None, "value": r[3]}
