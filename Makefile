@@ -30,9 +30,12 @@ $(CURDIR)/.tools/bin/uv:
 
 bootstrap: .venv/.synced ## install uv (if missing) and the locked environment
 
+# When this make began: the summary tells a version registered before it as unchanged.
+STARTED := $(shell date +%s)
+
 demo: bootstrap ## the main job: the closed loop (pipeline, serve, drift, monitor, retrain, gate, live swap)
 	$(RUN) dvc repro
-	$(RUN) python -m common.summary
+	$(RUN) python -m common.summary --since $(STARTED)
 	$(RUN) python -m scripts.loop
 
 SERVE_HOST ?= 127.0.0.1
