@@ -21,10 +21,11 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from common import paths, registry_target
+from common import paths, registry, registry_target
 from common.errors import UserError
 from common.params import PARAMS_FILE, load_params
 from common.registry import tags as tag
+from common.settings import Settings
 
 DVC = (sys.executable, "-m", "dvc")
 
@@ -192,6 +193,12 @@ def check_registered(s: RunSummary, client: MlflowClient, where: str) -> None:
             f"the last register stage's {s.model_name} v{s.version}{earlier} is not in {where}; "
             "run the pipeline (`dvc repro`) against this registry to train and register there."
         )
+
+
+def check_in_registry(s: RunSummary, settings: Settings) -> None:
+    """check_registered against the registry `settings` point at."""
+    where = registry_target.current(settings).describe()
+    check_registered(s, registry.connect(settings), where)
 
 
 def mlflow_run_link(tracking_uri: str, run_id: str | None) -> str:

@@ -34,9 +34,9 @@ def render(settings: Settings, tenant: str | None = None, since: float | None = 
     now = since is None or decided_at >= since
     s = dvc_pipeline.summary(Path(), tenant, registered_now=now)
     metrics = json.loads(where.METRICS.read_text())
+    dvc_pipeline.check_in_registry(s, settings)
     client = registry.connect(settings)
     target = registry_target.current(settings).describe()
-    dvc_pipeline.check_registered(s, client, target)
     name = s.model_name
     aliases = {
         alias: (mv.version if mv else "-")
