@@ -12,6 +12,14 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 # Test processes: most tests wait on real servers, so more workers than cores pays off.
 PYTEST_WORKERS ?= 4
 
+# Environments: `make <target> ENV=staging` (or prod) works in that environment: its
+# registered model, database, work pool and, for `make up`, its own copy of the stack on
+# its own ports (scripts/stack.py). Only ENV given on the command line counts (a shell's
+# own ENV variable is something else); MLOPS_ENV in the environment or .env works too.
+ifeq ($(origin ENV),command line)
+export MLOPS_ENV := $(ENV)
+endif
+
 UV := $(or $(shell command -v uv 2>/dev/null),$(CURDIR)/.tools/bin/uv)
 RUN := $(UV) run --frozen
 
@@ -30,9 +38,12 @@ $(CURDIR)/.tools/bin/uv:
 
 bootstrap: .venv/.synced ## install uv (if missing) and the locked environment
 
+# When this make began: the summary tells a version registered before it as unchanged.
+STARTED := $(shell date +%s)
+
 demo: bootstrap ## the main job: the closed loop (pipeline, serve, drift, monitor, retrain, gate, live swap)
 	$(RUN) dvc repro
-	$(RUN) python -m common.summary
+	$(RUN) python -m common.summary --since $(STARTED)
 	$(RUN) python -m scripts.loop
 
 SERVE_HOST ?= 127.0.0.1
@@ -116,8 +127,8 @@ bench-jobs: bootstrap ## async jobs: pgmq alone, then POST /jobs with 1 and 2 wo
 mlflow-ui: bootstrap ## MLflow UI on the embedded store (http://127.0.0.1:5000)
 	$(RUN) mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.mlops/mlflow.db --port 5000 --workers 1
 
-evidently-ui: bootstrap ## Evidently UI on the monitoring workspace (http://127.0.0.1:8000)
-	DO_NOT_TRACK=1 $(RUN) evidently ui --workspace $(or $(MLOPS_HOME),$(CURDIR)/.mlops)/evidently --host 127.0.0.1 --port 8000
+evidently-ui: bootstrap ## Evidently UI on the environment's monitoring workspace (http://127.0.0.1:8000)
+	DO_NOT_TRACK=1 $(RUN) evidently ui --workspace $(or $(MLOPS_HOME),$(CURDIR)/.mlops)$(if $(filter-out dev,$(or $(MLOPS_ENV),dev)),/$(MLOPS_ENV))/evidently --host 127.0.0.1 --port 8000
 
 licenses: bootstrap ## fail if a dependency's licence is incompatible with Apache-2.0
 	$(RUN) python scripts/check_licenses.py
@@ -135,16 +146,16 @@ rollback: bootstrap ## move champion back to the version it replaced, through th
 
 # Prefect: a local server, the deployments of prefect.yaml, and a worker that runs them.
 .PHONY: prefect-server deploy worker
-POOL ?= local-process
+POOL ?= local-process$(if $(filter-out dev,$(or $(MLOPS_ENV),dev)),-$(MLOPS_ENV))
 
 prefect-server: bootstrap ## Prefect server and UI on http://127.0.0.1:4200 (SQLite under PREFECT_HOME)
 	$(RUN) prefect server start --host 127.0.0.1 --port 4200
 
-deploy: bootstrap ## create the local-process work pool if missing, then `prefect deploy --all` (needs PREFECT_API_URL)
+deploy: bootstrap ## create the environment's work pool (local-process[-ENV]) if missing, then `prefect deploy --all` to it (needs PREFECT_API_URL)
 	$(RUN) prefect work-pool inspect $(POOL) >/dev/null 2>&1 || $(RUN) prefect work-pool create $(POOL) --type process
-	MLOPS_PROJECT_DIR=$(CURDIR) $(RUN) prefect --no-prompt deploy --all
+	MLOPS_PROJECT_DIR=$(CURDIR) PREFECT_WORK_POOL=$(POOL) $(RUN) prefect --no-prompt deploy --all
 
-worker: bootstrap ## a Prefect worker serving the local-process pool (runs the deployments' flow runs)
+worker: bootstrap ## a Prefect worker serving the environment's pool (runs the deployments' flow runs)
 	$(RUN) prefect worker start --pool $(POOL)
 
 # Tenants (customers) and their API keys: `uv run mlops tenants --help` for the rest

@@ -18,10 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
-from common import paths
+from common import paths, registry, registry_target
 from common.errors import UserError
 from common.params import PARAMS_FILE, load_params
+from common.registry import tags as tag
+from common.settings import Settings
 
 DVC = (sys.executable, "-m", "dvc")
 
@@ -36,6 +40,9 @@ class StageRejectedError(UserError):
 
 TENANT_STAGE_PREFIX = "tenant-"
 """dvc.yaml's per-tenant foreach groups are `tenant-<stage>`; DVC names each `<group>@<id>`."""
+TARGET_STAGE = "registry-target"
+"""The stage recording which registry the run writes to (common.registry_target); every
+chain, a tenant's too, runs it first so its train/register see a change of registry."""
 
 
 def stages(root: Path, tenant: str | None = None) -> list[str]:
@@ -49,7 +56,8 @@ def stages(root: Path, tenant: str | None = None) -> list[str]:
     if tenant is None:
         return [name for name, body in entries.items() if "foreach" not in body]
     load_params(root / PARAMS_FILE).for_tenant(tenant)
-    return [f"{name}@{tenant}" for name, body in entries.items() if "foreach" in body]
+    first = [TARGET_STAGE] if TARGET_STAGE in entries else []
+    return first + [f"{name}@{tenant}" for name, body in entries.items() if "foreach" in body]
 
 
 def _error_paragraph(lines: list[str]) -> str | None:
@@ -70,8 +78,10 @@ def run(
     root: Path,
     on_line: Callable[[str], None],
     env: Mapping[str, str] | None = None,
-) -> None:
-    """Run a command in `root`, handing each output line to `on_line`; raise on failure."""
+) -> list[str]:
+    """Run a command in `root`, handing each output line to `on_line`; raise on failure.
+
+    Returns its output lines."""
     with subprocess.Popen(
         args,
         cwd=root,
@@ -90,7 +100,7 @@ def run(
             on_line(line)
         code = proc.wait()
     if code == 0:
-        return
+        return lines
     message = _error_paragraph(lines)
     if message is not None:
         raise StageRejectedError(message)
@@ -101,14 +111,20 @@ def run(
 
 def run_stage(
     stage: str, root: Path, on_line: Callable[[str], None], flow_run_id: str | None = None
-) -> None:
-    """`dvc repro --single-item <stage>`: run one stage if its inputs changed.
+) -> bool:
+    """`dvc repro --single-item <stage>`: run one stage if its inputs changed; True if it ran.
 
     The orchestrator's run id goes to the stage as PREFECT__FLOW_RUN_ID (the settings
     name), so the model version it registers is tagged with it whoever started the run.
     """
     env = {**os.environ, "PREFECT__FLOW_RUN_ID": flow_run_id} if flow_run_id else None
-    run((*DVC, "repro", "--single-item", stage), root, on_line, env)
+    lines = run((*DVC, "repro", "--single-item", stage), root, on_line, env)
+    return any(line.startswith(f"Running stage '{stage}'") for line in lines)
+
+
+def register_stage(tenant: str | None = None) -> str:
+    """The stage that registers the shared model's version (None) or `tenant`'s."""
+    return "register" if tenant is None else f"{TENANT_STAGE_PREFIX}register@{tenant}"
 
 
 def has_remote(root: Path) -> bool:
@@ -130,12 +146,19 @@ class RunSummary:
     metrics: dict[str, float]
     mlflow_run_id: str | None
     tenant: str | None = None
+    registered_now: bool = True
+    """Whether this run's register stage made the version; False: nothing changed, and the
+    version is the one an earlier run registered (in `registry`)."""
+    registry: str | None = None
+    """Where the version was registered (registry_target.Target.describe), when recorded."""
 
 
-def summary(root: Path, tenant: str | None = None) -> RunSummary:
+def summary(root: Path, tenant: str | None = None, registered_now: bool = True) -> RunSummary:
     """The register decision, holdout metrics and MLflow run of the last pipeline run of the
-    shared model (None) or of `tenant`'s own model."""
+    shared model (None) or of `tenant`'s own model; `registered_now`: whether the register
+    stage ran in this run (else the decision is an earlier run's)."""
     where = paths.layout(tenant)
+    target = registry_target.recorded(root)
     decision = json.loads((root / where.REGISTER_REPORT).read_text())
     metrics = json.loads((root / where.METRICS).read_text())
     train_file = root / where.TRAIN_RUN
@@ -148,7 +171,34 @@ def summary(root: Path, tenant: str | None = None) -> RunSummary:
         metrics={k: float(v) for k, v in metrics.items() if k != "rows"},
         mlflow_run_id=run_id,
         tenant=tenant,
+        registered_now=registered_now,
+        registry=target.describe() if target else None,
     )
+
+
+def check_registered(s: RunSummary, client: MlflowClient, where: str) -> None:
+    """Fail unless the registry `client` talks to (described by `where`) holds the version
+    `s` names, made by its MLflow run: a report from another registry's run is never told
+    as this one's."""
+    try:
+        mv = client.get_model_version(s.model_name, s.version)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        mv = None
+    made_by = mv.tags.get(tag.MLFLOW_RUN_ID) if mv is not None else None
+    if mv is None or (s.mlflow_run_id and made_by and made_by != s.mlflow_run_id):
+        earlier = f" registered in {s.registry}" if s.registry else ""
+        raise UserError(
+            f"the last register stage's {s.model_name} v{s.version}{earlier} is not in {where}; "
+            "run the pipeline (`dvc repro`) against this registry to train and register there."
+        )
+
+
+def check_in_registry(s: RunSummary, settings: Settings) -> None:
+    """check_registered against the registry `settings` point at."""
+    where = registry_target.current(settings).describe()
+    check_registered(s, registry.connect(settings), where)
 
 
 def mlflow_run_link(tracking_uri: str, run_id: str | None) -> str:
@@ -161,14 +211,27 @@ def mlflow_run_link(tracking_uri: str, run_id: str | None) -> str:
     return f"run `{run_id}` in `{tracking_uri}` (open it with `make mlflow-ui`)"
 
 
+def verdict(s: RunSummary) -> str:
+    """What the run did with the version, in one line: never "promoted" for an earlier run's."""
+    if s.registered_now:
+        return ("promoted to champion" if s.promoted else "kept as challenger") + f": {s.reason}"
+    where = f" in {s.registry}" if s.registry else ""
+    then = "promoted" if s.promoted else "kept as challenger"
+    return f"unchanged: nothing to retrain; registered by an earlier run{where} ({then} then)"
+
+
 def summary_markdown(s: RunSummary, tracking_uri: str) -> str:
     """The run summary as a Prefect markdown artifact."""
-    verdict = "promoted to **champion**" if s.promoted else "kept as **challenger**"
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(s.metrics.items()))
     whose = f" (tenant {s.tenant}'s own model)" if s.tenant else ""
+    if s.registered_now:
+        done = "promoted to **champion**" if s.promoted else "kept as **challenger**"
+        line = f"{done}: {s.reason}"
+    else:
+        line = f"**unchanged**: {verdict(s).removeprefix('unchanged: ')}"
     return (
         f"# train: {s.model_name} v{s.version}{whose}\n\n"
-        f"{verdict}: {s.reason}\n\n"
+        f"{line}\n\n"
         f"| holdout metric | value |\n|---|---|\n{rows}\n\n"
         f"MLflow: {mlflow_run_link(tracking_uri, s.mlflow_run_id)}\n"
     )

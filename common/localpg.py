@@ -30,7 +30,7 @@ import psycopg
 from psycopg import sql
 
 from common.errors import UserError
-from common.settings import Settings, get_settings
+from common.settings import Environment, Settings, get_settings
 from common.store import migrate, roles
 
 PG_OS_USER = "postgres"
@@ -319,6 +319,14 @@ class LocalPostgres:
 
 EMBEDDED_PG_PORT = 5433
 EMBEDDED_DB = "predictions"
+"""The dev environment's database in the embedded cluster (embedded_database names each)."""
+
+
+def embedded_database(env: Environment = "dev") -> str:
+    """Environment `env`'s prediction log in the one embedded cluster: `predictions` in dev,
+    `predictions_staging`, `predictions_prod`; one database each, so no row, tenant, key or
+    job of one environment is ever read by another's services or monitor."""
+    return EMBEDDED_DB if env == "dev" else f"{EMBEDDED_DB}_{env}"
 
 
 def _left_running(pg: LocalPostgres) -> int | None:
@@ -339,7 +347,8 @@ def _left_running(pg: LocalPostgres) -> int | None:
 def prediction_db(
     settings: Settings, *, reuse_running: bool = False, role: str | None = None
 ) -> Iterator[str]:
-    """DATABASE_URL if set; else the embedded PostgreSQL under MLOPS_HOME/postgres.
+    """DATABASE_URL if set; else this environment's database (embedded_database) in the
+    embedded PostgreSQL under MLOPS_HOME/postgres.
 
     The embedded server is started here and stopped when the block ends. One already
     running (`make serve` in another terminal) is an error, or with `reuse_running` is
@@ -351,9 +360,11 @@ def prediction_db(
         yield settings.database_url
         return
     pg = LocalPostgres(settings.mlops_home / "postgres", port=EMBEDDED_PG_PORT)
+    database = embedded_database(settings.mlops_env)
     left = _left_running(pg)
     if left is not None and reuse_running:
-        yield _as_role(pg.url(EMBEDDED_DB), role)
+        pg.create_database(database)
+        yield _as_role(pg.url(database), role)
         return
     if left is not None:
         raise UserError(
@@ -362,12 +373,12 @@ def prediction_db(
         )
     pg.start()
     try:
-        pg.create_database(EMBEDDED_DB)
+        pg.create_database(database)
         print(
-            f"prediction log: embedded PostgreSQL at 127.0.0.1:{EMBEDDED_PG_PORT}/{EMBEDDED_DB}",
+            f"prediction log: embedded PostgreSQL at 127.0.0.1:{EMBEDDED_PG_PORT}/{database}",
             file=sys.stderr,
         )
-        yield _as_role(pg.url(EMBEDDED_DB), role)
+        yield _as_role(pg.url(database), role)
     finally:
         pg.stop()
 

@@ -87,3 +87,6 @@ METRICS = SHARED.METRICS
 CONFUSION = SHARED.CONFUSION
 ROC = SHARED.ROC
 REGISTER_REPORT = SHARED.REGISTER_REPORT
+REGISTRY_TARGET = Path("reports/registry_target.json")
+"""Which registry (store, environment, model) the pipeline writes to; the shared model's
+and every tenant's train/register stages depend on it (`registry-target` stage)."""

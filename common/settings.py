@@ -60,8 +60,13 @@ class Settings(BaseSettings):
     # Where initdb/postgres live, for the embedded PostgreSQL (found automatically if unset).
     pg_bin: Path | None = Field(default=None, alias="PG_BIN")
     # The environment this process works in (dev, staging, prod): it picks the registered
-    # model (`model_name`); its database, buckets and work pool come from its own settings.
+    # model (`model_name`), the embedded database (common.localpg.embedded_database), the
+    # work pool (`work_pool`) and its own state dir (`env_home`); the full stack runs one
+    # copy per environment (`make up ENV=staging`, scripts/stack.py).
     mlops_env: Environment = Field(default="dev", alias="MLOPS_ENV")
+    # This environment's Prefect work pool (deployments target it; `make worker` serves it):
+    # unset, `local-process` in dev and `local-process-<env>` else (`work_pool`).
+    prefect_work_pool: str | None = Field(default=None, alias="PREFECT_WORK_POOL")
     # The model's base name; `model_name` is this environment's registered model.
     model_base: str = Field(default="churn-classifier", alias="MODEL_NAME")
     model_alias: str = Field(default="champion", alias="MODEL_ALIAS")
@@ -146,6 +151,20 @@ class Settings(BaseSettings):
         return self.model_base if env == "dev" else f"{self.model_base}-{env}"
 
     @property
+    def env_home(self) -> Path:
+        """This environment's own state (the Evidently workspace, spill files): MLOPS_HOME in
+        dev, MLOPS_HOME/<env> else. The MLflow store and the model cache stay shared: the
+        three registered models live side by side, so promotion copies between them."""
+        return self.mlops_home if self.mlops_env == "dev" else self.mlops_home / self.mlops_env
+
+    @property
+    def work_pool(self) -> str:
+        """PREFECT_WORK_POOL, else `local-process` in dev and `local-process-<env>` else."""
+        if self.prefect_work_pool:
+            return self.prefect_work_pool
+        return "local-process" if self.mlops_env == "dev" else f"local-process-{self.mlops_env}"
+
+    @property
     def tracking_uri(self) -> str:
         """MLflow's store: the server if one is set, else a SQLite file under MLOPS_HOME."""
         if self.mlflow_tracking_uri:
@@ -164,10 +183,10 @@ class Settings(BaseSettings):
 
     @property
     def evidently_target(self) -> str:
-        """Where monitoring snapshots go: EVIDENTLY_WORKSPACE, else MLOPS_HOME/evidently."""
+        """Where monitoring snapshots go: EVIDENTLY_WORKSPACE, else `env_home`/evidently."""
         if self.evidently_workspace:
             return self.evidently_workspace
-        return str((self.mlops_home / "evidently").resolve())
+        return str((self.env_home / "evidently").resolve())
 
     @property
     def artifact_root(self) -> str | None:

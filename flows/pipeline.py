@@ -45,36 +45,44 @@ def dvc(command: str, root: Path) -> None:
     retry_delay_seconds=[5, 30],
     retry_condition_fn=_retry_unless_rejected,
 )
-def stage(stage: str, root: Path) -> None:
-    """One dvc.yaml stage through `dvc repro --single-item`, streamed to the log."""
+def stage(stage: str, root: Path) -> bool:
+    """One dvc.yaml stage through `dvc repro --single-item`, streamed to the log; True if
+    it ran (False: its inputs had not changed)."""
     run_id = flow_run.get_id()
-    dvc_pipeline.run_stage(stage, root, get_run_logger().info, str(run_id) if run_id else None)
+    return dvc_pipeline.run_stage(
+        stage, root, get_run_logger().info, str(run_id) if run_id else None
+    )
+
+
+@task
+def check_registered(result: dvc_pipeline.RunSummary) -> None:
+    """An earlier run's version must be in the registry this run talks to, or the run fails."""
+    dvc_pipeline.check_in_registry(result, get_settings())
 
 
 @flow(name="pipeline")
 def pipeline(project_dir: str = ".", tenant: str | None = None) -> dvc_pipeline.RunSummary:
     """Pull data, run the shared model's dvc.yaml stages (or `tenant`'s own) in order, push,
-    and summarise the new version."""
+    and summarise what this run did: the version it registered, or, when nothing changed,
+    the earlier run's version, checked to be in this run's registry."""
     root = Path(project_dir).resolve()
     names = dvc_pipeline.stages(root, tenant)
     remote = dvc_pipeline.has_remote(root)
     if remote:
         dvc(PULL, root)
-    for name in names:
-        stage(name, root)
+    ran = {name: stage(name, root) for name in names}
     if remote:
         dvc("push", root)
-    result = dvc_pipeline.summary(root, tenant)
+    registered_now = ran.get(dvc_pipeline.register_stage(tenant), True)
+    result = dvc_pipeline.summary(root, tenant, registered_now)
+    if not registered_now:
+        check_registered(result)
     create_markdown_artifact(
         dvc_pipeline.summary_markdown(result, get_settings().tracking_uri),
         key="pipeline-summary",
         description=f"{result.model_name} v{result.version}",
     )
     get_run_logger().info(
-        "%s v%s %s: %s",
-        result.model_name,
-        result.version,
-        "promoted" if result.promoted else "kept as challenger",
-        result.reason,
+        "%s v%s %s", result.model_name, result.version, dvc_pipeline.verdict(result)
     )
     return result

@@ -15,6 +15,13 @@ wants its auth string and a CSRF token; the Evidently UI wants its secret for wr
 secrets are generated once into secrets.env (0600) beside the stack's data and reach each
 program through its environment, never its command line. stack.env (0600) is the
 operator's: MLflow's admin, Prefect's auth string, the database's owner.
+
+One stack per environment (MLOPS_ENV, or `make up ENV=staging`): dev's in MLOPS_HOME/stack
+on the ports below, staging's in MLOPS_HOME/stack-staging on each port + 100, prod's in
+MLOPS_HOME/stack-prod on each port + 200, side by side on one machine. Each has its own
+PostgreSQL cluster, buckets (`mlflow-staging`, ...), MLflow, Prefect server, work pool
+(`local-process-staging`) with prefect.yaml's deployments, workers and predictor, and its
+services run with MLOPS_ENV set, so they serve and register that environment's model.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from common.errors import UserError, run_cli
 from common.health import http_ok
 from common.localpg import LocalPostgres
 from common.registry.access import FLOWS, PREDICTOR, auth_config, ensure_service_users
-from common.settings import get_settings
+from common.settings import ENVIRONMENTS, Environment, get_settings
 from common.store import migrate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,6 +116,26 @@ class Ports:
     jobs1: int = 9101  # the job workers' metrics (`python -m services.worker --metrics-port`)
     jobs2: int = 9102
 
+    @classmethod
+    def of(cls, env: Environment) -> Ports:
+        """An environment's default ports: dev's above, each + 100 in staging, + 200 in prod."""
+        shift = ENV_PORT_SHIFT[env]
+        return cls(**{name: port + shift for name, port in cls().__dict__.items()})
+
+
+ENV_PORT_SHIFT: dict[str, int] = {"dev": 0, "staging": 100, "prod": 200}
+"""How far an environment's stack sits from dev's ports (no two environments' ports meet)."""
+
+
+def stack_home(home: Path, env: Environment) -> Path:
+    """Where an environment's stack lives under MLOPS_HOME: `stack` for dev, `stack-<env>`."""
+    return home / ("stack" if env == "dev" else f"stack-{env}")
+
+
+def env_name(name: str, env: Environment, sep: str = "-") -> str:
+    """A per-environment name: `name` itself in dev (as before environments), else suffixed."""
+    return name if env == "dev" else f"{name}{sep}{env}"
+
 
 JOB_WORKERS = ("jobs-worker-1", "jobs-worker-2")
 """The job workers `up` starts (compose: the `worker` service's two replicas)."""
@@ -123,10 +150,15 @@ class Stack:
     (MLOPS_PROJECT_DIR); the servers themselves run from this repository.
     """
 
-    def __init__(self, home: Path, ports: Ports, project: Path = ROOT) -> None:
+    def __init__(
+        self, home: Path, ports: Ports, project: Path = ROOT, env: Environment = "dev"
+    ) -> None:
         self.home = home.resolve()
         self.ports = ports
         self.project = project.resolve()
+        self.env_name: Environment = env
+        self.pool = env_name("local-process", env)
+        """The Prefect work pool its deployments target and its worker serves."""
         self.conf = self.home / "supervisord.conf"
         self.logs = self.home / "logs"
         self.secrets = load_secrets(self.home)
@@ -164,12 +196,17 @@ class Stack:
 
     @classmethod
     def load(cls, home: Path) -> Stack:
-        """The stack `up` started in `home` (its ports and project are kept in stack.json)."""
+        """The stack `up` started in `home` (its ports, project and environment are kept in
+        stack.json; one from before environments is dev's)."""
         try:
             saved = json.loads((home / "stack.json").read_text())
         except OSError as exc:
             raise UserError(f"no stack in {home} (start one with `make up`)") from exc
-        return cls(home, Ports(**saved["ports"]), Path(saved["project"]))
+        return cls(home, Ports(**saved["ports"]), Path(saved["project"]), saved.get("env", "dev"))
+
+    def bucket(self, name: str) -> str:
+        """This environment's bucket `name` (BUCKETS): `mlflow` in dev, `mlflow-staging`, ..."""
+        return env_name(name, self.env_name)
 
     # -- the environment compose gives its services -------------------------------------
 
@@ -177,6 +214,7 @@ class Stack:
         """What every client of the stack gets: where things are, no credentials."""
         return {
             "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{self.ports.mlflow}",
+            "MLOPS_ENV": self.env_name,
             "MLOPS_HOME": str(self.home / "state"),
             "BENTOML_HOME": str(self.home / "state/bentoml"),
             "OMP_NUM_THREADS": "1",
@@ -191,6 +229,7 @@ class Stack:
             **DEV_CREDS,
             "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{p.s3}",
             "PREFECT_API_URL": f"http://127.0.0.1:{p.prefect}/api",
+            "PREFECT_WORK_POOL": self.pool,
             "EVIDENTLY_WORKSPACE": f"http://127.0.0.1:{p.evidently}",
         }
 
@@ -279,7 +318,7 @@ class Stack:
                     "--backend-store-uri",  # no password: libpq takes PGPASSWORD
                     f"postgresql+psycopg://mlflow@127.0.0.1:{p.postgres}/mlflow",
                     "--artifacts-destination",
-                    "s3://mlflow/",
+                    f"s3://{self.bucket('mlflow')}/",
                     "--serve-artifacts",
                     "--host",
                     "127.0.0.1",
@@ -329,7 +368,7 @@ class Stack:
                     "worker",
                     "start",
                     "--pool",
-                    "local-process",
+                    self.pool,
                     "--type",
                     "process",
                     "--with-healthcheck",
@@ -468,7 +507,11 @@ class Stack:
         running = self.running()
         if running:
             saved = Stack.load(self.home)
-            if (saved.ports, saved.project) != (self.ports, self.project):
+            if (saved.ports, saved.project, saved.env_name) != (
+                self.ports,
+                self.project,
+                self.env_name,
+            ):
                 raise UserError(f"a stack with other ports runs in {self.home}: `make down` first")
         else:
             taken = [f"{n} :{p}" for n, p in self.ports.__dict__.items() if not _port_free(p)]
@@ -479,7 +522,10 @@ class Stack:
                 )
         self.ensure_secrets()
         (self.home / "stack.json").write_text(
-            json.dumps({"ports": self.ports.__dict__, "project": str(self.project)}, indent=1)
+            json.dumps(
+                {"ports": self.ports.__dict__, "project": str(self.project), "env": self.env_name},
+                indent=1,
+            )
         )
         _write_private(
             self.home / "stack.env",
@@ -499,7 +545,7 @@ class Stack:
         self.wait_healthy("s3", timeout=timeout)
         s3 = self.s3()
         existing = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
-        for bucket in set(BUCKETS) - existing:
+        for bucket in {self.bucket(name) for name in BUCKETS} - existing:
             s3.create_bucket(Bucket=bucket)
         self.start("mlflow", "prefect-server")
         self.wait_healthy("mlflow", "prefect-server", "evidently", timeout=timeout)
@@ -546,7 +592,7 @@ class Stack:
         }
         prefect = str(BIN / "prefect")
         subprocess.run(
-            [prefect, "work-pool", "create", "local-process", "--type", "process", "--overwrite"],
+            [prefect, "work-pool", "create", self.pool, "--type", "process", "--overwrite"],
             cwd=self.project,
             env=env,
             check=True,
@@ -684,15 +730,24 @@ def main() -> None:
             f"--{field}-port", type=int, help=f"default {default}, or the last `up`'s"
         )
     parser.add_argument("--project", type=Path, help="checkout to deploy and run flows in")
+    parser.add_argument(
+        "--env", choices=ENVIRONMENTS, help="the environment's stack (default: MLOPS_ENV, dev)"
+    )
     args = parser.parse_args()
-    home = get_settings().mlops_home / "stack"
-    last = Stack.load(home) if (home / "stack.json").exists() else Stack(home, Ports())
+    settings = get_settings()
+    env: Environment = args.env or settings.mlops_env
+    home = stack_home(settings.mlops_home, env)
+    last = (
+        Stack.load(home) if (home / "stack.json").exists() else Stack(home, Ports.of(env), env=env)
+    )
     given = {f: v for f in Ports().__dict__ if (v := getattr(args, f"{f}_port")) is not None}
-    stack = Stack(home, Ports(**{**last.ports.__dict__, **given}), args.project or last.project)
+    ports = Ports(**{**last.ports.__dict__, **given})
+    stack = Stack(home, ports, args.project or last.project, env)
     if args.command == "up":
         stack.up()
         for name, url in stack.urls():
             print(f"{name:24} {url}")
+        print(f"environment: {env} (work pool {stack.pool}, model {settings.model_name_in(env)})")
         print(f"logs: {stack.logs}/   env for clients: source {stack.home / 'stack.env'}")
     elif args.command == "down":
         stack.down()

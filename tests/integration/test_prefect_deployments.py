@@ -59,6 +59,7 @@ def prefect_env(
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_SERVER_UI_ENABLED="false",
         MLOPS_PROJECT_DIR=str(workspace.path),
+        PREFECT_WORK_POOL=POOL,  # prefect.yaml's `{{ $PREFECT_WORK_POOL }}`, as make deploy sets it
     )
     for name in ("MLOPS_HOME", "PREFECT__FLOW_RUN_ID", "DATABASE_URL"):
         env.pop(name, None)

@@ -20,6 +20,10 @@ from common.params import Params
 from tests.workspace import ROOT
 
 STAGES = ["generate", "prepare", "validate", "train", "evaluate", "register"]
+TARGET_STAGE = "registry-target"
+"""Not a step of the loop: which registry the steps write to (common.registry_target), run
+first on every repro; the shared and every tenant's train/register depend on its file."""
+WRITES_TO_REGISTRY = {"train", "register"}
 TENANT_STAGES = ["snapshot", "prepare", "validate", "train", "evaluate", "register"]
 """A tenant's chain: its own data snapshotted first, then the shared model's steps."""
 KEY = "${key}"
@@ -97,7 +101,18 @@ def group(stage: str) -> str:
 
 
 def test_stages_are_the_loop_in_order() -> None:
-    assert list(DVC) == STAGES + [group(s) for s in TENANT_STAGES]
+    assert list(DVC) == [TARGET_STAGE, *STAGES] + [group(s) for s in TENANT_STAGES]
+
+
+def test_the_registry_target_is_checked_every_repro_and_read_by_what_writes_there() -> None:
+    assert DVC[TARGET_STAGE]["always_changed"] is True
+    assert DVC[TARGET_STAGE]["cmd"] == "python -m common.registry_target"
+    assert outs(TARGET_STAGE) == {paths.REGISTRY_TARGET}
+    for stage in STAGES:
+        reads = paths.REGISTRY_TARGET in deps(stage)
+        assert reads == (stage in WRITES_TO_REGISTRY), stage
+        if stage in TENANT_STAGES:
+            assert (paths.REGISTRY_TARGET in deps(group(stage))) == reads, group(stage)
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -115,12 +130,12 @@ def test_stage_outputs_match_common_paths(stage: str) -> None:
 def test_every_path_in_common_paths_is_in_the_pipeline() -> None:
     declared = {value for value in vars(paths).values() if isinstance(value, Path)}
     files = {p for p in declared if p.suffix}
-    assert files <= set().union(*(outs(s) for s in STAGES))
+    assert files <= set().union(*(outs(s) for s in [TARGET_STAGE, *STAGES]))
     assert {p.parent for p in OUTS["prepare"]} == {paths.PREPARED}
 
 
 def test_stages_depend_only_on_earlier_outputs_or_sources() -> None:
-    produced: set[Path] = set()
+    produced: set[Path] = outs(TARGET_STAGE)
     for stage in STAGES:
         for dep in deps(stage):
             if "${" in str(dep) or dep.parts[0] in ("models", "common"):
@@ -220,7 +235,8 @@ def test_a_tenant_stage_reads_only_its_own_earlier_outputs_or_sources() -> None:
     produced: set[Path] = set()
     for stage in TENANT_STAGES:
         for dep in deps(group(stage)):
-            if dep.parts[0] in ("models", "common") or dep in TENANT_SOURCES:
+            shared = TENANT_SOURCES | {paths.REGISTRY_TARGET}
+            if dep.parts[0] in ("models", "common") or dep in shared:
                 continue
             assert dep in produced, f"{group(stage)} depends on {dep}, not its own chain's"
         produced |= outs(group(stage))

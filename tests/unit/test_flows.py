@@ -123,6 +123,7 @@ def _order(project: Path) -> list[str]:
 
 def test_stages_come_from_dvc_yaml_in_its_order() -> None:
     assert dvc_pipeline.stages(ROOT) == [
+        "registry-target",
         "generate",
         "prepare",
         "validate",
@@ -134,6 +135,7 @@ def test_stages_come_from_dvc_yaml_in_its_order() -> None:
 
 def test_a_tenants_stages_are_its_own_chain_in_dvc_yaml_order() -> None:
     assert dvc_pipeline.stages(ROOT, "acme") == [
+        "registry-target",  # a change of registry reaches the tenant's train/register too
         "tenant-snapshot@acme",
         "tenant-prepare@acme",
         "tenant-validate@acme",
@@ -173,7 +175,7 @@ def test_dvc_makes_a_chain_per_tenant_of_params_yaml_and_none_without(
     ).stdout.split()
 
     shared = dvc_pipeline.stages(tmp_path)
-    chains = [dvc_pipeline.stages(tmp_path, t) for t in expected]
+    chains = [dvc_pipeline.stages(tmp_path, t)[1:] for t in expected]  # after registry-target
     assert listed == shared + [s for group in zip(*chains, strict=True) for s in group]
     assert all(len(chain) == 6 for chain in chains)
 
