@@ -64,6 +64,8 @@ BORROWED_SECTIONS = {
     # with the very rules the `promote` flow applies, so there is one `promote:` section,
     # not a `register:` copy that could drift from it.
     ("register", "promote"),
+    # ... and whether a winner goes straight to champion or first through a canary.
+    ("register", "rollout"),
     # train writes the prediction columns under the names that monitoring reads.
     ("train", "monitor"),
 }
