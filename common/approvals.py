@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -32,7 +33,9 @@ MESSAGE_HEADER = "mlops-promotion-approval/1"
 """First line of every signed message: a signature over anything else never verifies."""
 KEY_TYPE = "ssh-ed25519"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$")
-DEFAULT_VALIDITY = timedelta(hours=1)
+REQUEST_KEY = "approval-request"
+"""The Prefect flow run input where a waiting promote-environment run leaves its Request,
+which `mlops approve` reads and signs."""
 
 
 class RefusedApprovalError(UserError):
@@ -158,13 +161,23 @@ def remove_reviewer(path: Path, name: str) -> None:
     path.write_text("".join(f"{line}\n" for line in kept))
 
 
-def load_private_key(path: Path, passphrase: bytes | None = None) -> Ed25519PrivateKey:
-    """An OpenSSH Ed25519 private key (`ssh-keygen -t ed25519`)."""
+def load_private_key(
+    path: Path, ask_passphrase: Callable[[], str] | None = None
+) -> Ed25519PrivateKey:
+    """An OpenSSH Ed25519 private key (`ssh-keygen -t ed25519`); `ask_passphrase` is called
+    when the key is encrypted."""
     try:
-        key = serialization.load_ssh_private_key(path.read_bytes(), password=passphrase)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such key file") from None
-    except TypeError as exc:  # encrypted without a passphrase, or a passphrase for a plain key
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the key ({exc.strerror})") from None
+    try:
+        try:
+            key = serialization.load_ssh_private_key(data, password=None)
+        except TypeError:  # encrypted: it needs its passphrase
+            if ask_passphrase is None:
+                raise
+            key = serialization.load_ssh_private_key(data, password=ask_passphrase().encode())
+    except TypeError as exc:
         raise UserError(f"{path}: {exc}") from None
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise UserError(f"{path}: not an OpenSSH private key ({exc})") from None

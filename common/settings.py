@@ -150,7 +150,7 @@ class Settings(BaseSettings):
 
     @property
     def reviewers_file(self) -> Path:
-        """The registered reviewers' public keys: MLOPS_REVIEWERS_FILE, else MLOPS_HOME/reviewers."""
+        """The registered reviewers' keys: MLOPS_REVIEWERS_FILE, else MLOPS_HOME/reviewers."""
         return self.mlops_reviewers_file or self.mlops_home / "reviewers"
 
     @property

@@ -135,10 +135,6 @@ class SignedApproval(RunInput):
     signature: str
 
 
-APPROVAL_REQUEST_KEY = "approval-request"
-"""The flow run input holding what a reviewer signs (`approvals.Request`), for `mlops approve`."""
-
-
 @dataclass(frozen=True)
 class Outcome:
     """What a promotion across environments did, in one line for people."""
@@ -181,7 +177,7 @@ def _await_approval(step: environments.Step, timeout: int) -> approvals.Answer |
         step.source_version,
         step.target_env,
     )
-    create_flow_run_input(key=APPROVAL_REQUEST_KEY, value=asdict(request))
+    create_flow_run_input(key=approvals.REQUEST_KEY, value=asdict(request))
     if not approvals.load_reviewers(settings.reviewers_file):
         logger.warning(
             "no reviewer is registered in %s: nobody can approve (mlops reviewers add)",
