@@ -13,6 +13,7 @@ reviewer's name; a free-text "reviewer" field proves nothing, a key does.
 from __future__ import annotations
 
 import base64
+import importlib.util
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -173,7 +174,13 @@ def load_private_key(
     try:
         try:
             key = serialization.load_ssh_private_key(data, password=None)
-        except TypeError:  # encrypted: it needs its passphrase
+        except TypeError:  # encrypted: it needs its passphrase (and bcrypt, its KDF)
+            if importlib.util.find_spec("bcrypt") is None:
+                raise UserError(
+                    f"{path} is encrypted, and reading encrypted OpenSSH keys needs the bcrypt "
+                    "package, which this install lacks: sign with a key without a passphrase "
+                    "kept for approvals (ssh-keygen -t ed25519 -N '' -f ~/.ssh/mlops_approval)"
+                ) from None
             if ask_passphrase is None:
                 raise
             key = serialization.load_ssh_private_key(data, password=ask_passphrase().encode())
