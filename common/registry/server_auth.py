@@ -5,8 +5,8 @@ basic-auth app unchanged (users, grants, the admin from MLFLOW_AUTH_CONFIG_PATH)
 checks one thing basic-auth cannot express: grants are per registered model, never per
 alias, so anyone with EDIT on a model could point its `champion` alias at any version.
 Here only the promotion identities (MLOPS_CHAMPION_MOVERS, comma-separated usernames;
-`flows` unless set) and MLflow admins may set or delete `champion`, on every model (the
-shared one and each tenant's). EDIT users keep registering versions and moving other
+`flows` unless set) and MLflow admins may set or delete `champion`, on every dev model (the
+shared one and each tenant's); a later environment's, only its own identity (below). EDIT users keep registering versions and moving other
 aliases (`challenger`), so a data scientist can propose a model but never serve it.
 
 And one rule per environment (dev -> staging -> prod, one registered model each): a later
@@ -32,7 +32,7 @@ from common.registry import CHAMPION, TENANT_SEPARATOR
 from common.registry.access import IDENTITY
 
 MOVERS_ENV = "MLOPS_CHAMPION_MOVERS"
-DEFAULT_MOVERS = tuple(IDENTITY.values())
+DEFAULT_MOVERS = (IDENTITY["dev"],)
 MODEL_BASE_ENV = "MODEL_NAME"
 DEFAULT_MODEL_BASE = "churn-classifier"
 REGISTRY_WRITES = {
@@ -107,6 +107,9 @@ def _guard_champion() -> Response | None:
         return None
     if _requested_alias() != CHAMPION:
         return None
+    name = _param("name")
+    if name and environment_of(name) is not None:
+        return None  # a later environment's model: _guard_environments let only its own through
     user = getattr(g, "mlflow_authenticated_user", None)
     if user in champion_movers() or sender_is_admin():  # type: ignore[no-untyped-call]
         return None
