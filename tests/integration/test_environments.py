@@ -165,6 +165,7 @@ def _dev_version(client: MlflowClient, *, gate: str = "promoted", champion: bool
             input_example=frame.head(2),
             signature=infer_signature(frame, model.predict_proba(frame)[:, 1]),
             registered_model_name=DEV,
+            pip_requirements=["scikit-learn"],  # no inference: a subprocess, seconds
         )
     version = str(info.registered_model_version)
     registry.set_tags(
@@ -354,7 +355,9 @@ def test_the_dev_credential_cannot_move_a_prod_alias_or_add_a_prod_version(
     version = _dev_version(dev)
     prod = as_user("flows-prod")
     step = environments.plan(prod, get_settings(), "prod")
-    environments.promote(prod, get_settings(), step, by="test setup", reason="a prod champion to defend")
+    environments.promote(
+        prod, get_settings(), step, by="test setup", reason="a prod champion to defend"
+    )
     target = str(_champion(prod, PROD))
 
     for who in ("flows", "flows-staging"):

@@ -82,7 +82,10 @@ def _version(client: MlflowClient, name: str, *, gate: str = "promoted") -> str:
     frame = pd.DataFrame({"x": [0.0, 1.0]})
     with mlflow.start_run():
         info = mlflow.sklearn.log_model(
-            DummyClassifier().fit(frame, [0, 1]), name="model", registered_model_name=name
+            DummyClassifier().fit(frame, [0, 1]),
+            name="model",
+            registered_model_name=name,
+            pip_requirements=["scikit-learn"],  # no inference: a subprocess, seconds
         )
     version = str(info.registered_model_version)
     registry.set_tags(
