@@ -1,4 +1,4 @@
-"""The MLflow server's auth app: MLflow's basic-auth, plus the one rule it lacks.
+"""The MLflow server's auth app: MLflow's basic-auth, plus the two rules it lacks.
 
 `mlflow server --app-name mlops-auth` (pyproject's `mlflow.app` entry point) runs the
 basic-auth app unchanged (users, grants, the admin from MLFLOW_AUTH_CONFIG_PATH), then
@@ -6,8 +6,9 @@ checks one thing basic-auth cannot express: grants are per registered model, nev
 alias, so anyone with EDIT on a model could point its `champion` alias at any version.
 Here only the promotion identities (MLOPS_CHAMPION_MOVERS, comma-separated usernames;
 `flows` unless set) and MLflow admins may set or delete `champion`, on every dev model (the
-shared one and each tenant's); a later environment's, only its own identity (below). EDIT users keep registering versions and moving other
-aliases (`challenger`), so a data scientist can propose a model but never serve it.
+shared one and each tenant's); a later environment's, only its own identity (below). EDIT
+users keep registering versions and moving other aliases (`challenger`), so a data
+scientist can propose a model but never serve it.
 
 And one rule per environment (dev -> staging -> prod, one registered model each): a later
 environment's registered models, `<MODEL_NAME>-staging` / `-prod` and their tenants'

@@ -181,7 +181,8 @@ def test_a_signed_rejection_moves_nothing_to_prod(store: MlflowClient, tmp_path:
     resume_flow_run(run_id, run_input=vars(answer))
     thread.join(60)
 
-    assert result and not result[0].moved
+    assert len(result) == 1
+    assert not result[0].moved
     assert result[0].message.endswith("not promoted: rejected by alice")
     assert registry.version_by_alias(store, "churn-classifier-prod", "champion") is None
 
