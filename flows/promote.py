@@ -244,6 +244,8 @@ def promote_environment(
                 else f"rejected by {signed.reviewer}"
             )
             return _report(Outcome(False, f"{step.describe()}: not promoted: {why}"))
+        # what was approved must still be what may move (staging's champion may have moved)
+        plan_step(to, tenant, step.source_version)
         approval = _approval_tags(signed)
         by = f"{signed.reviewer} (signed approval, prefect flow run {flow_run.id})"
         reason = f"approved by {signed.reviewer}; {reason}"
