@@ -5,6 +5,8 @@
     mlops tenants keys rotate acme --grace-hours 24
     mlops tenants keys revoke acme <key_id>
     mlops tenants list
+    mlops reviewers add alice ~/.ssh/id_ed25519.pub   # who may approve a promotion to prod
+    mlops approve <flow-run-id> --key ~/.ssh/id_ed25519 [--reject]
 
 It works on the database of DATABASE_URL (as its owner), else on the embedded one under
 MLOPS_HOME. Messages go to stderr and keys alone to stdout, so `KEY=$(mlops tenants keys
@@ -16,13 +18,19 @@ argument is argparse's usage and exit code 2.
 from __future__ import annotations
 
 import argparse
+import getpass
 import sys
 from collections.abc import Callable
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
+from uuid import UUID
 
 import psycopg
 
+from common import approvals
 from common.errors import UserError, run_cli
 from common.localpg import prediction_db
 from common.settings import get_settings
@@ -131,6 +139,83 @@ def _db_upgrade(url: str, args: argparse.Namespace) -> None:
     _say(f"applied {', '.join(applied)}" if applied else "schema up to date")
 
 
+def _reviewers_add(args: argparse.Namespace) -> None:
+    path = get_settings().reviewers_file
+    try:
+        text = Path(args.pubkey_file).expanduser().read_text()
+    except OSError as exc:
+        raise UserError(
+            f"{args.pubkey_file}: cannot read the public key ({exc.strerror})"
+        ) from None
+    approvals.add_reviewer(path, args.name, text)
+    _say(f"reviewer {args.name} may now approve promotions ({path})")
+
+
+def _reviewers_list(args: argparse.Namespace) -> None:
+    path = get_settings().reviewers_file
+    reviewers = approvals.load_reviewers(path)
+    if not reviewers:
+        _say(f"no reviewer registered in {path} (mlops reviewers add NAME PUBKEY_FILE)")
+    for reviewer in reviewers.values():
+        print(reviewer.line)
+
+
+def _reviewers_remove(args: argparse.Namespace) -> None:
+    path = get_settings().reviewers_file
+    approvals.remove_reviewer(path, args.name)
+    _say(f"reviewer {args.name} removed from {path}")
+
+
+def _approval_request(flow_run_id: UUID) -> approvals.Request:
+    """What the paused promote-environment run asks to be signed (its flow run input)."""
+    from prefect.input import read_flow_run_input  # noqa: PLC0415 (prefect: only here)
+
+    value: Any = read_flow_run_input(approvals.REQUEST_KEY, flow_run_id=flow_run_id)
+    if not isinstance(value, dict):
+        raise UserError(
+            f"flow run {flow_run_id} asks for no approval (not a promote-environment run "
+            "waiting for one, or another Prefect API: PREFECT_API_URL)"
+        )
+    return approvals.Request(**{k: str(v) for k, v in value.items()})
+
+
+def _approve(args: argparse.Namespace) -> None:
+    from prefect.exceptions import FlowPauseTimeout, NotPausedError  # noqa: PLC0415
+    from prefect.flow_runs import resume_flow_run  # noqa: PLC0415
+
+    try:
+        flow_run_id = UUID(args.flow_run_id)
+    except ValueError:
+        raise UserError(f"{args.flow_run_id!r} is not a flow run id (a UUID)") from None
+    reviewers = approvals.load_reviewers(get_settings().reviewers_file)
+    key = approvals.load_private_key(
+        Path(args.key).expanduser(), lambda: getpass.getpass(f"passphrase for {args.key}: ")
+    )
+    reviewer = args.reviewer or approvals.reviewer_of(reviewers, key)
+    request = _approval_request(flow_run_id)
+    decision = approvals.REJECT if args.reject else approvals.APPROVE
+    until = datetime.now(UTC) + timedelta(minutes=args.valid_minutes)
+    answer = approvals.sign(key, request, reviewer, decision, until)
+    try:
+        resume_flow_run(flow_run_id, run_input=asdict(answer))
+    except (NotPausedError, FlowPauseTimeout) as exc:
+        raise UserError(f"flow run {flow_run_id} is not waiting for an approval: {exc}") from None
+    _say(
+        f"{reviewer} signed {decision} for {request.describe()} (valid until {answer.expires}); "
+        "the flow run checks the signature and says whether it moved"
+    )
+
+
+def _minutes(text: str) -> float:
+    try:
+        minutes = float(text)
+    except ValueError:
+        minutes = -1.0
+    if not 0 < minutes < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of minutes > 0")
+    return minutes
+
+
 def _hours(text: str) -> float:
     try:
         hours = float(text)
@@ -139,6 +224,36 @@ def _hours(text: str) -> float:
     if not 0 <= hours < float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of hours >= 0")
     return hours
+
+
+def _approval_parsers(top: Any) -> None:
+    """`mlops reviewers ...` and `mlops approve`: no database, so `local` commands."""
+    rev = top.add_parser(
+        "reviewers", help="who may approve a promotion to prod (Ed25519 keys)"
+    ).add_subparsers(dest="command", required=True)
+    radd = rev.add_parser("add", help="register NAME with an OpenSSH ssh-ed25519 public key")
+    radd.add_argument("name")
+    radd.add_argument("pubkey_file", help="e.g. ~/.ssh/id_ed25519.pub")
+    radd.set_defaults(local=_reviewers_add)
+    rev.add_parser("list", help="the registered reviewers").set_defaults(local=_reviewers_list)
+    rrm = rev.add_parser("remove", help="stop NAME approving anything")
+    rrm.add_argument("name")
+    rrm.set_defaults(local=_reviewers_remove)
+
+    approve = top.add_parser(
+        "approve", help="sign and send your decision to a promote-environment run waiting on it"
+    )
+    approve.add_argument("flow_run_id")
+    approve.add_argument("--key", required=True, help="your Ed25519 private key (OpenSSH)")
+    approve.add_argument("--reject", action="store_true", help="reject instead of approve")
+    approve.add_argument("--reviewer", help="your registered name (default: found by key)")
+    approve.add_argument(
+        "--valid-minutes",
+        type=_minutes,
+        default=60,
+        help="how long the signed answer is valid (default: 60)",
+    )
+    approve.set_defaults(local=_approve)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -189,6 +304,8 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("--all", action="store_true")
     revoke.set_defaults(run=_keys_revoke)
 
+    _approval_parsers(top)
+
     db = top.add_parser("db", help="the prediction database").add_subparsers(
         dest="command", required=True
     )
@@ -200,6 +317,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    local: Callable[[argparse.Namespace], None] | None = getattr(args, "local", None)
+    if local is not None:  # no database: reviewers and approvals
+        local(args)
+        return
     run: Callable[[str, argparse.Namespace], None] = args.run
     with prediction_db(get_settings(), reuse_running=True) as url:
         try:

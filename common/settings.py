@@ -108,6 +108,9 @@ class Settings(BaseSettings):
     # are refused), and the secret their HMAC-SHA256 signature is made with.
     job_callback_hosts: str = Field(default="", alias="JOB_CALLBACK_HOSTS")
     job_callback_secret: SecretStr | None = Field(default=None, alias="JOB_CALLBACK_SECRET")
+    # Reviewers who may approve a promotion to prod: `<name> ssh-ed25519 AAAA...` a line
+    # (git's allowed_signers format); unset: MLOPS_HOME/reviewers.
+    mlops_reviewers_file: Path | None = Field(default=None, alias="MLOPS_REVIEWERS_FILE")
 
     @classmethod
     def settings_customise_sources(
@@ -163,6 +166,11 @@ class Settings(BaseSettings):
         if self.prefect_work_pool:
             return self.prefect_work_pool
         return "local-process" if self.mlops_env == "dev" else f"local-process-{self.mlops_env}"
+
+    @property
+    def reviewers_file(self) -> Path:
+        """The registered reviewers' keys: MLOPS_REVIEWERS_FILE, else MLOPS_HOME/reviewers."""
+        return self.mlops_reviewers_file or self.mlops_home / "reviewers"
 
     @property
     def tracking_uri(self) -> str:

@@ -1,26 +1,31 @@
-"""promote and rollback: move `champion` under the policy in params.yaml, optionally approved.
+"""promote, promote-environment and rollback: every move of `champion` a person starts.
 
-Both act on the shared model (`tenant` None) or on one tenant's own model
-(`<MODEL_NAME>.<tenant>`, judged on its own holdout under its own params).
+`promote` moves `champion` within this environment under the policy in params.yaml,
+optionally approved; `promote-environment` copies a version to the next environment
+(dev -> staging -> prod) and makes it champion there, prod only with a reviewer's signed
+approval (common.approvals); `rollback` walks `champion` back. Each acts on the shared model
+(`tenant` None) or on one tenant's own model (`<MODEL_NAME>.<tenant>`).
 """
 
 from __future__ import annotations
 
 import argparse
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger, pause_flow_run, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import FlowPauseTimeout
-from prefect.input import RunInput
+from prefect.input import RunInput, create_flow_run_input
 from prefect.runtime import flow_run
 
-from common import paths, registry
+from common import approvals, paths, registry
 from common.errors import UserError, run_cli
 from common.params import load_params
-from common.registry import promotion, served
+from common.registry import environments, promotion, served
 from common.registry import tags as tag
 from common.settings import get_settings
 from models import promote as policy
@@ -121,6 +126,142 @@ def promote(project_dir: str = ".", tenant: str | None = None) -> bool:
     return promoted
 
 
+class SignedApproval(RunInput):
+    """A reviewer's signed answer to a promotion across environments (`mlops approve`)."""
+
+    reviewer: str
+    decision: Literal["approve", "reject"]
+    expires: str
+    signature: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a promotion across environments did, in one line for people."""
+
+    moved: bool
+    message: str
+
+
+@task
+def plan_step(to: str, tenant: str | None, version: str | None) -> environments.Step:
+    """The version that would move and where, checked (gate passed, champion)."""
+    settings = get_settings()
+    return environments.plan(
+        registry.connect(settings), settings, to, tenant=tenant, version=version
+    )
+
+
+@task
+def copy_and_move(
+    step: environments.Step, by: str, reason: str, approval: dict[str, str]
+) -> promotion.Move:
+    """Copy the version's files into the target environment and make the copy champion."""
+    settings = get_settings()
+    client = registry.connect(settings)
+    return environments.promote(client, settings, step, by=by, reason=reason, approval=approval)
+
+
+def _await_approval(step: environments.Step, timeout: int) -> approvals.Answer | None:
+    """Pause until a registered reviewer's valid signed answer arrives; None at the timeout.
+
+    An answer that does not verify is refused and logged, and the run pauses again for the
+    time left: only a signature can end the wait early.
+    """
+    logger = get_run_logger()
+    settings = get_settings()
+    request = approvals.Request(
+        str(flow_run.id),
+        step.source_env,
+        step.source_model,
+        step.source_version,
+        step.target_env,
+    )
+    create_flow_run_input(key=approvals.REQUEST_KEY, value=asdict(request))
+    if not approvals.load_reviewers(settings.reviewers_file):
+        logger.warning(
+            "no reviewer is registered in %s: nobody can approve (mlops reviewers add)",
+            settings.reviewers_file,
+        )
+    logger.info(
+        "%s needs a signed approval; waiting up to %d s: mlops approve %s --key <ed25519 key>",
+        step.describe(),
+        timeout,
+        flow_run.id,
+    )
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) >= 1:
+        try:
+            answer = pause_flow_run(
+                wait_for_input=SignedApproval, timeout=int(left), poll_interval=2
+            )
+        except FlowPauseTimeout:
+            return None
+        signed = approvals.Answer(
+            answer.reviewer, answer.decision, answer.expires, answer.signature
+        )
+        try:  # read again: a reviewer removed while the run waited no longer counts
+            approvals.verify(approvals.load_reviewers(settings.reviewers_file), request, signed)
+        except approvals.RefusedApprovalError as exc:
+            logger.warning("refused an approval: %s; still waiting", exc)
+            continue
+        return signed
+    return None
+
+
+def _approval_tags(signed: approvals.Answer) -> dict[str, str]:
+    return {
+        tag.APPROVAL_REVIEWER: signed.reviewer,
+        tag.APPROVAL_DECISION: signed.decision,
+        tag.APPROVAL_EXPIRES: signed.expires,
+        tag.APPROVAL_SIGNATURE: signed.signature,
+        tag.APPROVAL_FLOW_RUN_ID: str(flow_run.id),
+    }
+
+
+@flow(name="promote-environment")
+def promote_environment(
+    to: str,
+    tenant: str | None = None,
+    version: str | None = None,
+    project_dir: str = ".",
+) -> Outcome:
+    """Copy a version to environment `to` (staging: dev's champion whose gate passed; prod:
+    staging's champion, with a registered reviewer's signed approval) and make it champion."""
+    logger = get_run_logger()
+    params = load_params(Path(project_dir) / "params.yaml").for_tenant(tenant).promote
+    step = plan_step(to, tenant, version)
+    by = _by(f"promote --to {step.target_env}")
+    reason = f"{step.source_env} v{step.source_version} passed its gate; promoted to {to}"
+    approval: dict[str, str] = {}
+    if step.target_env == "prod" or params.require_approval:
+        timeout = params.approval_timeout_seconds
+        signed = _await_approval(step, timeout)
+        if signed is None or signed.decision == approvals.REJECT:
+            why = (
+                f"no approval within {timeout} s"
+                if signed is None
+                else f"rejected by {signed.reviewer}"
+            )
+            return _report(Outcome(False, f"{step.describe()}: not promoted: {why}"))
+        # what was approved must still be what may move (staging's champion may have moved)
+        plan_step(to, tenant, step.source_version)
+        approval = _approval_tags(signed)
+        by = f"{signed.reviewer} (signed approval, prefect flow run {flow_run.id})"
+        reason = f"approved by {signed.reviewer}; {reason}"
+    move = copy_and_move(step, by, reason, approval)
+    logger.info("%s", move.describe())
+    return _report(
+        Outcome(True, f"{step.describe()}: promoted as {move.name} v{move.version} (champion)")
+    )
+
+
+def _report(outcome: Outcome) -> Outcome:
+    get_run_logger().info("%s", outcome.message)
+    create_markdown_artifact(f"# {outcome.message}\n", key="promote-environment")
+    return outcome
+
+
 @flow(name="rollback")
 def rollback(reason: str = "manual rollback", tenant: str | None = None) -> str:
     """Point `champion` of `tenant`'s model (None: the shared one) back at the version the
@@ -135,13 +276,19 @@ def rollback(reason: str = "manual rollback", tenant: str | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m flows.promote rollback [--tenant acme]` (`make rollback`): run the rollback
-    flow here and say what moved; no earlier champion is one line, not a traceback."""
+    """`python -m flows.promote rollback [--tenant acme]` (`make rollback`) and
+    `python -m flows.promote promote --to staging|prod [--tenant acme] [--version N]`: run
+    the flow here and say what moved, or that nothing did and why (one line, no traceback)."""
     parser = argparse.ArgumentParser(prog="python -m flows.promote", description=main.__doc__)
-    parser.add_argument("command", choices=["rollback"])
+    parser.add_argument("command", choices=["rollback", "promote"])
     parser.add_argument("--tenant", default=None, help="a tenant's own model (default: shared)")
     parser.add_argument("--reason", default="manual rollback (make rollback)")
+    parser.add_argument("--to", choices=["staging", "prod"], help="promote: the target environment")
+    parser.add_argument("--version", default=None, help="promote to staging: this dev version")
     args = parser.parse_args(argv)
+    if args.command == "promote":
+        _promote_cli(args.to, args.tenant or None, args.version)
+        return
     settings = get_settings()
     name = registry.model_name(settings, args.tenant or None)
     client = registry.connect(settings)
@@ -169,6 +316,18 @@ def main(argv: list[str] | None = None) -> None:
     )
     if not moved:
         raise UserError(f"{name}: the rollback did not move champion to v{target}")
+
+
+def _promote_cli(to: str | None, tenant: str | None, version: str | None) -> None:
+    if to is None:
+        raise UserError("promote needs --to staging or --to prod")
+    settings = get_settings()
+    step = environments.plan(  # a UserError before any flow run
+        registry.connect(settings), settings, to, tenant=tenant, version=version
+    )
+    print(f"promoting {step.describe()}")
+    outcome = promote_environment(to=to, tenant=tenant, version=version)
+    print(outcome.message)
 
 
 def _tenant_hint(client: MlflowClient, name: str) -> str:

@@ -13,12 +13,22 @@ password its environment names (changed there, changed here) and with its grants
 - `predictor`: READ on every registered model (alias, version, tags) and experiment (the
   version's files come through the server's artifact proxy, which checks the experiment).
   It cannot move an alias, tag a version, or delete anything.
+- `flows-staging`, `flows-prod`: the promotion identity of each later environment (set
+  MLFLOW_FLOWS_STAGING_PASSWORD / MLFLOW_FLOWS_PROD_PASSWORD to make them; unset, the
+  environment has no identity yet and is skipped). READ on every registered model and
+  experiment (to copy the version before theirs) and EDIT on their own environment's
+  registered model (`<MODEL_NAME>-<env>`); what they create (that model, its tenants'
+  `.<tenant>` models, their `<MLFLOW_EXPERIMENT_NAME>-<env>` experiment) MLflow makes
+  theirs (MANAGE). So a staging credential moves nothing in prod.
 
 What basic-auth does not enforce: grants are per experiment and per registered model, never
-per alias, so EDIT would move `champion` as well as `challenger`. The server runs it as
-`--app-name mlops-auth` (common.registry.server_auth), which adds that only `flows` (or an
-admin) may move `champion`. The predictor, and anyone the admin adds without a grant, can
-move no alias at all.
+per alias, so EDIT would move `champion` as well as `challenger`; and `flows` keeps EDIT on
+every model (dev's tenants' models have names nobody knows in advance), which would reach
+prod's. The server runs it as `--app-name mlops-auth` (common.registry.server_auth), which
+adds that only a promotion identity (or an admin) may move `champion`, and that only an
+environment's own identity (or an admin) may change anything of a later environment's
+registered models (`<MODEL_NAME>-staging[.<tenant>]`, `-prod`). The predictor, and anyone
+the admin adds without a grant, can move no alias at all.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.errors import UserError, run_cli
+from common.settings import Environment, Settings
 
 DEFAULT_PERMISSION = "NO_PERMISSIONS"
 """What a signed-in user may do where nobody granted it anything: nothing."""
@@ -55,6 +66,9 @@ class ServiceUser:
     password_env: str
     grants: tuple[tuple[str, str], ...]
     """(resource type, permission) pairs, each granted on every resource of the type."""
+    env: Environment | None = None
+    """The environment whose promotion identity this is (EDIT on its registered model);
+    None: a service of every environment. Such a user is optional: no password, no user."""
 
 
 FLOWS = ServiceUser(
@@ -65,7 +79,25 @@ PREDICTOR = ServiceUser(
     "MLFLOW_PREDICTOR_PASSWORD",
     (("experiment", "READ"), ("registered_model", "READ")),
 )
+FLOWS_STAGING = ServiceUser(
+    "flows-staging",
+    "MLFLOW_FLOWS_STAGING_PASSWORD",
+    (("experiment", "READ"), ("registered_model", "READ")),
+    env="staging",
+)
+FLOWS_PROD = ServiceUser(
+    "flows-prod",
+    "MLFLOW_FLOWS_PROD_PASSWORD",
+    (("experiment", "READ"), ("registered_model", "READ")),
+    env="prod",
+)
 SERVICE_USERS = (FLOWS, PREDICTOR)
+"""The users every stack has (their passwords are required)."""
+ENVIRONMENT_USERS = (FLOWS_STAGING, FLOWS_PROD)
+"""Later environments' promotion identities, made when their password is set."""
+IDENTITY: dict[str, str] = {"dev": FLOWS.name} | {u.env: u.name for u in ENVIRONMENT_USERS if u.env}
+"""Each environment's promotion identity: the only user (besides admins) that may change
+a later environment's registered models (common.registry.server_auth)."""
 
 
 def auth_config(database_uri: str, admin_username: str = "admin") -> str:
@@ -113,9 +145,10 @@ class _Admin:
             raise
         return True
 
-    def grant(self, name: str, resource_type: str, permission: str) -> None:
-        """`permission` on every resource of the type; an older grant there is replaced."""
-        body = {"username": name, "resource_type": resource_type, "resource_id": "*"}
+    def grant(self, name: str, resource_type: str, permission: str, resource_id: str = "*") -> None:
+        """`permission` on `resource_id` (default: every resource of the type); an older
+        grant there is replaced."""
+        body = {"username": name, "resource_type": resource_type, "resource_id": resource_id}
         try:
             self.call(
                 self.routes.GRANT_USER_PERMISSION, "POST", json={**body, "permission": permission}
@@ -130,19 +163,25 @@ class _Admin:
 
 
 def ensure_service_users(
-    tracking_uri: str, admin: tuple[str, str], passwords: Mapping[str, str]
+    tracking_uri: str,
+    admin: tuple[str, str],
+    passwords: Mapping[str, str],
+    model_base: str = Settings.model_fields["model_base"].default,
 ) -> list[str]:
     """Create or update each service user (password, grants); the names, in order.
 
     `admin` is (username, password); `passwords` maps each ServiceUser.password_env to its
-    value. A missing or short password is a UserError naming the variable.
+    value. A missing or short password is a UserError naming the variable; an environment's
+    identity (ENVIRONMENT_USERS) is made only when its password is there. `model_base` is
+    MODEL_NAME, whose `-<env>` model each environment's identity may edit.
     """
-    for user in SERVICE_USERS:
+    users = [*SERVICE_USERS, *(u for u in ENVIRONMENT_USERS if passwords.get(u.password_env))]
+    for user in users:
         if len(passwords.get(user.password_env) or "") < MIN_PASSWORD:
             raise UserError(f"{user.password_env} must be set, {MIN_PASSWORD} characters or more")
     client = _Admin(tracking_uri, *admin)
     try:
-        for user in SERVICE_USERS:
+        for user in users:
             body = {"username": user.name, "password": passwords[user.password_env]}
             if client.has_user(user.name):
                 client.call(client.routes.UPDATE_USER_PASSWORD, "PATCH", json=body)
@@ -150,9 +189,12 @@ def ensure_service_users(
                 client.call(client.routes.CREATE_USER, "POST", json=body)
             for resource_type, permission in user.grants:
                 client.grant(user.name, resource_type, permission)
+            if user.env is not None:
+                own = Settings.model_construct(model_base=model_base).model_name_in(user.env)
+                client.grant(user.name, "registered_model", "EDIT", own)
     except MlflowException as exc:
         raise UserError(f"MLflow at {tracking_uri} refused the admin's request: {exc}") from exc
-    return [user.name for user in SERVICE_USERS]
+    return [user.name for user in users]
 
 
 class _InitSettings(BaseSettings):
@@ -165,6 +207,13 @@ class _InitSettings(BaseSettings):
     admin_password: SecretStr = Field(alias="MLFLOW_TRACKING_PASSWORD", min_length=1)
     flows_password: SecretStr = Field(alias=FLOWS.password_env, min_length=MIN_PASSWORD)
     predictor_password: SecretStr = Field(alias=PREDICTOR.password_env, min_length=MIN_PASSWORD)
+    staging_password: SecretStr | None = Field(default=None, alias=FLOWS_STAGING.password_env)
+    prod_password: SecretStr | None = Field(default=None, alias=FLOWS_PROD.password_env)
+    model_base: str = Field(default="churn-classifier", alias="MODEL_NAME")
+
+
+def _secret(value: SecretStr | None) -> str:
+    return value.get_secret_value() if value is not None else ""
 
 
 def main() -> None:
@@ -179,7 +228,10 @@ def main() -> None:
         {
             FLOWS.password_env: env.flows_password.get_secret_value(),
             PREDICTOR.password_env: env.predictor_password.get_secret_value(),
+            FLOWS_STAGING.password_env: _secret(env.staging_password),
+            FLOWS_PROD.password_env: _secret(env.prod_password),
         },
+        env.model_base,
     )
     print(f"MLflow users ready at {env.tracking_uri}: {', '.join(users)}")
 

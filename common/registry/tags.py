@@ -70,6 +70,28 @@ retrain.trigger              retrain flow     the event that started its trainin
 retrain.monitor_run          retrain flow     the monitoring run that found the drift
 retrain.report               retrain flow     that run's Evidently report (URI)
 data.production_rows         retrain flow     labelled production rows added to its training
+
+Environments (common.registry.environments): a version promoted to staging or prod is a copy
+of the files of the version before it, registered anew in the target environment's model; it
+keeps the source's lineage tags (git.*, dvc.*, metrics, onnx.*, gate.*, mlflow.run_id, ...)
+and adds where it came from and who let it in:
+
+tag                          written by       means
+---------------------------  ---------------  ----------------------------------------------------
+env.source                   environments     the environment it was copied from (dev, staging)
+env.source_model             environments     that environment's registered model
+env.source_version           environments     the version copied
+env.source_run_id            environments     the source version's MLflow run (the copy's own run
+                                              holds the copied files)
+env.lineage                  environments     JSON: every version it descends from, nearest first
+                                              ([{"env", "model", "version"}, ...] back to dev)
+env.gate_metrics             environments     JSON: the holdout metrics the source's gate passed on
+env.promoted_at              environments     when it was copied (UTC)
+approval.reviewer            environments     the registered reviewer whose signature let it in
+approval.decision            environments     `approve` (a rejection copies nothing)
+approval.expires             environments     the signed approval's expiry (UTC)
+approval.signature           environments     the Ed25519 signature (base64) over the request
+approval.flow_run_id         environments     the Prefect flow run the approval was signed for
 """
 
 from __future__ import annotations
@@ -164,3 +186,18 @@ def parity(passed: bool) -> str:
 def onnx_ok(tags: Mapping[str, str]) -> bool:
     """Whether the version's ONNX export may serve: its parity check passed."""
     return tags.get(ONNX_PARITY) == PARITY_PASSED
+
+
+# environments: a version copied from the environment before it (dev -> staging -> prod)
+ENV_SOURCE = "env.source"
+ENV_SOURCE_MODEL = "env.source_model"
+ENV_SOURCE_VERSION = "env.source_version"
+ENV_SOURCE_RUN_ID = "env.source_run_id"
+ENV_LINEAGE = "env.lineage"
+ENV_GATE_METRICS = "env.gate_metrics"
+ENV_PROMOTED_AT = "env.promoted_at"
+APPROVAL_REVIEWER = "approval.reviewer"
+APPROVAL_DECISION = "approval.decision"
+APPROVAL_EXPIRES = "approval.expires"
+APPROVAL_SIGNATURE = "approval.signature"
+APPROVAL_FLOW_RUN_ID = "approval.flow_run_id"
