@@ -137,12 +137,24 @@ clean: ## remove the embedded store and pipeline outputs (keeps the DVC cache)
 	rm -rf .mlops data/prepared reports metrics plots dvc_plots
 
 # The rollback flow in this process, on the embedded store (or MLFLOW_TRACKING_URI's server).
-.PHONY: rollback
+.PHONY: rollback promote-staging promote-prod rollout
 REASON ?= manual rollback (make rollback)
 
 rollback: bootstrap ## move champion back to the version it replaced, through the rollback flow (TENANT=acme: acme's own model; again: one further back)
 	@PREFECT_SERVER_ANALYTICS_ENABLED=false $(RUN) python -m flows.promote rollback \
 		$(if $(TENANT),--tenant "$(TENANT)") --reason "$(REASON)"
+
+promote-staging: bootstrap ## copy dev's champion (TENANT=acme: acme's own) into staging and make it staging's champion, if its gate passed
+	@PREFECT_SERVER_ANALYTICS_ENABLED=false $(RUN) python -m flows.promote promote --to staging \
+		$(if $(TENANT),--tenant "$(TENANT)")
+
+promote-prod: bootstrap ## copy staging's champion into prod once a registered reviewer signs an approval (mlops approve <flow-run-id> --key KEY)
+	@PREFECT_SERVER_ANALYTICS_ENABLED=false $(RUN) python -m flows.promote promote --to prod \
+		$(if $(TENANT),--tenant "$(TENANT)")
+
+rollout: bootstrap ## ramp the challenger on live traffic (params.yaml rollout.steps), then promote or roll it back (TENANT=acme)
+	@PREFECT_SERVER_ANALYTICS_ENABLED=false $(RUN) python -m flows.rollout \
+		$(if $(TENANT),--tenant "$(TENANT)")
 
 # Prefect: a local server, the deployments of prefect.yaml, and a worker that runs them.
 .PHONY: prefect-server deploy worker

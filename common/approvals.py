@@ -35,7 +35,7 @@ MESSAGE_HEADER = "mlops-promotion-approval/1"
 KEY_TYPE = "ssh-ed25519"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$")
 REQUEST_KEY = "approval-request"
-"""The Prefect flow run input where a waiting promote-environment run leaves its Request,
+"""The Prefect flow run input where a waiting promote_environment run leaves its Request,
 which `mlops approve` reads and signs."""
 
 

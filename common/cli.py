@@ -167,13 +167,13 @@ def _reviewers_remove(args: argparse.Namespace) -> None:
 
 
 def _approval_request(flow_run_id: UUID) -> approvals.Request:
-    """What the paused promote-environment run asks to be signed (its flow run input)."""
+    """What the paused promote_environment run asks to be signed (its flow run input)."""
     from prefect.input import read_flow_run_input  # noqa: PLC0415 (prefect: only here)
 
     value: Any = read_flow_run_input(approvals.REQUEST_KEY, flow_run_id=flow_run_id)
     if not isinstance(value, dict):
         raise UserError(
-            f"flow run {flow_run_id} asks for no approval (not a promote-environment run "
+            f"flow run {flow_run_id} asks for no approval (not a promote_environment run "
             "waiting for one, or another Prefect API: PREFECT_API_URL)"
         )
     return approvals.Request(**{k: str(v) for k, v in value.items()})
@@ -241,7 +241,7 @@ def _approval_parsers(top: Any) -> None:
     rrm.set_defaults(local=_reviewers_remove)
 
     approve = top.add_parser(
-        "approve", help="sign and send your decision to a promote-environment run waiting on it"
+        "approve", help="sign and send your decision to a promote_environment run waiting on it"
     )
     approve.add_argument("flow_run_id")
     approve.add_argument("--key", required=True, help="your Ed25519 private key (OpenSSH)")

@@ -1,7 +1,7 @@
-"""promote, promote-environment and rollback: every move of `champion` a person starts.
+"""promote, promote_environment and rollback: every move of `champion` a person starts.
 
 `promote` moves `champion` within this environment under the policy in params.yaml,
-optionally approved; `promote-environment` copies a version to the next environment
+optionally approved; `promote_environment` copies a version to the next environment
 (dev -> staging -> prod) and makes it champion there, prod only with a reviewer's signed
 approval (common.approvals); `rollback` walks `champion` back. Each acts on the shared model
 (`tenant` None) or on one tenant's own model (`<MODEL_NAME>.<tenant>`).
@@ -219,7 +219,7 @@ def _approval_tags(signed: approvals.Answer) -> dict[str, str]:
     }
 
 
-@flow(name="promote-environment")
+@flow(name="promote_environment")
 def promote_environment(
     to: str,
     tenant: str | None = None,

@@ -150,6 +150,20 @@ RETRAIN_MONITOR_RUN = "retrain.monitor_run"
 RETRAIN_REPORT = "retrain.report"
 DATA_PRODUCTION_ROWS = "data.production_rows"
 
+# environments: a version copied from the environment before it (dev -> staging -> prod)
+ENV_SOURCE = "env.source"
+ENV_SOURCE_MODEL = "env.source_model"
+ENV_SOURCE_VERSION = "env.source_version"
+ENV_SOURCE_RUN_ID = "env.source_run_id"
+ENV_LINEAGE = "env.lineage"
+ENV_GATE_METRICS = "env.gate_metrics"
+ENV_PROMOTED_AT = "env.promoted_at"
+APPROVAL_REVIEWER = "approval.reviewer"
+APPROVAL_DECISION = "approval.decision"
+APPROVAL_EXPIRES = "approval.expires"
+APPROVAL_SIGNATURE = "approval.signature"
+APPROVAL_FLOW_RUN_ID = "approval.flow_run_id"
+
 LINEAGE = (
     GIT_COMMIT,
     DVC_RAW_MD5,
@@ -159,8 +173,14 @@ LINEAGE = (
     GATE_DECISION,
     GATE_REASON,
     MLFLOW_RUN_ID,
+    ENV_SOURCE,
+    ENV_SOURCE_VERSION,
+    ENV_LINEAGE,
+    APPROVAL_REVIEWER,
 )
-"""The tags the predictor's /model shows as the served version's lineage, in this order."""
+"""The tags the predictor's /model shows as the served version's lineage, in this order (a
+version promoted from another environment: where from, every version back to dev, who
+approved)."""
 
 
 def alias_tag(alias: str, key: str) -> str:
@@ -186,18 +206,3 @@ def parity(passed: bool) -> str:
 def onnx_ok(tags: Mapping[str, str]) -> bool:
     """Whether the version's ONNX export may serve: its parity check passed."""
     return tags.get(ONNX_PARITY) == PARITY_PASSED
-
-
-# environments: a version copied from the environment before it (dev -> staging -> prod)
-ENV_SOURCE = "env.source"
-ENV_SOURCE_MODEL = "env.source_model"
-ENV_SOURCE_VERSION = "env.source_version"
-ENV_SOURCE_RUN_ID = "env.source_run_id"
-ENV_LINEAGE = "env.lineage"
-ENV_GATE_METRICS = "env.gate_metrics"
-ENV_PROMOTED_AT = "env.promoted_at"
-APPROVAL_REVIEWER = "approval.reviewer"
-APPROVAL_DECISION = "approval.decision"
-APPROVAL_EXPIRES = "approval.expires"
-APPROVAL_SIGNATURE = "approval.signature"
-APPROVAL_FLOW_RUN_ID = "approval.flow_run_id"

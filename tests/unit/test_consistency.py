@@ -70,7 +70,12 @@ BORROWED_SECTIONS = {
     ("train", "monitor"),
 }
 """(stage, section): a stage that reads another step's params section, and why."""
-FLOW_MODULES = {"rollback": "promote", "monitor_tenants": "monitor", "retrain_tenants": "retrain"}
+FLOW_MODULES = {
+    "rollback": "promote",
+    "promote_environment": "promote",
+    "monitor_tenants": "monitor",
+    "retrain_tenants": "retrain",
+}
 """Deployments whose flow lives in another flow's module: rollback undoes what promote did;
 the fan-outs queue runs of the flow beside them, one per tenant."""
 

@@ -1,4 +1,4 @@
-"""promote-environment on an embedded registry under Prefect's test harness: what may move
+"""promote_environment on an embedded registry under Prefect's test harness: what may move
 where, tenants' models, a signed rejection; and which names mlops-auth protects."""
 
 from __future__ import annotations
