@@ -1,6 +1,6 @@
-"""Variants of a served model: sticky assignment by entity key, and the runtime following the
+"""Variants of a served model: sticky assignment by entity key; the runtime following the
 `challenger` and `shadow` aliases and the challenger's weight from its one registry search
-(a real embedded registry on SQLite)."""
+(a real embedded registry on SQLite); the predictor's shadow queue."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from common.params import DataParams, Params
 from common.registry import variants
 from common.registry.runtime import ModelRuntime
 from common.settings import Settings
-from common.store import ServingError, from_line, to_line
-from tests.unit.test_predict import fitted, save_model_dir, training_rows
+from common.store import Item, Prediction, ServingError, from_line, to_line
+from services.predictor.shadow import Shadow
+from tests.unit.test_predict import as_records, fitted, save_model_dir, training_rows
 
 KEYS = [f"customer-{i}" for i in range(20_000)]
 SHARED = "variants-test"
@@ -176,3 +177,33 @@ def test_a_challenger_that_cannot_load_never_serves(
     runtime.check_now()
     assert runtime.select("umbrella", "k").variant == "champion"
     assert runtime.describe()["variants"]["challenger"]["serving"] is False
+
+
+# -- the shadow ------------------------------------------------------------------------------
+
+
+def test_the_shadow_logs_its_own_rows_and_drops_what_it_falls_behind_on(
+    runtime: ModelRuntime, data_params: DataParams
+) -> None:
+    rows = as_records(training_rows().head(50), data_params)
+    logged: list[Item] = []
+    shadow = Shadow(logged.append, size=1)
+    offered = [shadow.offer("acme", runtime.current, rows) for _ in range(200)]
+    shadow.close(timeout=60)
+    assert shadow.dropped == offered.count(False) > 0
+    predictions = [i for i in logged if isinstance(i, Prediction)]
+    assert len(predictions) == offered.count(True) * len(rows)
+    assert {(p.variant, p.tenant_id, p.model_version) for p in predictions} == {
+        ("shadow", "acme", "1")
+    }
+    assert len({p.request_id for p in predictions}) == len(predictions)
+
+
+def test_a_shadow_that_fails_to_score_leaves_a_serving_error(runtime: ModelRuntime) -> None:
+    logged: list[Item] = []
+    shadow = Shadow(logged.append)
+    assert shadow.offer("acme", runtime.current, [{"not_a_feature": 1}])
+    shadow.close(timeout=60)
+    (error,) = logged
+    assert isinstance(error, ServingError)
+    assert (error.variant, error.tenant_id, error.model_version) == ("shadow", "acme", "1")
