@@ -180,6 +180,12 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
+def _answered(ctx: bentoml.Context, response: JSONResponse) -> JSONResponse:
+    """`response` from an API that takes `ctx`: BentoML sends ctx's status, not the response's."""
+    ctx.response.status_code = response.status_code
+    return response
+
+
 READBACK_PARAMETERS = frozenset({"start", "end", "model_version", "limit", "cursor"})
 JOB_PARAMETERS = frozenset({"offset", "limit"})
 JOB_ERRORS_SHOWN = 20
@@ -454,7 +460,7 @@ class Predictor:
         tenant = identity.current().tenant_id
         served = await self._model(tenant)  # one snapshot: the whole request uses one version
         if isinstance(served, JSONResponse):
-            return served
+            return _answered(ctx, served)
         try:
             rows = validate_records(
                 self._record(served), records, max_batch=self.settings.predict_max_batch
@@ -462,7 +468,7 @@ class Predictor:
         except ValidationError:
             raise  # BentoML answers 400 with each error's field and message
         except ValueError as exc:
-            return _error(400, str(exc))
+            return _answered(ctx, _error(400, str(exc)))
         flagged = out_of_range(served.scorer.schema, rows) if self._flag_range else None
         ids = [str(uuid.uuid4()) for _ in rows]
         choice = self.runtime.choose(
