@@ -207,3 +207,18 @@ def test_a_shadow_that_fails_to_score_leaves_a_serving_error(runtime: ModelRunti
     (error,) = logged
     assert isinstance(error, ServingError)
     assert (error.variant, error.tenant_id, error.model_version) == ("shadow", "acme", "1")
+
+
+def test_one_failing_copy_in_a_batch_fails_alone(
+    runtime: ModelRuntime, data_params: DataParams
+) -> None:
+    rows = as_records(training_rows().head(3), data_params)
+    logged: list[Item] = []
+    shadow = Shadow(logged.append)
+    copies = [rows, [{"not_a_feature": 1}], rows]
+    for _ in range(50):
+        for copy in copies:
+            shadow.offer("acme", runtime.current, copy)
+    shadow.close(timeout=60)
+    assert sum(isinstance(i, ServingError) for i in logged) == 50
+    assert sum(isinstance(i, Prediction) for i in logged) == 50 * 2 * len(rows)
