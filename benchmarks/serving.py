@@ -8,6 +8,11 @@
    difference is what the key check and tenant scoping cost
 3. the peer: `mlflow models serve` of the same version, at its best here (2 workers,
    OMP_NUM_THREADS=1, per perf-anchors.md)
+4. progressive delivery on this service (a registered model of the benchmark's own, copies
+   of the champion, deleted afterwards: the user's aliases never move): canary routing (p50
+   at c=1 with the challenger's weight 0 and 10) and a shadow at 50% load (p50/p99 of an
+   open-loop client at half the c=32 throughput of the service, or of that client if it is
+   slower, without and with a `shadow` alias), each measured in turns (A B, B A, B A, A B)
 
 Figures: p50/p99 of single-record requests at concurrency 1 (a plain sequential client),
 records/s with 32 concurrent clients sending 1-record and 100-record requests.
@@ -29,7 +34,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +46,7 @@ import psutil
 
 from common import registry
 from common.localpg import prediction_db
+from common.registry import CHALLENGER, variants
 from common.settings import Settings, get_settings
 from common.store import pool, roles, tenants
 from models.predict import Scorer
@@ -241,6 +249,184 @@ def both_flavours(
     return anonymous, keyed, check
 
 
+VARIANT_POLL_SECONDS = 1.0
+"""The variants service's alias poll: a weight or alias change is served within it."""
+
+
+@contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    """Set environment variables for the servers started inside the block (then restore)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextmanager
+def variant_copies(settings: Settings, copies: int = 3) -> Iterator[tuple[str, Any]]:
+    """A registered model of the benchmark's own: v1..v`copies`, each the champion's
+    version, champion -> v1; deleted afterwards. Yields its name and the client."""
+    client = registry.connect(settings)
+    source = registry.version_by_alias(client, settings.model_name, settings.model_alias)
+    if source is None or source.source is None:
+        sys.exit("no champion: run `make demo` first")
+    name = f"bench-variants-{os.getpid()}"
+    client.create_registered_model(name)
+    try:
+        model_id = (
+            source.source.removeprefix("models:/") if source.source.startswith("models:/") else None
+        )
+        for _ in range(copies):
+            client.create_model_version(
+                name, source.source, source.run_id, source.tags, model_id=model_id
+            )
+        client.set_registered_model_alias(name, registry.CHAMPION, "1")
+        yield name, client
+    finally:
+        client.delete_registered_model(name)
+
+
+def _settle(url: str, headers: dict[str, str], seen: Callable[[dict[str, Any]], bool]) -> None:
+    """Until 12 /model answers in a row (either worker) show `seen` variants, then a poll."""
+    deadline = time.monotonic() + 60
+    streak = 0
+    while streak < 12:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the predictor never served the variants asked for")
+        info = httpx.get(f"{url}/model/", headers=headers, timeout=30).json()
+        streak = streak + 1 if seen(info["variants"]) else 0
+        time.sleep(0.05)
+    time.sleep(VARIANT_POLL_SECONDS)
+
+
+def paced(
+    url: str, body: dict[str, Any], rate: float, headers: dict[str, str]
+) -> tuple[float, float, float, int]:
+    """An open-loop client at `rate` requests/s for SECONDS: p50 and p99 (ms, from each
+    request's scheduled start, so a stall counts for every request it holds up), the rate
+    reached, failed requests."""
+
+    async def run() -> tuple[list[float], int, float]:
+        times: list[float] = []
+        failed = 0
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        async with httpx.AsyncClient(timeout=30, limits=limits, headers=headers) as client:
+            for _ in range(20):
+                await client.post(url, json=body)
+            start = time.perf_counter() + 0.1
+
+            async def one(at: float) -> None:
+                nonlocal failed
+                await asyncio.sleep(max(0.0, at - time.perf_counter()))
+                resp = await client.post(url, json=body)
+                if resp.status_code != 200:
+                    failed += 1
+                times.append(time.perf_counter() - at)
+
+            n = int(rate * SECONDS)
+            await asyncio.gather(*(one(start + i / rate) for i in range(n)))
+            return times, failed, n / (time.perf_counter() - start)
+
+    times, failed, reached = asyncio.run(run())
+    p50, p99 = _percentiles(times)
+    return p50 * 1000, p99 * 1000, reached, failed
+
+
+def _shadow_dropped(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    found = re.search(r"^predictor_shadow_dropped_total(?:\{[^}]*\})? ([\d.e+]+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+VariantFigures = dict[str, Any]
+"""canary: p50 (ms) at weight 0 and 10; shadow: p50/p99 (ms) off and on, the load, drops."""
+
+
+def progressive(settings: Settings, one: dict[str, Any], rounds: int = 4) -> VariantFigures:
+    """Canary routing and a shadow at 50% load on this service, measured in turns."""
+    at = datetime.now(UTC).isoformat(timespec="seconds")
+    with (
+        prediction_db(settings, role=roles.PREDICTOR) as database_url,
+        variant_copies(settings) as (name, client),
+    ):
+        served = settings.model_copy(
+            update={
+                "database_url": database_url,
+                "model_base": name,
+                "mlops_env": "dev",
+                "model_poll_seconds": VARIANT_POLL_SECONDS,
+            }
+        )
+        key = demo_key(admin_url(settings))
+        headers = {"Authorization": f"Bearer {key.secret}"}
+        port = _free_port()
+        base = f"http://127.0.0.1:{port}"
+        url = f"{base}/predict"
+        body = {"records": one}
+        env = {"MODEL_NAME": name, "MLOPS_ENV": "dev", "MODEL_POLL_SECONDS": "1"}
+        try:
+            with _environ(**env), serving(served, port):
+
+                def weigh(weight: float) -> None:
+                    variants.set_weight(
+                        client, name, weight, by="benchmark", reason="benchmark", at=at
+                    )
+                    _settle(base, headers, lambda v: v["challenger_weight"] == weight)
+
+                def shadow(on: bool) -> None:
+                    if on:
+                        client.set_registered_model_alias(name, variants.SHADOW, "3")
+                    else:
+                        client.delete_registered_model_alias(name, variants.SHADOW)
+                    _settle(base, headers, lambda v: (v["shadow"] is not None) == on)
+
+                throughput(url, body, 1, headers)  # warm-up
+                full, _ = throughput(url, body, 1, headers)
+                # half of what the service takes and the paced client below can send
+                rate = min(full, asyncio.run(_load(url, body, 1, headers))[0]) / 2
+                # canary routing: the challenger (v2, the same files) at weight 0 and 10
+                client.set_registered_model_alias(name, CHALLENGER, "2")
+                canary: dict[float, list[float]] = {0: [], 10: []}
+                for turn in range(rounds):
+                    for weight in (0, 10) if turn % 4 in (0, 3) else (10, 0):
+                        weigh(weight)
+                        post = functools.partial(_post_one, url, one)
+                        canary[weight].append(sequential(post, n=1000, headers=headers)[0])
+                weigh(0)
+                client.delete_registered_model_alias(name, CHALLENGER)
+                # a shadow at half the c=32 throughput
+                load: dict[bool, list[tuple[float, float, float, int]]] = {False: [], True: []}
+                dropped = 0.0
+                for turn in range(rounds):
+                    for on in (False, True) if turn % 4 in (0, 3) else (True, False):
+                        shadow(on)
+                        before = _shadow_dropped(base)
+                        load[on].append(paced(url, body, rate, headers))
+                        dropped += _shadow_dropped(base) - before
+        finally:
+            tenants.revoke_key(admin_url(settings), key.tenant_id, key.key_id)
+    return {
+        "canary": {w: statistics.median(v) for w, v in canary.items()},
+        "shadow": {
+            on: (
+                statistics.median(run[0] for run in runs),
+                statistics.median(run[1] for run in runs),
+                statistics.median(run[2] for run in runs),
+                sum(run[3] for run in runs),
+            )
+            for on, runs in load.items()
+        },
+        "rate": rate,
+        "dropped": dropped,
+    }
+
+
 def _post_one(url: str, record: dict[str, Any], client: httpx.Client) -> httpx.Response:
     return client.post(url, json={"records": record})
 
@@ -280,6 +466,28 @@ def _wait(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None
     raise RuntimeError(f"{url} not ready")
 
 
+def show_progressive(staged: VariantFigures) -> None:
+    """The canary and shadow figures beside each other, with their aims."""
+    print()
+    print("progressive delivery on this service (a tenant's key, 2 workers):")
+    c0, c10 = staged["canary"][0], staged["canary"][10]
+    print(f"{'canary routing, c=1 p50':50} {'weight 0':>18} {'weight 10':>16} {'difference':>16}")
+    print(f"{'':50} {c0:>15.3f} ms {c10:>13.3f} ms {c10 - c0:>+13.3f} ms")
+    off, on = staged["shadow"][False], staged["shadow"][True]
+    head = f"shadow at 50% load ({staged['rate']:,.0f} req/s asked)"
+    print(f"{head:50} {'p50 / p99':>18} {'req/s reached':>16} {'failed':>16}")
+    for label, (p50, p99, reached, failed) in (("  no shadow", off), ("  shadow alias set", on)):
+        print(f"{label:50} {f'{p50:.2f} / {p99:.2f} ms':>18} {reached:>16,.0f} {failed:>16}")
+    rise = on[1] - off[1]
+    if min(off[2], on[2]) < staged["rate"] * 0.9:
+        print("  (the paced client fell behind the rate asked: the p99s include its queue)")
+    print(
+        f"canary routing: {c10 - c0:+.3f} ms at p50 (aim: at most +0.1); shadow: primary p99 "
+        f"{rise:+.2f} ms ({on[1] / off[1] - 1:+.1%}; aim: at most +5% or +2 ms), "
+        f"{staged['dropped']:.0f} shadow copies dropped"
+    )
+
+
 def main() -> None:
     settings = get_settings()
     client = registry.connect(settings)
@@ -300,6 +508,7 @@ def main() -> None:
     rows.append(("in-process sklearn", f"{floor['sklearn']:.3f} ms", "-", "-"))
 
     anonymous, keyed, check = both_flavours(settings, one, batch)
+    staged = progressive(settings, one)
     rows.append(_row("this service, no key (as before API keys)", *anonymous))
     rows.append(_row("this service, a tenant's key (bentoml, 2 workers)", *keyed))
     ours = (keyed[0], keyed[2][0])
@@ -351,6 +560,7 @@ def main() -> None:
     )
     print(f"p50 above the in-process floor: {ours[0] - floor['onnx']:.2f} ms (aim: within 3 ms)")
     print(f"1-record throughput vs the peer: {ours[1] / single_m:.1f}x (aim: at least 2x)")
+    show_progressive(staged)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """What a scored record becomes: the answer a client reads and the prediction-log row.
 
 One shape for `POST /predict` and for the job workers' results (request id, predicted class,
-probabilities, the model name and version that scored it, `warnings` when out-of-range
-values are flagged), so a job's answers are exactly what /predict would have said.
+probabilities, the model name and version that scored it, the variant (`champion` or
+`challenger`) it was, `warnings` when out-of-range values are flagged), so a job's answers
+are exactly what /predict would have said. A shadow's rows are logged, never answered.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ def answer_records(
     now: datetime,
     per_row_ms: float,
     flagged: Sequence[list[str]] | None = None,
+    variant: str = "champion",
 ) -> tuple[list[dict[str, Any]], list[Prediction]]:
     """Each record's answer and its prediction-log row, in order.
 
     `results` are `served.scorer.predict(rows)`'s; `flagged` the out-of-range warnings of
-    each row (PREDICT_OUT_OF_RANGE=flag), or None.
+    each row (PREDICT_OUT_OF_RANGE=flag), or None; `variant` the alias `served` answers as.
     """
     said: list[dict[str, Any]] = []
     logged: list[Prediction] = []
@@ -40,6 +42,7 @@ def answer_records(
             "probabilities": result.probabilities,
             "model_name": served.name,
             "model_version": served.version,
+            "variant": variant,
         }
         if flagged is not None:
             answer["warnings"] = flagged[i]
@@ -55,6 +58,7 @@ def answer_records(
                 result.probabilities,
                 per_row_ms,
                 tenant,
+                variant,
             )
         )
     return said, logged

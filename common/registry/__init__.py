@@ -12,6 +12,7 @@ import shutil
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -89,13 +90,22 @@ def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersio
         raise
 
 
-def aliased_versions(client: MlflowClient, name: str, alias: str) -> dict[str, str]:
-    """`alias`'s version of `name` and of every tenant's `<name>.<tenant>`, in one search.
+@dataclass(frozen=True)
+class ModelState:
+    """A registered model's aliases (alias -> version) and its own tags, as one search saw them."""
 
-    Registered name -> version; a model without the alias is left out. One call a page
-    of a hundred models, however many tenants have models of their own.
+    aliases: Mapping[str, str]
+    tags: Mapping[str, str]
+
+
+def model_states(client: MlflowClient, name: str) -> dict[str, ModelState]:
+    """Aliases and registered-model tags of `name` and every tenant's `<name>.<tenant>`.
+
+    One search (a call a page of a hundred models), however many tenants have models of
+    their own: what a serving process reads each poll (champion, challenger, shadow, and
+    the challenger's weight tag).
     """
-    found: dict[str, str] = {}
+    found: dict[str, ModelState] = {}
     token: str | None = None
     while True:
         page = client.search_registered_models(
@@ -103,12 +113,23 @@ def aliased_versions(client: MlflowClient, name: str, alias: str) -> dict[str, s
         )
         for model in page:
             if model.name == name or model.name.startswith(name + TENANT_SEPARATOR):
-                version = model.aliases.get(alias)
-                if version is not None:
-                    found[model.name] = str(version)
+                aliases = {str(a): str(v) for a, v in (model.aliases or {}).items()}
+                found[model.name] = ModelState(aliases, dict(model.tags or {}))
         token = page.token
         if not token:
             return found
+
+
+def aliased_versions(client: MlflowClient, name: str, alias: str) -> dict[str, str]:
+    """`alias`'s version of `name` and of every tenant's `<name>.<tenant>`, in one search.
+
+    Registered name -> version; a model without the alias is left out.
+    """
+    return {
+        model: state.aliases[alias]
+        for model, state in model_states(client, name).items()
+        if alias in state.aliases
+    }
 
 
 def _model_exists(client: MlflowClient, name: str) -> bool:

@@ -7,6 +7,13 @@ no model of its own is served the shared one. A poller thread reads every alias 
 registry search; when one moves, the new version is loaded beside the old one, checked on
 its own input example, and swapped in with one assignment, so a request sees either the
 old model or the new one, never a mix, and other tenants' models are not touched.
+
+Variants (`common.registry.variants`): the same search gives each registered model's
+`challenger` and `shadow` aliases and its `rollout.challenger_weight` tag. The shared
+model's variants and those of each cached tenant model are loaded (checked the same way)
+before they serve, swapped with one assignment, and dropped when their alias goes. A
+tenant with a model of its own is served its own model's variants; every other tenant the
+shared model's. `choose` picks, per request, the variant of an entity key.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,8 +31,9 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from common import registry
-from common.registry import served
+from common.registry import served, variants
 from common.registry.served import ServedModel
+from common.registry.variants import SHADOW, Variant
 from common.settings import Settings
 
 log = logging.getLogger("predictor")
@@ -37,6 +46,29 @@ WAKE_CHECK_SECONDS = 0.5
 
 class ModelUnavailableError(Exception):
     """A tenant's own model could not be loaded now (registry or artifact store away)."""
+
+
+@dataclass(frozen=True)
+class Variants:
+    """A registered model's challenger and shadow, loaded, and the challenger's share (%)."""
+
+    challenger: ServedModel | None = None
+    shadow: ServedModel | None = None
+    weight: float = 0.0
+
+
+NO_VARIANTS = Variants()
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Who answers one request: `model` (the `variant`'s), the `champion` to fall back on
+    if it fails, and the `shadow` scored on a copy afterwards (None: no shadow)."""
+
+    variant: Variant
+    model: ServedModel
+    champion: ServedModel
+    shadow: ServedModel | None
 
 
 class ModelCache:
@@ -102,7 +134,9 @@ class ModelCache:
 class ModelRuntime:
     """Holds the served models; a background thread follows their aliases in the registry."""
 
-    def __init__(self, settings: Settings, bundled_dir: Path | None = None) -> None:
+    def __init__(
+        self, settings: Settings, bundled_dir: Path | None = None, *, follow_variants: bool = True
+    ) -> None:
         self.settings = settings
         self.name = settings.model_name
         self.alias = settings.model_alias
@@ -115,6 +149,11 @@ class ModelRuntime:
         self.loads = 0
         self.own: dict[str, str] = {}
         """Tenant -> the version its own model's alias pointed at in the last check."""
+        self.follow_variants = follow_variants
+        self.states: dict[str, registry.ModelState] = {}
+        """Registered name -> its aliases and tags in the last check."""
+        self.variants: dict[str, Variants] = {}
+        """Registered name -> its loaded variants: the shared model and cached tenants'."""
         self.models = ModelCache(settings.model_cache_size)
         self._client: MlflowClient | None = None
         self._loading: dict[str, threading.Lock] = {}
@@ -123,6 +162,7 @@ class ModelRuntime:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.current = self._initial()
+        self._sync_variants(self.name)
 
     def _initial(self) -> ServedModel:
         try:
@@ -146,8 +186,15 @@ class ModelRuntime:
         return self._client
 
     def _versions(self) -> dict[str, str]:
-        """Every alias in one registry search; notes the tenants that have models of their own."""
-        versions = registry.aliased_versions(self._registry(), self.name, self.alias)
+        """Every alias and tag in one registry search; notes the tenants that have models of
+        their own. Registered name -> the version of the served alias."""
+        states = registry.model_states(self._registry(), self.name)
+        versions = {
+            name: state.aliases[self.alias]
+            for name, state in states.items()
+            if self.alias in state.aliases
+        }
+        self.states = states
         self.registry_ok, self.last_error = True, None
         self.last_check = datetime.now(UTC).isoformat(timespec="seconds")
         own = {}
@@ -158,11 +205,60 @@ class ModelRuntime:
         self.own = own  # one assignment: requests see the old map or the new one
         return versions
 
-    def _fetch(self, name: str, version: str) -> ServedModel:
+    def _fetch(self, name: str, version: str, alias: str | None = None) -> ServedModel:
         """Download and load one version (checked on its input example) before it serves."""
         return served.by_version(
-            self._registry(), name, version, self.cache, alias=self.alias
+            self._registry(), name, version, self.cache, alias=alias or self.alias
         ).load()
+
+    def _sync_variants(self, name: str) -> bool:
+        """Load `name`'s challenger and shadow as the last check saw them; swap in one
+        assignment. A version that fails to load keeps the one before it (retried at the
+        next check); an alias gone drops its model at once. Whether anything changed."""
+        if not self.follow_variants:
+            return False
+        state = self.states.get(name)
+        aliases = state.aliases if state is not None else {}
+        old = self.variants.get(name, NO_VARIANTS)
+        loaded: dict[str, ServedModel | None] = {}
+        for alias, have in ((registry.CHALLENGER, old.challenger), (SHADOW, old.shadow)):
+            wanted = aliases.get(alias)
+            if wanted is None or (have is not None and have.version == wanted):
+                loaded[alias] = None if wanted is None else have
+                continue
+            try:
+                loaded[alias] = self._fetch(name, wanted, alias)
+                log.info("loaded %s v%s as %s", name, wanted, alias)
+            except Exception as exc:  # not served until it loads; retried next check
+                self._note_failure(exc)
+                loaded[alias] = have
+        new = Variants(
+            loaded[registry.CHALLENGER],
+            loaded[SHADOW],
+            variants.weight_of(state.tags) if state is not None else 0.0,
+        )
+        if new == old:
+            return False
+        if new == NO_VARIANTS:
+            self.variants.pop(name, None)
+        else:
+            self.variants[name] = new  # one assignment: a request sees old or new
+        return (new.challenger, new.shadow) != (old.challenger, old.shadow)
+
+    def choose(self, tenant: str, key: str, champion: ServedModel) -> Choice:
+        """Who answers `tenant`'s request with entity `key`: `champion` (`ready` or `load`'s
+        answer) or its registered model's challenger, by `variants.assign`; and its shadow.
+        No I/O."""
+        found = self.variants.get(champion.name, NO_VARIANTS)
+        if found.challenger is not None and variants.assign(tenant, key, found.weight) == (
+            "challenger"
+        ):
+            return Choice("challenger", found.challenger, champion, found.shadow)
+        return Choice("champion", champion, champion, found.shadow)
+
+    def select(self, tenant: str, key: str) -> Choice:
+        """`choose` on `serving(tenant)`: blocks on a tenant model's first use."""
+        return self.choose(tenant, key, self.serving(tenant))
 
     def _note_failure(self, exc: BaseException) -> None:
         self.registry_ok = False
@@ -206,6 +302,9 @@ class ModelRuntime:
                     continue  # the alias moved while loading: load what it points at now
                 evicted = self.models.put(tenant, model)
                 self.loads += 1
+                self._sync_variants(name)
+                for gone in evicted:
+                    self.variants.pop(registry.model_name(self.settings, gone), None)
                 log.info("loaded %s v%s; evicted %s", name, version, evicted or "none")
                 return model
 
@@ -220,8 +319,18 @@ class ModelRuntime:
         except Exception as exc:  # keep serving whatever goes wrong
             self._note_failure(exc)
             return False
+        swapped = self._swap_shared(versions.get(self.name))
+        swapped = self._swap_tenants() or swapped
+        followed = {self.name} | {model.name for _, model in self.models.items()}
+        for name in followed:
+            swapped = self._sync_variants(name) or swapped
+        for name in set(self.variants) - followed:  # evicted tenants' models
+            self.variants.pop(name, None)
+        return swapped
+
+    def _swap_shared(self, shared: str | None) -> bool:
+        """Load the shared champion's new version and swap it in; whether it was."""
         swapped = False
-        shared = versions.get(self.name)
         if shared is not None and shared != self.current.version:
             try:
                 new = self._fetch(self.name, shared)
@@ -232,6 +341,12 @@ class ModelRuntime:
                 self.swaps += 1
                 swapped = True
                 log.info("swapped %s v%s -> v%s", self.name, old.version, new.version)
+        return swapped
+
+    def _swap_tenants(self) -> bool:
+        """The cached tenants' champions: swapped to their alias's version, or dropped when
+        their own alias is gone (the shared model answers them); whether any was."""
+        swapped = False
         for tenant, model in self.models.items():
             wanted = self.own.get(tenant)
             if wanted is None:  # its own model is gone: the shared one answers
@@ -319,9 +434,30 @@ class ModelRuntime:
                 "loaded_at": None,
             }
         )
+        name = str(about["model_name"])
+        found = self.variants.get(name, NO_VARIANTS)
+        aliases = self.states[name].aliases if name in self.states else {}
+
+        def variant(model: ServedModel | None, alias: str) -> dict[str, Any] | None:
+            if model is None and alias not in aliases:
+                return None
+            return {  # an alias whose version is not loaded (yet) is not serving
+                "model_version": model.version if model is not None else aliases[alias],
+                "alias_version": aliases.get(alias),
+                "serving": model is not None,
+            }
+
         return {
             **about,
             **({"tenant_id": tenant, "own_model": own} if tenant is not None else {}),
+            "variants": {
+                "champion": {"model_version": about["model_version"], "serving": True},
+                "challenger": variant(found.challenger, registry.CHALLENGER),
+                "shadow": variant(found.shadow, SHADOW),
+                "challenger_weight": variants.weight_of(self.states[name].tags)
+                if name in self.states
+                else found.weight,
+            },
             "registry": {
                 "reachable": self.registry_ok,
                 "last_check": self.last_check,

@@ -6,9 +6,10 @@ What lives where:
   scripts) uses it.
 - `migrations`: the schema (`migrations/NNNN_*.sql`, the project's own) and its runner
   (`migrate`, and `apply_migrations` on an open connection).
-- `rows`: the rows (`Prediction`, `Feedback`), their one JSON encoding (`dumps`), spill
-  lines (`to_line`, `from_line`), the batch log rows (`LOG_COLUMNS`, `log_rows`) and the
-  write of live rows in one transaction (`create_staging`, `write_items`).
+- `rows`: the rows (`Prediction`, `Feedback`, `ServingError`), their one JSON encoding
+  (`dumps`), spill lines (`to_line`, `from_line`), the batch log rows (`LOG_COLUMNS`,
+  `log_rows`) and the write of live rows in one transaction (`create_staging`,
+  `write_items`).
 - `log`: `PredictionLog`, the service's writer off the request path (with spill files),
   and `prediction_exists`, the feedback endpoint's lookup.
 - `batch`: `BatchLogWriter`, a batch job's log rows in one transaction.
@@ -54,6 +55,7 @@ from common.store.rows import (
     Feedback,
     Item,
     Prediction,
+    ServingError,
     create_staging,
     dumps,
     from_line,
@@ -75,6 +77,7 @@ __all__ = [
     "Item",
     "Prediction",
     "PredictionLog",
+    "ServingError",
     "apply_migrations",
     "connect",
     "conninfo",

@@ -1,10 +1,12 @@
-"""The prediction log: every prediction and late label, written to PostgreSQL off the request path.
+"""The prediction log: every prediction, late label and serving error, written to PostgreSQL
+off the request path.
 
 The service calls `PredictionLog.submit()`, which only appends to a bounded in-memory
 buffer; one writer thread writes batches (COPY into a temp table, then INSERT ... ON
 CONFLICT). While PostgreSQL is away, rows go to spill files (JSON lines under `spill_dir`)
 and are written back, oldest first, once it answers again. Delivery is at least once and
-every write is idempotent (a prediction is inserted ON CONFLICT DO NOTHING; a label
+every write is idempotent (a prediction or a serving error is inserted ON CONFLICT DO
+NOTHING; a label
 replaces an earlier one only if its `ts` is not older), so a replay after a partial
 failure never duplicates: each prediction ends up logged exactly once.
 
@@ -54,9 +56,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from common.store.connection import connect
 from common.store.migrations import apply_migrations
 from common.store.rows import (
-    Feedback,
     Item,
-    Prediction,
     create_staging,
     from_line,
     to_line,
@@ -205,7 +205,7 @@ class PredictionLog:
         self._thread.start()
         atexit.register(self._atexit)
 
-    def submit(self, item: Prediction | Feedback) -> None:
+    def submit(self, item: Item) -> None:
         """Queue one row; with the buffer full it goes to the spill file instead."""
         with self._lock:
             if not self._closed and len(self._buffer) < self._max_buffer:

@@ -100,7 +100,45 @@ class Feedback:
         _check_row(self.request_id, self.ts)
 
 
-Item: TypeAlias = Prediction | Feedback
+@dataclass(frozen=True)
+class ServingError:
+    """A request a variant failed to score (its exception, cut short); one row of
+    `serving_errors`. A challenger's: the champion answered instead."""
+
+    error_id: str
+    ts: datetime
+    tenant_id: str
+    model_name: str
+    model_version: str
+    variant: str
+    error: str
+
+    def __post_init__(self) -> None:
+        _check_row(self.error_id, self.ts)
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+
+    @classmethod
+    def of(
+        cls,
+        exc: BaseException,
+        *,
+        tenant_id: str,
+        model_name: str,
+        model_version: str,
+        variant: str,
+        ts: datetime,
+    ) -> ServingError:
+        """The row of `exc`, raised by `variant` (model name and version) on `tenant_id`'s
+        request, with a fresh error id."""
+        said = f"{type(exc).__name__}: {exc}".replace("\x00", "")[:ERROR_CHARS]
+        return cls(str(uuid.uuid4()), ts, tenant_id, model_name, model_version, variant, said)
+
+
+ERROR_CHARS = 2000
+"""A serving error's text is cut to this many characters."""
+
+Item: TypeAlias = Prediction | Feedback | ServingError
 
 
 # -- JSON ----------------------------------------------------------------------------------
@@ -178,6 +216,17 @@ def to_line(item: Item) -> bytes:
             "tenant_id": item.tenant_id,
             "variant": item.variant,
         }
+    elif isinstance(item, ServingError):
+        doc = {
+            "kind": "serving_error",
+            "error_id": item.error_id,
+            "ts": item.ts.isoformat(),
+            "tenant_id": item.tenant_id,
+            "model_name": item.model_name,
+            "model_version": item.model_version,
+            "variant": item.variant,
+            "error": item.error,
+        }
     else:
         doc = {
             "kind": "feedback",
@@ -201,6 +250,8 @@ def from_line(line: bytes | str) -> Item:
             return Prediction(**doc)
         if kind == "feedback":
             return Feedback(**doc)
+        if kind == "serving_error":
+            return ServingError(**doc)
     except (TypeError, KeyError, AttributeError, ValueError) as exc:
         raise ValueError(f"not a prediction log line: {exc}") from exc
     raise ValueError(f"not a prediction log line: unknown kind {kind!r}")
@@ -214,7 +265,9 @@ _STAGING = """
 CREATE TEMP TABLE IF NOT EXISTS predlog_predictions_in
     (LIKE predictions INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS predlog_feedback_in
-    (LIKE feedback INCLUDING DEFAULTS) ON COMMIT DELETE ROWS
+    (LIKE feedback INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS predlog_errors_in
+    (LIKE serving_errors INCLUDING DEFAULTS) ON COMMIT DELETE ROWS
 """
 _COPY_PREDICTIONS = f"COPY predlog_predictions_in ({_COLUMNS}) FROM STDIN"
 # Row-level security checks each row against the transaction's tenant: one INSERT a tenant.
@@ -233,6 +286,15 @@ WHERE f.ts <= EXCLUDED.ts
 """
 
 
+_ERROR_COLUMNS = "error_id, tenant_id, ts, model_name, model_version, variant, error"
+_COPY_ERRORS = f"COPY predlog_errors_in ({_ERROR_COLUMNS}) FROM STDIN"
+_INSERT_ERRORS = (
+    f"INSERT INTO serving_errors ({_ERROR_COLUMNS})"
+    f" SELECT {_ERROR_COLUMNS} FROM predlog_errors_in WHERE tenant_id = %s"
+    " ON CONFLICT (error_id) DO NOTHING"
+)
+
+
 def create_staging(conn: psycopg.Connection[Any]) -> None:
     """Create the connection's staging tables that `write_items` COPYs into (once a connection)."""
     conn.execute(_STAGING)
@@ -249,17 +311,27 @@ def _latest_labels(items: Sequence[Item]) -> dict[tuple[str, str], Feedback]:
     return labels
 
 
+def _copy_errors(cur: psycopg.Cursor[Any], errors: Sequence[ServingError]) -> None:
+    with cur.copy(_COPY_ERRORS) as copy:
+        for e in errors:
+            row = (e.error_id, e.tenant_id, e.ts, e.model_name, e.model_version, e.variant, e.error)
+            copy.write_row(row)
+
+
 def write_items(conn: psycopg.Connection[Any], items: Sequence[Item]) -> None:
     """Write `items` in one transaction; replaying them again changes nothing.
 
-    A prediction is inserted unless logged already; a label replaces an earlier one only if
-    its `ts` is not older. Each tenant's rows are inserted under that tenant's scope, so
-    row-level security checks every row. `conn` is in autocommit mode and has had
+    A prediction (a serving error) is inserted unless logged already; a label replaces an
+    earlier one only if its `ts` is not older. Each tenant's rows are inserted under that
+    tenant's scope, so row-level security checks every row. `conn` is in autocommit mode and has had
     `create_staging`.
     """
     predictions = [i for i in items if isinstance(i, Prediction)]
+    errors = [i for i in items if isinstance(i, ServingError)]
     labels = _latest_labels(items)
-    tenants = sorted({i.tenant_id for i in predictions} | {t for t, _ in labels})
+    tenants = sorted(
+        {i.tenant_id for i in predictions} | {i.tenant_id for i in errors} | {t for t, _ in labels}
+    )
     with conn.transaction(), conn.cursor() as cur:
         if predictions:
             with cur.copy(_COPY_PREDICTIONS) as copy:
@@ -282,10 +354,14 @@ def write_items(conn: psycopg.Connection[Any], items: Sequence[Item]) -> None:
             with cur.copy(_COPY_FEEDBACK) as copy:
                 for f in labels.values():
                     copy.write_row((f.tenant_id, f.request_id, f.label, f.ts, f.source))
+        if errors:
+            _copy_errors(cur, errors)
         for tenant in tenants:
             scope(conn, tenant)
             if predictions:
                 cur.execute(_INSERT_PREDICTIONS, [tenant])
+            if errors:
+                cur.execute(_INSERT_ERRORS, [tenant])
             if labels:
                 cur.execute(_UPSERT_FEEDBACK, [tenant])
 

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, create_model
 
+from common.registry.variants import ENTITY_HEADER
 from models.predict import records_type
 from services.predictor.identity import REALM, SCOPES_BY_PATH, required_scopes, route
 
@@ -104,6 +105,16 @@ SECURITY_SCHEMES: dict[str, Any] = {
         "X-MLflow-Delivery-Id; required instead of a key when MLFLOW_WEBHOOK_SECRET is set.",
     },
 }
+ENTITY_PARAMETER: dict[str, Any] = {
+    "in": "header",
+    "name": ENTITY_HEADER,
+    "required": False,
+    "description": "Who the records are about (e.g. a customer id): while a challenger takes "
+    "a share of the traffic, one entity key of a tenant is always answered by the same "
+    "variant (the answer's `variant`). Without it the request's first request id decides.",
+    "schema": {"type": "string"},
+}
+"""/predict's optional header: the key of sticky variant assignment."""
 CURSOR_FORMAT = "cursor"
 """The `format` of GET /predictions' `cursor`: only a `next_cursor` this API returned."""
 KEY_SECURITY: list[dict[str, list[str]]] = [{"bearer": []}, {"apiKey": []}]
@@ -189,6 +200,8 @@ class JobAnswer(BaseModel):
     probabilities: dict[str, float]
     model_name: str
     model_version: str
+    variant: Literal["champion"] = "champion"
+    """Jobs are always scored by the champion."""
 
 
 class JobStatus(BaseModel):
@@ -344,6 +357,9 @@ def document(
         _set_body(paths, "/predict", contract.predict_body())
         _set_body(paths, "/feedback", contract.feedback_body())
         _set_body(paths, "/jobs", contract.job_body())
+    predict = paths.get("/predict", {}).get("post")
+    if predict is not None:
+        predict.setdefault("parameters", []).append(ENTITY_PARAMETER)
     _jobs(paths)
     _secure(paths, signed_webhook)
     return out

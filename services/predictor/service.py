@@ -1,7 +1,11 @@
 """The BentoML predictor: serves `models:/<name>@champion`, logs every prediction to PostgreSQL.
 
 A tenant with a model of its own (`<name>.<tenant>@champion`) is answered by it, loaded on
-its first request; every other tenant by the shared model.
+its first request; every other tenant by the shared model. Each request is answered by one
+variant of that model (`common.registry.variants`): the champion, or the `challenger` for
+the share of entity keys its weight gives (sticky by tenant and `X-Entity-Key`, else the
+request's first request id); a challenger that fails answers through the champion and
+leaves a `serving_errors` row. A `shadow` scores a copy afterwards (services.predictor.shadow).
 
 Thin by design: scoring and request validation live in models.predict, the registry
 following in common.registry.runtime, the prediction log in common.store, who is
@@ -20,7 +24,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path as FilePath
-from typing import Annotated, Any, NotRequired, cast
+from typing import Annotated, Any, Literal, NotRequired, cast
 
 import bentoml
 import psycopg
@@ -36,10 +40,14 @@ from common.answers import answer_records
 from common.callbacks import allowed_hosts, check_url
 from common.registry.runtime import ModelRuntime, ModelUnavailableError
 from common.registry.served import ServedModel
+from common.registry.variants import ENTITY_HEADER
 from common.settings import get_settings
 from common.store import (
     Feedback,
+    Item,
+    Prediction,
     PredictionLog,
+    ServingError,
     jobs,
     migrate,
     pool,
@@ -63,6 +71,7 @@ from services.predictor.openapi import (
     PredictBody,
     PredictionsPage,
 )
+from services.predictor.shadow import Shadow
 
 log = logging.getLogger("predictor")
 
@@ -80,15 +89,24 @@ BUNDLE = "predictor-model"
 
 PREDICTIONS = bentoml.metrics.Counter(
     name="predictor_predictions",
-    documentation="Predictions answered, by model version and predicted class",
-    labelnames=["model_version", "predicted_class"],
+    documentation="Predictions made (a shadow's too), by model version, variant and class",
+    labelnames=["model_version", "variant", "predicted_class"],
 )
 """No model name label: /metrics needs no key, and `<MODEL_NAME>.<tenant>` names tenants."""
 LATENCY = bentoml.metrics.Histogram(
     name="predictor_prediction_latency_seconds",
-    documentation="Time to validate and score one /predict request",
-    labelnames=["model_version"],
+    documentation="Time to validate and score one /predict request, by the variant answering",
+    labelnames=["model_version", "variant"],
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+SERVING_ERRORS = bentoml.metrics.Counter(
+    name="predictor_serving_errors",
+    documentation="Requests a variant failed to score (a challenger's: the champion answered)",
+    labelnames=["model_version", "variant"],
+)
+SHADOW_DROPPED = bentoml.metrics.Counter(
+    name="predictor_shadow_dropped",
+    documentation="Copies of requests the shadow skipped: it had fallen behind (queue full)",
 )
 QUEUE_DEPTH = bentoml.metrics.Gauge(
     name="predictor_log_queue_depth",
@@ -120,6 +138,10 @@ TENANT_MODELS = bentoml.metrics.Gauge(
 )
 
 
+AnsweringVariant = Literal["champion", "challenger"]
+"""A shadow's output never reaches a client."""
+
+
 class Answer(TypedDict):
     """One record's prediction."""
 
@@ -128,6 +150,7 @@ class Answer(TypedDict):
     probabilities: dict[str, float]
     model_name: str
     model_version: str
+    variant: AnsweringVariant
     warnings: NotRequired[list[str]]  # PREDICT_OUT_OF_RANGE=flag: values outside the range
 
 
@@ -135,6 +158,7 @@ class Predictions(TypedDict):
     tenant_id: str  # the caller's, from its key
     model_name: str
     model_version: str
+    variant: AnsweringVariant  # which alias answered: sticky per tenant and X-Entity-Key
     predictions: list[Answer]
 
 
@@ -154,6 +178,12 @@ class WebhookAnswer(TypedDict):
 def _error(status: int, message: str) -> JSONResponse:
     """A 4xx with the documented body; BentoML's own wraps it in a list (1.4)."""
     return JSONResponse({"error": message}, status_code=status)
+
+
+def _answered(ctx: bentoml.Context, response: JSONResponse) -> JSONResponse:
+    """`response` from an API that takes `ctx`: BentoML sends ctx's status, not the response's."""
+    ctx.response.status_code = response.status_code
+    return response
 
 
 READBACK_PARAMETERS = frozenset({"start", "end", "model_version", "limit", "cursor"})
@@ -345,6 +375,7 @@ class Predictor:
             )
         )
         self.runtime = ModelRuntime(settings, bundled_dir=FilePath(self.bundled.path))
+        self.shadow = Shadow(self._log, on_drop=SHADOW_DROPPED.inc)
         self._flag_range = settings.predict_out_of_range == "flag"
         self._publish()
         self._observe(swapped=False)
@@ -360,6 +391,24 @@ class Predictor:
         )
         TENANT_MODELS.set(len(self.runtime.models))
         QUEUE_DEPTH.set(self.log.depth)
+
+    def _log(self, item: Item) -> None:
+        """Queue one row for the prediction log; count a prediction (the shadow's too)."""
+        self.log.submit(item)
+        if isinstance(item, Prediction):
+            PREDICTIONS.labels(
+                model_version=item.model_version,
+                variant=item.variant,
+                predicted_class=item.predicted,
+            ).inc()
+        elif isinstance(item, ServingError):
+            SERVING_ERRORS.labels(model_version=item.model_version, variant=item.variant).inc()
+
+    async def _score(self, served: ServedModel, rows: list[dict[str, Any]]) -> list[Any]:
+        if len(rows) <= INLINE_ROWS:
+            return served.scorer.predict(rows)
+        # a big batch would hold the event loop; score it on a thread
+        return await asyncio.to_thread(served.scorer.predict, rows)
 
     def _publish(self) -> None:
         """Give /docs.json the request contract of the model this worker now serves."""
@@ -395,11 +444,14 @@ class Predictor:
 
     @bentoml.api(route="/predict", input_spec=PredictBody, output_spec=Predictions)
     async def predict(
-        self, records: list[dict[str, Any]] | dict[str, Any]
+        self, records: list[dict[str, Any]] | dict[str, Any], ctx: bentoml.Context
     ) -> Predictions | JSONResponse:
-        """Score one record or a list; each answer carries its request id and model version.
+        """Score one record or a list; each answer carries its request id, model version and
+        variant.
 
-        Logged and answered as the tenant of the caller's key (scope `predict`).
+        Logged and answered as the tenant of the caller's key (scope `predict`). Send
+        `X-Entity-Key` (e.g. a customer id) to keep that entity on one variant while a
+        challenger takes a share of the traffic; without it the first request id decides.
 
         Async on purpose: a one-record ONNX score takes ~0.1 ms, less than the thread-pool
         hop a sync API costs (1-record throughput went from ~490 to ~1,250 records/s).
@@ -408,7 +460,7 @@ class Predictor:
         tenant = identity.current().tenant_id
         served = await self._model(tenant)  # one snapshot: the whole request uses one version
         if isinstance(served, JSONResponse):
-            return served
+            return _answered(ctx, served)
         try:
             rows = validate_records(
                 self._record(served), records, max_batch=self.settings.predict_max_batch
@@ -416,34 +468,55 @@ class Predictor:
         except ValidationError:
             raise  # BentoML answers 400 with each error's field and message
         except ValueError as exc:
-            return _error(400, str(exc))
+            return _answered(ctx, _error(400, str(exc)))
         flagged = out_of_range(served.scorer.schema, rows) if self._flag_range else None
-        if len(rows) <= INLINE_ROWS:
-            scored = served.scorer.predict(rows)
-        else:  # a big batch would hold the event loop; score it on a thread
-            scored = await asyncio.to_thread(served.scorer.predict, rows)
+        ids = [str(uuid.uuid4()) for _ in rows]
+        choice = self.runtime.choose(
+            tenant, ctx.request.headers.get(ENTITY_HEADER) or ids[0], served
+        )
+        answering, variant = choice.model, choice.variant
+        try:
+            scored = await self._score(answering, rows)
+        except Exception as exc:
+            if variant == "champion":
+                raise
+            # the challenger failed: the champion answers, the failure is logged
+            log.warning("challenger %s v%s failed: %s", answering.name, answering.version, exc)
+            self._log(
+                ServingError.of(
+                    exc,
+                    tenant_id=tenant,
+                    model_name=answering.name,
+                    model_version=answering.version,
+                    variant=variant,
+                    ts=datetime.now(UTC),
+                )
+            )
+            answering, variant = choice.champion, "champion"
+            scored = await self._score(answering, rows)
         elapsed = time.perf_counter() - start
         said, logged = answer_records(
-            served,
+            answering,
             rows,
             scored,
-            [str(uuid.uuid4()) for _ in rows],
+            ids,
             tenant=tenant,
             now=datetime.now(UTC),
             per_row_ms=elapsed * 1000 / len(rows),
             flagged=flagged,
+            variant=variant,
         )
         for prediction in logged:
-            self.log.submit(prediction)
-            PREDICTIONS.labels(
-                model_version=served.version, predicted_class=prediction.predicted
-            ).inc()
-        LATENCY.labels(model_version=served.version).observe(elapsed)
+            self._log(prediction)
+        LATENCY.labels(model_version=answering.version, variant=variant).observe(elapsed)
         QUEUE_DEPTH.set(self.log.depth)
+        if choice.shadow is not None:  # after the answer is made; never waits
+            self.shadow.offer(tenant, choice.shadow, rows)
         return {
             "tenant_id": tenant,
-            "model_name": served.name,
-            "model_version": served.version,
+            "model_name": answering.name,
+            "model_version": answering.version,
+            "variant": cast(AnsweringVariant, variant),
             "predictions": cast(list[Answer], said),
         }
 
@@ -499,10 +572,11 @@ class Predictor:
 
     @info.get("/")
     def model(self) -> dict[str, Any]:
-        """The caller tenant's model and version, its lineage tags, whether the registry
-        answers, and the model cache's counts."""
+        """The caller tenant's model and version, its variants (challenger and its weight,
+        shadow), its lineage tags, whether the registry answers, and the model cache's counts."""
         return {
             **self.runtime.describe(identity.current().tenant_id),
+            "shadow_queue": {"depth": self.shadow.depth, "dropped": self.shadow.dropped},
             "log_queue_depth": self.log.depth,
             "log_db_up": self.log.db_up,
             "api_key_listener_up": self.keys.listening,
@@ -686,6 +760,7 @@ class Predictor:
     def close(self) -> None:
         self.runtime.stop()
         self.keys.close()
+        self.shadow.close()
         self.log.close()
         self.lookups.close()
         self.pages.close()

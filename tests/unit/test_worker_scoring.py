@@ -62,6 +62,7 @@ def test_answers_have_the_predict_shape_and_the_jobs_request_ids(
         "probabilities",
         "model_name",
         "model_version",
+        "variant",
     }
     assert [p.request_id for p in second.predictions] == [a["request_id"] for a in second.answers]
     assert {p.tenant_id for p in second.predictions} == {"acme"}
