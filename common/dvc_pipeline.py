@@ -151,6 +151,8 @@ class RunSummary:
     version is the one an earlier run registered (in `registry`)."""
     registry: str | None = None
     """Where the version was registered (registry_target.Target.describe), when recorded."""
+    canary: bool = False
+    """Passed the gate with `rollout.canary` on: `challenger` until the rollout flow decides."""
 
 
 def summary(root: Path, tenant: str | None = None, registered_now: bool = True) -> RunSummary:
@@ -173,6 +175,7 @@ def summary(root: Path, tenant: str | None = None, registered_now: bool = True) 
         tenant=tenant,
         registered_now=registered_now,
         registry=target.describe() if target else None,
+        canary=bool(decision.get("canary", False)),
     )
 
 
@@ -211,12 +214,22 @@ def mlflow_run_link(tracking_uri: str, run_id: str | None) -> str:
     return f"run `{run_id}` in `{tracking_uri}` (open it with `make mlflow-ui`)"
 
 
+def _done(s: RunSummary, *, bold: bool = False) -> str:
+    """What this run's register stage made of the version."""
+    b = "**" if bold else ""
+    if s.promoted:
+        return f"promoted to {b}champion{b}"
+    if s.canary:
+        return f"{b}challenger{b} for a canary (the rollout flow ramps it on live traffic)"
+    return f"kept as {b}challenger{b}"
+
+
 def verdict(s: RunSummary) -> str:
     """What the run did with the version, in one line: never "promoted" for an earlier run's."""
     if s.registered_now:
-        return ("promoted to champion" if s.promoted else "kept as challenger") + f": {s.reason}"
+        return _done(s) + f": {s.reason}"
     where = f" in {s.registry}" if s.registry else ""
-    then = "promoted" if s.promoted else "kept as challenger"
+    then = "promoted" if s.promoted else "a canary" if s.canary else "kept as challenger"
     return f"unchanged: nothing to retrain; registered by an earlier run{where} ({then} then)"
 
 
@@ -225,8 +238,7 @@ def summary_markdown(s: RunSummary, tracking_uri: str) -> str:
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(s.metrics.items()))
     whose = f" (tenant {s.tenant}'s own model)" if s.tenant else ""
     if s.registered_now:
-        done = "promoted to **champion**" if s.promoted else "kept as **challenger**"
-        line = f"{done}: {s.reason}"
+        line = f"{_done(s, bold=True)}: {s.reason}"
     else:
         line = f"**unchanged**: {verdict(s).removeprefix('unchanged: ')}"
     return (

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
 from common import production, registry
 from common.params import load_params
@@ -25,6 +26,7 @@ from flows.pipeline import pipeline
 from flows.promote import promote
 
 DEPLOYMENT = "retrain/retrain"
+ROLLOUT_DEPLOYMENT = "rollout/rollout"
 """The deployment `retrain_tenants` queues runs of (prefect.yaml)."""
 
 
@@ -67,8 +69,9 @@ def retrain(
     `monitor_run_id` (the MLflow run of the monitoring report that found drift; the
     deployment's trigger passes it and the tenant from the event) is recorded on the new
     version. The register stage already promotes a clear winner when no approval is
-    required; then there is no challenger left for `promote` to judge. True if a new
-    champion was made.
+    required; then there is no challenger left for `promote` to judge. A winner made a
+    canary (params.yaml `rollout.canary`) is left to the rollout flow: live traffic decides
+    it, not the holdout again. True if a new champion was made.
     """
     owner = load_params(Path(project_dir) / "params.yaml").model_owner(tenant)
     if owner != tenant:
@@ -81,7 +84,23 @@ def retrain(
     link(result.version, monitor_run_id, rows, tenant)
     if result.promoted:
         return True
+    if result.canary:
+        start_rollout(project_dir, tenant, f"{result.model_name} v{result.version}")
+        return False
     return promote(project_dir, tenant)
+
+
+@task(cache_policy=NO_CACHE)
+def start_rollout(project_dir: str, tenant: str | None, what: str) -> str | None:
+    """Queue the `rollout` deployment for a new canary when this run is a deployment's (the
+    full stack); its flow run id. Outside one (make demo, a local run) say how to start it."""
+    if flow_run.deployment_id is None:
+        hint = f"make rollout TENANT={tenant}" if tenant else "make rollout"
+        get_run_logger().info("%s is the challenger of a canary: `%s` ramps it", what, hint)
+        return None
+    run = fanout.queue(ROLLOUT_DEPLOYMENT, tenant, {"project_dir": project_dir})
+    get_run_logger().info("%s is the challenger of a canary: rollout run %s queued", what, run.id)
+    return str(run.id)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="queue-{tenant}")

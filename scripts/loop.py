@@ -14,12 +14,17 @@ model of its own and is served the shared one.
    labels arriving afterwards through /feedback, while globex's stays as it was; `monitor`
    per tenant: drift in acme's only (alert, event naming acme);
 4. run `retrain` for acme (what the event triggers in the full stack): acme's labelled
-   rows join acme's data, acme's pipeline registers a challenger, acme's gate decides;
-5. a client of each tenant sends requests throughout: acme's swaps to its new champion
-   with no failed request, globex's keeps the shared champion;
-6. each tenant submits a job of a few hundred of its records (`POST /jobs`), worker
-   processes score them and end by themselves, each job is polled until done
-   (`scripts.loop_jobs`);
+   rows join acme's data, acme's pipeline registers a new version, acme's gate passes it
+   and, acme's new versions going through a canary (params.yaml `tenants.acme.rollout`),
+   makes it acme's `challenger`;
+5. each tenant submits a job of a few hundred of its records (`POST /jobs`), worker
+   processes score them with the champion and end by themselves, each job is polled until
+   done (`scripts.loop_jobs`);
+6. the canary (`scripts.loop_canary`): the rollout flow gives the challenger 10% of acme's
+   customers, then 50%, then all, each step judged on live numbers (error rate, latency,
+   accuracy and ROC AUC from the labels acme's client sends back) and printed per variant,
+   and promotes it through the one promotion path; a client of each tenant sends requests
+   throughout: no failed request, globex's keeps the shared champion;
 7. print a summary table and the commands that open the UIs.
 """
 
@@ -47,13 +52,13 @@ from rich.table import Table
 from common import registry
 from common.errors import run_cli
 from common.localpg import EMBEDDED_DB, EMBEDDED_PG_PORT, LocalPostgres
-from common.params import load_params
+from common.params import Params, load_params
 from common.settings import Settings, get_settings
 from common.store import connect, tenants
 from flows.monitor import Outcome, monitor
 from flows.retrain import retrain
 from models.generate import EXAMPLE_TENANTS, Drift, ExampleTenant
-from scripts import loop_jobs
+from scripts import loop_canary, loop_jobs
 from services.predictor.demo import demo_key, show_answers
 from services.predictor.launch import serving
 
@@ -61,7 +66,9 @@ console = Console(highlight=False, markup=False)
 """Plain text: what the loop prints is data (column lists in [...], paths), never rich markup."""
 
 JOB_RECORDS = 300
-"""Records of each tenant's job in step 6."""
+"""Records of each tenant's job in step 5."""
+CANARY_ROWS = 4000
+"""Distinct customers (rows) acme's client cycles through during the canary of step 6."""
 
 DRIFT = Drift(
     covariate={"tenure_months": -0.8, "monthly_charges": 0.8, "contract_type": 0.3},
@@ -70,10 +77,14 @@ DRIFT = Drift(
 
 
 def _request(
-    url: str, body: dict[str, Any] | None = None, key: str | None = None, timeout: float = 30
+    url: str,
+    body: dict[str, Any] | None = None,
+    key: str | None = None,
+    timeout: float = 30,
+    headers: dict[str, str] | None = None,
 ) -> Any:
     """The JSON answer of a GET (no body) or POST; an HTTP error status raises."""
-    headers = {"content-type": "application/json"}
+    headers = {"content-type": "application/json", **(headers or {})}
     if key is not None:
         headers["authorization"] = f"Bearer {key}"
     data = None if body is None else json.dumps(body).encode()
@@ -361,10 +372,12 @@ class LoopResult:
     retrained: list[str]
     """The tenants whose drift retrained their model (acme)."""
     promoted: bool
+    """The retrained version became champion (through the canary)."""
     first_version: str
     """The drifted tenant's version before the retrain."""
     new_version: str
     swap_seconds: float | None
+    """From the canary's start to the first answer of the new version."""
     requests: int
     failed: int
     old_after_swap: int
@@ -372,7 +385,9 @@ class LoopResult:
     """The versions each other tenant's client was answered by throughout: one each."""
     monitoring_runs: int
     jobs: list[loop_jobs.JobOutcome] = field(default_factory=list)
-    """Each tenant's job of step 6."""
+    """Each tenant's job of step 5."""
+    canary: loop_canary.CanaryOutcome | None = None
+    """Step 6: the rollout of the retrained version, as the demo saw it."""
 
 
 def show_verdict(outcome: Outcome) -> None:
@@ -470,26 +485,22 @@ def run_loop(port: int, calm_rows: int, drift_rows: int, label_share: float) -> 
         watchers = {t: Watcher(url, probes[t], keys[t]) for t in ids}
         for watcher in watchers.values():
             watcher.start()
-        retrain_start = time.monotonic()
-        retrained = [t for t in ids if drift_outcomes[t].run.drift_detected]
-        promoted = False
-        for tenant in retrained:
-            mine = params.model_owner(tenant)
-            console.rule(
-                f"4. drift in {tenant}'s traffic -> retrain "
-                + (f"{tenant}'s own model" if mine else "the shared model")
-                + " (its labelled rows join its data) -> gate"
-            )
-            promoted |= retrain(
-                project_dir=".",
-                monitor_run_id=drift_outcomes[tenant].run.mlflow_run_id,
-                tenant=mine,
-            )
+        retrained, promoted = _retrain_drifted(drift_outcomes, params)
+        jobs = _jobs_step(url, settings, database_url, keys, features)
         first = served[owner][1]
-        new, swap, old_after = _swap(watchers[owner], served[owner], promoted, retrain_start)
+        canary = None
+        canary_start = time.monotonic()
+        if _challenger(served[owner][0]) is not None:
+            canary = _canary_step(url, keys[owner], owner, params.model_owner(owner), features)
+            promoted |= canary.outcome == "promoted"
+        moved_at = time.monotonic()
+        new = _current_champion(served[owner][0])
+        time.sleep(settings.model_poll_seconds + 1)
         for watcher in watchers.values():
             watcher.stop()
-        jobs = _jobs_step(url, settings, database_url, keys, features)
+        swap, old_after = _swap(
+            watchers[owner], first, new, canary_start, moved_at + settings.model_poll_seconds
+        )
         with connect(database_url) as conn:
             row = conn.execute("SELECT count(*) FROM monitoring_runs").fetchone()
         return LoopResult(
@@ -504,22 +515,25 @@ def run_loop(port: int, calm_rows: int, drift_rows: int, label_share: float) -> 
             first_version=first,
             new_version=new,
             swap_seconds=swap,
-            requests=sum(len(w.answers) + len(w.failures) for w in watchers.values()),
-            failed=sum(len(w.failures) for w in watchers.values()),
+            requests=sum(len(w.answers) + len(w.failures) for w in watchers.values())
+            + (canary.requests if canary else 0),
+            failed=sum(len(w.failures) for w in watchers.values())
+            + (canary.failed if canary else 0),
             old_after_swap=old_after,
             others_kept={t: sorted(w.versions()) for t, w in watchers.items() if t != owner},
             monitoring_runs=int(row[0]) if row else 0,
             jobs=jobs,
+            canary=canary,
         )
 
 
 def _jobs_step(
     url: str, settings: Settings, database_url: str, keys: dict[str, str], features: list[str]
 ) -> list[loop_jobs.JobOutcome]:
-    """Step 6: a job of each tenant's records, scored by workers started for it; shown."""
+    """Step 5: a job of each tenant's records, scored by workers started for it; shown."""
     ids = [t.id for t in EXAMPLE_TENANTS]
     console.rule(
-        f"6. a job of {JOB_RECORDS} records per tenant (POST /jobs) -> {loop_jobs.WORKERS} workers"
+        f"5. a job of {JOB_RECORDS} records per tenant (POST /jobs) -> {loop_jobs.WORKERS} workers"
     )
     env = {
         **os.environ,
@@ -538,27 +552,74 @@ def _jobs_step(
     return outcomes
 
 
+def _retrain_drifted(outcomes: dict[str, Outcome], params: Params) -> tuple[list[str], bool]:
+    """Step 4: retrain the model of each tenant whose traffic drifted; (those tenants,
+    whether a new champion was made at once: not for a canary)."""
+    retrained = [t for t, o in outcomes.items() if o.run.drift_detected]
+    promoted = False
+    for tenant in retrained:
+        mine = params.model_owner(tenant)
+        console.rule(
+            f"4. drift in {tenant}'s traffic -> retrain "
+            + (f"{tenant}'s own model" if mine else "the shared model")
+            + " (its labelled rows join its data) -> gate"
+        )
+        promoted |= retrain(
+            project_dir=".", monitor_run_id=outcomes[tenant].run.mlflow_run_id, tenant=mine
+        )
+    return retrained, promoted
+
+
 def _swap(
-    watcher: Watcher, served: tuple[str, str], promoted: bool, retrain_start: float
-) -> tuple[str, float | None, int]:
-    """After the gate: the version answering, seconds to the swap, old answers after it."""
-    name, first = served
-    new = first
-    swap: float | None = None
-    if promoted:
-        new = str(_current_champion(name))
-        console.rule(f"5. {name} v{new} is champion: waiting for the service to swap")
-        if watcher.wait_for(new, timeout=60) is not None:
-            swap = next(t for t, v in watcher.answers if v == new) - retrain_start
-        time.sleep(2)
-    watcher.stop()
-    swapped_at = next((t for t, v in watcher.answers if v == new), None)
-    old_after = (
-        sum(1 for t, v in watcher.answers if swapped_at and t > swapped_at + 5 and v != new)
-        if promoted
-        else 0
+    watcher: Watcher, first: str, new: str, since: float, settled: float
+) -> tuple[float | None, int]:
+    """Seconds from `since` (the canary's start) to the new version's first answer, and the
+    old version's answers after `settled` (one alias poll after champion moved)."""
+    seen = next((t for t, v in watcher.answers if v == new and t >= since), None)
+    swap = seen - since if seen is not None and new != first else None
+    return swap, sum(1 for t, v in watcher.answers if t > settled + 0.5 and v != new)
+
+
+def _challenger(name: str) -> str | None:
+    """The version `name`'s `challenger` alias points at, if it is a canary's (the gate
+    passed it with rollout.canary on), else None."""
+    client = registry.connect(get_settings())
+    mv = registry.version_by_alias(client, name, registry.CHALLENGER)
+    return str(mv.version) if mv is not None and mv.tags.get("gate.decision") == "canary" else None
+
+
+def _canary_step(
+    url: str, key: str, tenant: str, model_owner: str | None, features: list[str]
+) -> loop_canary.CanaryOutcome:
+    """Step 6: the rollout flow ramps the challenger while acme's customers call and label."""
+    df = next(t for t in EXAMPLE_TENANTS if t.id == tenant).traffic(CANARY_ROWS, 5, DRIFT)
+    target = load_params().data.target
+    console.rule(
+        f"6. canary: {tenant}'s challenger takes 10% of its customers, then 50%, then all, "
+        "judged on live numbers"
     )
-    return new, swap, old_after
+    client = loop_canary.CanaryClient(
+        url,
+        key,
+        _records(df, features),
+        [str(v) for v in df[target]],
+        [str(v) for v in df["customer_id"]],
+        _request,
+    )
+    outcome = loop_canary.run_canary(client, model_owner)
+    console.print(
+        f"{outcome.model_name}: challenger v{outcome.challenger} {outcome.outcome} "
+        f"(champion was v{outcome.champion}): {outcome.reason}",
+        style="green" if outcome.outcome == "promoted" else "bold red",
+        markup=False,
+    )
+    console.print(
+        f"{tenant}'s client: "
+        + ", ".join(f"{n:,} answered by the {v}" for v, n in outcome.answered.items())
+        + f"; {outcome.failed} of {outcome.requests:,} requests failed",
+        markup=False,
+    )
+    return outcome
 
 
 def _database_url() -> str:
@@ -617,7 +678,13 @@ def print_summary(r: LoopResult) -> None:
     table.add_row(
         "retrain + gate",
         (f"{', '.join(r.retrained)} only: " if r.retrained else "nothing drifted: ")
-        + (f"v{r.new_version} promoted" if r.promoted else "no new champion"),
+        + (
+            f"v{r.canary.challenger} passed the gate: challenger for a canary"
+            if r.canary
+            else f"v{r.new_version} promoted"
+            if r.promoted
+            else "no new champion"
+        ),
         "MLflow registry: gate.* and alias.* tags on the version",
     )
     kept = "; ".join(
@@ -625,15 +692,23 @@ def print_summary(r: LoopResult) -> None:
         for t, versions in r.others_kept.items()
     )
     table.add_row(
-        "live swap",
+        "canary",
         (
-            f"v{r.first_version} -> v{r.new_version} answering {r.swap_seconds:.0f} s after "
-            f"retraining began, {r.old_after_swap} old-version answers after the swap"
-            if r.swap_seconds is not None
-            else "no swap"
+            f"v{r.canary.challenger}: "
+            + " -> ".join(f"{s['weight']:g}% {s['action']}" for s in r.canary.steps)
+            + f": {r.canary.outcome}; "
+            + ", ".join(f"{n:,} by the {v}" for v, n in r.canary.answered.items())
+            if r.canary
+            else "no canary"
+        )
+        + (
+            f"; v{r.first_version} -> v{r.new_version}, {r.old_after_swap} old-version answers "
+            "one alias poll after the move"
+            if r.new_version != r.first_version
+            else ""
         )
         + f"; {kept}; {r.failed} of {r.requests:,} requests failed",
-        "GET /model",
+        "make rollout, GET /model\nrollout.step.<n> tags on the version",
     )
     if r.jobs:
         table.add_row(
