@@ -15,7 +15,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.runtime import flow_run
+from prefect.runtime import deployment
 
 from common import production, registry
 from common.params import load_params
@@ -94,7 +94,7 @@ def retrain(
 def start_rollout(project_dir: str, tenant: str | None, what: str) -> str | None:
     """Queue the `rollout` deployment for a new canary when this run is a deployment's (the
     full stack); its flow run id. Outside one (make demo, a local run) say how to start it."""
-    if flow_run.deployment_id is None:
+    if deployment.id is None:
         hint = f"make rollout TENANT={tenant}" if tenant else "make rollout"
         get_run_logger().info("%s is the challenger of a canary: `%s` ramps it", what, hint)
         return None
