@@ -24,8 +24,8 @@ MAX_PAGE = 1000
 """The largest page a caller may ask for."""
 
 _COLUMNS = (
-    "p.request_id::text AS request_id, p.ts, p.model_name, p.model_version, p.inputs,"
-    " p.predicted, p.probabilities, p.batch_id, f.label, f.ts AS labelled_at,"
+    "p.request_id::text AS request_id, p.ts, p.model_name, p.model_version, p.variant,"
+    " p.inputs, p.predicted, p.probabilities, p.batch_id, f.label, f.ts AS labelled_at,"
     " f.source AS label_source"
 )
 

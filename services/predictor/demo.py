@@ -18,7 +18,7 @@ from rich.table import Table
 
 from common import paths
 from common.errors import run_cli
-from common.localpg import EMBEDDED_DB, EMBEDDED_PG_PORT, LocalPostgres
+from common.localpg import EMBEDDED_PG_PORT, LocalPostgres, embedded_database
 from common.params import load_params
 from common.settings import Settings, get_settings
 from common.store import tenants
@@ -35,10 +35,12 @@ def _call(url: str, key: str, body: dict[str, Any] | None = None) -> dict[str, A
 
 
 def admin_url(settings: Settings) -> str:
-    """The prediction database as its owner: DATABASE_URL, else the embedded cluster's."""
+    """The prediction database as its owner: DATABASE_URL, else this environment's database
+    in the embedded cluster."""
     if settings.database_url:
         return settings.database_url
-    return LocalPostgres(settings.mlops_home / "postgres", port=EMBEDDED_PG_PORT).url(EMBEDDED_DB)
+    pg = LocalPostgres(settings.mlops_home / "postgres", port=EMBEDDED_PG_PORT)
+    return pg.url(embedded_database(settings.mlops_env))
 
 
 def demo_key(database_url: str) -> tenants.NewKey:

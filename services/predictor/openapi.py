@@ -149,6 +149,8 @@ class LoggedPrediction(BaseModel):
     ts: datetime
     model_name: str
     model_version: str
+    variant: Literal["champion", "challenger", "shadow"]
+    """Which of the registered model's variants made it; a shadow's never reached a client."""
     inputs: dict[str, Any]
     predicted: str
     probabilities: dict[str, float | None]

@@ -343,7 +343,7 @@ class Predictor:
             migrate(self.database_url)
         except psycopg.OperationalError as exc:  # the log's writer migrates once it connects
             log.warning("prediction log database not reachable at start-up: %s", exc)
-        self.log = PredictionLog(self.database_url, settings.mlops_home.resolve() / "spill")
+        self.log = PredictionLog(self.database_url, settings.env_home.resolve() / "spill")
         self.log.start()
         # Key checks and feedback's lookups reuse connections, read-backs have their own so
         # that a long page never holds up a key check; opened here, in the worker, after the fork.

@@ -79,7 +79,8 @@ def _broken(conn: psycopg.Connection[Any] | None, exc: BaseException) -> bool:
 
 class Models:
     """The runtime of the predictor, created on first success: a worker may start while
-    the registry is away and score once it answers."""
+    the registry is away and score once it answers. Jobs are scored by the champion only,
+    so it never loads a challenger or a shadow."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -94,7 +95,7 @@ class Models:
         success; ModelUnavailableError while the registry cannot give a model."""
         if self.runtime is None:
             try:
-                runtime = ModelRuntime(self.settings)
+                runtime = ModelRuntime(self.settings, follow_variants=False)
             except Exception as exc:  # registry away, alias not set: wait, do not fail chunks
                 raise ModelUnavailableError(f"no model to serve now: {reason(exc)}") from exc
             runtime.start()

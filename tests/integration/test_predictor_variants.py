@@ -18,6 +18,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,24 @@ def ask_many(url: str, headers: dict[str, str], keys: list[str]) -> list[Answer]
     return [answers[order[k]] for k in keys]
 
 
+def read_back(url: str, headers: dict[str, str], start: datetime) -> dict[str, str]:
+    """GET /predictions from `start` on, every page: request id -> the variant it says."""
+    told: dict[str, str] = {}
+    cursor: str | None = None
+    with httpx.Client(timeout=30, headers=headers) as client:
+        while True:
+            query: dict[str, Any] = {"start": start.isoformat(), "limit": 1000}
+            if cursor is not None:
+                query["cursor"] = cursor
+            resp = client.get(f"{url}/predictions", params=query)
+            assert resp.status_code == 200, resp.text
+            page = resp.json()
+            told |= {row["request_id"]: row["variant"] for row in page["rows"]}
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return told
+
+
 def logged(admin: str, sql: str, expected: int, *args: Any) -> list[tuple[Any, ...]]:
     """The rows of `sql` once there are `expected` of them (the log writes off the request)."""
     deadline = time.monotonic() + 30
@@ -210,6 +229,7 @@ def test_the_challenger_answers_its_share_of_entity_keys_and_each_key_sticks(
     registry.set_registered_model_alias(SERVED, CHALLENGER, "2")
     weigh(registry, 10)
     settle(predictor, headers, serving("challenger", "2", weight=10))
+    start = datetime.now(UTC)
     keys = [f"customer-{i}" for i in range(3000)]
     first = ask_many(predictor, headers, keys)
     again = ask_many(predictor, headers, keys[:1000])
@@ -231,6 +251,8 @@ def test_the_challenger_answers_its_share_of_entity_keys_and_each_key_sticks(
     )
     assert {rid: variant for rid, variant, _ in rows} == told
     assert all(version == versions[variant] for _, variant, version in rows)
+    read = read_back(predictor, headers, start)
+    assert {rid: read.get(rid) for rid in told} == told  # GET /predictions says the same
 
 
 def test_shadow_predictions_are_logged_and_never_reach_a_client(

@@ -19,6 +19,7 @@ import pytest
 from common.errors import UserError
 from common.localpg import LocalPostgres
 from common.store import (
+    VARIANTS,
     Feedback,
     Prediction,
     create_staging,
@@ -52,6 +53,7 @@ def prediction(tenant: str, i: int) -> Prediction:
         probabilities={"no": 0.4, "yes": 0.6},
         latency_ms=1.0,
         tenant_id=tenant,
+        variant=VARIANTS[i % len(VARIANTS)],
     )
 
 
@@ -312,14 +314,17 @@ def test_a_tenant_reads_its_predictions_back_page_by_page(db: dict[str, Any]) ->
     lookups.open(wait=True)
     try:
         seen: list[str] = []
+        variants: list[str] = []
         cursor = None
         while True:
             page = readback.read_page(lookups, "globex", cursor=cursor, limit=3)
             seen += [r["request_id"] for r in page.rows]
+            variants += [r["variant"] for r in page.rows]
             if page.next_cursor is None:
                 break
             cursor = page.next_cursor
         assert seen == db["ids"]["globex"]
+        assert variants == [VARIANTS[i % len(VARIANTS)] for i in range(ROWS_EACH)]
         first = readback.read_page(lookups, "globex", limit=1).rows[0]
         assert (first["label"], first["label_source"]) == ("yes", "test")
         later = readback.read_page(lookups, "globex", start=T0 + timedelta(minutes=5))

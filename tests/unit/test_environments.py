@@ -12,6 +12,7 @@ from prefect.utilities.templating import apply_values
 from common.localpg import embedded_database
 from common.settings import ENVIRONMENTS, Settings
 from scripts.stack import BUCKETS, Ports, Stack, stack_home
+from services.predictor.demo import admin_url
 from tests.workspace import ROOT
 
 pytestmark = pytest.mark.unit
@@ -44,6 +45,17 @@ def test_each_environment_has_its_own_database_pool_and_state_dir(tmp_path: Path
     assert seen["prod"][:3] == ("predictions_prod", "local-process-prod", tmp_path / "prod")
     for position in range(5):
         assert len({values[position] for values in seen.values()}) == 3, position
+
+
+def test_the_serve_demo_keys_its_own_environments_embedded_database(tmp_path: Path) -> None:
+    urls = {
+        env: admin_url(_settings(MLOPS_HOME=str(tmp_path), MLOPS_ENV=env)) for env in ENVIRONMENTS
+    }
+    assert {env: url.rsplit("/", 1)[1] for env, url in urls.items()} == {
+        "dev": "predictions",
+        "staging": "predictions_staging",
+        "prod": "predictions_prod",
+    }
 
 
 def test_a_work_pool_set_explicitly_wins() -> None:

@@ -19,6 +19,7 @@ from common.registry.runtime import ModelRuntime
 from common.settings import Settings
 from common.store import Item, Prediction, ServingError, from_line, to_line
 from services.predictor.shadow import Shadow
+from services.worker.worker import Models
 from tests.unit.test_predict import as_records, fitted, save_model_dir, training_rows
 
 KEYS = [f"customer-{i}" for i in range(20_000)]
@@ -177,6 +178,26 @@ def test_a_challenger_that_cannot_load_never_serves(
     runtime.check_now()
     assert runtime.select("umbrella", "k").variant == "champion"
     assert runtime.describe()["variants"]["challenger"]["serving"] is False
+
+
+def test_a_workers_runtime_loads_neither_challenger_nor_shadow(
+    runtime: ModelRuntime, store: tuple[Settings, MlflowClient]
+) -> None:
+    settings, client = store
+    client.set_registered_model_alias(SHARED, registry.CHALLENGER, "2")
+    client.set_registered_model_alias(SHARED, variants.SHADOW, "3")
+    variants.set_weight(client, SHARED, 100, by="test", reason="all of it", at=AT)
+    runtime.check_now()
+    assert runtime.select("umbrella", "k").variant == "challenger"  # the predictor's does
+    models = Models(settings)
+    try:
+        worker = models.start()
+        worker.check_now()
+        assert worker.variants == {}
+        choice = worker.select("umbrella", "k")
+        assert (choice.variant, choice.model.version, choice.shadow) == ("champion", "1", None)
+    finally:
+        models.stop()
 
 
 # -- the shadow ------------------------------------------------------------------------------
