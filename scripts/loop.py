@@ -691,6 +691,16 @@ def print_summary(r: LoopResult) -> None:
         f"{t} answered by v{', v'.join(versions)} throughout"
         for t, versions in r.others_kept.items()
     )
+    if r.jobs:
+        table.add_row(
+            "async jobs",
+            "; ".join(
+                f"{j.tenant}: {j.records:,} records by {', '.join(j.models) or 'no model'} "
+                + (f"in {j.seconds:.1f} s" if j.ok else f"NOT DONE ({j.status})")
+                for j in r.jobs
+            ),
+            "POST /jobs, GET /jobs/{id}\npython -m services.worker",
+        )
     table.add_row(
         "canary",
         (
@@ -710,16 +720,6 @@ def print_summary(r: LoopResult) -> None:
         + f"; {kept}; {r.failed} of {r.requests:,} requests failed",
         "make rollout, GET /model\nrollout.step.<n> tags on the version",
     )
-    if r.jobs:
-        table.add_row(
-            "async jobs",
-            "; ".join(
-                f"{j.tenant}: {j.records:,} records by {', '.join(j.models) or 'no model'} "
-                + (f"in {j.seconds:.1f} s" if j.ok else f"NOT DONE ({j.status})")
-                for j in r.jobs
-            ),
-            "POST /jobs, GET /jobs/{id}\npython -m services.worker",
-        )
     console.print(table)
     console.print(f"Evidently workspace: {evid}")
     console.print(

@@ -4,9 +4,11 @@ dvc repro (the shared v1, and acme's own v1 from acme's own data) -> serve -> tw
 each with its own key and traffic: acme answered by its own model, globex by the shared
 one; globex can neither label nor read acme's predictions -> calm traffic -> monitor per
 tenant: no drift -> acme's traffic drifts, with late labels -> monitor per tenant: drift in
-acme's only -> retrain acme on its labelled rows -> acme's gate -> acme v2 champion -> the
-running service answers acme with v2 and globex with the shared v1 throughout, no failed
-request; acme v2's lineage leads back to its data and to the report that set it off.
+acme's only -> retrain acme on its labelled rows -> acme's gate makes v2 a canary's
+challenger -> jobs -> the rollout flow ramps v2 10 -> 50 -> 100% on acme's live, labelled
+traffic and promotes it -> the running service answers acme with v2 and globex with the
+shared v1 throughout, no failed request; acme v2's lineage leads back to its data and to
+the report that set it off; `make rollback` returns acme to v1.
 """
 
 from __future__ import annotations
@@ -62,7 +64,19 @@ def loop(
         overrides={
             "generate": {"rows": 8000, "tenant_sources": {"acme": 4000}},
             "monitor": {"report_rows": 3000, "min_rows": 500},  # 750 calm rows a tenant
-            "tenants": {"acme": {"source": {"path": "data/sources/acme.parquet"}}},
+            "tenants": {
+                "acme": {
+                    "source": {"path": "data/sources/acme.parquet"},
+                    # as params.yaml's acme: new versions go through a canary
+                    "rollout": {
+                        "canary": True,
+                        "min_samples": 100,
+                        "min_labels": 60,
+                        "poll_seconds": 1,
+                        "step_timeout_seconds": 300,
+                    },
+                }
+            },
         },
     )
     for name in ("flows", "scripts", "services"):
@@ -158,7 +172,7 @@ def test_only_acmes_drifted_traffic_is_flagged_with_its_late_labels(
     assert "DRIFT" in out
 
 
-def test_drift_retrains_acme_alone_and_the_service_swaps_it_without_failures(
+def test_drift_retrains_acme_alone_and_a_canary_promotes_it_without_failures(
     loop: tuple[Workspace, dict[str, Any], str],
 ) -> None:
     ws, result, out = loop
@@ -170,11 +184,32 @@ def test_drift_retrains_acme_alone_and_the_service_swaps_it_without_failures(
     assert result["requests"] > 20
     assert result["old_after_swap"] == 0
     assert result["others_kept"] == {"globex": ["1"]}  # globex: the shared v1 throughout
-    steps = ["1. serving", "2. ", "3. ", "4. drift in acme", "5. churn-classifier.acme v2"]
+    canary = result["canary"]
+    assert (canary["model_name"], canary["champion"], canary["challenger"]) == (ACME, "1", "2")
+    assert canary["outcome"] == "promoted", canary
+    assert [(s["weight"], s["action"]) for s in canary["steps"]] == [
+        (10, "advance"),
+        (50, "advance"),
+        (100, "promote"),
+    ]
+    last = canary["steps"][-1]
+    assert last["challenger"]["labelled"] >= 60 and last["champion"]["labelled"] >= 60
+    assert canary["failed"] == 0
+    assert canary["answered"]["challenger v2"] > 0 and canary["answered"]["champion v1"] > 0
+    steps = ["1. serving", "2. ", "3. ", "4. drift in acme", "5. a job", "6. canary"]
     positions = [out.index(s) for s in steps]
     assert positions == sorted(positions)
+    text = " ".join(out.split())
+    assert "rollout churn-classifier.acme: step 1/3 at 10%: advance" in text
+    assert "| accuracy |" in out  # the per-variant numbers, printed at every step
     state = registry_state(ws)
     assert state[ACME]["aliases"]["champion"] == "2"
+    assert "challenger" not in state[ACME]["aliases"]
+    v2 = state[ACME]["tags"]["2"]
+    assert v2["gate.decision"] == "canary"
+    assert v2["promote.decision"] == "promoted"
+    assert v2["alias.champion.previous"] == "1"
+    assert json.loads(v2["rollout.step.3"])["action"] == "promote"
     assert state[SHARED]["aliases"]["champion"] == "1"  # the shared model was not retrained
     assert set(state[SHARED]["tags"]) == {"1"}
 
@@ -190,7 +225,7 @@ def test_acme_v2_leads_back_to_its_data_and_the_report_that_triggered_it(
     # every labelled prediction of acme's: the drifted window's and the 3 the first answers sent
     assert int(tags["data.production_rows"]) >= result["drifted"]["acme"]["labelled_rows"]
     assert len(tags["dvc.raw_md5"]) == 32
-    assert tags["gate.decision"] == "promoted"
+    assert tags["gate.decision"] == "canary"  # the gate passed it; the canary promoted it
     assert tags["prefect.flow_run_id"]
     # acme's production rows are versioned with DVC beside its snapshot, not the shared ones
     assert list((ws.path / "data/tenants/acme/production").glob("*.dvc"))
@@ -221,23 +256,23 @@ def test_each_tenants_job_is_scored_by_workers_with_the_model_serving_it(
     _, result, out = loop
     jobs = {job["tenant"]: job for job in result["jobs"]}
     assert set(jobs) == {"acme", "globex"}
-    for tenant, model in (("acme", f"{ACME} v2"), ("globex", f"{SHARED} v1")):
+    for tenant, model in (("acme", f"{ACME} v1"), ("globex", f"{SHARED} v1")):
         job = jobs[tenant]
         assert job["status"] == "done", job
         assert job["records"] == job["scored"] == 300
-        assert job["models"] == [model]  # acme's new champion by then; globex the shared one
-    assert out.index("6. a job of 300 records per tenant") > out.index("5. ")
+        assert job["models"] == [model]  # the champions: acme's v2 is still a canary's challenger
+    assert out.index("5. a job of 300 records per tenant") > out.index("4. ")
     text = " ".join(out.split())
-    assert f"acme: job {jobs['acme']['job_id'][:8]}, 300 records scored by {ACME} v2" in text
+    assert f"acme: job {jobs['acme']['job_id'][:8]}, 300 records scored by {ACME} v1" in text
 
 
 def test_after_the_loop_one_command_rolls_acme_back_and_says_when_it_cannot(
     loop: tuple[Workspace, dict[str, Any], str],
 ) -> None:
-    """Last in this module: it moves acme's champion (the gate promoted v2 in the loop)."""
+    """Last in this module: it moves acme's champion (the canary promoted v2 in the loop)."""
     ws, _, _ = loop
     before = registry_state(ws)[ACME]["tags"]["2"]
-    assert before["alias.champion.previous"] == "1"  # the gate's move records where to go back
+    assert before["alias.champion.previous"] == "1"  # the canary's move records where to go back
 
     moved = ws.python("-m", "flows.promote", "rollback", "--tenant", "acme")
     assert f"{ACME}: champion v2 -> v1" in " ".join((moved.stdout + moved.stderr).split())
