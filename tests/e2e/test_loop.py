@@ -193,9 +193,11 @@ def test_drift_retrains_acme_alone_and_a_canary_promotes_it_without_failures(
         (100, "promote"),
     ]
     last = canary["steps"][-1]
-    assert last["challenger"]["labelled"] >= 60 and last["champion"]["labelled"] >= 60
+    assert last["challenger"]["labelled"] >= 60
+    assert last["champion"]["labelled"] >= 60
     assert canary["failed"] == 0
-    assert canary["answered"]["challenger v2"] > 0 and canary["answered"]["champion v1"] > 0
+    assert canary["answered"]["challenger v2"] > 0
+    assert canary["answered"]["champion v1"] > 0
     steps = ["1. serving", "2. ", "3. ", "4. drift in acme", "5. a job", "6. canary"]
     positions = [out.index(s) for s in steps]
     assert positions == sorted(positions)

@@ -30,6 +30,7 @@ from mlflow.tracking import MlflowClient
 from common.localpg import LocalPostgres
 from common.params import load_params
 from common.registry import CHALLENGER, variants
+from common.registry import rollout as moves
 from common.store.connection import connect
 from common.store.tenants import DEFAULT_TENANT
 from tests.integration.serving import (
@@ -284,17 +285,19 @@ def test_shadow_predictions_are_logged_and_never_reach_a_client(
 def test_a_steady_client_sees_no_failure_through_a_ramp_and_a_rollback_within_one_poll(
     registry: MlflowClient, predictor: str, headers: dict[str, str], clean: None
 ) -> None:
+    """The ramp and the rollback are the rollout flow's own registry moves
+    (common.registry.rollout), as flows/rollout.py makes them."""
     registry.set_registered_model_alias(SERVED, CHALLENGER, "2")
     with SteadyClient(predictor, headers) as steady:
         for weight in (10, 50, 100):
-            weigh(registry, weight)
+            moves.set_weight(registry, SERVED, weight, by="test", reason=f"step at {weight}%")
             settle(predictor, headers, serving("challenger", "2", weight=weight))
             time.sleep(1)
         assert steady.since(time.monotonic() - 1)
         assert {a.variant for a in steady.since(time.monotonic() - 0.5)} == {"challenger"}
 
-        weigh(registry, 0)  # the rollback: weight 0, then the alias goes
-        registry.delete_registered_model_alias(SERVED, CHALLENGER)
+        # the rollback: weight 0, then the alias goes, `rolled back` recorded on v2
+        moves.roll_back(registry, SERVED, "2", champion="1", by="test", reason="worse")
         rolled_back = time.monotonic()
         time.sleep(POLL_SECONDS + MARGIN_SECONDS + 1)
     assert [a for a in steady.answers if a.status != 200] == []
