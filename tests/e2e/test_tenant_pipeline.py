@@ -177,7 +177,8 @@ def test_one_tenants_chain_reruns_alone_and_is_gated_against_what_serves_it(
 
     ran = [line.split("'")[1] for line in out.splitlines() if "Running stage" in line]
     assert "tenant-train@globex" in ran
-    assert all(stage.endswith("@globex") for stage in ran), ran
+    # registry-target (the registry the chain writes to) runs on every repro; nothing else
+    assert all(stage.endswith("@globex") for stage in ran if stage != "registry-target"), ran
     now = versions(ws)
     assert sorted(now[f"{NAME}.globex"]) == ["1", "2"]
     for name in (NAME, f"{NAME}.acme", f"{NAME}.initech"):

@@ -423,7 +423,9 @@ def test_an_idle_worker_exits_and_a_new_one_picks_up_the_next_job(
         "probabilities",
         "model_name",
         "model_version",
+        "variant",  # always the champion: workers do not load variants
     }
+    assert {a["variant"] for a in answers} == {"champion"}
 
 
 def test_a_worker_serves_the_tenants_whose_request_queue_its_role_may_consume(

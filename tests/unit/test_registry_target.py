@@ -19,7 +19,11 @@ def _settings(**env: str) -> Settings:
     return Settings(**env)  # type: ignore[arg-type]
 
 
-def test_the_target_names_the_store_the_environment_and_its_model(tmp_path: Path) -> None:
+def test_the_target_names_the_store_the_environment_and_its_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # MLflow's set_tracking_uri (another test, same process) exports MLFLOW_TRACKING_URI
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     dev = registry_target.current(_settings(MLOPS_HOME=str(tmp_path)))
     prod = registry_target.current(
         _settings(MLOPS_ENV="prod", MLFLOW_TRACKING_URI="http://mlflow:5000")
