@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,10 +71,10 @@ def loop(
                     # as params.yaml's acme: new versions go through a canary
                     "rollout": {
                         "canary": True,
-                        "min_samples": 100,
-                        "min_labels": 60,
+                        "min_samples": 60,
+                        "min_labels": 40,
                         "poll_seconds": 1,
-                        "step_timeout_seconds": 300,
+                        "step_timeout_seconds": 240,
                     },
                 }
             },
@@ -88,11 +89,13 @@ def loop(
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     }
     ws.run("dvc", "repro", timeout=600)
-    out = ws.python(
+    out = ws.run(  # the whole loop, canary included: minutes on a loaded 2-core machine
+        sys.executable,
         "-m",
         "scripts.loop",
         *("--port", str(free_port())),
         *("--calm-rows", "1500", "--drift-rows", "3000", "--json", "loop.json"),
+        timeout=1500,
     ).stdout
     return ws, json.loads((ws.path / "loop.json").read_text()), out
 
@@ -193,8 +196,8 @@ def test_drift_retrains_acme_alone_and_a_canary_promotes_it_without_failures(
         (100, "promote"),
     ]
     last = canary["steps"][-1]
-    assert last["challenger"]["labelled"] >= 60
-    assert last["champion"]["labelled"] >= 60
+    assert last["challenger"]["labelled"] >= 40
+    assert last["champion"]["labelled"] >= 40
     assert canary["failed"] == 0
     assert canary["answered"]["challenger v2"] > 0
     assert canary["answered"]["champion v1"] > 0
