@@ -38,6 +38,10 @@ def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[MlflowCl
     """An empty embedded registry under a project dir the register stage runs in."""
     monkeypatch.setenv("MLOPS_HOME", str(tmp_path / ".mlops"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # another test in this process may have left an active experiment of its own store
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
     monkeypatch.setenv("MODEL_NAME", NAME)
     monkeypatch.chdir(tmp_path)
     get_settings.cache_clear()
