@@ -184,11 +184,29 @@ def compare_error_rate(
     margin = policy.error_rate_margin
     if n_a == 0 or n_b == 0:
         return Comparison(ERROR_RATE, None, None, None, margin, judged=False, why_not="no traffic")
-    worse_by, p = proportion_p(champion.errors, n_a, challenger.errors, n_b)
-    return Comparison(
+    return _rates(
         ERROR_RATE,
-        champion.errors / n_a,
-        challenger.errors / n_b,
+        policy,
+        margin,
+        (champion.errors, n_a, champion.errors / n_a),
+        (challenger.errors, n_b, challenger.errors / n_b),
+    )
+
+
+def _rates(
+    metric: str,
+    policy: RolloutParams,
+    margin: float,
+    champion: tuple[int, int, float],
+    challenger: tuple[int, int, float],
+) -> Comparison:
+    """A share of bad outcomes compared one-sided: each side (bad, attempts, value shown);
+    worse beyond `margin` and significant at `alpha`."""
+    worse_by, p = proportion_p(champion[0], champion[1], challenger[0], challenger[1])
+    return Comparison(
+        metric,
+        champion[2],
+        challenger[2],
         worse_by,
         margin,
         p_value=p,
@@ -223,15 +241,12 @@ def compare_accuracy(
         return Comparison(ACCURACY, None, None, None, margin, judged=False, why_not=short)
     # the share wrong: higher is worse, the same test as the error rate
     n_a, n_b = champion.labelled, challenger.labelled
-    worse_by, p = proportion_p(n_a - champion.correct, n_a, n_b - challenger.correct, n_b)
-    return Comparison(
+    return _rates(
         ACCURACY,
-        champion.correct / n_a,
-        challenger.correct / n_b,
-        worse_by,
+        policy,
         margin,
-        p_value=p,
-        worse=worse_by > margin and p < policy.alpha,
+        (n_a - champion.correct, n_a, champion.correct / n_a),
+        (n_b - challenger.correct, n_b, challenger.correct / n_b),
     )
 
 

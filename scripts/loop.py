@@ -53,6 +53,7 @@ from common import registry
 from common.errors import run_cli
 from common.localpg import EMBEDDED_DB, EMBEDDED_PG_PORT, LocalPostgres
 from common.params import Params, load_params
+from common.registry import tags as tag
 from common.settings import Settings, get_settings
 from common.store import connect, tenants
 from flows.monitor import Outcome, monitor
@@ -585,7 +586,9 @@ def _challenger(name: str) -> str | None:
     passed it with rollout.canary on), else None."""
     client = registry.connect(get_settings())
     mv = registry.version_by_alias(client, name, registry.CHALLENGER)
-    return str(mv.version) if mv is not None and mv.tags.get("gate.decision") == "canary" else None
+    if mv is None or mv.tags.get(tag.GATE_DECISION) != tag.GATE_CANARY:
+        return None
+    return str(mv.version)
 
 
 def _canary_step(
