@@ -147,22 +147,13 @@ def promote(
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
-def roll_back(settings: Settings, name: str, versions: dict[str, str], reason: str) -> None:
-    """Weight 0, `challenger` removed, `rolled back` on it; champion untouched."""
-    moves.roll_back(
-        registry.connect(settings),
-        name,
-        versions[CHALLENGER],
-        champion=versions[CHAMPION],
-        by=_by(),
-        reason=reason,
-    )
-
-
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
-def hold(settings: Settings, name: str, versions: dict[str, str], reason: str) -> None:
-    """Weight 0, `challenger` kept, `held` on it."""
-    moves.hold(
+def stop(
+    settings: Settings, name: str, versions: dict[str, str], reason: str, outcome: str
+) -> None:
+    """Weight 0 and the outcome on the challenger; a rollback also drops the `challenger`
+    alias, a hold keeps it for a later rollout. The champion is untouched."""
+    end = moves.roll_back if outcome == ROLLED_BACK else moves.hold
+    end(
         registry.connect(settings),
         name,
         versions[CHALLENGER],
@@ -323,10 +314,10 @@ def _ramp(  # noqa: PLR0917  (the rollout's inputs)
         record_step(settings, name, versions[CHALLENGER], step)
         _report(name, step, len(rules.steps))
         if verdict.action == policy.HOLD:
-            hold(settings, name, versions, verdict.reason)
+            stop(settings, name, versions, verdict.reason, HELD)
             return _end(name, versions, HELD, verdict.reason, steps)
         if verdict.action == policy.ROLL_BACK:
-            roll_back(settings, name, versions, verdict.reason)
+            stop(settings, name, versions, verdict.reason, ROLLED_BACK)
             outcome = _end(name, versions, ROLLED_BACK, verdict.reason, steps, verdict)
             alert(settings, _alert_payload(outcome, verdict, tenant))
             return outcome
