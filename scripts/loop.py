@@ -51,7 +51,6 @@ from rich.table import Table
 
 from common import registry
 from common.errors import run_cli
-from common.localpg import EMBEDDED_DB, EMBEDDED_PG_PORT, LocalPostgres
 from common.params import Params, load_params
 from common.registry import tags as tag
 from common.settings import Settings, get_settings
@@ -60,7 +59,7 @@ from flows.monitor import Outcome, monitor
 from flows.retrain import retrain
 from models.generate import EXAMPLE_TENANTS, Drift, ExampleTenant
 from scripts import loop_canary, loop_jobs
-from services.predictor.demo import demo_key, show_answers
+from services.predictor.demo import admin_url, demo_key, show_answers
 from services.predictor.launch import serving
 
 console = Console(highlight=False, markup=False)
@@ -425,7 +424,7 @@ def run_loop(port: int, calm_rows: int, drift_rows: int, label_share: float) -> 
     with serving(settings, port):
         # The owner's URL, for the tenants and for counting rows; the flows below find the
         # running cluster themselves and log in as mlops_flows, as a scheduled run does.
-        database_url = _database_url()
+        database_url = admin_url(settings)
         keys = setup_tenants(database_url, EXAMPLE_TENANTS)
         ids = [t.id for t in EXAMPLE_TENANTS]
         owner, other = ids[:2]
@@ -623,14 +622,6 @@ def _canary_step(
         markup=False,
     )
     return outcome
-
-
-def _database_url() -> str:
-    """The prediction database as its owner: DATABASE_URL, else the embedded superuser's."""
-    settings = get_settings()
-    if settings.database_url:
-        return settings.database_url
-    return LocalPostgres(settings.mlops_home / "postgres", port=EMBEDDED_PG_PORT).url(EMBEDDED_DB)
 
 
 def _current_champion(name: str) -> str:
