@@ -221,6 +221,7 @@ class PredictionLog:
         self._refused = 0
         self._failures = 0
         self._unwritable = False  # the last write failed; cleared by a write or a probe
+        self._new_files = False  # segments created since the directory was last fsynced
         self._next_probe = 0.0
 
         self._wake = threading.Event()
@@ -264,13 +265,13 @@ class PredictionLog:
             self._append(items)
 
     def ready(self) -> bool:
-        """Whether a submit() can be kept now: the last write did not fail (or a probe of the
-        disk succeeds again) and the backlog is under `max_spill`."""
+        """Whether a submit() can be kept now: the backlog is under `max_spill`, and the disk
+        has room (after a failed write: a probe write succeeds, tried once a second)."""
         with self._lock:
             if self._closed or self._backlog >= self._max_spill:
                 return False
             if not self._unwritable:
-                return True
+                return self._room()
             if time.monotonic() < self._next_probe:
                 return False
             self._next_probe = time.monotonic() + 1.0
@@ -413,7 +414,22 @@ class PredictionLog:
             raise
         segment = _Segment(path, fd)
         self._segments.append(segment)
+        self._new_files = True
+        if self._sync_interval <= 0:
+            self._sync_directory()
         return segment
+
+    def _room(self) -> bool:
+        """Whether `spill_dir`'s disk has room for a probe's worth of lines (another worker
+        may have found it full before this one tried)."""
+        where = self._spill_dir
+        while not where.exists() and where != where.parent:  # not made yet: its disk
+            where = where.parent
+        try:
+            disk = os.statvfs(where)
+        except OSError:
+            return False
+        return disk.f_bavail * disk.f_frsize >= PROBE_BYTES
 
     def _probe(self) -> bool:
         """Whether `spill_dir` takes a write of a few lines again (after a failed one)."""
@@ -430,14 +446,23 @@ class PredictionLog:
             return False
         return True
 
+    def _sync_directory(self) -> None:
+        fd = os.open(self._spill_dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def _sync_loop(self) -> None:
         while not self._stop.wait(self._sync_interval):
             self._sync()
         self._sync()
 
     def _sync(self) -> None:
-        """fsync every segment with lines written since its last fsync."""
+        """fsync every segment with lines written since its last fsync (and the directory,
+        if a segment was created since: a host crash must not lose the file's name)."""
         with self._lock:
+            new_files, self._new_files = self._new_files, False
             dirty = []
             for segment in self._segments:
                 if segment.fd >= 0 and segment.synced < segment.size:
@@ -459,6 +484,13 @@ class PredictionLog:
                     segment.dirty_since = 0.0
                 elif segment.dirty_since < at:
                     segment.dirty_since = at  # lines written after the fsync began
+        if new_files:
+            try:
+                self._sync_directory()
+            except OSError:
+                log.exception("prediction log: cannot fsync %s", self._spill_dir)
+                with self._lock:
+                    self._new_files = True
 
     # -- the writer thread -------------------------------------------------------------
 
