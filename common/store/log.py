@@ -24,7 +24,10 @@ Guarantees and known limits:
   `LogRefusedError`, nothing of that call is kept, and `ready()` is False until a write
   can succeed again. Nothing acknowledged is ever deleted to make room.
 - A host crash (power, kernel) can lose what was written in the last `sync_interval`
-  seconds before it; a process crash loses nothing acknowledged.
+  seconds before it; a process crash loses nothing acknowledged. An fsync that fails
+  (EIO) after rows were acknowledged is counted in `write_failures`, not undone.
+- The disk holds every row not yet committed (up to `max_spill`, ~0.4 kB a prediction):
+  size `spill_dir` for the longest PostgreSQL outage to ride out; past that, 503s.
 - Rows PostgreSQL refuses as data (a value of the wrong type, a NUL in text), and a line
   cut short by a crash in the middle of its write (never acknowledged), are set aside in
   `*.rejected` files and counted in `rejected`, so one bad row cannot block the rest.

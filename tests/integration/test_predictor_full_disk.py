@@ -137,6 +137,10 @@ def test_a_full_disk_refuses_with_503_and_loses_no_answered_prediction(
 
     send(10)
     assert statuses == [200] * 10
+    assert counter(predictor, "predictor_log_written_rows_total") >= 20
+    text = httpx.get(f"{predictor}/metrics", timeout=10).text
+    assert "predictor_log_backlog_bytes" in text
+    assert "predictor_log_fsync_lag_seconds" in text
     refused_before = counter(predictor, "predictor_log_refused_rows_total")
     filler = fill(small_disk[1])
     try:
