@@ -92,6 +92,11 @@ class Settings(BaseSettings):
     # The secret an `evidently ui` started with EVIDENTLY_SECRET wants for writes (uploads).
     evidently_secret: SecretStr | None = Field(default=None, alias="EVIDENTLY_SECRET")
     monitor_webhook_url: str | None = Field(default=None, alias="MONITOR_WEBHOOK_URL")
+    # The prediction log's write-ahead files: seconds between fsyncs (what a host crash may
+    # lose; 0: fsync each row before its answer), and the most rows not yet in PostgreSQL
+    # (past it /predict and /feedback answer 503 and /readyz fails).
+    predlog_sync_interval: float = Field(default=1.0, ge=0, alias="PREDLOG_SYNC_INTERVAL")
+    predlog_max_backlog: int = Field(default=1_000_000, ge=1, alias="PREDLOG_MAX_BACKLOG")
     # Asynchronous jobs (POST /jobs, the workers): the most records a job may hold, the
     # largest body /jobs reads (larger: 413 before parsing), and the records per queue
     # message (a worker scores one message at a time, a job's chunks in parallel).

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 import uuid
 from datetime import UTC, datetime
@@ -53,6 +54,7 @@ from common.store import (
     pool,
     prediction_exists,
 )
+from common.store.log import LogRefusedError, LogStats
 from common.store.readback import MAX_PAGE, read_page
 from common.store.tenants import Identity
 from models.predict import out_of_range, validate_records
@@ -110,9 +112,33 @@ SHADOW_DROPPED = bentoml.metrics.Counter(
 )
 QUEUE_DEPTH = bentoml.metrics.Gauge(
     name="predictor_log_queue_depth",
-    documentation="Prediction-log rows waiting to be written (memory + spill file)",
+    documentation="Prediction-log rows written ahead, not yet in PostgreSQL (= backlog rows)",
     multiprocess_mode="livesum",
 )
+LOG_BACKLOG_BYTES = bentoml.metrics.Gauge(
+    name="predictor_log_backlog_bytes",
+    documentation="Bytes of prediction-log rows written ahead, not yet in PostgreSQL",
+    multiprocess_mode="livesum",
+)
+LOG_FSYNC_LAG = bentoml.metrics.Gauge(
+    name="predictor_log_fsync_lag_seconds",
+    documentation="Age of the oldest prediction-log line not yet fsynced (0: all synced)",
+    multiprocess_mode="livemax",
+)
+LOG_COUNTERS = {
+    name: bentoml.metrics.Counter(name=f"predictor_log_{name}", documentation=doc)
+    for name, doc in {
+        "written_rows": "Prediction-log rows written ahead before their answer",
+        "written_bytes": "Prediction-log bytes written ahead before their answer",
+        "committed_rows": "Prediction-log rows committed to PostgreSQL (replays included)",
+        "committed_bytes": "Prediction-log bytes committed to PostgreSQL or set aside",
+        "rejected_rows": "Prediction-log rows PostgreSQL refused as data (in *.rejected files)",
+        "refused_rows": "Rows not written ahead (disk full, I/O error, backlog full): 503",
+        "write_failures": "Failed writes or fsyncs of the prediction log's write-ahead files",
+    }.items()
+}
+"""Deltas of `PredictionLog.stats()` (services.predictor.service._LogMetrics)."""
+LOG_RETRY = "the prediction log cannot keep this request now ({}): nothing was recorded; retry"
 JOBS_ACCEPTED = bentoml.metrics.Counter(
     name="predictor_jobs_accepted",
     documentation="Jobs recorded and queued by POST /jobs (an Idempotency-Key's replays not)",
@@ -297,6 +323,34 @@ def _instant(name: str, value: str | None) -> datetime | None:
     raise ValueError(f"{name}: {value!r} is not an RFC 3339 date-time with a UTC offset")
 
 
+class _LogMetrics:
+    """Copies the log's counts into /metrics: counters by their increase since last time."""
+
+    def __init__(self, plog: PredictionLog) -> None:
+        self._log = plog
+        self._lock = threading.Lock()  # the event loop and the registry thread both export
+        self._seen = dict.fromkeys(LOG_COUNTERS, 0)
+
+    def export(self) -> None:
+        stats: LogStats = self._log.stats()
+        with self._lock:
+            for name, counter in LOG_COUNTERS.items():
+                now = getattr(stats, name)
+                if now > self._seen[name]:
+                    counter.inc(now - self._seen[name])
+                    self._seen[name] = now
+        QUEUE_DEPTH.set(stats.backlog_rows)
+        LOG_BACKLOG_BYTES.set(stats.backlog_bytes)
+        LOG_FSYNC_LAG.set(stats.fsync_lag)
+
+
+def _log_refused(exc: LogRefusedError) -> JSONResponse:
+    """503 with Retry-After: the rows were not written ahead, so nothing was answered."""
+    response = _error(503, LOG_RETRY.format(exc.reason))
+    response.headers["Retry-After"] = str(exc.retry_after)
+    return response
+
+
 info = FastAPI(title="predictor info")
 pages = FastAPI(title="predictor readback", docs_url=None, redoc_url=None, openapi_url=None)
 """GET /predictions and the jobs; mounted at / (BentoML's passive mount matches only its
@@ -343,8 +397,14 @@ class Predictor:
             migrate(self.database_url)
         except psycopg.OperationalError as exc:  # the log's writer migrates once it connects
             log.warning("prediction log database not reachable at start-up: %s", exc)
-        self.log = PredictionLog(self.database_url, settings.env_home.resolve() / "spill")
+        self.log = PredictionLog(
+            self.database_url,
+            settings.env_home.resolve() / "spill",
+            max_spill=settings.predlog_max_backlog,
+            sync_interval=settings.predlog_sync_interval,
+        )
         self.log.start()
+        self.log_metrics = _LogMetrics(self.log)
         # Key checks and feedback's lookups reuse connections, read-backs have their own so
         # that a long page never holds up a key check; opened here, in the worker, after the fork.
         self.lookups = pool(self.database_url)
@@ -390,19 +450,26 @@ class Predictor:
             float(self.runtime.current.version) if self.runtime.current.version.isdigit() else -1
         )
         TENANT_MODELS.set(len(self.runtime.models))
-        QUEUE_DEPTH.set(self.log.depth)
+        self.log_metrics.export()
 
-    def _log(self, item: Item) -> None:
-        """Queue one row for the prediction log; count a prediction (the shadow's too)."""
-        self.log.submit(item)
-        if isinstance(item, Prediction):
-            PREDICTIONS.labels(
-                model_version=item.model_version,
-                variant=item.variant,
-                predicted_class=item.predicted,
-            ).inc()
-        elif isinstance(item, ServingError):
-            SERVING_ERRORS.labels(model_version=item.model_version, variant=item.variant).inc()
+    def __is_ready__(self) -> bool:
+        """/readyz: not while the prediction log cannot write ahead (disk full, backlog full)."""
+        self.log_metrics.export()
+        return self.log.ready()
+
+    def _log(self, *items: Item) -> None:
+        """Write rows ahead to the prediction log, all or none (LogRefusedError); count the
+        predictions (the shadow's too) and serving errors."""
+        self.log.submit_many(items)
+        for item in items:
+            if isinstance(item, Prediction):
+                PREDICTIONS.labels(
+                    model_version=item.model_version,
+                    variant=item.variant,
+                    predicted_class=item.predicted,
+                ).inc()
+            elif isinstance(item, ServingError):
+                SERVING_ERRORS.labels(model_version=item.model_version, variant=item.variant).inc()
 
     async def _score(self, served: ServedModel, rows: list[dict[str, Any]]) -> list[Any]:
         if len(rows) <= INLINE_ROWS:
@@ -482,16 +549,18 @@ class Predictor:
                 raise
             # the challenger failed: the champion answers, the failure is logged
             log.warning("challenger %s v%s failed: %s", answering.name, answering.version, exc)
-            self._log(
-                ServingError.of(
-                    exc,
-                    tenant_id=tenant,
-                    model_name=answering.name,
-                    model_version=answering.version,
-                    variant=variant,
-                    ts=datetime.now(UTC),
-                )
+            failed = ServingError.of(
+                exc,
+                tenant_id=tenant,
+                model_name=answering.name,
+                model_version=answering.version,
+                variant=variant,
+                ts=datetime.now(UTC),
             )
+            try:
+                self._log(failed)
+            except LogRefusedError as refused:
+                return _answered(ctx, self._refuse(refused))
             answering, variant = choice.champion, "champion"
             scored = await self._score(answering, rows)
         elapsed = time.perf_counter() - start
@@ -506,10 +575,12 @@ class Predictor:
             flagged=flagged,
             variant=variant,
         )
-        for prediction in logged:
-            self._log(prediction)
+        try:  # written ahead before the answer: an answered prediction is never lost
+            self._log(*logged)
+        except LogRefusedError as refused:
+            return _answered(ctx, self._refuse(refused))
         LATENCY.labels(model_version=answering.version, variant=variant).observe(elapsed)
-        QUEUE_DEPTH.set(self.log.depth)
+        self.log_metrics.export()
         if choice.shadow is not None:  # after the answer is made; never waits
             self.shadow.offer(tenant, choice.shadow, rows)
         return {
@@ -538,18 +609,30 @@ class Predictor:
             )
         if not await self._known(str(request_id), who.tenant_id):
             return _error(404, f"no prediction with request_id {request_id}")
-        self.log.submit(
-            Feedback(
-                str(request_id), label, datetime.now(UTC), who.tenant_id, source=f"key:{who.key_id}"
+        try:  # written ahead before the 200, as predictions are
+            self.log.submit(
+                Feedback(
+                    str(request_id),
+                    label,
+                    datetime.now(UTC),
+                    who.tenant_id,
+                    source=f"key:{who.key_id}",
+                )
             )
-        )
-        QUEUE_DEPTH.set(self.log.depth)
+        except LogRefusedError as refused:
+            return self._refuse(refused)
+        self.log_metrics.export()
         return {
             "tenant_id": who.tenant_id,
             "request_id": str(request_id),
             "label": label,
             "accepted": True,
         }
+
+    def _refuse(self, exc: LogRefusedError) -> JSONResponse:
+        log.warning("request refused: %s", exc.reason)
+        self.log_metrics.export()
+        return _log_refused(exc)
 
     async def _known(self, request_id: str, tenant: str) -> bool:
         """Whether `tenant` logged the prediction (waits out log batching; yes if the DB is

@@ -1,11 +1,14 @@
-"""The prediction log without a database: spill lines, a submit that never waits, close()."""
+"""The prediction log without a database: write-ahead lines, a submit that never waits but
+refuses what it cannot keep, the counters, close()."""
 
 from __future__ import annotations
 
 import json
+import resource
+import signal
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +25,7 @@ from common.store import (
     log_rows,
     to_line,
 )
+from common.store.log import LogRefusedError
 from tests.servers import free_port
 
 
@@ -90,7 +94,7 @@ def test_a_line_cut_short_is_not_a_row() -> None:
 
 
 def test_submit_never_blocks_when_the_database_is_down(down_url: str, tmp_path: Path) -> None:
-    plog = PredictionLog(down_url, tmp_path, max_buffer=300, retry_interval=0.2)
+    plog = PredictionLog(down_url, tmp_path, retry_interval=0.2)
     plog.start()
     try:
         start = time.perf_counter()
@@ -104,16 +108,12 @@ def test_submit_never_blocks_when_the_database_is_down(down_url: str, tmp_path: 
         plog.close()
 
 
-def test_depth_never_counts_a_spilled_row_twice(down_url: str, tmp_path: Path) -> None:
-    """The writer moves rows from memory to a spill file; a reader of `depth` meanwhile
-    (the predictor's queue gauge, on every request) sees each row once."""
-    for round_ in range(10):
+def test_depth_never_counts_a_row_twice(down_url: str, tmp_path: Path) -> None:
+    """A reader of `depth` while the writer retries (the predictor's queue gauge, on every
+    request) sees each row once."""
+    for round_ in range(5):
         plog = PredictionLog(
-            down_url,
-            tmp_path / str(round_),
-            max_buffer=300,
-            retry_interval=0.01,
-            flush_interval=0.001,
+            down_url, tmp_path / str(round_), retry_interval=0.01, flush_interval=0.001
         )
         plog.start()
         try:
@@ -126,40 +126,155 @@ def test_depth_never_counts_a_spilled_row_twice(down_url: str, tmp_path: Path) -
             plog.close()
 
 
-def test_close_spills_everything_to_the_file(down_url: str, tmp_path: Path) -> None:
-    plog = PredictionLog(down_url, tmp_path, max_buffer=100, flush_interval=0.05)
+def test_a_row_is_in_its_segment_when_submit_returns(down_url: str, tmp_path: Path) -> None:
+    """Written ahead before the answer: what the page cache holds survives a kill -9."""
+    plog = PredictionLog(down_url, tmp_path, retry_interval=60)
     plog.start()
-    predictions = [make_prediction() for _ in range(500)]
-    submitted: list[Prediction | Feedback] = [
-        *predictions,
-        Feedback(predictions[0].request_id, "no", datetime.now(UTC), "acme"),
-    ]
-    for item in submitted:
-        plog.submit(item)
-    plog.close(timeout=5)
+    try:
+        predictions = [make_prediction() for _ in range(50)]
+        submitted: list[Prediction | Feedback] = [
+            *predictions,
+            Feedback(predictions[0].request_id, "no", datetime.now(UTC), "acme"),
+        ]
+        for n, item in enumerate(submitted, 1):
+            plog.submit(item)
+            assert len(spilled_lines(tmp_path)) == n
+        assert sorted(spilled_lines(tmp_path)) == sorted(
+            to_line(i).rstrip(b"\n") for i in submitted
+        )
+    finally:
+        plog.close(timeout=1)
+    # close() keeps what PostgreSQL did not take
+    assert sorted(map(from_line, spilled_lines(tmp_path)), key=to_line) == sorted(
+        submitted, key=to_line
+    )
+    assert plog.depth == 51
 
-    spilled = [from_line(line) for line in spilled_lines(tmp_path)]
-    assert sorted(map(to_line, spilled)) == sorted(map(to_line, submitted))
-    assert plog.depth == 501
-    assert plog.dropped == 0
+
+def test_submit_many_writes_all_rows_or_none(down_url: str, tmp_path: Path) -> None:
+    plog = PredictionLog(down_url, tmp_path, max_spill=10)
+    plog.submit_many([make_prediction() for _ in range(8)])
+    with pytest.raises(LogRefusedError):
+        plog.submit_many([make_prediction() for _ in range(3)])
+    plog.submit_many([make_prediction() for _ in range(2)])
+    plog.close()
+    assert len(spilled_lines(tmp_path)) == 10
+    assert plog.refused == 3
 
 
-def test_spill_keeps_the_newest_rows_and_counts_what_it_drops(
+def test_a_full_backlog_refuses_new_rows_and_keeps_every_acknowledged_one(
     down_url: str, tmp_path: Path
 ) -> None:
-    plog = PredictionLog(down_url, tmp_path, max_buffer=0, max_spill=100)
-    submitted = [make_prediction(ts=datetime.now(UTC) + timedelta(seconds=i)) for i in range(250)]
-    for prediction in submitted:
-        plog.submit(prediction)
+    plog = PredictionLog(down_url, tmp_path, max_spill=100, retry_interval=60)
+    acknowledged, reasons = [], []
+    for _ in range(250):
+        prediction = make_prediction()
+        try:
+            plog.submit(prediction)
+        except LogRefusedError as exc:
+            reasons.append((exc.reason, exc.retry_after))
+        else:
+            acknowledged.append(prediction.request_id)
+    assert len(reasons) == 150
+    assert all("at most 100" in reason and after >= 1 for reason, after in reasons)
+    assert not plog.ready()
     plog.close()
 
-    lines = [from_line(line) for line in spilled_lines(tmp_path)]
-    kept = [item.request_id for item in lines if isinstance(item, Prediction)]
-    assert len(kept) == len(lines)
-    assert 90 <= len(kept) <= 100
-    assert plog.dropped == 250 - len(kept)
-    assert plog.depth == len(kept)
-    assert set(kept) == {p.request_id for p in submitted[-len(kept) :]}
+    kept = [
+        item.request_id
+        for item in map(from_line, spilled_lines(tmp_path))
+        if isinstance(item, Prediction)
+    ]
+    assert sorted(kept) == sorted(acknowledged)
+    assert len(acknowledged) == 100
+    assert (plog.refused, plog.depth) == (150, 100)
+    assert len(list(tmp_path.glob("*.jsonl"))) == 10  # sealed every tenth of the bound
+
+
+def test_a_failed_write_refuses_the_row_leaves_no_torn_line_and_fails_readiness(
+    down_url: str, tmp_path: Path
+) -> None:
+    """A file size limit stands in for a full disk: the write past it fails (EFBIG) after
+    writing part of the line, which must not stay for the next line to follow."""
+    plog = PredictionLog(down_url, tmp_path, retry_interval=60)
+    line = len(to_line(make_prediction()))
+    limit = line * 20 + line // 2
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    acknowledged, refusals = [], []
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        for _ in range(25):
+            prediction = make_prediction()
+            try:
+                plog.submit(prediction)
+            except LogRefusedError as exc:
+                refusals.append(exc.reason)
+            else:
+                acknowledged.append(prediction.request_id)
+        full = plog.ready()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert len(acknowledged) == 20
+    assert len(refusals) == 5
+    assert "cannot be written" in refusals[0]
+    assert not full
+    stats = plog.stats()
+    assert (stats.refused_rows, stats.write_failures, stats.backlog_rows) == (5, 5, 20)
+
+    time.sleep(1.1)  # the next probe of the disk
+    assert plog.ready()
+    after = make_prediction()
+    plog.submit(after)
+    plog.close()
+    kept = [
+        item.request_id
+        for item in map(from_line, spilled_lines(tmp_path))
+        if isinstance(item, Prediction)
+    ]
+    assert kept == [*acknowledged, after.request_id]  # every line whole, in order
+
+
+def test_counts_rows_and_bytes_written_ahead_and_the_backlog(down_url: str, tmp_path: Path) -> None:
+    plog = PredictionLog(down_url, tmp_path, max_spill=3, retry_interval=60)
+    items = [make_prediction() for _ in range(3)]
+    for item in items:
+        plog.submit(item)
+    with pytest.raises(LogRefusedError):
+        plog.submit(make_prediction())
+    stats = plog.stats()
+    size = sum(len(to_line(i)) for i in items)
+    assert (stats.written_rows, stats.written_bytes) == (3, size)
+    assert (stats.backlog_rows, stats.backlog_bytes) == (3, size)
+    assert (stats.committed_rows, stats.refused_rows, stats.rejected_rows) == (0, 1, 0)
+    plog.close()
+
+
+def test_fsync_lag_returns_to_zero_within_the_sync_interval(down_url: str, tmp_path: Path) -> None:
+    plog = PredictionLog(down_url, tmp_path / "a", sync_interval=0.2, retry_interval=60)
+    plog.start()
+    try:
+        plog.submit(make_prediction())
+        assert plog.stats().fsync_lag >= 0
+        deadline = time.monotonic() + 5
+        while plog.stats().fsync_lag > 0:
+            assert time.monotonic() < deadline, "never fsynced"
+            time.sleep(0.05)
+    finally:
+        plog.close()
+    every = PredictionLog(down_url, tmp_path / "b", sync_interval=0, retry_interval=60)
+    every.submit(make_prediction())
+    assert every.stats().fsync_lag == 0.0  # fsynced before submit returned
+    every.close()
+
+
+def test_a_closed_log_refuses_rows(down_url: str, tmp_path: Path) -> None:
+    plog = PredictionLog(down_url, tmp_path)
+    plog.close()
+    with pytest.raises(LogRefusedError, match="closed"):
+        plog.submit(make_prediction())
+    assert not plog.ready()
 
 
 def test_batch_log_rows_encode_inputs_and_probabilities_as_live_rows_do() -> None:
