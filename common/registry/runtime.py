@@ -274,6 +274,7 @@ class ModelRuntime:
 
     def _note_failure(self, exc: BaseException) -> None:
         if isinstance(exc, trust.UntrustedModelError):  # the registry answered; _fetch logged it
+            self.last_error = f"{type(exc).__name__}: {exc}"[:500]
             return
         self.registry_ok = False
         self.last_error = f"{type(exc).__name__}: {exc}"[:500]
@@ -479,7 +480,10 @@ class ModelRuntime:
                 "tracking_uri": self.settings.tracking_uri,
             },
             "swaps": self.swaps,
-            "refused": dict(self.refused),
+            # this model's refused versions only: other tenants' model names carry their ids
+            "refused": {
+                uri: why for uri, why in self.refused.items() if uri.startswith(f"models:/{name}/")
+            },
             "cache": {
                 "tenant_models_loaded": len(self.models),
                 "size": self.models.size,

@@ -40,6 +40,9 @@ TAGS_FILE = "registry_tags.json"
 """Written beside a bundled model: its registry tags and version, for /model when offline."""
 VERSION_KEY = "version"
 """The key of the version number in TAGS_FILE (beside the version's own tags)."""
+BUNDLE_FILES = (TAGS_FILE, "model.yaml")
+"""What a bundle holds beside the version's sealed files: its tags, and BentoML's own
+description of the model it stores (`model.yaml`), read by BentoML, never loaded here."""
 EXTRA_FILES = "extra_files"
 """Where `log_model(extra_files=...)` puts the files a version carries, in its directory."""
 
@@ -217,5 +220,5 @@ def from_dir(path: Path, name: str, *, alias: str | None = None) -> ServedModel:
     saved: dict[str, Any] = json.loads(tags_path.read_text()) if tags_path.exists() else {}
     tags = {str(k): str(v) for k, v in saved.items()}
     version = tags.get(VERSION_KEY, "bundled")
-    trust.check(path, tags, f"the bundled {name} v{version} ({path})", ignore=[TAGS_FILE])
+    trust.check(path, tags, f"the bundled {name} v{version} ({path})", ignore=BUNDLE_FILES)
     return ServedModel(name, version, alias, path, tags, "bundled")

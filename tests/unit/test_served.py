@@ -169,3 +169,23 @@ def test_a_version_without_reference_data_says_how_to_get_one(tmp_path: Path) ->
         f"{NAME} v4 carries no reference data (extra_files/{HOLDOUT_SCORED_FILE}); "
         "retrain it with this project's train stage."
     )
+
+
+def test_a_version_bundled_into_the_bento_model_store_is_served_from_it(
+    store: Store, tmp_path: Path
+) -> None:
+    import bentoml  # noqa: PLC0415 (only this test needs it)
+    from bentoml._internal.models.model import ModelStore  # noqa: PLC0415
+
+    models = ModelStore(str(tmp_path / "models"))  # not the machine's ~/bentoml
+    model = resolve(store.client, NAME, registry.CHAMPION, store.cache)
+    with bentoml.models.create("trust-bundle", _model_store=models) as stored:
+        model.bundle(Path(stored.path))
+    path = Path(bentoml.models.get(str(stored.tag), _model_store=models).path)
+    assert (path / "model.yaml").is_file()  # BentoML's own file beside the sealed ones
+    bundled = from_dir(path, NAME)
+    assert bundled.tags[tag.MANIFEST_SHA256] == model.tags[tag.MANIFEST_SHA256]
+    assert bundled.scorer.backend == "onnx"
+    (path / "extra_files" / "model.onnx").write_bytes(b"swapped")
+    with pytest.raises(UntrustedModelError, match=r"extra_files/model\.onnx differs"):
+        from_dir(path, NAME)
