@@ -99,13 +99,14 @@ class Scorer:
         self._example = example
 
     @classmethod
-    def load(cls, model_dir: Path, *, prefer_onnx: bool) -> Scorer:
-        """Load from a local MLflow model directory (as download_artifacts returns it)."""
+    def load(cls, model_dir: Path, *, prefer_onnx: bool, what: str | None = None) -> Scorer:
+        """Load from a local MLflow model directory (as download_artifacts returns it);
+        `what` names it in a refusal (e.g. `models:/<name>/<version>`)."""
         if not (model_dir / "MLmodel").is_file():
             raise ModelError(f"{model_dir}: no MLmodel file; not an MLflow model directory")
         meta = Model.load(str(model_dir))
         features = _signature_features(meta, model_dir)
-        pipeline = load_pipeline(model_dir, meta)
+        pipeline = load_pipeline(model_dir, meta, what=what)
         _check_inputs(pipeline, features, model_dir)
         categories = _known_categories(pipeline, features, model_dir)
         try:
@@ -248,20 +249,21 @@ class Scorer:
         return out
 
 
-def load_pipeline(model_dir: Path, meta: Model | None = None) -> Pipeline:
+def load_pipeline(model_dir: Path, meta: Model | None = None, what: str | None = None) -> Pipeline:
     """The fitted sklearn pipeline, read from the version's skops file with the types trusted
     in code (SKOPS_TRUSTED), never through MLflow's loader, which obeys the MLmodel.
 
     A version whose MLmodel says cloudpickle or pickle is refused (UntrustedModelError).
     """
     meta = meta or Model.load(str(model_dir))
+    what = what or str(model_dir)
     flavor = meta.flavors.get("sklearn")
     if not isinstance(flavor, dict):
         raise ModelError(f"{model_dir}: the MLmodel has no sklearn flavor")
     fmt = flavor.get("serialization_format")
     if fmt != SKOPS_FORMAT:
         raise UntrustedModelError(
-            f"{model_dir}: the MLmodel asks to load the pipeline with {fmt!r}; only "
+            f"{what}: the MLmodel asks to load the pipeline with {fmt!r}; only "
             f"{SKOPS_FORMAT!r} is loaded here (pickle formats run code from the file)"
         )
     name = str(flavor.get("pickled_model", ""))
@@ -272,7 +274,7 @@ def load_pipeline(model_dir: Path, meta: Model | None = None) -> Pipeline:
         pipeline = skops.io.load(path, trusted=SKOPS_TRUSTED)
     except Exception as exc:  # skops refuses untrusted types with UntrustedTypesFoundException
         raise UntrustedModelError(
-            f"{model_dir}: {name} does not load with the project's trusted types "
+            f"{what}: {name} does not load with the project's trusted types "
             f"({type(exc).__name__}: {exc})"
         ) from exc
     if not isinstance(pipeline, Pipeline):

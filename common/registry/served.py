@@ -84,12 +84,12 @@ class ServedModel:
     def pipeline(self) -> Any:
         """The fitted sklearn pipeline itself, as `evaluate` scored it: what the gate compares
         (read with skops and the types trusted in code, never through the MLmodel's loader)."""
-        return load_pipeline(self.path)
+        return load_pipeline(self.path, what=self.uri)
 
     @cached_property
     def scorer(self) -> Scorer:
         """The scorer, loaded and self-checked on first use (a bad model raises ModelError)."""
-        scorer = Scorer.load(self.path, prefer_onnx=self.prefers_onnx)
+        scorer = Scorer.load(self.path, prefer_onnx=self.prefers_onnx, what=self.uri)
         scorer.self_check()
         return scorer
 
