@@ -34,11 +34,12 @@ from models import export
 from models.data import model_frame, proba_column, target
 from models.predict import SKOPS_TRUSTED
 
+__all__ = ["SKOPS_TRUSTED", "build", "run"]  # SKOPS_TRUSTED: defined in models.predict
+
 ONNX_FILE = "model.onnx"
 REFERENCE_FILE = "reference.parquet"
 HOLDOUT_SCORED_FILE = "holdout_scored.parquet"
 """The holdout with the model's predictions: monitoring's reference for prediction drift."""
-__all__ = ["SKOPS_TRUSTED", "build", "run"]  # SKOPS_TRUSTED: defined in models.predict
 CONTRACT_FILE = "data_contract.json"
 """Each feature's type, min/max and categories as trained: the predictor's request bounds."""
 
