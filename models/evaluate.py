@@ -9,6 +9,8 @@ DVC's `simple` template draws it; the MLflow run also gets every class's one-vs-
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -27,8 +29,10 @@ from sklearn.metrics import (
 from common import paths, registry
 from common.errors import run_cli
 from common.params import DataParams, load_params, stage_tenant
+from common.registry import trust
 from common.settings import Settings, get_settings
 from models.data import model_frame, proba_column, target
+from models.predict import load_pipeline
 
 LOWER_IS_BETTER = {"log_loss"}
 
@@ -96,7 +100,11 @@ def run(
 ) -> dict[str, float]:
     train_run = json.loads(where.TRAIN_RUN.read_text())
     registry.connect(settings)
-    model = mlflow.sklearn.load_model(train_run["model_uri"])
+    with tempfile.TemporaryDirectory(prefix="mlops-evaluate-") as tmp:
+        files = trust.download_logged(
+            train_run["model_uri"], train_run.get("manifest_sha256"), Path(tmp) / "model"
+        )
+        model = load_pipeline(files)
     holdout = pd.read_parquet(where.HOLDOUT)
     y = target(holdout, data)
     proba = model.predict_proba(model_frame(holdout, data))

@@ -15,16 +15,17 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import mlflow.sklearn
 import numpy as np
 import onnxruntime as ort
 import pandas as pd
+import skops.io  # type: ignore[import-untyped]
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model
 from sklearn.pipeline import Pipeline
 
 from models.data import MISSING_CATEGORY
+from models.manifest import UntrustedModelError
 
 Kind = Literal["numeric", "categorical"]
 Backend = Literal["onnx", "sklearn"]
@@ -37,6 +38,10 @@ ONNX_INPUTS_KEY = "mlops.onnx_inputs"
 """ONNX metadata entry: JSON {column: input name}, written by models.export.export."""
 CONTRACT_ARTIFACT = Path("extra_files", "data_contract.json")
 """The features' declared min/max as trained (train.CONTRACT_FILE); older versions lack it."""
+SKOPS_TRUSTED = ["numpy.dtype", "sklearn.tree._tree.Tree"]
+"""The types skops loads beyond its own safe defaults: defined here, never read from a
+version's MLmodel (whose `skops_trusted_types` whoever wrote the version chose)."""
+SKOPS_FORMAT = "skops"
 
 _KINDS: dict[str, Kind] = {
     "double": "numeric",
@@ -94,15 +99,14 @@ class Scorer:
         self._example = example
 
     @classmethod
-    def load(cls, model_dir: Path, *, prefer_onnx: bool) -> Scorer:
-        """Load from a local MLflow model directory (as download_artifacts returns it)."""
+    def load(cls, model_dir: Path, *, prefer_onnx: bool, what: str | None = None) -> Scorer:
+        """Load from a local MLflow model directory (as download_artifacts returns it);
+        `what` names it in a refusal (e.g. `models:/<name>/<version>`)."""
         if not (model_dir / "MLmodel").is_file():
             raise ModelError(f"{model_dir}: no MLmodel file; not an MLflow model directory")
         meta = Model.load(str(model_dir))
         features = _signature_features(meta, model_dir)
-        pipeline = mlflow.sklearn.load_model(str(model_dir))
-        if not isinstance(pipeline, Pipeline):
-            raise ModelError(f"{model_dir}: expected an sklearn Pipeline, got {type(pipeline)}")
+        pipeline = load_pipeline(model_dir, meta, what=what)
         _check_inputs(pipeline, features, model_dir)
         categories = _known_categories(pipeline, features, model_dir)
         try:
@@ -243,6 +247,39 @@ class Scorer:
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"{name}: {exc}") from exc
         return out
+
+
+def load_pipeline(model_dir: Path, meta: Model | None = None, what: str | None = None) -> Pipeline:
+    """The fitted sklearn pipeline, read from the version's skops file with the types trusted
+    in code (SKOPS_TRUSTED), never through MLflow's loader, which obeys the MLmodel.
+
+    A version whose MLmodel says cloudpickle or pickle is refused (UntrustedModelError).
+    """
+    meta = meta or Model.load(str(model_dir))
+    what = what or str(model_dir)
+    flavor = meta.flavors.get("sklearn")
+    if not isinstance(flavor, dict):
+        raise ModelError(f"{model_dir}: the MLmodel has no sklearn flavor")
+    fmt = flavor.get("serialization_format")
+    if fmt != SKOPS_FORMAT:
+        raise UntrustedModelError(
+            f"{what}: the MLmodel asks to load the pipeline with {fmt!r}; only "
+            f"{SKOPS_FORMAT!r} is loaded here (pickle formats run code from the file)"
+        )
+    name = str(flavor.get("pickled_model", ""))
+    path = (model_dir / name).resolve()
+    if not name or not path.is_relative_to(model_dir.resolve()) or not path.is_file():
+        raise ModelError(f"{model_dir}: the MLmodel's pickled_model {name!r} is not a file in it")
+    try:
+        pipeline = skops.io.load(path, trusted=SKOPS_TRUSTED)
+    except Exception as exc:  # skops refuses untrusted types with UntrustedTypesFoundException
+        raise UntrustedModelError(
+            f"{what}: {name} does not load with the project's trusted types "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+    if not isinstance(pipeline, Pipeline):
+        raise ModelError(f"{model_dir}: expected an sklearn Pipeline, got {type(pipeline)}")
+    return pipeline
 
 
 def _category(value: Any) -> str:

@@ -32,10 +32,10 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from common import paths, registry
-from common.errors import run_cli
+from common.errors import UserError, run_cli
 from common.lineage import file_md5, git_commit
 from common.params import Params, PromoteParams, load_params, stage_tenant
-from common.registry import promotion, served
+from common.registry import promotion, served, trust
 from common.registry import tags as tag
 from common.settings import Settings, get_settings
 from models.evaluate import score
@@ -90,6 +90,8 @@ def _champion_metrics(
     try:
         model = served.fetch(current, cache).pipeline
         return current.version, score(model, holdout, params.data), None
+    except trust.UntrustedModelError as exc:
+        return current.version, None, f"champion v{current.version} was refused: {exc}"
     except (KeyError, ValueError) as exc:
         return (
             current.version,
@@ -137,6 +139,12 @@ def run(
 ) -> Decision:
     """Register, tag, gate; `source`: how params.yaml declares a tenant's data source."""
     train_run = json.loads(where.TRAIN_RUN.read_text())
+    sealed = train_run.get("manifest_sha256")
+    if not sealed:
+        raise UserError(
+            f"{where.TRAIN_RUN} records no manifest_sha256: the model was trained before "
+            "models were sealed; retrain it (`dvc repro`, or `make demo`)."
+        )
     holdout_metrics = json.loads(where.METRICS.read_text())
     client = registry.connect(settings)
     tenant = where.tenant
@@ -169,6 +177,7 @@ def run(
             tag.ONNX_PARITY: tag.parity(train_run["onnx_parity"]),
             tag.ONNX_MAX_ABS_DIFF: f"{train_run['onnx_max_abs_diff']:.3e}",
             tag.MLFLOW_RUN_ID: train_run["run_id"],
+            tag.MANIFEST_SHA256: sealed,
             **(
                 {tag.PREFECT_FLOW_RUN_ID: settings.prefect_flow_run_id}
                 if settings.prefect_flow_run_id
@@ -178,6 +187,8 @@ def run(
             **({tag.DATA_SOURCE: promotion.shorten(source)} if source else {}),
         },
     )
+    # the registered files are the ones sealed at training, or nothing moves to them
+    served.fetch(client.get_model_version(name, version), served.cache_dir(settings))
     by = "register stage (dvc repro)" if tenant is None else f"tenant-register@{tenant} (dvc repro)"
     registry.move_alias(client, name, registry.CHALLENGER, version, by=by, reason="new candidate")
 

@@ -28,9 +28,13 @@ from common.errors import UserError, run_cli
 from common.lineage import file_md5, git_commit
 from common.params import DataParams, MonitorParams, TrainParams, load_params, stage_tenant
 from common.registry import tags as tag
+from common.registry import trust
 from common.settings import Settings, get_settings
 from models import export
 from models.data import model_frame, proba_column, target
+from models.predict import SKOPS_TRUSTED
+
+__all__ = ["SKOPS_TRUSTED", "build", "run"]  # SKOPS_TRUSTED: defined in models.predict
 
 ONNX_FILE = "model.onnx"
 REFERENCE_FILE = "reference.parquet"
@@ -38,7 +42,6 @@ HOLDOUT_SCORED_FILE = "holdout_scored.parquet"
 """The holdout with the model's predictions: monitoring's reference for prediction drift."""
 CONTRACT_FILE = "data_contract.json"
 """Each feature's type, min/max and categories as trained: the predictor's request bounds."""
-SKOPS_TRUSTED = ["numpy.dtype", "sklearn.tree._tree.Tree"]
 
 
 def build(data: DataParams, params: TrainParams) -> Pipeline:
@@ -70,6 +73,8 @@ class TrainResult:
     onnx_max_abs_diff: float
     onnx_label_mismatches: int
     onnx_parity: bool
+    manifest_sha256: str
+    """SHA-256 of the logged model's manifest.json: the register stage's version tag."""
 
 
 def _requirements() -> list[str]:
@@ -200,6 +205,8 @@ def run(
             # Types skops will not load unless told; this model was made here, by this stage.
             skops_trusted_types=SKOPS_TRUSTED,
         )
+        sealed = trust.seal(client, str(info.model_id))
+        mlflow.set_tag(tag.MANIFEST_SHA256, sealed)
         mlflow.log_metrics(
             {
                 "fit_seconds": fit_seconds,
@@ -218,6 +225,7 @@ def run(
             onnx_max_abs_diff=parity.max_abs_diff,
             onnx_label_mismatches=parity.label_mismatches,
             onnx_parity=parity.passed,
+            manifest_sha256=sealed,
         )
     if not parity.passed:
         raise UserError(

@@ -33,6 +33,7 @@ from common.registry import (
     log_run,
     promotion,
     set_tags,
+    trust,
     version_by_alias,
 )
 from common.registry import tags as tag
@@ -185,6 +186,7 @@ def lineage_tags(source: ModelVersion, step: Step, at: str) -> dict[str, str]:
         tag.ENV_GATE_METRICS: promotion.shorten(metrics),
         tag.ENV_PROMOTED_AT: at,
         tag.MLFLOW_RUN_ID: source.tags.get(tag.MLFLOW_RUN_ID) or source.run_id or "",
+        tag.MANIFEST_SHA256: source.tags.get(tag.MANIFEST_SHA256, ""),
     }
 
 
@@ -200,6 +202,8 @@ def copy_version(
         mlflow.artifacts.download_artifacts(
             f"models:/{step.source_model}/{step.source_version}", dst_path=str(files)
         )
+        # only the files sealed for the source go on; the copy keeps its manifest tag
+        trust.check(files, source.tags, f"models:/{step.source_model}/{step.source_version}")
         run_id, uri = log_run(
             settings,
             f"{settings.mlflow_experiment_name}-{step.target_env}",

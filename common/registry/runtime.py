@@ -31,7 +31,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from common import registry
-from common.registry import served, variants
+from common.registry import served, trust, variants
 from common.registry.served import ServedModel
 from common.registry.variants import SHADOW, Variant
 from common.settings import Settings
@@ -147,6 +147,9 @@ class ModelRuntime:
         self.last_check: str | None = None
         self.swaps = 0
         self.loads = 0
+        self.refused: dict[str, str] = {}
+        """`models:/<name>/<version>` -> why it was refused (trust.check): never loaded, not
+        tried again; whatever served before keeps serving."""
         self.own: dict[str, str] = {}
         """Tenant -> the version its own model's alias pointed at in the last check."""
         self.follow_variants = follow_variants
@@ -206,10 +209,19 @@ class ModelRuntime:
         return versions
 
     def _fetch(self, name: str, version: str, alias: str | None = None) -> ServedModel:
-        """Download and load one version (checked on its input example) before it serves."""
-        return served.by_version(
-            self._registry(), name, version, self.cache, alias=alias or self.alias
-        ).load()
+        """Download and load one version (its files checked against its manifest, then on its
+        input example) before it serves; a refused version is not tried again."""
+        uri = f"models:/{name}/{version}"
+        if uri in self.refused:
+            raise trust.UntrustedModelError(self.refused[uri])
+        try:
+            return served.by_version(
+                self._registry(), name, version, self.cache, alias=alias or self.alias
+            ).load()
+        except trust.UntrustedModelError as exc:
+            self.refused[uri] = str(exc)[:500]
+            log.error("refused %s, not loaded: %s", uri, exc)
+            raise
 
     def _sync_variants(self, name: str) -> bool:
         """Load `name`'s challenger and shadow as the last check saw them; swap in one
@@ -261,6 +273,9 @@ class ModelRuntime:
         return self.choose(tenant, key, self.serving(tenant))
 
     def _note_failure(self, exc: BaseException) -> None:
+        if isinstance(exc, trust.UntrustedModelError):  # the registry answered; _fetch logged it
+            self.last_error = f"{type(exc).__name__}: {exc}"[:500]
+            return
         self.registry_ok = False
         self.last_error = f"{type(exc).__name__}: {exc}"[:500]
         self.last_check = datetime.now(UTC).isoformat(timespec="seconds")
@@ -465,6 +480,10 @@ class ModelRuntime:
                 "tracking_uri": self.settings.tracking_uri,
             },
             "swaps": self.swaps,
+            # this model's refused versions only: other tenants' model names carry their ids
+            "refused": {
+                uri: why for uri, why in self.refused.items() if uri.startswith(f"models:/{name}/")
+            },
             "cache": {
                 "tenant_models_loaded": len(self.models),
                 "size": self.models.size,

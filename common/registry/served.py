@@ -21,7 +21,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-import mlflow.sklearn
 import pandas as pd
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
@@ -31,8 +30,9 @@ from pydantic import BaseModel
 from common import registry
 from common.errors import UserError
 from common.registry import tags as tag
+from common.registry import trust
 from common.settings import Settings
-from models.predict import Scorer, record_model
+from models.predict import Scorer, load_pipeline, record_model
 
 Source = Literal["registry", "bundled"]
 
@@ -40,6 +40,9 @@ TAGS_FILE = "registry_tags.json"
 """Written beside a bundled model: its registry tags and version, for /model when offline."""
 VERSION_KEY = "version"
 """The key of the version number in TAGS_FILE (beside the version's own tags)."""
+BUNDLE_FILES = (TAGS_FILE, "model.yaml")
+"""What a bundle holds beside the version's sealed files: its tags, and BentoML's own
+description of the model it stores (`model.yaml`), read by BentoML, never loaded here."""
 EXTRA_FILES = "extra_files"
 """Where `log_model(extra_files=...)` puts the files a version carries, in its directory."""
 
@@ -79,13 +82,14 @@ class ServedModel:
 
     @cached_property
     def pipeline(self) -> Any:
-        """The fitted sklearn pipeline itself, as `evaluate` scored it: what the gate compares."""
-        return mlflow.sklearn.load_model(str(self.path))
+        """The fitted sklearn pipeline itself, as `evaluate` scored it: what the gate compares
+        (read with skops and the types trusted in code, never through the MLmodel's loader)."""
+        return load_pipeline(self.path, what=self.uri)
 
     @cached_property
     def scorer(self) -> Scorer:
         """The scorer, loaded and self-checked on first use (a bad model raises ModelError)."""
-        scorer = Scorer.load(self.path, prefer_onnx=self.prefers_onnx)
+        scorer = Scorer.load(self.path, prefer_onnx=self.prefers_onnx, what=self.uri)
         scorer.self_check()
         return scorer
 
@@ -153,10 +157,18 @@ def version_for(target: MlflowClient | Settings, name: str, alias: str) -> Model
 
 
 def fetch(mv: ModelVersion, cache_dir: Path, *, alias: str | None = None) -> ServedModel:
-    """A version already looked up, its files downloaded once under `cache_dir/name/version`."""
+    """A version already looked up, its files downloaded once under `cache_dir/name/version`
+    and checked against its manifest (trust.check): UntrustedModelError if they differ, and
+    the download is dropped, so a later attempt downloads it again."""
     name, version = str(mv.name), str(mv.version)
     path = registry.download_version(cache_dir, name, version)
-    return ServedModel(name, version, alias, path, dict(mv.tags), "registry")
+    tags = dict(mv.tags)
+    try:
+        trust.check(path, tags, f"models:/{name}/{version}")
+    except trust.UntrustedModelError:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    return ServedModel(name, version, alias, path, tags, "registry")
 
 
 def resolve(target: MlflowClient | Settings, name: str, alias: str, cache_dir: Path) -> ServedModel:
@@ -202,9 +214,11 @@ def by_version(
 
 
 def from_dir(path: Path, name: str, *, alias: str | None = None) -> ServedModel:
-    """A model directory bundled by `ServedModel.bundle` (its tags in TAGS_FILE)."""
+    """A model directory bundled by `ServedModel.bundle` (its tags in TAGS_FILE), checked
+    against its manifest and the manifest SHA-256 the version was registered with."""
     tags_path = path / TAGS_FILE
     saved: dict[str, Any] = json.loads(tags_path.read_text()) if tags_path.exists() else {}
     tags = {str(k): str(v) for k, v in saved.items()}
     version = tags.get(VERSION_KEY, "bundled")
+    trust.check(path, tags, f"the bundled {name} v{version} ({path})", ignore=BUNDLE_FILES)
     return ServedModel(name, version, alias, path, tags, "bundled")

@@ -37,6 +37,9 @@ onnx.parity                  train, register  `passed`/`failed`: ONNX agrees wit
                                               a `passed` version is served through ONNX
 onnx.max_abs_diff            register         largest ONNX-vs-sklearn probability gap
 mlflow.run_id                register         the MLflow run that trained it
+model.manifest_sha256        register         SHA-256 of the version's manifest.json (every file's
+                             (from train)     sha256 and size, models.manifest): no loader reads a
+                                              file of a version whose files differ from it
 prefect.flow_run_id          train, register  the Prefect flow run that trained it, if any
 gate.decision                register         the gate's verdict: `promoted`/`held`/`rejected`/
                                               `canary` (passed; challenger for a rollout)
@@ -105,6 +108,8 @@ DVC_TRAIN_MD5 = "dvc.train_md5"
 DVC_HOLDOUT_MD5 = "dvc.holdout_md5"
 PARAMS_TRAIN = "params.train"
 MLFLOW_RUN_ID = "mlflow.run_id"
+MANIFEST_SHA256 = "model.manifest_sha256"
+"""SHA-256 of the version's manifest.json, set at registration, outside its artifacts."""
 PREFECT_FLOW_RUN_ID = "prefect.flow_run_id"
 TENANT = "tenant"
 DATA_SOURCE = "data.source"

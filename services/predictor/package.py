@@ -22,6 +22,7 @@ import yaml
 
 from common.errors import UserError, run_cli
 from common.registry import served
+from common.registry import tags as tag
 from common.settings import Settings, get_settings
 from services.predictor.service import BUNDLE
 
@@ -31,13 +32,22 @@ BENTOFILE = "services/predictor/bentofile.yaml"
 def bundle(settings: Settings) -> str:
     """Store `models:/<name>@<alias>` as the bundled model; return its BentoML tag.
 
+    `served.resolve` checks the version's files against its manifest first; the bundle
+    carries the manifest and the version's tags (its manifest SHA-256), which the predictor
+    checks again before it serves the bundled copy (`served.from_dir`).
+
     The version is downloaded into the predictor's own cache, so a predictor started next
     with the same MLOPS_HOME finds it there.
     """
     version = served.resolve(
         settings, settings.model_name, settings.model_alias, served.cache_dir(settings)
     )
-    labels = {"model_name": version.name, "model_version": version.version}
+    # the sealed manifest's hash too: a bundle made before versions were sealed is not reused
+    labels = {
+        "model_name": version.name,
+        "model_version": version.version,
+        "manifest_sha256": version.tags.get(tag.MANIFEST_SHA256, ""),
+    }
     with contextlib.suppress(bentoml.exceptions.NotFound):
         latest = bentoml.models.get(f"{BUNDLE}:latest")
         if latest.info.labels == labels:

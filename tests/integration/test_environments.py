@@ -44,7 +44,7 @@ from sklearn.preprocessing import StandardScaler
 from common import approvals, registry
 from common.cli import main as mlops
 from common.errors import UserError
-from common.registry import access, environments, promotion, served
+from common.registry import access, environments, promotion, served, trust
 from common.registry import tags as tag
 from common.settings import get_settings
 from flows.promote import main as promote_cli
@@ -180,6 +180,7 @@ def _dev_version(client: MlflowClient, *, gate: str = "promoted", champion: bool
             tag.ONNX_PARITY: "failed",
             tag.MLFLOW_RUN_ID: run.info.run_id,
             tag.GATE_DECISION: gate,
+            tag.MANIFEST_SHA256: trust.seal(client, str(info.model_id)),  # as train seals it
         },
     )
     if champion:

@@ -245,7 +245,7 @@ def new_version(tenant):
         pass
     return name, client.create_model_version(
         name, source=shared.source, run_id=shared.run_id,
-        model_id=shared.model_id or shared.source.removeprefix("models:/"),
+        model_id=shared.model_id or shared.source.removeprefix("models:/"), tags=shared.tags,
     )
 
 migrate(settings.database_url)

@@ -41,6 +41,8 @@ from common.params import load_params
 from common.settings import get_settings
 from models.generate import Drift, generate
 from models.train import HOLDOUT_SCORED_FILE, SKOPS_TRUSTED, scored_holdout
+from common.registry import trust
+from common.registry.tags import MANIFEST_SHA256
 
 source = sys.argv[1]
 settings, params = get_settings(), load_params()
@@ -49,7 +51,8 @@ name = settings.model_name
 shared = client.get_model_version_by_alias(source, "champion")
 client.create_registered_model(name)
 v1 = client.create_model_version(name, source=shared.source, run_id=shared.run_id,
-                                 model_id=shared.model_id or shared.source.removeprefix("models:/"))
+                                 model_id=shared.model_id or shared.source.removeprefix("models:/"),
+                                 tags=shared.tags)
 client.set_registered_model_alias(name, "champion", v1.version)
 pipeline = mlflow.sklearn.load_model(f"models:/{source}@champion")
 files = Path(tempfile.mkdtemp())
@@ -66,7 +69,8 @@ with mlflow.start_run() as run:
         pipeline, name="model", pyfunc_predict_fn="predict_proba",
         extra_files=[str(f) for f in sorted(files.iterdir())], skops_trusted_types=SKOPS_TRUSTED)
 v2 = client.create_model_version(name, source=info.model_uri, run_id=run.info.run_id,
-                                 model_id=info.model_id)
+                                 model_id=info.model_id,
+                                 tags={MANIFEST_SHA256: trust.seal(client, info.model_id)})
 client.set_registered_model_alias(name, "challenger", v2.version)
 print(v1.version, v2.version)
 """

@@ -42,7 +42,7 @@ from tests.integration.serving import (
 )
 from tests.integration.test_predictor import RECORD
 from tests.servers import HttpServer, throwaway_cluster
-from tests.unit.test_predict import fitted, save_model_dir, training_rows
+from tests.unit.test_predict import fitted, save_model_dir, sealed, training_rows
 from tests.workspace import ROOT, Workspace
 
 SERVED = "churn-variants"
@@ -320,10 +320,13 @@ def failing_challenger(client: MlflowClient, tracking_uri: str) -> str:
     rows = training_rows().rename(columns={"tenure_months": "tenure_months_v2"})
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = save_model_dir(fitted(rows, data, params), data, rows, Path(tmp) / "model")
+        tags = sealed(model_dir)
         mlflow.set_tracking_uri(tracking_uri)
         with mlflow.start_run() as run:
             mlflow.log_artifacts(str(model_dir), "model")
-    mv = client.create_model_version(SERVED, f"{run.info.artifact_uri}/model", run.info.run_id)
+    mv = client.create_model_version(
+        SERVED, f"{run.info.artifact_uri}/model", run.info.run_id, tags=tags
+    )
     return str(mv.version)
 
 

@@ -21,7 +21,7 @@ from models import batch
 from models.data import model_frame
 from models.generate import generate
 from models.predict import Scorer
-from tests.unit.test_predict import fitted, save_model_dir
+from tests.unit.test_predict import as_bundle, fitted, save_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +259,7 @@ def test_marks_values_outside_the_declared_range_as_rejects() -> None:
 def test_a_batch_job_scores_a_file_with_a_served_version_without_a_log(
     model_dir: Path, rows: pd.DataFrame, parquet: Path, tmp_path: Path
 ) -> None:
-    model = served.from_dir(model_dir, "churn-classifier")
+    model = served.from_dir(as_bundle(model_dir), "churn-classifier")
     seen: list[tuple[int, int]] = []
 
     result = batch_job.run(

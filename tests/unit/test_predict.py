@@ -18,7 +18,8 @@ from pydantic import BaseModel, ValidationError
 from sklearn.pipeline import Pipeline
 
 from common.params import DataParams, Params, TrainParams
-from models import export, train
+from common.registry.tags import MANIFEST_SHA256
+from models import export, manifest, train
 from models.data import model_frame
 from models.generate import TARGET, Drift, generate
 from models.predict import (
@@ -55,6 +56,21 @@ def save_model_dir(
         extra_files=[str(extra / train.ONNX_FILE), str(extra / train.REFERENCE_FILE)],
         skops_trusted_types=train.SKOPS_TRUSTED,
     )
+    manifest.write(path)  # sealed, as train.run seals what it logged
+    return path
+
+
+def sealed(path: Path) -> dict[str, str]:
+    """The tags registering `path` (saved by save_model_dir) as the register stage would:
+    its manifest's SHA-256."""
+    return {MANIFEST_SHA256: manifest.file_sha256(path / manifest.MANIFEST_FILE)}
+
+
+def as_bundle(path: Path, **tags: str) -> Path:
+    """`path` (saved by save_model_dir) as `ServedModel.bundle` leaves one: its tags file."""
+    from common.registry.served import TAGS_FILE  # noqa: PLC0415 (served imports this module's)
+
+    (path / TAGS_FILE).write_text(json.dumps({**sealed(path), **tags}))
     return path
 
 

@@ -31,7 +31,7 @@ from sklearn.dummy import DummyClassifier
 
 from common import approvals, registry
 from common.errors import UserError
-from common.registry import access, environments, promotion
+from common.registry import access, environments, promotion, trust
 from common.registry import tags as tag
 from common.registry.server_auth import environment_of
 from common.settings import get_settings
@@ -89,7 +89,14 @@ def _version(client: MlflowClient, name: str, *, gate: str = "promoted") -> str:
         )
     version = str(info.registered_model_version)
     registry.set_tags(
-        client, name, version, {tag.GATE_DECISION: gate, tag.METRICS: '{"roc_auc": 0.8}'}
+        client,
+        name,
+        version,
+        {
+            tag.GATE_DECISION: gate,
+            tag.METRICS: '{"roc_auc": 0.8}',
+            tag.MANIFEST_SHA256: trust.seal(client, str(info.model_id)),  # as train seals it
+        },
     )
     if gate == "promoted":
         promotion.move_champion(client, name, version, by="register stage", reason="gate")

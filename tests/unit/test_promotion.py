@@ -22,7 +22,7 @@ from common.errors import UserError
 from common.params import Params
 from common.registry import promotion
 from common.settings import get_settings
-from models import register
+from models import manifest, register
 
 pytestmark = pytest.mark.unit
 
@@ -71,6 +71,7 @@ def _register(params: Params, roc_auc: float, tenant: str | None = None) -> regi
         model = Path(f"model-{run.info.run_id}")
         model.mkdir()
         (model / "MLmodel").write_text("flavors: {}\n")
+        sealed = manifest.write(model)  # as train.run seals what it logged
     metrics = {"roc_auc": roc_auc, "log_loss": 0.4, "rows": 2}
     where.METRICS.write_text(json.dumps(metrics))
     where.TRAIN_RUN.write_text(
@@ -80,6 +81,7 @@ def _register(params: Params, roc_auc: float, tenant: str | None = None) -> regi
                 "model_uri": model.resolve().as_uri(),
                 "onnx_parity": True,
                 "onnx_max_abs_diff": 0.0,
+                "manifest_sha256": sealed,
             }
         )
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import threading
 import time
@@ -13,9 +12,8 @@ import pytest
 
 from common.params import DataParams, Params
 from common.registry.runtime import ModelRuntime
-from common.registry.served import TAGS_FILE
 from common.settings import Settings
-from tests.unit.test_predict import fitted, save_model_dir, training_rows
+from tests.unit.test_predict import as_bundle, fitted, save_model_dir, training_rows
 
 UNREACHABLE = "http://127.0.0.1:9"
 
@@ -28,8 +26,7 @@ def bundled(
     path = save_model_dir(
         pipeline, data_params, training_rows(), tmp_path_factory.mktemp("b") / "model"
     )
-    (path / TAGS_FILE).write_text(json.dumps({"version": "7", "onnx.parity": "passed"}))
-    return path
+    return as_bundle(path, version="7", **{"onnx.parity": "passed"})
 
 
 def offline_settings(home: Path) -> Settings:

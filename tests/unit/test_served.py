@@ -24,8 +24,9 @@ from common.registry.served import (
     resolve,
 )
 from common.settings import Settings
+from models.manifest import UntrustedModelError
 from models.train import HOLDOUT_SCORED_FILE, REFERENCE_FILE
-from tests.unit.test_predict import fitted, save_model_dir, training_rows
+from tests.unit.test_predict import fitted, save_model_dir, sealed, training_rows
 
 NAME = "served-test"
 
@@ -59,7 +60,9 @@ def store(
         client.create_registered_model(NAME)
         versions: dict[str, str] = {}
         for parity in ("passed", "failed", "none"):
-            mv = client.create_model_version(NAME, source=model_dir.as_uri(), run_id=None)
+            mv = client.create_model_version(
+                NAME, source=model_dir.as_uri(), run_id=None, tags=sealed(model_dir)
+            )
             versions[parity] = str(mv.version)
             if parity != "none":
                 client.set_model_version_tag(NAME, str(mv.version), tag.ONNX_PARITY, parity)
@@ -81,10 +84,11 @@ def test_resolves_an_alias_to_its_version_and_downloaded_files(store: Store) -> 
 
 def test_resolving_again_reuses_the_downloaded_files(store: Store) -> None:
     first = resolve(store.client, NAME, registry.CHALLENGER, store.cache)
-    (first.path / "marker").write_text("kept")
+    meta = first.path / "registered_model_meta"  # MLflow's own, outside the manifest
+    meta.write_text(meta.read_text() + "# kept\n")
     again = resolve(store.client, NAME, registry.CHALLENGER, store.cache)
     assert again.path == first.path
-    assert (again.path / "marker").read_text() == "kept"
+    assert meta.read_text().endswith("# kept\n")
 
 
 def test_a_missing_alias_is_a_user_error_naming_it_and_the_tracking_uri(store: Store) -> None:
@@ -134,15 +138,12 @@ def test_a_bundled_copy_reads_back_with_its_version_and_tags(store: Store, tmp_p
     assert bundled.scorer.backend == "onnx"
 
 
-def test_a_bundle_without_its_tags_file_is_served_through_sklearn(
-    store: Store, tmp_path: Path
-) -> None:
+def test_refuses_a_bundle_without_its_tags_file(store: Store, tmp_path: Path) -> None:
     model = resolve(store.client, NAME, registry.CHAMPION, store.cache)
     path = model.bundle(tmp_path / "bundle")
-    (path / TAGS_FILE).unlink()
-    bare = from_dir(path, NAME)
-    assert (bare.version, bare.tags) == ("bundled", {})
-    assert bare.scorer.backend == "sklearn"
+    (path / TAGS_FILE).unlink()  # the manifest's registered SHA-256 went with it
+    with pytest.raises(UntrustedModelError, match=r"no model\.manifest_sha256 tag"):
+        from_dir(path, NAME)
 
 
 def test_reference_is_the_snapshot_the_version_logged(store: Store) -> None:
@@ -168,3 +169,23 @@ def test_a_version_without_reference_data_says_how_to_get_one(tmp_path: Path) ->
         f"{NAME} v4 carries no reference data (extra_files/{HOLDOUT_SCORED_FILE}); "
         "retrain it with this project's train stage."
     )
+
+
+def test_a_version_bundled_into_the_bento_model_store_is_served_from_it(
+    store: Store, tmp_path: Path
+) -> None:
+    import bentoml  # noqa: PLC0415 (only this test needs it)
+    from bentoml._internal.models.model import ModelStore  # noqa: PLC0415
+
+    models = ModelStore(str(tmp_path / "models"))  # not the machine's ~/bentoml
+    model = resolve(store.client, NAME, registry.CHAMPION, store.cache)
+    with bentoml.models.create("trust-bundle", _model_store=models) as stored:
+        model.bundle(Path(stored.path))
+    path = Path(bentoml.models.get(str(stored.tag), _model_store=models).path)
+    assert (path / "model.yaml").is_file()  # BentoML's own file beside the sealed ones
+    bundled = from_dir(path, NAME)
+    assert bundled.tags[tag.MANIFEST_SHA256] == model.tags[tag.MANIFEST_SHA256]
+    assert bundled.scorer.backend == "onnx"
+    (path / "extra_files" / "model.onnx").write_bytes(b"swapped")
+    with pytest.raises(UntrustedModelError, match=r"extra_files/model\.onnx differs"):
+        from_dir(path, NAME)

@@ -22,7 +22,7 @@ from common.registry.runtime import ModelCache, ModelRuntime, ModelUnavailableEr
 from common.registry.served import ServedModel
 from common.settings import Settings
 from models.predict import validate_records
-from tests.unit.test_predict import fitted, save_model_dir, training_rows
+from tests.unit.test_predict import fitted, save_model_dir, sealed, training_rows
 
 SHARED = "tenant-test"
 OWN = ("acme", "globex", "initech")
@@ -56,23 +56,24 @@ def store(
         )
         client = registry.connect(settings)
         rows = training_rows()
-        source = save_model_dir(
+        model_dir = save_model_dir(
             fitted(rows, data_params, params), data_params, rows, home / "model"
-        ).as_uri()
+        )
+        source = model_dir.as_uri()
         client.create_registered_model("tenant-test-other")  # a look-alike name: not a tenant's
         for name in [SHARED, *(registry.model_name(settings, t) for t in OWN)]:
             client.create_registered_model(name)
             for _ in range(2):
-                client.create_model_version(name, source=source, run_id=None)
+                client.create_model_version(name, source, None, tags=sealed(model_dir))
             client.set_registered_model_alias(name, registry.CHAMPION, "1")
         slim = data_params.model_copy(
             update={"features": {k: v for k, v in data_params.features.items() if k != SLIMMED}}
         )
-        slim_source = save_model_dir(
-            fitted(rows, slim, params), slim, rows, home / "slim-model"
-        ).as_uri()
+        slim_dir = save_model_dir(fitted(rows, slim, params), slim, rows, home / "slim-model")
         client.create_registered_model(registry.model_name(settings, "slim"))
-        client.create_model_version(registry.model_name(settings, "slim"), slim_source, None)
+        client.create_model_version(
+            registry.model_name(settings, "slim"), slim_dir.as_uri(), None, tags=sealed(slim_dir)
+        )
         client.set_registered_model_alias(registry.model_name(settings, "slim"), "champion", "1")
         yield Registry(settings, client, source)
 

@@ -20,7 +20,7 @@ from common.settings import Settings
 from common.store import Item, Prediction, ServingError, from_line, to_line
 from services.predictor.shadow import Shadow
 from services.worker.worker import Models
-from tests.unit.test_predict import as_records, fitted, save_model_dir, training_rows
+from tests.unit.test_predict import as_records, fitted, save_model_dir, sealed, training_rows
 
 KEYS = [f"customer-{i}" for i in range(20_000)]
 SHARED = "variants-test"
@@ -94,13 +94,14 @@ def store(
         settings = Settings(MLOPS_HOME=home, MLFLOW_TRACKING_URI=uri, MODEL_NAME=SHARED)
         client = registry.connect(settings)
         rows = training_rows()
-        source = save_model_dir(
+        model_dir = save_model_dir(
             fitted(rows, data_params, params), data_params, rows, home / "model"
-        ).as_uri()
+        )
+        source = model_dir.as_uri()
         for name, count in ((SHARED, 3), (registry.model_name(settings, "acme"), 2)):
             client.create_registered_model(name)
             for _ in range(count):
-                client.create_model_version(name, source=source, run_id=None)
+                client.create_model_version(name, source, None, tags=sealed(model_dir))
             client.set_registered_model_alias(name, registry.CHAMPION, "1")
         yield settings, client
 

@@ -14,7 +14,7 @@ from common.registry.served import ServedModel, from_dir
 from common.store.jobs import Chunk, request_id
 from services.worker.scoring import reason, score
 from services.worker.worker import backoff
-from tests.unit.test_predict import as_records, fitted, save_model_dir, training_rows
+from tests.unit.test_predict import as_bundle, as_records, fitted, save_model_dir, training_rows
 
 pytestmark = pytest.mark.unit
 
@@ -26,7 +26,7 @@ def served(
     rows = training_rows()
     path = tmp_path_factory.mktemp("worker") / "model"
     save_model_dir(fitted(rows, data_params, params), data_params, rows, path)
-    return from_dir(path, "churn-test").load()
+    return from_dir(as_bundle(path), "churn-test").load()
 
 
 @pytest.fixture(scope="module")
