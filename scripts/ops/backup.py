@@ -12,10 +12,8 @@ from typing import Any
 import psycopg
 from psycopg import IsolationLevel
 
-from scripts.ops.target import Target, dump, keys, sha256, table_counts
-
-FORMAT = 2
-"""Manifest format: 2 has per-file checksums and row counts (1, the first one, had neither)."""
+from scripts.ops.target import Target, dump, keys, table_counts
+from scripts.ops.tools import FORMAT, sha256
 
 NOT_COVERED = (
     "grafana-data volume (Grafana's own users and dashboards edited in its UI; the provisioned "

@@ -19,7 +19,8 @@ import psycopg
 from psycopg import sql
 
 from common.errors import UserError
-from scripts.ops.target import Target, keys, pg_tool, run, table_counts
+from scripts.ops.target import Target, keys, table_counts
+from scripts.ops.tools import pg_tool, run
 from scripts.ops.verify import verify
 
 

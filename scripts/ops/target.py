@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,8 +13,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import psycopg
 
 from common.errors import UserError
-from common.localpg import find_bin_dir
-from common.settings import get_settings
+from scripts.ops.tools import pg_tool, run
 from scripts.stack import BUCKETS, DATABASES, JOB_WORKERS, Stack
 
 CLIENTS = ("predictor", *JOB_WORKERS, "prefect-worker", "evidently", "prefect-server", "mlflow")
@@ -104,26 +101,11 @@ class Target:
             self.stack.wait_healthy(name)
 
 
-def pg_tool(name: str) -> str:
-    return str(find_bin_dir(get_settings().pg_bin) / name)
-
-
-def run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-    if proc.returncode != 0:
-        raise UserError(f"{what} failed:\n{proc.stderr.strip() or proc.stdout.strip()}")
-
-
 def dump(target: Target, db: str, out: Path, snapshot: str | None = None) -> None:
     """`pg_dump -Fc` of one database into `out` (at an exported snapshot, if given)."""
     url, env = target.libpq(db)
     extra = [f"--snapshot={snapshot}"] if snapshot else []
     run([pg_tool("pg_dump"), "-Fc", *extra, "-f", str(out), url], f"pg_dump {db}", env)
-
-
-def sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def keys(s3: Any, bucket: str) -> Iterator[dict[str, Any]]:

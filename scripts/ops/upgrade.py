@@ -7,7 +7,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote
 
-from scripts.ops.target import Target, dump, run
+from scripts.ops.target import Target, dump
+from scripts.ops.tools import run
 
 
 def db_upgrade(target: Target, backups: Path) -> None:

@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import UserError
-from scripts.ops.backup import FORMAT
-from scripts.ops.target import pg_tool, run, sha256
+from scripts.ops.tools import FORMAT, pg_tool, run, sha256
 
 
 def load_manifest(src: Path) -> dict[str, Any]:
