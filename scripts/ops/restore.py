@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,19 +36,28 @@ def restore(target: Target, src: Path, keep_old: bool = False) -> dict[str, Any]
             dirs = _stage_dirs(target, src, manifest, stamp)
         except Exception as exc:
             _drop(target, list(staged.values()))
+            _remove(
+                target.state_dirs[n].with_name(f".{target.state_dirs[n].name}.restore-{stamp}")
+                for n in target.state_dirs
+            )
             raise UserError(
                 f"restore failed before anything live was touched: copying the state "
                 f"directories: {exc}\nThe live databases are unchanged; the new copies "
                 "were dropped."
             ) from exc
-        old_dbs = _swap_databases(target, staged, stamp)
         old_dirs: list[Path] = []
+        try:
+            old_dbs = _swap_databases(target, staged, stamp)
+        except Exception:
+            _remove(dirs.values())
+            raise
         try:
             for bucket, info in manifest["buckets"].items():
                 _mirror(target, src, bucket, info["objects"])
             for live, new in dirs.items():
                 old_dirs += _swap_dir(live, new, stamp)
         except Exception as exc:
+            _remove(new for new in dirs.values() if new.exists())
             kept = ", ".join(old_dbs) or "none"
             raise UserError(
                 f"{exc}\nThe databases were already swapped in; the previous ones are kept as "
@@ -59,8 +69,7 @@ def restore(target: Target, src: Path, keep_old: bool = False) -> dict[str, Any]
                 print(f"kept the previous state: {', '.join([*old_dbs, *map(str, old_dirs)])}")
         else:
             _drop(target, old_dbs)
-            for path in old_dirs:
-                shutil.rmtree(path, ignore_errors=True)
+            _remove(old_dirs)
     return manifest
 
 
@@ -257,6 +266,11 @@ def _stage_dirs(
         shutil.copytree(src / info["dir"], new, symlinks=True)
         staged[live] = new
     return staged
+
+
+def _remove(paths: Iterable[Path]) -> None:
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _swap_dir(live: Path, new: Path, stamp: str) -> list[Path]:
