@@ -180,10 +180,18 @@ tenant: bootstrap ## add tenant TENANT (make -s tenant TENANT=acme) and print it
 	@$(RUN) mlops tenants add $(TENANT) --with-key
 
 # Operations on the `make up` stack (scripts/ops.py; --pg-url/--s3-endpoint for another one).
-.PHONY: backup db-upgrade
+.PHONY: backup ops-verify ops-restore db-upgrade
 
-backup: bootstrap ## pg_dump of the stack's databases + every bucket object, in .mlops/backups/<UTC time>/
+backup: bootstrap ## dumps of the stack's databases, every bucket object, the Evidently workspace, a manifest with checksums, in .mlops/backups/<UTC time>/
 	$(RUN) python -m scripts.ops backup
+
+ops-verify: bootstrap ## check backup BACKUP=DIR against its manifest and read each dump (touches nothing live)
+	$(if $(BACKUP),,$(error name the backup: make ops-verify BACKUP=.mlops/backups/<UTC time>))
+	$(RUN) python -m scripts.ops verify $(BACKUP)
+
+ops-restore: bootstrap ## verify BACKUP=DIR, restore it beside the live data, check row counts, swap it in
+	$(if $(BACKUP),,$(error name the backup: make ops-restore BACKUP=.mlops/backups/<UTC time>))
+	$(RUN) python -m scripts.ops restore $(BACKUP)
 
 db-upgrade: bootstrap ## back up MLflow's database, then `mlflow db upgrade` on it (after upgrading MLflow)
 	$(RUN) python -m scripts.ops db-upgrade

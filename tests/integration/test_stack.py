@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import stat
+import subprocess
 import sys
 import tempfile
 import threading
@@ -72,11 +73,16 @@ def stack(workspace: Workspace) -> Iterator[Stack]:
         shutil.rmtree(home, ignore_errors=True)
 
 
-def _cli(stack: Stack, *cmd: str, timeout: float = 300) -> str:
-    """A command run with the stack's client environment (what `source stack.env` gives)."""
+def _cli_env(stack: Stack) -> dict[str, str]:
+    """The stack's client environment (what `source stack.env` gives)."""
     env = clean_env(**stack.env())
     env.pop("PREFECT__FLOW_RUN_ID", None)
-    return run_ok(cmd, cwd=stack.project, env=env, timeout=timeout)
+    return env
+
+
+def _cli(stack: Stack, *cmd: str, timeout: float = 300) -> str:
+    """A command run with the stack's client environment."""
+    return run_ok(cmd, cwd=stack.project, env=_cli_env(stack), timeout=timeout)
 
 
 def _run_deployment(stack: Stack, name: str, timeout: int = 600) -> str:
@@ -468,6 +474,42 @@ def test_mlflow_db_upgrade_is_a_scripted_step_with_a_backup_first(
     assert _client(stack).get_model_version_by_alias(MODEL, "champion").version == "1"
 
 
+def _database_oids(stack: Stack) -> dict[str, int]:
+    with psycopg.connect(stack.pg.url("postgres")) as conn:
+        return {str(n): int(o) for n, o in conn.execute("SELECT datname, oid FROM pg_database")}
+
+
+def test_a_restore_failing_after_the_services_stopped_leaves_them_stopped_and_live_data(
+    stack: Stack, trained: str, tmp_path: Path
+) -> None:
+    """Row counts that differ from the manifest fail the restore before any swap."""
+    dest = tmp_path / "backup"
+    _ops(stack, "backup", "--dest", str(dest))
+    bad = json.loads((dest / "manifest.json").read_text())
+    bad["databases"]["predictions"]["tables"]["public.predictions"] = -1
+    (dest / "manifest.json").write_text(json.dumps(bad))
+    before = _database_oids(stack)
+    proc = subprocess.run(
+        [sys.executable, "-m", "scripts.ops", "--home", str(stack.home), "restore", str(dest)],
+        cwd=stack.project,
+        env=_cli_env(stack),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stdout
+    assert "restore failed before anything live was touched" in proc.stderr, proc.stderr
+    assert "public.predictions: " in proc.stderr
+    assert "start-clients" in proc.stderr
+    states = stack.states()
+    assert states["mlflow"] != "RUNNING"
+    assert states["predictor"] != "RUNNING"
+    assert _database_oids(stack) == before  # the same live databases, no copy left beside
+    _ops(stack, "start-clients")
+    stack.wait_healthy("mlflow", "prefect-server", "predictor", "evidently", timeout=180)
+
+
 def test_backup_then_restore_brings_back_databases_and_buckets(
     stack: Stack, trained: str, tmp_path: Path
 ) -> None:
@@ -482,7 +524,8 @@ def test_backup_then_restore_brings_back_databases_and_buckets(
     manifest = json.loads((dest / "manifest.json").read_text())
     assert set(manifest["databases"]) == {"mlflow", "mlflow_auth", "prefect", "predictions"}
     assert manifest["databases"]["mlflow"]["owner"] == "mlflow"
-    assert manifest["buckets"]["mlflow"]["objects"] == len(keys)
+    assert sorted(o["key"] for o in manifest["buckets"]["mlflow"]["objects"]) == keys
+    assert manifest["files"]["evidently"]["entries"]
     # The same backup through --pg-url/--s3-endpoint (how one backs up compose from its host).
     remote = tmp_path / "by-url"
     _cli(
