@@ -169,6 +169,13 @@ class BatchScoreParams(_Section):
     chunk_rows: int = Field(default=100_000, gt=0)
 
 
+class RetrainParams(_Section):
+    """How often a model may be retrained (flows/retrain.py, common.retrain_guard): one
+    run per model at a time, and none within `cooldown_minutes` after one ended."""
+
+    cooldown_minutes: float = Field(default=30.0, ge=0)
+
+
 class TenantSource(_Section):
     """Where a tenant's training data is read from, before anything else runs (`snapshot`).
 
@@ -223,6 +230,7 @@ class Params(_Section):
     train: TrainParams
     promote: PromoteParams
     batch_score: BatchScoreParams = Field(default_factory=BatchScoreParams)
+    retrain: RetrainParams = Field(default_factory=RetrainParams)
     monitor: MonitorParams = Field(default_factory=MonitorParams)
     rollout: RolloutParams = Field(default_factory=RolloutParams)
     tenants: dict[str, TenantParams] = Field(default_factory=dict)
