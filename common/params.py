@@ -132,6 +132,7 @@ class MonitorParams(_Section):
     num_threshold: float = Field(default=0.1, gt=0)
     cat_threshold: float = Field(default=0.1, gt=0)
     sample_rows: int | None = Field(default=None, gt=0)
+    max_rows: int = Field(default=1_000_000, gt=0)
     seed: int = 0
     prediction_column: str = "predicted"
     probability_column: str = "proba_1"
