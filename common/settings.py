@@ -83,7 +83,7 @@ class Settings(BaseSettings):
     predict_max_concurrency: int = Field(default=64, ge=1, alias="PREDICT_MAX_CONCURRENCY")
     predict_max_record_bytes: int = Field(default=4096, ge=256, alias="PREDICT_MAX_RECORD_BYTES")
     predict_max_inflight_bytes: int = Field(
-        default=256 * 1024 * 1024, ge=1024, alias="PREDICT_MAX_INFLIGHT_BYTES"
+        default=128 * 1024 * 1024, ge=1024, alias="PREDICT_MAX_INFLIGHT_BYTES"
     )
     # A value outside the range the served model's data contract declares: "refuse" (400
     # naming the field) or "flag" (scored, with a `warnings` list on that prediction).

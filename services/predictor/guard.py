@@ -100,7 +100,8 @@ class RequestGuard:
         token = identity.as_caller(who)
         try:
             if api_post:
-                limit = gate.body_limits.get(scope["path"], self.max_body)
+                # a body the worker could never hold is a 413, not a 503 forever
+                limit = min(gate.body_limits.get(scope["path"], self.max_body), self.max_held)
                 await self._with_body(scope, receive, send, headers, limit)
             else:
                 await self.app(scope, receive, send)
@@ -142,9 +143,8 @@ class RequestGuard:
         """With a webhook secret set, MLflow's signature is the credential (it sends no key)."""
         counted = [0]
         try:
-            body = await self._read_body(
-                scope, receive, send, headers, self.max_body, counted=counted
-            )
+            limit = min(self.max_body, self.max_held)
+            body = await self._read_body(scope, receive, send, headers, limit, counted=counted)
             if body is not None:
                 await self._verified(scope, receive, send, headers, secret=secret, body=body)
         except _BusyError:

@@ -317,6 +317,18 @@ def test_bodies_over_the_bytes_held_bound_get_503_before_being_read(gate: None) 
     assert answers[-1].json() == {"bytes": len(body)}
 
 
+def test_a_body_larger_than_the_worker_may_hold_is_413_not_503(gate: None) -> None:
+    app = Starlette(routes=[Route("/predict", echo, methods=["POST"])])
+    settings = Settings.model_validate({"PREDICT_MAX_INFLIGHT_BYTES": 2048})
+    with TestClient(RequestGuard(app, max_body=1 << 20, settings=settings)) as client:
+        resp = client.post("/predict", json={"x": "y" * 3000}, headers=AUTH)
+        fits = client.post("/predict", json={"x": "y" * 1000}, headers=AUTH)
+
+    assert resp.status_code == 413
+    assert "over the limit of 2,048 bytes" in resp.json()["error"]
+    assert fits.status_code == 200
+
+
 def test_the_predict_limit_is_a_full_batch_of_records() -> None:
     settings = Settings(PREDICT_MAX_BATCH=10, PREDICT_MAX_RECORD_BYTES=1000)
 
