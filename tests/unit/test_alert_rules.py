@@ -34,7 +34,7 @@ def test_the_prometheus_config_loads_the_alert_rules(promtool: str) -> None:
     out = _run(promtool, "check", "config", str(DOCKER / "prometheus.yml"))
 
     assert "prometheus-alerts.yml" in out
-    assert "SUCCESS: 6 rules found" in out
+    assert "SUCCESS: 9 rules found" in out
 
 
 def test_each_alert_fires_on_synthetic_series_when_it_should(promtool: str) -> None:
@@ -48,3 +48,16 @@ def test_compose_mounts_the_rules_where_the_config_names_them() -> None:
 
     assert "./prometheus.yml:/etc/prometheus/prometheus.yml:ro" in volumes
     assert "./prometheus-alerts.yml:/etc/prometheus/prometheus-alerts.yml:ro" in volumes
+
+
+def test_compose_gives_the_monitor_exporter_its_queries_and_prometheus_scrapes_it() -> None:
+    services = yaml.safe_load((DOCKER / "compose.yml").read_text())["services"]
+    exporter = services["monitor-exporter"]
+    config = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
+
+    queries = "./prometheus-monitor-queries.yml:/etc/postgres_exporter/queries.yml:ro"
+    assert queries in exporter["volumes"]
+    assert "--extend.query-path=/etc/postgres_exporter/queries.yml" in exporter["command"]
+    assert exporter["profiles"] == ["monitoring"]
+    targets = {j["job_name"]: j["static_configs"][0]["targets"] for j in config["scrape_configs"]}
+    assert targets["monitor"] == ["monitor-exporter:9187"]
