@@ -132,6 +132,7 @@ class MonitorParams(_Section):
     num_threshold: float = Field(default=0.1, gt=0)
     cat_threshold: float = Field(default=0.1, gt=0)
     sample_rows: int | None = Field(default=None, gt=0)
+    max_rows: int = Field(default=1_000_000, gt=0)
     seed: int = 0
     prediction_column: str = "predicted"
     probability_column: str = "proba_1"
@@ -167,6 +168,13 @@ class RolloutParams(_Section):
 
 class BatchScoreParams(_Section):
     chunk_rows: int = Field(default=100_000, gt=0)
+
+
+class RetrainParams(_Section):
+    """How often a model may be retrained (flows/retrain.py, common.retrain_guard): one
+    run per model at a time, and none within `cooldown_minutes` after one ended."""
+
+    cooldown_minutes: float = Field(default=30.0, ge=0)
 
 
 class TenantSource(_Section):
@@ -223,6 +231,7 @@ class Params(_Section):
     train: TrainParams
     promote: PromoteParams
     batch_score: BatchScoreParams = Field(default_factory=BatchScoreParams)
+    retrain: RetrainParams = Field(default_factory=RetrainParams)
     monitor: MonitorParams = Field(default_factory=MonitorParams)
     rollout: RolloutParams = Field(default_factory=RolloutParams)
     tenants: dict[str, TenantParams] = Field(default_factory=dict)

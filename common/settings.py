@@ -76,6 +76,15 @@ class Settings(BaseSettings):
     # one; the least recently used is dropped past this and loaded again on its next request.
     model_cache_size: int = Field(default=32, ge=1, alias="MODEL_CACHE_SIZE")
     predict_max_batch: int = Field(default=1000, ge=1, alias="PREDICT_MAX_BATCH")
+    # Bounded request work, per predictor worker process (services.predictor.guard): API
+    # requests in flight at once, and bytes of their bodies held at once (over either: 503
+    # with Retry-After, before the body is read); /predict's body may be PREDICT_MAX_BATCH
+    # records of PREDICT_MAX_RECORD_BYTES each (more: 413 before it is parsed).
+    predict_max_concurrency: int = Field(default=64, ge=1, alias="PREDICT_MAX_CONCURRENCY")
+    predict_max_record_bytes: int = Field(default=4096, ge=256, alias="PREDICT_MAX_RECORD_BYTES")
+    predict_max_inflight_bytes: int = Field(
+        default=128 * 1024 * 1024, ge=1024, alias="PREDICT_MAX_INFLIGHT_BYTES"
+    )
     # A value outside the range the served model's data contract declares: "refuse" (400
     # naming the field) or "flag" (scored, with a `warnings` list on that prediction).
     predict_out_of_range: Literal["refuse", "flag"] = Field(

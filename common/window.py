@@ -69,6 +69,7 @@ def read_current(
     """The window's logged predictions and labels, in the reference's dtype.
 
     `tenant` None reads every tenant's traffic of the window's model; a tenant id, its own.
+    At most params.yaml `monitor.max_rows` rows: a larger window is read as a sample.
     """
     target = params.data.target
     positive = str(sorted(reference[target].dropna().unique().tolist())[-1])
@@ -81,6 +82,8 @@ def read_current(
         probability_column=params.monitor.probability_column,
         class_columns=drift.class_columns(reference, params.data),
         tenants=None if tenant is None else [tenant],
+        max_rows=params.monitor.max_rows,
+        seed=params.monitor.seed,
     )
     for col in (target, params.monitor.prediction_column):
         current[col] = monitoring.target_like(current[col], reference[target])

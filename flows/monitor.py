@@ -126,8 +126,15 @@ def read_window(
     reference: pd.DataFrame,
     tenant: str | None,
 ) -> pd.DataFrame:
-    """The window's logged predictions and labels (`tenant`'s only, if set), as the reference."""
-    return window_data.read_current(database_url, window, params, reference, tenant)
+    """The window's logged predictions and labels (`tenant`'s only, if set), as the reference;
+    a window of more than params.yaml `monitor.max_rows` rows, as a sample of that many."""
+    current = window_data.read_current(database_url, window, params, reference, tenant)
+    if len(current) >= params.monitor.max_rows:
+        get_run_logger().warning(
+            "the window has at least monitor.max_rows (%d) rows: judging a sample of that many",
+            params.monitor.max_rows,
+        )
+    return current
 
 
 @task(cache_policy=NO_CACHE)

@@ -6,18 +6,23 @@ raw table plus the labelled predictions that model may learn from (common.produc
 the shared model's, of `data.production_tenants`; a tenant's own, of that tenant alone.
 It becomes champion only through the gate. `retrain_tenants` queues one run per tenant
 on the work pool, where the deployment's concurrency limit keeps them from all starting
-at once.
+at once. One retrain of a model runs at a time and none within params.yaml
+`retrain.cooldown_minutes` after one ended (common.retrain_guard): a run that may not is
+skipped, ending Completed with a message that says why.
 """
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
+from typing import cast
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.runtime import deployment
+from prefect.runtime import deployment, flow_run
+from prefect.states import Completed
 
-from common import production, registry
+from common import production, registry, retrain_guard
 from common.params import load_params
 from common.registry import tags as tag
 from common.settings import get_settings
@@ -61,7 +66,10 @@ def link(
 
 @flow(name="retrain")
 def retrain(
-    project_dir: str = ".", monitor_run_id: str | None = None, tenant: str | None = None
+    project_dir: str = ".",
+    monitor_run_id: str | None = None,
+    tenant: str | None = None,
+    force: bool = False,
 ) -> bool:
     """Train a new version of the model serving `tenant` (its own; the shared one if it has
     none, or for None), then promote it under the policy.
@@ -72,13 +80,32 @@ def retrain(
     required; then there is no challenger left for `promote` to judge. A winner made a
     canary (params.yaml `rollout.canary`) is left to the rollout flow: live traffic decides
     it, not the holdout again. True if a new champion was made.
+
+    While another retrain of the same model runs, or within params.yaml
+    `retrain.cooldown_minutes` after one ended (unless `force`), nothing is trained: the
+    run ends Completed, named Skipped, its message saying why (its result: False).
     """
-    owner = load_params(Path(project_dir) / "params.yaml").model_owner(tenant)
+    params = load_params(Path(project_dir) / "params.yaml")
+    owner = params.model_owner(tenant)
     if owner != tenant:
         get_run_logger().info(
             "tenant %s has no model of its own: retraining the shared one", tenant
         )
-    tenant = owner
+    settings = get_settings()
+    model = registry.model_name(settings, owner)
+    cooldown = timedelta(minutes=params.retrain.cooldown_minutes)
+    holder = str(flow_run.id or "outside a flow run")
+    client = registry.connect(settings)
+    with retrain_guard.turn(settings, client, model, holder, cooldown=cooldown, force=force) as t:
+        if t.skipped:
+            get_run_logger().warning(t.skipped)
+            # Prefect makes a returned state the run's own; a direct call gets its data.
+            return cast(bool, Completed(name="Skipped", message=t.skipped, data=False))
+        return _train(project_dir, monitor_run_id, owner)
+
+
+def _train(project_dir: str, monitor_run_id: str | None, tenant: str | None) -> bool:
+    """The retrain itself: export, pipeline, link, then promotion or a canary's rollout."""
     rows = collect(project_dir, tenant)
     result = pipeline(project_dir, tenant)
     link(result.version, monitor_run_id, rows, tenant)

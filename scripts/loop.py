@@ -564,8 +564,11 @@ def _retrain_drifted(outcomes: dict[str, Outcome], params: Params) -> tuple[list
             + (f"{tenant}'s own model" if mine else "the shared model")
             + " (its labelled rows join its data) -> gate"
         )
-        promoted |= retrain(
-            project_dir=".", monitor_run_id=outcomes[tenant].run.mlflow_run_id, tenant=mine
+        promoted |= retrain(  # the demo retrains on demand: no cooldown (params.yaml retrain)
+            project_dir=".",
+            monitor_run_id=outcomes[tenant].run.mlflow_run_id,
+            tenant=mine,
+            force=True,
         )
     return retrained, promoted
 

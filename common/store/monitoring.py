@@ -134,8 +134,14 @@ def read_window(
     probability_column: str = "proba_1",
     class_columns: Mapping[str, str] | None = None,
     tenants: Sequence[str] | None = None,
+    max_rows: int | None = None,
+    seed: int = 0,
 ) -> pd.DataFrame:
     """The window's predictions: features, predicted class, P(positive), label or missing.
+
+    `max_rows` bounds what is read, whatever the window's length or traffic: a larger
+    window comes back as a sample of that many rows (the same for the same `seed`), drawn by
+    PostgreSQL, so neither it nor this process holds more than that.
 
     `class_columns` ({column: class}, a multiclass model's) replaces P(positive) with each
     class's logged probability. Labels (the target column) are text as logged;
@@ -153,16 +159,24 @@ def read_window(
     if window.variant is not None:
         where.append(sql.SQL("p.variant = {}").format(sql.Literal(window.variant)))
     where.append(_of_tenants(tenants))
-    query = sql.SQL(
-        "SELECT {} FROM predictions p LEFT JOIN feedback f {} WHERE {} ORDER BY p.ts"
-    ).format(
+    query = sql.SQL("SELECT {} FROM predictions p LEFT JOIN feedback f {} WHERE {}").format(
         _select(data, positive_class, prediction_column, probability_column, class_columns),
         _JOIN_LABEL,
         sql.SQL(" AND ").join(where),
     )
+    count = sql.SQL("SELECT count(*) FROM predictions p WHERE {}").format(
+        sql.SQL(" AND ").join(where)
+    )
     text = [REQUEST_ID, MODEL_VERSION, *data.categorical, prediction_column, data.target]
     with connect(database_url, statement_timeout=None) as conn, conn.transaction():
         _scope(conn, tenants)
+        row = conn.execute(count).fetchone() if max_rows is not None else None
+        if max_rows is not None and row is not None and row[0] > max_rows:
+            # a seeded sample: the rows with the smallest hashes of their ids
+            query = sql.SQL("{} ORDER BY md5(p.request_id::text || {}) LIMIT {}").format(
+                query, sql.Literal(str(seed)), sql.Literal(max_rows)
+            )
+        query = sql.SQL("SELECT * FROM ({}) w ORDER BY {}").format(query, sql.Identifier(TS))
         return _copy_frame(conn, query, data, text)
 
 

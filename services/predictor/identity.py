@@ -32,6 +32,7 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from common.settings import Settings
 from common.store.connection import connect
 from common.store.tenants import KEYS_CHANNEL, Identity, authenticate, parse_key
 
@@ -373,6 +374,17 @@ def verify_signature(
 
 
 # -- what the service installs for the guard ---------------------------------------------------
+
+ENVELOPE_BYTES = 4096
+"""Room in a /predict body for what is not a record (the keys around the list)."""
+
+
+def body_limits(settings: Settings) -> dict[str, int]:
+    """The largest body each API route reads: /jobs its setting; /predict no more than a
+    batch of PREDICT_MAX_BATCH records of PREDICT_MAX_RECORD_BYTES each can take, so a body
+    that cannot be a valid batch gets its 413 before it is parsed."""
+    batch = settings.predict_max_batch * settings.predict_max_record_bytes + ENVELOPE_BYTES
+    return {"/jobs": settings.job_max_body_bytes, "/predict": batch}
 
 
 @dataclass(frozen=True)

@@ -431,7 +431,7 @@ class Predictor:
             identity.Gate(
                 self.keys,
                 secret.get_secret_value() if secret else None,
-                body_limits={"/jobs": settings.job_max_body_bytes},
+                body_limits=identity.body_limits(settings),
             )
         )
         self.runtime = ModelRuntime(settings, bundled_dir=FilePath(self.bundled.path))

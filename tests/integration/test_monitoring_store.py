@@ -196,3 +196,20 @@ def test_the_grafana_dashboard_queries_run_on_the_monitoring_tables(database: st
             assert rows, panel["title"]
         (tenant,) = variables
         assert ("shared",) in conn.execute(tenant["query"]).fetchall()
+
+
+def test_a_window_over_max_rows_is_read_as_the_same_sample_of_that_many(database: str) -> None:
+    ids = log_rows(database, generate(200, seed=4), "1", T0, labels=50)
+    window = monitoring.Window("churn-classifier", "1", T0, T0 + timedelta(hours=1))
+
+    got = monitoring.read_window(database, window, DATA, positive_class="1", max_rows=60, seed=7)
+    again = monitoring.read_window(database, window, DATA, positive_class="1", max_rows=60, seed=7)
+    other = monitoring.read_window(database, window, DATA, positive_class="1", max_rows=60, seed=8)
+    whole = monitoring.read_window(database, window, DATA, positive_class="1", max_rows=200)
+
+    assert len(got) == 60
+    assert set(got["request_id"]) <= set(ids)
+    assert got["ts"].is_monotonic_increasing
+    assert got["request_id"].tolist() == again["request_id"].tolist()
+    assert set(got["request_id"]) != set(other["request_id"])
+    assert whole["request_id"].tolist() == ids

@@ -1,13 +1,15 @@
 """The predictor's ASGI guard: the key first (401/403), 405 on BentoML's routes, 413/415,
-MLflow's signature on the webhook, and the real /docs.json."""
+MLflow's signature on the webhook, the real /docs.json, and the bounds of work in flight."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
 from typing import Any, cast
 
+import httpx
 import pytest
 from mlflow.webhooks.delivery import _generate_hmac_signature
 from psycopg_pool import ConnectionPool
@@ -17,6 +19,7 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
+from common.settings import Settings
 from common.store.tenants import Identity
 from models.predict import Schema, record_model
 from services.predictor import identity
@@ -249,3 +252,87 @@ def test_document_leaves_the_generated_spec_alone() -> None:
     before = repr(GENERATED)
     document(GENERATED, None)
     assert repr(GENERATED) == before
+
+
+# bounded work per worker: requests in flight and bytes of bodies held
+
+
+@pytest.fixture
+def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setattr(identity, "authenticate", authenticate)
+    keys = identity.Keys("postgresql://unused", cast(ConnectionPool[Any], None))
+    identity.install(identity.Gate(keys))
+    yield
+    identity.install(None)
+
+
+async def _burst(guard_settings: dict[str, int], bodies: list[bytes]) -> list[httpx.Response]:
+    """POST `bodies` at once to a guarded app that answers none until all were sent, then
+    one more after they were answered (the last response)."""
+    release = asyncio.Event()
+    arrived = 0
+
+    async def held(request: Request) -> JSONResponse:
+        nonlocal arrived
+        arrived += 1
+        await release.wait()
+        return JSONResponse({"bytes": len(await request.body())})
+
+    app = Starlette(routes=[Route("/predict", held, methods=["POST"])])
+    guard = RequestGuard(app, max_body=1 << 20, settings=Settings.model_validate(guard_settings))
+    transport = httpx.ASGITransport(app=guard)
+    headers = {"content-type": "application/json", **AUTH}
+    async with httpx.AsyncClient(transport=transport, base_url="http://guarded") as http:
+        calls = [
+            asyncio.create_task(http.post("/predict", content=b, headers=headers)) for b in bodies
+        ]
+        while sum(t.done() for t in calls) + arrived < len(bodies):
+            await asyncio.sleep(0.01)
+        release.set()
+        answers = list(await asyncio.gather(*calls))
+        answers.append(await http.post("/predict", content=bodies[0], headers=headers))
+    assert guard.in_flight == 0
+    assert guard.held == 0
+    return answers
+
+
+def test_requests_over_the_concurrency_bound_get_503_with_retry_after(gate: None) -> None:
+    answers = asyncio.run(_burst({"PREDICT_MAX_CONCURRENCY": 2}, [b"{}"] * 5))
+
+    assert sorted(r.status_code for r in answers[:5]) == [200, 200, 503, 503, 503]
+    refused = next(r for r in answers if r.status_code == 503)
+    assert refused.headers["retry-after"] == "1"
+    assert "2 requests are in flight in this worker" in refused.json()["error"]
+    assert answers[-1].status_code == 200  # the bound frees as requests end
+
+
+def test_bodies_over_the_bytes_held_bound_get_503_before_being_read(gate: None) -> None:
+    body = json.dumps({"x": "y" * 1500}).encode()
+    answers = asyncio.run(_burst({"PREDICT_MAX_INFLIGHT_BYTES": 4096}, [body] * 4))
+
+    assert sorted(r.status_code for r in answers[:4]) == [200, 200, 503, 503]
+    refused = next(r for r in answers if r.status_code == 503)
+    assert refused.headers["retry-after"] == "1"
+    assert "holds 4,096 bytes of request bodies" in refused.json()["error"]
+    assert answers[-1].json() == {"bytes": len(body)}
+
+
+def test_a_body_larger_than_the_worker_may_hold_is_413_not_503(gate: None) -> None:
+    app = Starlette(routes=[Route("/predict", echo, methods=["POST"])])
+    settings = Settings.model_validate({"PREDICT_MAX_INFLIGHT_BYTES": 2048})
+    with TestClient(RequestGuard(app, max_body=1 << 20, settings=settings)) as client:
+        resp = client.post("/predict", json={"x": "y" * 3000}, headers=AUTH)
+        fits = client.post("/predict", json={"x": "y" * 1000}, headers=AUTH)
+
+    assert resp.status_code == 413
+    assert "over the limit of 2,048 bytes" in resp.json()["error"]
+    assert fits.status_code == 200
+
+
+def test_the_predict_limit_is_a_full_batch_of_records() -> None:
+    settings = Settings(PREDICT_MAX_BATCH=10, PREDICT_MAX_RECORD_BYTES=1000)
+
+    limits = identity.body_limits(settings)
+
+    assert limits["/predict"] == 10 * 1000 + identity.ENVELOPE_BYTES
+    assert limits["/jobs"] == settings.job_max_body_bytes
