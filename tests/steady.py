@@ -68,6 +68,8 @@ class Rates:
     """Requests per second of each kind; feedback is a share of answered predictions."""
 
     predict: float = 20.0
+    records_per_predict: int = 1
+    """1: a record alone as the body; more: a list of them."""
     feedback_share: float = 0.3
     jobs: float = 1.0
     records_per_job: int = 5
@@ -202,14 +204,15 @@ class SteadyClient:
 
     def _predicts(self, n: int) -> None:
         per_thread = self.rates.predict / self.rates.threads
+        size = self.rates.records_per_predict
         records = itertools.cycle(self.records[n:] + self.records[:n])
         share = self.rates.feedback_share
         pick = random.Random(n)
         with self._client() as client:
             for _ in self._paced(per_thread, offset=n / max(self.rates.predict, 1e-9)):
-                outcome, body = self._send(
-                    client, "predict", "/predict", {"records": next(records)}
-                )
+                batch = [next(records) for _ in range(size)]
+                payload = {"records": batch[0] if size == 1 else batch}
+                outcome, body = self._send(client, "predict", "/predict", payload)
                 ids = [answer["request_id"] for answer in body.get("predictions", [])]
                 with self._lock:
                     self.outcomes.append(outcome)

@@ -36,7 +36,15 @@ from tests.workspace import Workspace
 
 SERVED = "churn-drills"
 RECORDS = [RECORD, {**RECORD, "contract_type": "two_year", "tenure_months": 60}]
-RATES = Rates(predict=20.0, feedback_share=0.3, jobs=1.0, records_per_job=5, threads=4)
+RATES = Rates(
+    predict=20.0,
+    records_per_predict=20,
+    feedback_share=0.05,
+    jobs=1.0,
+    records_per_job=5,
+    threads=4,
+)
+"""400 rows/s: a worker killed at any moment has acknowledged rows it has not written yet."""
 BEFORE = 4.0
 """Seconds of traffic before the process goes: every worker has answered and logged."""
 AFTER = 8.0
@@ -104,9 +112,15 @@ def drill(predictor: str, key: str, admin_url: str, name: str, outage: Callable[
         back = client.now()
         client.pause(AFTER)
     result = check(client, admin_url, settle=SETTLE)
+    print(f"{name}: {result.summary()}")  # shown with -rA
     answered_after = [o for o in client.outcomes if o.kind == "predict" and o.ok and o.at > back]
     assert answered_after, f"no prediction answered after {name} came back: {result.summary()}"
     return result
+
+
+def _clients(worker: psutil.Process) -> int:
+    """Established connections the worker is serving (the kernel spreads them on accept)."""
+    return sum(c.status == psutil.CONN_ESTABLISHED for c in worker.net_connections("tcp"))
 
 
 def _group_leader(url: str) -> psutil.Process:
@@ -152,7 +166,8 @@ def test_a_killed_predictor_worker_loses_no_acknowledged_row(
     def kill_one_worker() -> None:
         _, workers = serve_family(predictor)
         assert len(workers) == 2, [w.cmdline() for w in workers]
-        victim = workers[0]
+        victim = max(workers, key=_clients)  # one the client is talking to, rows in hand
+        assert _clients(victim), "no client connection on either worker"
         victim.send_signal(signal.SIGKILL)
         deadline = time.monotonic() + 60
         while True:  # back when the arbiter has started a new one in its place
