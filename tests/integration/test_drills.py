@@ -118,9 +118,13 @@ def drill(predictor: str, key: str, admin_url: str, name: str, outage: Callable[
     return result
 
 
-def _clients(worker: psutil.Process) -> int:
-    """Established connections the worker is serving (the kernel spreads them on accept)."""
-    return sum(c.status == psutil.CONN_ESTABLISHED for c in worker.net_connections("tcp"))
+def _clients(worker: psutil.Process, url: str) -> int:
+    """Connections to `url` the worker is serving (the kernel spreads them on accept)."""
+    port = int(url.rsplit(":", 1)[1])
+    return sum(
+        c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port
+        for c in worker.net_connections("tcp")
+    )
 
 
 def _group_leader(url: str) -> psutil.Process:
@@ -166,8 +170,9 @@ def test_a_killed_predictor_worker_loses_no_acknowledged_row(
     def kill_one_worker() -> None:
         _, workers = serve_family(predictor)
         assert len(workers) == 2, [w.cmdline() for w in workers]
-        victim = max(workers, key=_clients)  # one the client is talking to, rows in hand
-        assert _clients(victim), "no client connection on either worker"
+        # one the client is talking to, with rows in hand
+        victim = max(workers, key=lambda w: _clients(w, predictor))
+        assert _clients(victim, predictor), "no client connection on either worker"
         victim.send_signal(signal.SIGKILL)
         deadline = time.monotonic() + 60
         while True:  # back when the arbiter has started a new one in its place
