@@ -56,7 +56,11 @@ from tests.servers import (
 from tests.steady import Outcome, Rates, SteadyClient, check, serve_family
 from tests.workspace import Workspace, make_workspace
 
-RECORDS = [RECORD, {**RECORD, "contract_type": "two_year", "tenure_months": 60}]
+RECORDS = [
+    RECORD,
+    {**RECORD, "contract_type": "two_year", "tenure_months": 60, "satisfaction_score": 7.0},
+]
+"""Every monitored column needs a value in the window (all-missing fails the monitor run)."""
 MIB = 1024 * 1024
 
 
