@@ -57,10 +57,12 @@ from tests.steady import Outcome, Rates, SteadyClient, check, serve_family
 from tests.workspace import Workspace, make_workspace
 
 RECORDS = [
-    RECORD,
-    {**RECORD, "contract_type": "two_year", "tenure_months": 60, "satisfaction_score": 7.0},
+    {**RECORD, "satisfaction_score": 6.0},
+    {**RECORD, "contract_type": "two_year", "tenure_months": 60, "satisfaction_score": 8.0},
 ]
-"""Every monitored column needs a value in the window (all-missing fails the monitor run)."""
+"""With a satisfaction score: a window where a monitored column is all missing fails the
+monitor run, and labelled rows mostly without it fail the retrain's data contract (both
+seen in the first 2-minute run)."""
 MIB = 1024 * 1024
 
 
