@@ -23,7 +23,7 @@ endif
 UV := $(or $(shell command -v uv 2>/dev/null),$(CURDIR)/.tools/bin/uv)
 RUN := $(UV) run --frozen
 
-.PHONY: help bootstrap demo serve bento bench-serving bench-tenants bench-jobs up down status pipeline summary test lint format unit integration e2e bench mlflow-ui evidently-ui licenses clean
+.PHONY: help bootstrap demo serve bento bench-serving bench-tenants bench-jobs bench-soak up down status pipeline summary test lint format unit integration e2e bench mlflow-ui evidently-ui licenses clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -123,6 +123,9 @@ bench-tenants: bootstrap ## 20 tenants' own models on one predictor vs one model
 
 bench-jobs: bootstrap ## async jobs: pgmq alone, then POST /jobs with 1 and 2 workers vs /predict, latency at 100 jobs/s (needs make demo)
 	$(RUN) python -m benchmarks.async_jobs
+
+bench-soak: bootstrap ## 10 min of mixed traffic at half capacity with a monitor run and a retrain: errors, p99 and RSS per minute, rows acknowledged vs logged (SOAK_ARGS='--minutes 2')
+	$(RUN) python -m benchmarks.soak $(SOAK_ARGS)
 
 mlflow-ui: bootstrap ## MLflow UI on the embedded store (http://127.0.0.1:5000)
 	$(RUN) mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.mlops/mlflow.db --port 5000 --workers 1
