@@ -30,6 +30,9 @@ from common.localpg import LocalPostgres
 
 VENV_BIN = Path(sys.executable).parent
 MLFLOW_BUCKET = "mlflow-artifacts"
+PREFECT_STARTUP_TIMEOUT = 180
+"""Seconds `prefect_test_harness` may take to start its server: it migrates a new SQLite
+database first, which takes over a minute when the suite's other workers load the cores."""
 DVC_BUCKET = "dvc-store"
 FAKE_AWS_CREDS = {
     "AWS_ACCESS_KEY_ID": "testing",

@@ -159,15 +159,25 @@ def version_for(target: MlflowClient | Settings, name: str, alias: str) -> Model
 def fetch(mv: ModelVersion, cache_dir: Path, *, alias: str | None = None) -> ServedModel:
     """A version already looked up, its files downloaded once under `cache_dir/name/version`
     and checked against its manifest (trust.check): UntrustedModelError if they differ, and
-    the download is dropped, so a later attempt downloads it again."""
+    the download is dropped, so a later attempt downloads it again.
+
+    Files already in the cache that do not match (another store's version of the same name
+    and number, after MLFLOW_TRACKING_URI changed) are dropped and downloaded once more;
+    only a fresh download that still differs is refused.
+    """
     name, version = str(mv.name), str(mv.version)
-    path = registry.download_version(cache_dir, name, version)
     tags = dict(mv.tags)
-    try:
-        trust.check(path, tags, f"models:/{name}/{version}")
-    except trust.UntrustedModelError:
-        shutil.rmtree(path, ignore_errors=True)
-        raise
+    cached = (cache_dir / name / version / "MLmodel").exists()
+    for attempt in (1, 2):
+        path = registry.download_version(cache_dir, name, version)
+        try:
+            trust.check(path, tags, f"models:/{name}/{version}")
+        except trust.UntrustedModelError:
+            shutil.rmtree(path, ignore_errors=True)
+            if not cached or attempt == 2:
+                raise
+            continue
+        break
     return ServedModel(name, version, alias, path, tags, "registry")
 
 

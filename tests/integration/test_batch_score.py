@@ -27,7 +27,7 @@ from flows.batch_score import batch_score
 from models.batch import BatchResult
 from models.generate import generate
 from tests.integration.serving import register_copies
-from tests.servers import HttpServer, S3Endpoint, free_port
+from tests.servers import PREFECT_STARTUP_TIMEOUT, HttpServer, S3Endpoint, free_port
 from tests.workspace import Workspace
 
 BUCKET = "batches"
@@ -41,7 +41,7 @@ pytestmark = pytest.mark.usefixtures("harness")
 
 @pytest.fixture(scope="module")
 def harness() -> Iterator[None]:
-    with prefect_test_harness(server_startup_timeout=60):
+    with prefect_test_harness(server_startup_timeout=PREFECT_STARTUP_TIMEOUT):
         yield
 
 

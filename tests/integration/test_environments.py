@@ -48,7 +48,7 @@ from common.registry import access, environments, promotion, served, trust
 from common.registry import tags as tag
 from common.settings import get_settings
 from flows.promote import main as promote_cli
-from tests.servers import HttpServer, Server, clean_env, free_port, http_ok
+from tests.servers import PREFECT_STARTUP_TIMEOUT, HttpServer, Server, clean_env, free_port, http_ok
 from tests.workspace import ROOT
 
 pytestmark = pytest.mark.integration
@@ -72,7 +72,7 @@ TIMEOUT = 45
 
 @pytest.fixture(scope="module")
 def harness() -> Iterator[None]:
-    with prefect_test_harness(server_startup_timeout=60):
+    with prefect_test_harness(server_startup_timeout=PREFECT_STARTUP_TIMEOUT):
         yield
 
 

@@ -34,6 +34,7 @@ from common.store import Prediction, connect, create_staging, migrate, roles, te
 from common.store.rows import Feedback
 from flows import rollout as rollout_flow
 from tests.integration.test_monitor_flow import Webhook
+from tests.servers import PREFECT_STARTUP_TIMEOUT
 from tests.workspace import ROOT
 
 pytestmark = pytest.mark.integration
@@ -44,7 +45,7 @@ TENANTS = ("default", "globex")  # the shared model serves both: the rollout rea
 
 @pytest.fixture(scope="module", autouse=True)
 def harness() -> Iterator[None]:
-    with prefect_test_harness(server_startup_timeout=60):
+    with prefect_test_harness(server_startup_timeout=PREFECT_STARTUP_TIMEOUT):
         yield
 
 

@@ -460,7 +460,7 @@ def test_the_bento_built_by_make_bento_serves_its_champion_without_the_registry(
 
 def _ops(stack: Stack, *args: str) -> str:
     return _cli(
-        stack, sys.executable, "-m", "scripts.ops", "--home", str(stack.home), *args, timeout=300
+        stack, sys.executable, "-m", "scripts.ops", "--home", str(stack.home), *args, timeout=900
     )
 
 
@@ -495,7 +495,7 @@ def test_a_restore_failing_after_the_services_stopped_leaves_them_stopped_and_li
         env=_cli_env(stack),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
         check=False,
     )
     assert proc.returncode == 1, proc.stdout

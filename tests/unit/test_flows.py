@@ -45,6 +45,7 @@ from flows.promote import main as promote_cli
 from flows.promote import promote, rollback
 from flows.retrain import retrain, retrain_tenants
 from models import promote as policy
+from tests.servers import PREFECT_STARTUP_TIMEOUT
 from tests.workspace import ROOT
 
 NAME = "churn-classifier"
@@ -77,9 +78,9 @@ if name.startswith(("register", "tenant-register@")):
 """
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def harness() -> Iterator[None]:
-    with prefect_test_harness(server_startup_timeout=60):
+    with prefect_test_harness(server_startup_timeout=PREFECT_STARTUP_TIMEOUT):
         yield
 
 

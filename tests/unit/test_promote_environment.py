@@ -36,6 +36,7 @@ from common.registry import tags as tag
 from common.registry.server_auth import environment_of
 from common.settings import get_settings
 from flows.promote import Outcome, promote_environment
+from tests.servers import PREFECT_STARTUP_TIMEOUT
 from tests.workspace import ROOT
 
 pytestmark = pytest.mark.unit
@@ -43,7 +44,7 @@ pytestmark = pytest.mark.unit
 
 @pytest.fixture(scope="module", autouse=True)
 def harness() -> Iterator[None]:
-    with prefect_test_harness(server_startup_timeout=60):
+    with prefect_test_harness(server_startup_timeout=PREFECT_STARTUP_TIMEOUT):
         yield
 
 

@@ -21,6 +21,7 @@ from prefect.testing.utilities import prefect_test_harness
 from common import registry, retrain_guard
 from common.settings import get_settings
 from flows.retrain import retrain
+from tests.servers import PREFECT_STARTUP_TIMEOUT
 from tests.workspace import ROOT
 
 NAME = "churn-classifier"
@@ -46,7 +47,7 @@ if name == "register":
 
 @pytest.fixture(scope="module", autouse=True)
 def harness() -> Iterator[None]:
-    with prefect_test_harness(server_startup_timeout=60):
+    with prefect_test_harness(server_startup_timeout=PREFECT_STARTUP_TIMEOUT):
         yield
 
 

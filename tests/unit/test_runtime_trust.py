@@ -13,8 +13,10 @@ from mlflow.tracking import MlflowClient
 
 from common import registry
 from common.params import DataParams, Params
+from common.registry import served
 from common.registry.runtime import ModelRuntime, ModelUnavailableError
 from common.settings import Settings
+from models.manifest import UntrustedModelError
 from tests.unit.test_predict import fitted, save_model_dir, sealed, training_rows
 
 SHARED = "trust-test"
@@ -106,3 +108,22 @@ def test_starts_on_no_model_rather_than_a_refused_one(store: Store, tmp_path: Pa
             ModelRuntime(store.settings.model_copy(update={"mlops_home": tmp_path}))
     finally:
         store.client.set_registered_model_alias(SHARED, registry.CHAMPION, "1")
+
+
+def test_a_cached_copy_of_another_stores_same_numbered_version_is_downloaded_again(
+    store: Store, tmp_path: Path
+) -> None:
+    """After MLFLOW_TRACKING_URI changes, `<name>/1` in the cache is the old store's v1:
+    it is replaced by this store's files, not refused, and a tampered version still is."""
+    cache = tmp_path / "cache"
+    stale = cache / SHARED / store.versions["sealed"]
+    shutil.copytree(store.settings.mlops_home / "m", stale)  # the sealed files, then changed
+    (stale / "extra_files" / "reference.parquet").write_bytes(b"another store's v1")
+    model = served.by_version(store.client, SHARED, store.versions["sealed"], cache)
+    assert model.path == stale
+    assert (stale / "extra_files" / "reference.parquet").read_bytes() != b"another store's v1"
+    stale = cache / SHARED / store.versions["tampered"]
+    shutil.copytree(store.settings.mlops_home / "m", stale)
+    (stale / "extra_files" / "reference.parquet").write_bytes(b"another store's v3")
+    with pytest.raises(UntrustedModelError, match="differs from the one registered"):
+        served.by_version(store.client, SHARED, store.versions["tampered"], cache)
