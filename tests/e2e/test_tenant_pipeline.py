@@ -70,7 +70,7 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
 
 @pytest.fixture(scope="module")
 def first_run(ws: Workspace) -> str:
-    return ws.run("dvc", "repro", timeout=900).stdout
+    return ws.run("dvc", "repro", timeout=1800).stdout  # three tenants and the shared model
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from tests.workspace import ROOT, Workspace
 
 pytestmark = pytest.mark.integration
 
-MODEL = "churn-variants"
+MODEL = "churn-monitor-variants"  # not test_predictor_variants' churn-variants: one server
 
 # Runs once in the workspace: MODEL v1 (champion) is the pipeline's champion; v2
 # (challenger, and shadow) is the same pipeline logged with another reference, a holdout

@@ -25,7 +25,7 @@ from common import retrain_guard
 from common.settings import Settings
 
 settings = Settings(DATABASE_URL=sys.argv[1], MLOPS_HOME=sys.argv[2])
-client = MlflowClient(tracking_uri=sys.argv[3])
+client = MlflowClient(tracking_uri=sys.argv[3], registry_uri=sys.argv[3])
 with retrain_guard.turn(settings, client, sys.argv[4], "crashing-run", cooldown=timedelta(0)) as t:
     print("skipped" if t.skipped else "held", flush=True)
     time.sleep(600)
@@ -36,7 +36,9 @@ with retrain_guard.turn(settings, client, sys.argv[4], "crashing-run", cooldown=
 def stack(postgres: LocalPostgres, tmp_path: Path) -> tuple[Settings, MlflowClient]:
     postgres.create_database("retrain_lock")
     settings = Settings(DATABASE_URL=postgres.url("retrain_lock"), MLOPS_HOME=tmp_path)
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # registry_uri too: another module's registry.connect may have set the process's one
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     client.create_registered_model(MODEL)
     return settings, client
 
