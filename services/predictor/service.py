@@ -157,6 +157,12 @@ SERVED_VERSION = bentoml.metrics.Gauge(
     documentation="The version of the shared model each worker serves",
     multiprocess_mode="livemax",
 )
+REFUSED_VERSIONS = bentoml.metrics.Gauge(
+    name="predictor_refused_model_versions",
+    documentation="Model versions a worker refused to load: unsealed or changed after "
+    "registration (names and reasons: GET /model)",
+    multiprocess_mode="livemax",
+)
 TENANT_MODELS = bentoml.metrics.Gauge(
     name="predictor_tenant_models_loaded",
     documentation="Tenants' own models loaded, per worker (at most MODEL_CACHE_SIZE)",
@@ -450,6 +456,7 @@ class Predictor:
             float(self.runtime.current.version) if self.runtime.current.version.isdigit() else -1
         )
         TENANT_MODELS.set(len(self.runtime.models))
+        REFUSED_VERSIONS.set(len(self.runtime.refused))
         self.log_metrics.export()
 
     def __is_ready__(self) -> bool:

@@ -307,4 +307,8 @@ def test_the_predictor_keeps_serving_its_model_when_the_champion_moves_to_an_unt
         )
         assert answer.status_code == 200, answer.text
         assert answer.json()["predictions"][0]["model_version"] == versions.sealed
+    # the refusals show on /metrics too (the UntrustedModelRefused alert reads it)
+    metrics = httpx.get(f"{predictor}/metrics", timeout=10).text.splitlines()
+    (refused_line,) = [m for m in metrics if m.startswith("predictor_refused_model_versions ")]
+    assert float(refused_line.split()[1]) >= 1
     versions.client.set_registered_model_alias(NAME, "champion", versions.sealed)

@@ -34,7 +34,7 @@ def test_the_prometheus_config_loads_the_alert_rules(promtool: str) -> None:
     out = _run(promtool, "check", "config", str(DOCKER / "prometheus.yml"))
 
     assert "prometheus-alerts.yml" in out
-    assert "SUCCESS: 9 rules found" in out
+    assert "SUCCESS: 10 rules found" in out
 
 
 def test_each_alert_fires_on_synthetic_series_when_it_should(promtool: str) -> None:
