@@ -166,9 +166,10 @@ POOL ?= local-process$(if $(filter-out dev,$(or $(MLOPS_ENV),dev)),-$(MLOPS_ENV)
 prefect-server: bootstrap ## Prefect server and UI on http://127.0.0.1:4200 (SQLite under PREFECT_HOME)
 	$(RUN) prefect server start --host 127.0.0.1 --port 4200
 
-deploy: bootstrap ## create the environment's work pool (local-process[-ENV]) if missing, then `prefect deploy --all` to it (needs PREFECT_API_URL)
+deploy: bootstrap ## create the environment's work pool (local-process[-ENV]) if missing, then `prefect deploy --all` to it, and the failed-flow-run alert if MONITOR_WEBHOOK_URL is set (needs PREFECT_API_URL)
 	$(RUN) prefect work-pool inspect $(POOL) >/dev/null 2>&1 || $(RUN) prefect work-pool create $(POOL) --type process
 	MLOPS_PROJECT_DIR=$(CURDIR) PREFECT_WORK_POOL=$(POOL) $(RUN) prefect --no-prompt deploy --all
+	$(RUN) python -m common.flow_alerts
 
 worker: bootstrap ## a Prefect worker serving the environment's pool (runs the deployments' flow runs)
 	$(RUN) prefect worker start --pool $(POOL)

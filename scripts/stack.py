@@ -610,6 +610,16 @@ class Stack:
             raise UserError(
                 f"prefect deploy --all failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
             )
+        alerts = subprocess.run(
+            [str(BIN / "python"), "-m", "common.flow_alerts"],
+            cwd=self.project,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if alerts.returncode != 0:
+            raise UserError(f"the failed-flow-run alert was not set up:\n{alerts.stderr[-2000:]}")
 
     def serve_if_champion(self, timeout: float) -> bool:
         """Start the predictor when the registry has a champion; say how to get one otherwise."""

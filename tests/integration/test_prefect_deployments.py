@@ -11,6 +11,7 @@ runs through the worker's environment).
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from mlflow.tracking import MlflowClient
 from common.localpg import LocalPostgres
 from flows.monitor import DRIFT_EVENT
 from models.generate import generate
+from tests.integration.test_monitor_flow import Webhook
 from tests.servers import Server, clean_env, free_port, http_ok, log_tail, run_ok
 from tests.workspace import Workspace, add_deployments, make_workspace
 
@@ -260,3 +262,48 @@ def test_the_drift_event_runs_the_retrain_deployment_with_the_report_it_came_fro
     tags = client.get_model_version("churn-classifier", "1").tags
     assert tags["retrain.monitor_run"] == report_run
     assert tags["retrain.trigger"] == DRIFT_EVENT
+
+
+@pytest.fixture(scope="module")
+def pager(deployed: str, prefect_env: dict[str, str], workspace: Workspace) -> Iterator[Webhook]:
+    """A paging service stand-in, and the failed-flow-run alert pointed at it (as `make
+    deploy` sets it up when MONITOR_WEBHOOK_URL is set)."""
+    hook = Webhook()
+    env = prefect_env | {"MONITOR_WEBHOOK_URL": hook.url}
+    out = run_ok([sys.executable, "-m", "common.flow_alerts"], cwd=workspace.path, env=env)
+    assert "automation mlops-flow-run-failed" in out, out
+    again = run_ok([sys.executable, "-m", "common.flow_alerts"], cwd=workspace.path, env=env)
+    assert again.split("(")[1] == out.split("(")[1]  # applied again: the same automation
+    yield hook
+    hook.server.shutdown()
+
+
+def test_a_failed_flow_run_of_any_deployment_pages_the_webhook(
+    pager: Webhook, prefect_env: dict[str, str], worker_log: Path, tmp_path: Path
+) -> None:
+    """A batch_score run on a file that does not exist fails; the automation POSTs it."""
+    missing = tmp_path / "no-such-file.parquet"
+    args = ["-p", f"source={missing}", "-p", "batch_id=doomed", "--watch", "--watch-timeout", "120"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "prefect", "deployment", "run", "batch_score/batch_score", *args],
+        cwd=tmp_path,
+        env=prefect_env,
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
+    )
+    assert "Failed" in proc.stdout + proc.stderr, proc.stdout + log_tail(worker_log)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        pages = [b for b in pager.bodies if b.get("flow") == "batch_score"]
+        if pages:
+            break
+        time.sleep(1)
+    assert pages, f"no page for the failed run; got {pager.bodies}"
+    (page,) = pages
+    assert page["alert"] == "flow-run-failed"
+    assert page["state"] == "Failed"
+    assert page["deployment"] == "batch_score"
+    assert "no-such-file.parquet" in page["message"], page
+    assert f"UUID: {page['flow_run_id']}" in proc.stdout  # the run that failed
