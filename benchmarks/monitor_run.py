@@ -125,7 +125,10 @@ def child(path: str, url: str, reference_file: Path) -> dict[str, Any]:
         cols = _columns(reference, current, PARAMS.data, PARAMS.monitor)
         ref, cur = _as_objects(_frame(reference, cols.all)), _as_objects(_frame(current, cols.all))
         snapshot = _run(
-            [*_drift_metrics(cols, PARAMS.monitor), DataSummaryPreset()], ref, cur, cols
+            [*_drift_metrics(cols, PARAMS.monitor, {n for n, _ in cols.all}), DataSummaryPreset()],
+            ref,
+            cur,
+            cols,
         )
         times["evidently"] = time.perf_counter() - t
         drifted = {}

@@ -34,6 +34,8 @@ Kind = Literal["numeric", "categorical"]
 
 WASSERSTEIN = "wasserstein"
 JENSENSHANNON = "jensenshannon"
+NO_VALUES = "no_values"
+"""A column with no values on one side: nothing to compare, and drifted if only one side."""
 
 
 def metric_names(columns: Iterable[str]) -> dict[str, str]:
@@ -342,8 +344,11 @@ def _column_drift(
     """
     ref = reference.dropna()
     cur = current.dropna()
-    if cur.empty:
-        raise ValueError(f"{name}: no values in the current window to test for drift.")
+    if cur.empty or ref.empty:
+        # a column whose values all went missing (or all appeared): no distance to compute,
+        # and a change no distribution test would miss (the quality rows show the share)
+        one_side = cur.empty != ref.empty
+        return ColumnDrift(name, kind, NO_VALUES, float(one_side), threshold, one_side)
     if kind == "numeric":
         u = np.sort(ref.to_numpy(np.float64))
         v = np.sort(cur.to_numpy(np.float64))

@@ -181,14 +181,20 @@ def evidently_report(
     variant = meta[VARIANT_KEY]
     cols = _columns(reference, current, data, params)
     ref, cur = _as_objects(_frame(reference, cols.all)), _as_objects(_frame(current, cols.all))
+    testable = {n for n, _ in cols.all if ref[n].notna().any() and cur[n].notna().any()}
+    untested = sorted({n for n, _ in cols.all} - testable)
     drift_snapshot = _run(
-        [*_drift_metrics(cols, params), DataSummaryPreset()],
+        [*_drift_metrics(cols, params, testable), DataSummaryPreset()],
         ref,
         cur,
         cols,
         timestamp=when,
         tags=snapshot_tags(DRIFT_TAG, variant),
-        metadata={**meta, PART_KEY: DRIFT_TAG},
+        metadata={
+            **meta,
+            PART_KEY: DRIFT_TAG,
+            **({"columns_without_values": ", ".join(untested)} if untested else {}),
+        },
     )
     performance_snapshot = _performance_report(
         reference,
@@ -301,15 +307,22 @@ def _definition(columns: Sequence[tuple[str, Kind]]) -> Any:
     )
 
 
-def _drift_metrics(cols: _Columns, params: MonitorParams) -> list[Any]:
+def _drift_metrics(cols: _Columns, params: MonitorParams, testable: set[str]) -> list[Any]:
+    """Evidently's drift tests of the `testable` columns (Evidently raises on a column
+    without values on one side; models.drift calls those drifted, `no_values`)."""
+    features = [n for n, _ in cols.features if n in testable]
     preset = DataDriftPreset(
-        columns=[n for n, _ in cols.features],
+        columns=features,
         drift_share=params.drift_share,
         num_threshold=params.num_threshold,
         cat_threshold=params.cat_threshold,
     )
-    extra = [ValueDrift(column=n, threshold=_threshold(k, params)) for n, k in cols.extra]
-    return [preset, *extra]
+    extra = [
+        ValueDrift(column=n, threshold=_threshold(k, params))
+        for n, k in cols.extra
+        if n in testable
+    ]
+    return [preset, *extra] if features else extra
 
 
 def _run(

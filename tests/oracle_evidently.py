@@ -58,7 +58,8 @@ def column_drift(
     ref: pd.DataFrame, cur: pd.DataFrame, cols: _Columns, params: MonitorParams
 ) -> list[ColumnDrift]:
     """Evidently's ValueDrift of every column, on frames prepared by `models.drift._frame`."""
-    snapshot = _run(_drift_metrics(cols, params), _as_objects(ref), _as_objects(cur), cols)
+    every = {n for n, _ in cols.all}
+    snapshot = _run(_drift_metrics(cols, params, every), _as_objects(ref), _as_objects(cur), cols)
     kinds = dict(cols.all)
     out = []
     for metric in snapshot.dict()["metrics"]:

@@ -182,6 +182,24 @@ def test_data_quality_names_missing_values_out_of_range_and_new_categories(
     assert "region new ['atlantis']" in result.summary()
 
 
+def test_a_feature_with_no_values_in_the_window_is_drifted_not_an_error(
+    reference: pd.DataFrame, data_params: DataParams, monitor_params: MonitorParams
+) -> None:
+    window = generate(3000, seed=4)
+    window["age"] = np.nan  # an upstream change dropped the column's values
+    window["region"] = None
+    result = drift(reference, window, data_params, monitor_params)
+    features = {c.column: c for c in result.features}
+    for name in ("age", "region"):
+        assert features[name].drifted
+        assert features[name].method == "no_values"
+        assert features[name].score == 1.0
+    assert not features["tenure_months"].drifted
+    quality = {q.column: q for q in result.quality}
+    assert quality["age"].missing_share == 1.0
+    assert quality["region"].missing_share == 1.0
+
+
 def test_headline_rows_carry_share_scores_and_performance(
     reference: pd.DataFrame, model: Pipeline, data_params: DataParams, monitor_params: MonitorParams
 ) -> None:

@@ -37,6 +37,23 @@ def test_evidently_report_is_a_snapshot_that_saves_as_html_and_json(
     assert {"age", "contract_type", "predicted", "proba_1", "churned"} <= drifts
 
 
+def test_a_column_without_values_in_the_window_is_summarised_not_drift_tested(
+    reference: pd.DataFrame, model: Pipeline, data_params: DataParams
+) -> None:
+    """Evidently raises on an empty column; the report leaves it to the summary and says so
+    (models.drift calls it drifted)."""
+    window = scored(generate(1000, seed=9), model, data_params)
+    window["age"] = np.nan
+    snapshot = evidently_report(reference.iloc[:3000], window, data_params)
+    metrics = json.loads(snapshot.json())["metrics"]
+    drifts = {
+        m["config"].get("column") for m in metrics if m["config"]["type"].endswith("ValueDrift")
+    }
+    assert "age" not in drifts
+    assert {"tenure_months", "region", "predicted"} <= drifts
+    assert snapshot.drift.to_snapshot_model().metadata["columns_without_values"] == "age"
+
+
 def test_evidently_report_measures_performance_on_the_labelled_rows_only(
     reference: pd.DataFrame, model: Pipeline, data_params: DataParams, tmp_path: Path
 ) -> None:
