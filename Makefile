@@ -6,6 +6,9 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 export UV_PYTHON_DOWNLOADS ?= never
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR ?= false
+# MLflow's telemetry phones home from a thread that edits os.environ while others read it
+# (a KeyError inside requests); a self-hosted stack sends nothing out.
+export MLFLOW_DISABLE_TELEMETRY ?= true
 # A fresh Prefect ephemeral API migrates its database first; 20 s (the default) is too
 # short on a busy 2-core machine.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120

@@ -17,6 +17,11 @@ from pathlib import Path
 
 import pytest
 
+# MLflow's telemetry thread sets and unsets _MLFLOW_TELEMETRY_SESSION_ID in os.environ while
+# other threads iterate it (requests reads the proxies from it): KeyError mid-request. No
+# telemetry leaves this machine anyway; the servers and commands the tests start inherit this.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 from common.settings import ENV_FILE
 from tests.workspace import USER_VARIABLES
 
