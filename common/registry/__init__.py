@@ -169,11 +169,17 @@ def set_tags(client: MlflowClient, name: str, version: str, tags: dict[str, Any]
         client.set_model_version_tag(name, version, key, str(value))
 
 
+class ArtifactsUnavailableError(RuntimeError):
+    """A version's files could not be had from the artifact store: try again later."""
+
+
 def download_version(cache: Path, name: str, version: str) -> Path:
     """The model version's files under `cache/name/version`, downloaded once.
 
     Processes that download side by side each use a folder of their own; the first
-    rename wins and the others drop theirs. A failed download leaves nothing behind.
+    rename wins and the others drop theirs. A failed download leaves nothing behind, and
+    one without an MLmodel file is a failed download (ArtifactsUnavailableError): MLflow's
+    artifact proxy lists nothing while its S3 is down, which is no verdict on the model.
     """
     target = cache / name / version
     if (target / "MLmodel").exists():
@@ -182,6 +188,11 @@ def download_version(cache: Path, name: str, version: str) -> Path:
     tmp.mkdir(parents=True)
     try:
         mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(tmp))
+        if not (tmp / "MLmodel").exists():
+            raise ArtifactsUnavailableError(
+                f"models:/{name}/{version}: the artifact store returned no MLmodel file "
+                "(is it reachable?); tried again at the next check"
+            )
         tmp.rename(target)
     except OSError:
         if not (target / "MLmodel").exists():

@@ -19,6 +19,7 @@ shared model's. `choose` picks, per request, the variant of an entity key.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -131,6 +132,13 @@ class ModelCache:
         return len(self._models)
 
 
+REGISTRY_RETRIES = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
+"""MLflow's retry settings for the serving processes' registry calls, unless set."""
+
+
 class ModelRuntime:
     """Holds the served models; a background thread follows their aliases in the registry."""
 
@@ -138,6 +146,12 @@ class ModelRuntime:
         self, settings: Settings, bundled_dir: Path | None = None, *, follow_variants: bool = True
     ) -> None:
         self.settings = settings
+        # The poll is the retry: a check that cannot reach the registry or its artifacts
+        # fails in seconds and runs again MODEL_POLL_SECONDS later. MLflow's defaults (7
+        # retries, backoff factor 2) held a check for minutes after S3 came back. The
+        # user's own values win.
+        for name, value in REGISTRY_RETRIES.items():
+            os.environ.setdefault(name, value)
         self.name = settings.model_name
         self.alias = settings.model_alias
         self.cache = served.cache_dir(settings)

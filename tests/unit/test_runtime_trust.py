@@ -34,7 +34,8 @@ def store(
     params: Params, data_params: DataParams, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Store]:
     """v1 sealed (champion); v2 registered without the manifest tag (as before sealing);
-    v3 sealed, then a file changed; acme's own model: only a tampered v1."""
+    v3 sealed, then a file changed; v4 sealed, its files not (yet) in the artifact store;
+    acme's own model: only a tampered v1."""
     home = tmp_path_factory.mktemp("trust")
     uri = f"sqlite:///{home / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as mp:
@@ -46,11 +47,15 @@ def store(
         bad = home / "tampered"
         shutil.copytree(good, bad)
         (bad / "extra_files" / "reference.parquet").write_bytes(b"not the reference")
+        (home / "missing").mkdir()
         client.create_registered_model(SHARED)
         versions = {
             "sealed": client.create_model_version(SHARED, good.as_uri(), None, tags=sealed(good)),
             "unsealed": client.create_model_version(SHARED, good.as_uri(), None),
             "tampered": client.create_model_version(SHARED, bad.as_uri(), None, tags=sealed(good)),
+            "missing": client.create_model_version(
+                SHARED, (home / "missing").as_uri(), None, tags=sealed(good)
+            ),
         }
         client.set_registered_model_alias(SHARED, registry.CHAMPION, "1")
         acme = registry.model_name(settings, "acme")
@@ -88,6 +93,24 @@ def test_keeps_serving_its_model_when_the_champion_moves_to_a_refused_version(
     assert about["registry"]["reachable"] is True
     assert runtime.check_now() is False  # not tried again
     assert runtime.swaps == 0
+
+
+def test_a_version_whose_files_cannot_be_had_is_tried_again_not_refused(
+    runtime: ModelRuntime, store: Store
+) -> None:
+    """MLflow's artifact proxy lists nothing while its S3 is down: no verdict on the model."""
+    version = store.versions["missing"]
+    store.client.set_registered_model_alias(SHARED, registry.CHAMPION, version)
+    assert runtime.check_now() is False
+    assert runtime.current.version == store.versions["sealed"]
+    assert runtime.describe()["refused"] == {}
+    assert "returned no MLmodel file" in (runtime.last_error or "")
+    assert not (runtime.cache / SHARED / version).exists()
+    shutil.copytree(
+        store.settings.mlops_home / "m", store.settings.mlops_home / "missing", dirs_exist_ok=True
+    )
+    assert runtime.check_now() is True  # the store has the files now: loaded
+    assert runtime.current.version == version
 
 
 def test_a_tenants_refused_model_is_a_serving_error_shown_only_to_that_tenant(
