@@ -88,7 +88,7 @@ def loop(
         "MODEL_POLL_SECONDS": "1",
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     }
-    ws.run("dvc", "repro", timeout=600)
+    ws.run("dvc", "repro", timeout=1500)  # minutes under a loaded 4-worker suite
     out = ws.run(  # the whole loop, canary included: minutes on a loaded 2-core machine
         sys.executable,
         "-m",

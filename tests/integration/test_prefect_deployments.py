@@ -28,7 +28,15 @@ from common.localpg import LocalPostgres
 from flows.monitor import DRIFT_EVENT
 from models.generate import generate
 from tests.integration.test_monitor_flow import Webhook
-from tests.servers import Server, clean_env, free_port, http_ok, log_tail, run_ok
+from tests.servers import (
+    PREFECT_STARTUP_TIMEOUT,
+    Server,
+    clean_env,
+    free_port,
+    http_ok,
+    log_tail,
+    run_ok,
+)
 from tests.workspace import Workspace, add_deployments, make_workspace
 
 POOL = "local-process"
@@ -82,7 +90,7 @@ def prefect_env(
         healthy=http_ok(f"http://127.0.0.1:{port}/api/health"),
         env=env,
     )
-    with server:
+    with server.start(timeout=PREFECT_STARTUP_TIMEOUT):
         yield env
 
 

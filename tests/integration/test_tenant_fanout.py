@@ -19,7 +19,15 @@ import httpx
 import pytest
 import yaml
 
-from tests.servers import Server, clean_env, free_port, http_ok, log_tail, run_ok
+from tests.servers import (
+    PREFECT_STARTUP_TIMEOUT,
+    Server,
+    clean_env,
+    free_port,
+    http_ok,
+    log_tail,
+    run_ok,
+)
 from tests.workspace import ROOT
 
 pytestmark = pytest.mark.integration
@@ -108,7 +116,7 @@ def prefect_env(project: Path) -> Iterator[dict[str, str]]:
         healthy=http_ok(f"http://127.0.0.1:{port}/api/health"),
         env=env,
     )
-    with server:
+    with server.start(timeout=PREFECT_STARTUP_TIMEOUT):
         _prefect(env, project, "work-pool", "create", POOL, "--type", "process")
         _prefect(env, project, "--no-prompt", "deploy", "--all")
         yield env
