@@ -33,6 +33,10 @@ MLFLOW_BUCKET = "mlflow-artifacts"
 PREFECT_STARTUP_TIMEOUT = 180
 """Seconds `prefect_test_harness` may take to start its server: it migrates a new SQLite
 database first, which takes over a minute when the suite's other workers load the cores."""
+STARTUP_TIMEOUT = 300
+"""Seconds a server the tests start may take to answer healthy: a predictor's workers import
+MLflow, scikit-learn and ONNX and load their model, over two minutes when the suite's other
+workers load the cores (a healthy server returns at once; this only bounds a broken one)."""
 DVC_BUCKET = "dvc-store"
 FAKE_AWS_CREDS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -153,7 +157,7 @@ class Server:
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
-    def start(self, timeout: float = 60) -> Self:
+    def start(self, timeout: float = STARTUP_TIMEOUT) -> Self:
         """Start the process and wait until `healthy()`; on failure stop it and quote its log."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")

@@ -84,7 +84,7 @@ def mlflow_server(
         **s3.creds,
     )
     server = Server("mlflow server", cmd, log_path=log, healthy=http_ok(f"{url}/health"), env=env)
-    with server.start(timeout=120):
+    with server.start():
         yield HttpServer(url, log)
 
 

@@ -60,7 +60,7 @@ def serve_predictor(home: Path, env: dict[str, str]) -> Iterator[str]:
         env=full,
         cwd=ROOT,
     )
-    with server.start(timeout=120):
+    with server.start():
         yield url
 
 

@@ -217,7 +217,7 @@ def test_a_killed_mlflow_server_fails_no_request(
         )
         _kill_group(leader, port)
         time.sleep(DOWN)
-        relaunched.append(again.start(timeout=120))
+        relaunched.append(again.start())
 
     result = drill(predictor, key, urls[0], "mlflow", kill_mlflow)
     assert result.clean, result.summary()
@@ -266,7 +266,7 @@ def test_a_killed_s3_endpoint_fails_no_request_and_the_new_version_loads_after(
         _kill_group(leader, port)
         registry.set_registered_model_alias(SERVED, "champion", "2")
         time.sleep(DOWN)  # the workers try to load v2 meanwhile, and keep serving v1
-        relaunched.append(again.start(timeout=60))
+        relaunched.append(again.start())
         _put_back(s3, saved)
 
     result = drill(predictor, key, urls[0], "s3", kill_s3)

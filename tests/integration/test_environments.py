@@ -100,7 +100,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[HttpServe
     )
     log = root / "mlflow.log"
     proc = Server("mlflow server", cmd, log_path=log, healthy=http_ok(f"{url}/health"), env=env)
-    with proc.start(timeout=120):
+    with proc.start():
         access.ensure_service_users(url, ADMIN, PASSWORDS)
         yield HttpServer(url, log), artifacts
 

@@ -95,7 +95,7 @@ def ui(
         healthy=http_ok(f"{url}/api/version"),
         env=clean_env(DO_NOT_TRACK="1"),
     )
-    with server.start(timeout=60):
+    with server.start():
         yield Ui(url, workspace, ids.pop())
 
 
@@ -258,7 +258,7 @@ def locked_ui(tmp_path_factory: pytest.TempPathFactory, server_logs: Path) -> It
         healthy=http_ok(f"{url}/api/version"),
         env=clean_env(DO_NOT_TRACK="1", EVIDENTLY_SECRET=SECRET),
     )
-    with server.start(timeout=60):
+    with server.start():
         yield url
 
 

@@ -193,7 +193,7 @@ def evidently_charts(workspace: Path, project_id: str, logs: Path) -> dict[str, 
         healthy=http_ok(f"{url}/api/version"),
         env=clean_env(DO_NOT_TRACK="1"),
     )
-    with server.start(timeout=60):
+    with server.start():
         return series(url, project_id)
 
 

@@ -219,7 +219,7 @@ def test_a_worker_on_a_second_host_drains_a_tenants_queue_over_the_network(
                 **s3.creds,
             ),
         )
-        with registry.start(timeout=120):
+        with registry.start():
             assert _unreachable_from(host, pg.port)  # no way back but the pair
             over_the_pair = admin.replace("127.0.0.1", host.host_addr)
             env = clean_env(
