@@ -598,28 +598,15 @@ class Stack:
             check=True,
             capture_output=True,
         )
-        proc = subprocess.run(
-            [prefect, "--no-prompt", "deploy", "--all"],
-            cwd=self.project,
-            env=env,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if proc.returncode != 0:
-            raise UserError(
-                f"prefect deploy --all failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+        for cmd, what in (
+            ([prefect, "--no-prompt", "deploy", "--all"], "prefect deploy --all failed"),
+            ([str(BIN / "python"), "-m", "common.flow_alerts"], "the flow-run alert failed"),
+        ):
+            proc = subprocess.run(
+                cmd, cwd=self.project, env=env, capture_output=True, text=True, check=False
             )
-        alerts = subprocess.run(
-            [str(BIN / "python"), "-m", "common.flow_alerts"],
-            cwd=self.project,
-            env=env,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if alerts.returncode != 0:
-            raise UserError(f"the failed-flow-run alert was not set up:\n{alerts.stderr[-2000:]}")
+            if proc.returncode != 0:
+                raise UserError(f"{what}:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
 
     def serve_if_champion(self, timeout: float) -> bool:
         """Start the predictor when the registry has a champion; say how to get one otherwise."""
