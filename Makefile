@@ -102,7 +102,7 @@ test: bootstrap ## everything CI runs: pre-commit hooks, uv lock --check, licenc
 	PATH="$(dir $(UV)):$$PATH" $(RUN) pre-commit run --all-files --show-diff-on-failure
 	$(UV) lock --check
 	$(RUN) python scripts/check_licenses.py
-	$(RUN) pytest -n $(PYTEST_WORKERS) --dist loadfile --cov --cov-report=term:skip-covered --durations=25 $(PYTEST_ARGS)
+	$(RUN) pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --cov --cov-report=term:skip-covered --durations=25 $(PYTEST_ARGS)
 	@$(TREE_STATE) | diff -u $(TREE_BEFORE) - || { \
 		echo "make test: the run changed the checkout (the diff above: - before, + after)" >&2; exit 1; }
 

@@ -26,6 +26,7 @@ from common.settings import ENV_FILE
 from tests.workspace import USER_VARIABLES
 
 KINDS = ("unit", "integration", "e2e")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -42,9 +43,34 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
+LONGEST_FIRST = (
+    "tests/e2e/test_loop.py",
+    "tests/integration/test_stack.py",
+    "tests/e2e/test_tenant_pipeline.py",
+    "tests/integration/test_pipeline_registry_switch.py",
+    "tests/integration/test_monitor_flow.py",
+    "tests/e2e/test_byod.py",
+    "tests/integration/test_bad_input.py",
+    "tests/e2e/test_pipeline.py",
+)
+"""The files that take longest (minutes each, `make test`'s slowest durations), started first.
+pytest-xdist hands whole files to workers in collection order (`--no-loadscope-reorder`, set
+by `make test`; its default starts the files with the most tests first, which left these to
+the end and the run waiting on them)."""
+
+
+def _first(item: pytest.Item) -> int:
+    path = Path(str(item.fspath)).resolve()
+    for rank, name in enumerate(LONGEST_FIRST):
+        if path == ROOT / name:
+            return rank
+    return len(LONGEST_FIRST)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         parts = Path(str(item.fspath)).parts
         for kind in KINDS:
             if kind in parts:
                 item.add_marker(getattr(pytest.mark, kind))
+    items.sort(key=_first)  # stable: within a file, and among the rest, the order is kept
