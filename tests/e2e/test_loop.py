@@ -95,7 +95,7 @@ def loop(
         "scripts.loop",
         *("--port", str(free_port())),
         *("--calm-rows", "1500", "--drift-rows", "3000", "--json", "loop.json"),
-        timeout=1500,
+        timeout=2700,
     ).stdout
     return ws, json.loads((ws.path / "loop.json").read_text()), out
 
