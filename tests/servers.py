@@ -45,6 +45,16 @@ FAKE_AWS_CREDS = {
 }
 
 
+def _runs_project_code(cmd: Sequence[str]) -> bool:
+    """Whether a server runs this project's code: not moto, Evidently's UI, Prefect's server
+    or a plain MLflow server (one with `--app-name mlops-auth` runs our auth app)."""
+    words = [Path(part).name for part in cmd]
+    if words and words[0] in ("moto_server", "evidently"):
+        return False
+    tool = "server" in words and ("mlflow" in words or "prefect" in words)
+    return not tool or "--app-name" in words
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """This process's env without MLflow/AWS settings, the venv first on PATH, plus `extra`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
@@ -153,6 +163,10 @@ class Server:
         self.log_path = log_path
         self.healthy = healthy
         self.env = dict(env) if env is not None else None
+        if not _runs_project_code(self.cmd):  # coverage's tracing would slow it, measuring nothing
+            self.env = {
+                k: v for k, v in (self.env or os.environ).items() if k != "COVERAGE_PROCESS_CONFIG"
+            }
         self.cwd = cwd
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None

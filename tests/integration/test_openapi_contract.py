@@ -95,7 +95,7 @@ def test_api_conforms_to_its_openapi_document_under_every_check(
         ],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
         check=False,
         cwd=tmp_path,
         env={**os.environ, "SCHEMATHESIS_HOOKS": schemathesis_hooks.__file__},

@@ -359,7 +359,7 @@ def test_generated_requests_never_get_a_server_error(
         ],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
         check=False,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

@@ -133,7 +133,7 @@ def worker_log(
 
 
 def run_deployment(
-    env: dict[str, str], cwd: Path, name: str, *params: str, timeout: int = 150
+    env: dict[str, str], cwd: Path, name: str, *params: str, timeout: int = 600
 ) -> str:
     """`prefect deployment run <name> -p k=v ... --watch`; its output."""
     args = [arg for param in params for arg in ("-p", param)]
@@ -291,14 +291,14 @@ def test_a_failed_flow_run_of_any_deployment_pages_the_webhook(
 ) -> None:
     """A batch_score run on a file that does not exist fails; the automation POSTs it."""
     missing = tmp_path / "no-such-file.parquet"
-    args = ["-p", f"source={missing}", "-p", "batch_id=doomed", "--watch", "--watch-timeout", "120"]
+    args = ["-p", f"source={missing}", "-p", "batch_id=doomed", "--watch", "--watch-timeout", "600"]
     proc = subprocess.run(
         [sys.executable, "-m", "prefect", "deployment", "run", "batch_score/batch_score", *args],
         cwd=tmp_path,
         env=prefect_env,
         capture_output=True,
         text=True,
-        timeout=150,
+        timeout=660,
         check=False,
     )
     assert "Failed" in proc.stdout + proc.stderr, proc.stdout + log_tail(worker_log)
