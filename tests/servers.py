@@ -27,6 +27,7 @@ import boto3
 
 from common import health
 from common.localpg import LocalPostgres
+from tests.processes import kill_group, run_group
 
 VENV_BIN = Path(sys.executable).parent
 MLFLOW_BUCKET = "mlflow-artifacts"
@@ -127,11 +128,41 @@ def http_ok(url: str, timeout: float = 2) -> Callable[[], bool]:
 
 def run_ok(cmd: Sequence[str], *, cwd: Path, env: Mapping[str, str], timeout: float = 120) -> str:
     """Run a command to completion; its stdout, or an assertion error quoting both streams."""
-    proc = subprocess.run(
-        cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
+    proc = run_group(cmd, cwd=cwd, env=env, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
+
+
+@contextmanager
+def prefect_server(home: Path, **extra: str) -> Iterator[dict[str, str]]:
+    """`prefect server start` on a free port (SQLite in PREFECT_HOME=`home`), for as long as
+    the block runs; yields the env its clients use (`clean_env` plus `extra`, without the
+    settings of the process that runs the tests)."""
+    port = free_port()
+    env = clean_env(
+        PREFECT_HOME=str(home),
+        PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_UI_ENABLED="false",
+        **extra,
+    )
+    for name in ("MLOPS_HOME", "PREFECT__FLOW_RUN_ID", "DATABASE_URL"):
+        env.pop(name, None)
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
+    server = Server(
+        "prefect server",
+        [*cmd, "--port", str(port)],
+        log_path=home / "server.log",
+        healthy=http_ok(f"http://127.0.0.1:{port}/api/health"),
+        env=env,
+    )
+    with server.start(timeout=PREFECT_STARTUP_TIMEOUT):
+        yield env
+
+
+def prefect_cli(env: Mapping[str, str], cwd: Path, *args: str, timeout: float = 120) -> str:
+    """`prefect <args>` against the server in `env` (see `prefect_server`); its stdout."""
+    return run_ok([sys.executable, "-m", "prefect", *args], cwd=cwd, env=env, timeout=timeout)
 
 
 def log_tail(path: Path, lines: int = 60) -> str:
@@ -164,9 +195,8 @@ class Server:
         self.healthy = healthy
         self.env = dict(env) if env is not None else None
         if not _runs_project_code(self.cmd):  # coverage's tracing would slow it, measuring nothing
-            self.env = {
-                k: v for k, v in (self.env or os.environ).items() if k != "COVERAGE_PROCESS_CONFIG"
-            }
+            base = os.environ if self.env is None else self.env
+            self.env = {k: v for k, v in base.items() if k != "COVERAGE_PROCESS_CONFIG"}
         self.cwd = cwd
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
@@ -207,16 +237,14 @@ class Server:
         proc, self._proc = self._proc, None
         if proc is not None:
             pgid = proc.pid  # start_new_session: the leader's pid is the group id
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGTERM)
+            kill_group(pgid, signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout)
             # Children may outlive the leader; whatever is left of the group goes now.
             deadline = time.monotonic() + timeout
             while _group_alive(pgid) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGKILL)
+            kill_group(pgid)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(5)
         if self._log is not None:

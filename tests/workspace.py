@@ -7,10 +7,8 @@ user's settings variables: a test starts from the same state on every machine.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -20,6 +18,7 @@ from typing import Any
 import yaml
 
 from common.settings import Settings
+from tests.processes import run_group
 
 ROOT = Path(__file__).resolve().parents[1]
 COPIED = ("dvc.yaml", "params.yaml", ".dvcignore", "models", "common")
@@ -53,41 +52,6 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _kill_group(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
-
-
-def _run_group(
-    cmd: tuple[str, ...], cwd: Path, env: dict[str, str], timeout: float
-) -> subprocess.CompletedProcess[str]:
-    """`subprocess.run` in a session of its own: on a timeout the whole group is killed (a
-    timed-out `scripts.loop` left its `bentoml serve` loading the cores for the rest of the
-    run), and the failure quotes what it printed."""
-    with subprocess.Popen(
-        cmd,
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    ) as proc:
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc.pid)
-            out, err = proc.communicate()
-            raise AssertionError(
-                f"{' '.join(cmd)} timed out after {timeout:.0f} s; its last output:\n"
-                f"{out[-4000:]}\n{err[-4000:]}"
-            ) from None
-        except BaseException:
-            _kill_group(proc.pid)
-            raise
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
 @dataclass
 class Workspace:
     """A project copy; `run` executes a command there with the embedded store under .mlops/."""
@@ -115,7 +79,7 @@ class Workspace:
             "GIT_COMMITTER_EMAIL": "t@t",
         }
         env |= self.env
-        proc = _run_group(cmd, self.path, env, timeout)
+        proc = run_group(cmd, cwd=self.path, env=env, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(
                 f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"

@@ -14,7 +14,6 @@ put back from a copy taken before the kill: it keeps them in memory only).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import time
@@ -30,6 +29,7 @@ from mlflow.tracking import MlflowClient
 from common.localpg import LocalPostgres
 from tests.integration.serving import api_key, predictor_database, register_copies, serve_predictor
 from tests.integration.test_predictor import RECORD
+from tests.processes import kill_group
 from tests.servers import HttpServer, S3Endpoint, Server, http_ok, throwaway_cluster
 from tests.steady import Check, Rates, SteadyClient, check, serve_family
 from tests.workspace import Workspace
@@ -139,8 +139,7 @@ def _group_leader(url: str) -> psutil.Process:
 
 def _kill_group(leader: psutil.Process, port: int) -> None:
     """SIGKILL the whole group; wait until the port is free again."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(leader.pid, signal.SIGKILL)
+    kill_group(leader.pid)
     deadline = time.monotonic() + 30
     while any(
         c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN

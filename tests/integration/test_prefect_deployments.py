@@ -29,12 +29,12 @@ from flows.monitor import DRIFT_EVENT
 from models.generate import generate
 from tests.integration.test_monitor_flow import Webhook
 from tests.servers import (
-    PREFECT_STARTUP_TIMEOUT,
     Server,
-    clean_env,
     free_port,
     http_ok,
     log_tail,
+    prefect_cli,
+    prefect_server,
     run_ok,
 )
 from tests.workspace import Workspace, add_deployments, make_workspace
@@ -61,48 +61,19 @@ def prefect_env(
     tmp_path_factory: pytest.TempPathFactory, workspace: Workspace
 ) -> Iterator[dict[str, str]]:
     """A `prefect server start` on a free port (SQLite in a tmp PREFECT_HOME); its env."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = free_port()
-    env = clean_env(
-        PREFECT_HOME=str(home),
-        PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_SERVER_UI_ENABLED="false",
+    with prefect_server(
+        tmp_path_factory.mktemp("prefect-home"),
         MLOPS_PROJECT_DIR=str(workspace.path),
         PREFECT_WORK_POOL=POOL,  # prefect.yaml's `{{ $PREFECT_WORK_POOL }}`, as make deploy sets it
-    )
-    for name in ("MLOPS_HOME", "PREFECT__FLOW_RUN_ID", "DATABASE_URL"):
-        env.pop(name, None)
-    server = Server(
-        "prefect server",
-        [
-            sys.executable,
-            "-m",
-            "prefect",
-            "server",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        log_path=home / "server.log",
-        healthy=http_ok(f"http://127.0.0.1:{port}/api/health"),
-        env=env,
-    )
-    with server.start(timeout=PREFECT_STARTUP_TIMEOUT):
+    ) as env:
         yield env
-
-
-def _prefect(env: dict[str, str], cwd: Path, *args: str, timeout: float = 120) -> str:
-    return run_ok([sys.executable, "-m", "prefect", *args], cwd=cwd, env=env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def deployed(workspace: Workspace, prefect_env: dict[str, str]) -> str:
     """The work pool and every deployment of prefect.yaml; `prefect deploy`'s output."""
-    _prefect(prefect_env, workspace.path, "work-pool", "create", POOL, "--type", "process")
-    return _prefect(prefect_env, workspace.path, "--no-prompt", "deploy", "--all")
+    prefect_cli(prefect_env, workspace.path, "work-pool", "create", POOL, "--type", "process")
+    return prefect_cli(prefect_env, workspace.path, "--no-prompt", "deploy", "--all")
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +108,7 @@ def run_deployment(
 ) -> str:
     """`prefect deployment run <name> -p k=v ... --watch`; its output."""
     args = [arg for param in params for arg in ("-p", param)]
-    return _prefect(
+    return prefect_cli(
         env,
         cwd,
         *("deployment", "run", name, *args, "--watch", "--watch-timeout", str(timeout)),
@@ -165,7 +136,7 @@ def test_deploy_creates_the_deployments_and_the_drift_trigger(
         "rollback/rollback",
     ):
         assert name in deployed
-    automations = _prefect(prefect_env, workspace.path, "automation", "ls")
+    automations = prefect_cli(prefect_env, workspace.path, "automation", "ls")
     assert "mlops.drift.detected" in automations, automations
     api = prefect_env["PREFECT_API_URL"]
     fanout = httpx.get(f"{api}/deployments/name/monitor_tenants/monitor_tenants", timeout=30)
@@ -248,7 +219,7 @@ def test_the_drift_event_runs_the_retrain_deployment_with_the_report_it_came_fro
     """What the monitor flow emits over threshold starts `retrain` on the worker."""
     report_run = json.loads((workspace.path / "reports" / "train.json").read_text())["run_id"]
     assert _flow_runs(prefect_env, "retrain/retrain") == []
-    _prefect(
+    prefect_cli(
         prefect_env,
         workspace.path,
         *("event", "emit", DRIFT_EVENT, "--resource-id", "mlops.model.churn-classifier"),

@@ -20,12 +20,12 @@ import pytest
 import yaml
 
 from tests.servers import (
-    PREFECT_STARTUP_TIMEOUT,
     Server,
-    clean_env,
     free_port,
     http_ok,
     log_tail,
+    prefect_cli,
+    prefect_server,
     run_ok,
 )
 from tests.workspace import ROOT
@@ -64,10 +64,6 @@ print(json.dumps(probe_tenants(json.loads(sys.argv[1]))))
 """
 
 
-def _prefect(env: dict[str, str], cwd: Path, *args: str) -> str:
-    return run_ok([sys.executable, "-m", "prefect", *args], cwd=cwd, env=env, timeout=120)
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The probe flow and a prefect.yaml deploying it like prefect.yaml's per-tenant flows."""
@@ -97,28 +93,9 @@ def prefect_env(project: Path) -> Iterator[dict[str, str]]:
     """`prefect server start` on a free port, the pool and the probe deployment; its env."""
     home = project / "prefect-home"
     home.mkdir()
-    port = free_port()
-    env = clean_env(
-        PREFECT_HOME=str(home),
-        PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_SERVER_UI_ENABLED="false",
-        PROBE_OUT=str(project / "out"),
-        PYTHONPATH=str(ROOT),
-    )
-    for name in ("MLOPS_HOME", "PREFECT__FLOW_RUN_ID", "DATABASE_URL"):
-        env.pop(name, None)
-    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
-    server = Server(
-        "prefect server",
-        [*cmd, "--port", str(port)],
-        log_path=home / "server.log",
-        healthy=http_ok(f"http://127.0.0.1:{port}/api/health"),
-        env=env,
-    )
-    with server.start(timeout=PREFECT_STARTUP_TIMEOUT):
-        _prefect(env, project, "work-pool", "create", POOL, "--type", "process")
-        _prefect(env, project, "--no-prompt", "deploy", "--all")
+    with prefect_server(home, PROBE_OUT=str(project / "out"), PYTHONPATH=str(ROOT)) as env:
+        prefect_cli(env, project, "work-pool", "create", POOL, "--type", "process")
+        prefect_cli(env, project, "--no-prompt", "deploy", "--all")
         yield env
 
 
