@@ -160,7 +160,7 @@ def prefect_server(home: Path, **extra: str) -> Iterator[dict[str, str]]:
         yield env
 
 
-def prefect_cli(env: Mapping[str, str], cwd: Path, *args: str, timeout: float = 120) -> str:
+def prefect_cli(env: Mapping[str, str], cwd: Path, *args: str, timeout: float = 600) -> str:
     """`prefect <args>` against the server in `env` (see `prefect_server`); its stdout."""
     return run_ok([sys.executable, "-m", "prefect", *args], cwd=cwd, env=env, timeout=timeout)
 
