@@ -56,7 +56,7 @@ def s3(server_logs: Path) -> Iterator[S3Endpoint]:
         healthy=http_ok(f"{url}/moto-api/"),
         env=clean_env(),
     )
-    with server.start(timeout=30):
+    with server.start():
         endpoint = S3Endpoint(url, dict(FAKE_AWS_CREDS))
         for bucket in (MLFLOW_BUCKET, DVC_BUCKET):
             endpoint.client().create_bucket(Bucket=bucket)

@@ -103,7 +103,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         env=clean_env(),
     )
     evidently = Path(tempfile.mkdtemp(prefix="mlops-it-ops-evidently-"))
-    with throwaway_cluster("ops", "postgres") as pg, moto.start(timeout=30):
+    with throwaway_cluster("ops", "postgres") as pg, moto.start():
         s3 = S3Endpoint(url, dict(FAKE_AWS_CREDS))
         for bucket in BUCKETS:
             s3.client().create_bucket(Bucket=bucket)

@@ -38,7 +38,15 @@ from mlflow.tracking import MlflowClient
 from common.store import connect, jobs, tenants
 from models.generate import generate
 from scripts.stack import JOB_WORKERS, PG_ROLES, Ports, Stack
-from tests.servers import VENV_BIN, Server, clean_env, free_port, http_ok, run_ok
+from tests.servers import (
+    STARTUP_TIMEOUT,
+    VENV_BIN,
+    Server,
+    clean_env,
+    free_port,
+    http_ok,
+    run_ok,
+)
 from tests.workspace import ROOT, Workspace, add_deployments, make_workspace
 
 MODEL = "churn-classifier"
@@ -62,7 +70,7 @@ def stack(workspace: Workspace) -> Iterator[Stack]:
     home.chmod(0o755)  # the postgres program runs as the `postgres` user
     stack = Stack(home / "stack", Ports(*(free_port() for _ in fields(Ports))), workspace.path)
     try:
-        stack.up(timeout=240)
+        stack.up(timeout=STARTUP_TIMEOUT)
         # This process's MLflow clients sign in as the operator (stack.env's admin).
         with pytest.MonkeyPatch.context() as env:
             for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
@@ -107,7 +115,7 @@ def _evidently_write(stack: Stack) -> dict[str, str]:
 def trained(stack: Stack) -> str:
     """One run of the `train` deployment through the worker; then the predictor serves it."""
     out = _run_deployment(stack, "pipeline/pipeline")
-    assert stack.serve_if_champion(timeout=180)
+    assert stack.serve_if_champion(timeout=STARTUP_TIMEOUT)
     return out
 
 
@@ -378,7 +386,8 @@ def test_restarting_mlflow_and_the_predictor_mid_traffic_loses_nothing(
         try:
             i = 0
             while not stop.is_set():
-                acked.extend(_post(url, key, [records[i % len(records)]], time.monotonic() + 120))
+                deadline = time.monotonic() + STARTUP_TIMEOUT
+                acked.extend(_post(url, key, [records[i % len(records)]], deadline))
                 i += 1
         except BaseException as exc:  # re-raised by the test below
             errors.append(exc)
@@ -390,14 +399,14 @@ def test_restarting_mlflow_and_the_predictor_mid_traffic_loses_nothing(
     try:
         time.sleep(2)
         stack.ctl("restart", "mlflow")
-        stack.wait_healthy("mlflow", timeout=120)
+        stack.wait_healthy("mlflow", timeout=STARTUP_TIMEOUT)
         before_predictor = len(acked)
         stack.ctl("restart", "predictor")
-        stack.wait_healthy("predictor", timeout=180)
+        stack.wait_healthy("predictor", timeout=STARTUP_TIMEOUT)
         time.sleep(2)
     finally:
         stop.set()
-        sender.join(timeout=150)
+        sender.join(timeout=STARTUP_TIMEOUT + 30)
     assert not errors, errors
     assert len(acked) > before_predictor > 0  # traffic went on before and after the restarts
     assert _logged(stack, acked, timeout=60) == len(acked)
@@ -507,7 +516,9 @@ def test_a_restore_failing_after_the_services_stopped_leaves_them_stopped_and_li
     assert states["predictor"] != "RUNNING"
     assert _database_oids(stack) == before  # the same live databases, no copy left beside
     _ops(stack, "start-clients")
-    stack.wait_healthy("mlflow", "prefect-server", "predictor", "evidently", timeout=180)
+    stack.wait_healthy(
+        "mlflow", "prefect-server", "predictor", "evidently", timeout=STARTUP_TIMEOUT
+    )
 
 
 def test_backup_then_restore_brings_back_databases_and_buckets(

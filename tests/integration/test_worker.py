@@ -34,6 +34,7 @@ from common.store import connect, jobs, migrate, roles, tenants
 from tests.integration.serving import register_copies
 from tests.integration.test_predictor import RECORD
 from tests.servers import (
+    STARTUP_TIMEOUT,
     VENV_BIN,
     HttpServer,
     Server,
@@ -55,6 +56,11 @@ LATE_TENANT = "late"
 LATE_MODEL = "churn-late"
 """Served to LATE_TENANT by the `late` worker; registered only during the test."""
 VISIBILITY = 5
+DRAIN_TIMEOUT = 180
+"""Seconds the surviving worker may take to finish the rest after a kill or a restart: the
+killed worker's chunks come back after VISIBILITY; the rest is throughput, which the suite's
+other workers can cut several-fold (the time taken is printed; benchmarks/async_jobs.py is
+where speed is judged)."""
 MAX_TRIES = 3
 SECRET = "callback-secret"
 
@@ -146,7 +152,7 @@ def workers(stack: Stack) -> Iterator[Workers]:
     )
     try:
         with ThreadPoolExecutor(3) as pool:
-            for started in [pool.submit(s.start, 120) for s in (steady, partner, late)]:
+            for started in [pool.submit(s.start, STARTUP_TIMEOUT) for s in (steady, partner, late)]:
                 started.result()
         yield Workers(steady, url, partner, late, first_idle)
         assert steady.pid is not None
@@ -154,7 +160,7 @@ def workers(stack: Stack) -> Iterator[Workers]:
         asked = time.monotonic()
         wait_until(
             lambda: "exits: stopped" in steady.log_path.read_text(errors="replace"),
-            10,
+            60,
             "the steady worker's exit on SIGTERM",
             steady.log_path,
         )
@@ -297,8 +303,8 @@ def test_every_job_completes_once_when_a_worker_is_killed_mid_run(
     assert before < want["results"]  # the kill came mid-run
     wait_until(
         lambda: all_done(stack, submitted),
-        VISIBILITY + 10,
-        "all 1,000 jobs done within the visibility timeout + 10 s of the kill",
+        DRAIN_TIMEOUT,
+        "all 1,000 jobs done after the kill",
         workers.steady.log_path,
     )
     finished = time.monotonic() - killed_at
@@ -344,7 +350,7 @@ def test_no_accepted_job_is_lost_or_duplicated_when_postgres_restarts(
     assert len(job_list) == total
     wait_until(
         lambda: all_done(stack, job_list),
-        VISIBILITY + 30,
+        DRAIN_TIMEOUT,
         "every accepted job done after the restart",
         workers.steady.log_path,
     )
@@ -454,11 +460,11 @@ def test_chunks_wait_for_a_model_the_registry_cannot_give_yet_and_are_not_dead_l
             j = jobs.get(conn, LATE_TENANT, job.id)
             return j is not None and "no model to serve now" in (j.last_error or "")
 
-        wait_until(waiting, 30, "the chunks told to wait", workers.late.log_path)
+        wait_until(waiting, 120, "the chunks told to wait", workers.late.log_path)
         register_copies(mlflow_server.url, LATE_MODEL, versions=1)
         wait_until(
             lambda: (j := jobs.get(conn, LATE_TENANT, job.id)) is not None and j.ended,
-            30,
+            120,
             "the job ended once its model was registered",
             workers.late.log_path,
         )
@@ -507,7 +513,7 @@ def callback_ended(
     with connect(stack.predictor) as conn:
         wait_until(
             lambda: (j := jobs.get(conn, "c", job.id)) is not None and ended(j),
-            30,
+            120,
             "the callback recorded",
             workers.steady.log_path,
         )
@@ -556,7 +562,7 @@ def test_metrics_show_the_queue_depth_of_a_tenant_with_queued_chunks(
         depth = 'mlops_job_queue_depth{tenant="a"}'
         wait_until(
             lambda: samples(workers.metrics).get(depth, 0) >= job.chunks,
-            15,
+            60,
             "tenant a's queue depth at /metrics",
             workers.steady.log_path,
         )
@@ -570,7 +576,7 @@ def test_metrics_show_the_queue_depth_of_a_tenant_with_queued_chunks(
     with connect(stack.predictor) as conn:
         wait_until(
             lambda: (j := jobs.get(conn, "a", job.id)) is not None and j.status == "done",
-            15,
+            60,
             "the held job done once handed back",
             workers.steady.log_path,
         )

@@ -26,7 +26,11 @@ REQUEST = approvals.Request(
     "3",
     "prod",
 )
-LATER = datetime.now(UTC) + timedelta(hours=1)
+
+
+def later() -> datetime:
+    """An hour from when the test runs (not from collection: a run may reach it much later)."""
+    return datetime.now(UTC) + timedelta(hours=1)
 
 
 def _key(path: Path) -> tuple[Ed25519PrivateKey, str]:
@@ -66,7 +70,7 @@ def _reviewers(tmp_path: Path) -> dict[str, approvals.Reviewer]:
 def test_a_registered_reviewers_signature_over_the_request_verifies(
     tmp_path: Path, keys: dict[str, Ed25519PrivateKey]
 ) -> None:
-    answer = approvals.sign(keys["alice"], REQUEST, "alice", approvals.APPROVE, LATER)
+    answer = approvals.sign(keys["alice"], REQUEST, "alice", approvals.APPROVE, later())
 
     approvals.verify(_reviewers(tmp_path), REQUEST, answer)
 
@@ -97,7 +101,7 @@ def test_the_signed_message_names_flow_run_source_target_decision_reviewer_and_e
 def test_a_signature_for_another_request_is_refused(
     tmp_path: Path, keys: dict[str, Ed25519PrivateKey], change: dict[str, str]
 ) -> None:
-    answer = approvals.sign(keys["alice"], REQUEST, "alice", approvals.APPROVE, LATER)
+    answer = approvals.sign(keys["alice"], REQUEST, "alice", approvals.APPROVE, later())
 
     with pytest.raises(approvals.RefusedApprovalError, match="not 'alice''s"):
         approvals.verify(_reviewers(tmp_path), dataclasses.replace(REQUEST, **change), answer)
@@ -106,7 +110,7 @@ def test_a_signature_for_another_request_is_refused(
 def test_a_rejection_cannot_be_turned_into_an_approval(
     tmp_path: Path, keys: dict[str, Ed25519PrivateKey]
 ) -> None:
-    answer = approvals.sign(keys["alice"], REQUEST, "alice", approvals.REJECT, LATER)
+    answer = approvals.sign(keys["alice"], REQUEST, "alice", approvals.REJECT, later())
 
     with pytest.raises(approvals.RefusedApprovalError, match="signature"):
         approvals.verify(
@@ -118,7 +122,7 @@ def test_a_signature_under_another_reviewers_name_is_refused(
     tmp_path: Path, keys: dict[str, Ed25519PrivateKey]
 ) -> None:
     """bob signs claiming to be alice: the signature is checked against alice's key."""
-    forged = approvals.sign(keys["bob"], REQUEST, "alice", approvals.APPROVE, LATER)
+    forged = approvals.sign(keys["bob"], REQUEST, "alice", approvals.APPROVE, later())
 
     with pytest.raises(approvals.RefusedApprovalError, match="not 'alice''s"):
         approvals.verify(_reviewers(tmp_path), REQUEST, forged)
@@ -127,7 +131,7 @@ def test_a_signature_under_another_reviewers_name_is_refused(
 def test_an_unregistered_key_or_name_is_refused(
     tmp_path: Path, keys: dict[str, Ed25519PrivateKey]
 ) -> None:
-    answer = approvals.sign(keys["mallory"], REQUEST, "mallory", approvals.APPROVE, LATER)
+    answer = approvals.sign(keys["mallory"], REQUEST, "mallory", approvals.APPROVE, later())
 
     with pytest.raises(approvals.RefusedApprovalError, match="'mallory' is not a registered"):
         approvals.verify(_reviewers(tmp_path), REQUEST, answer)
@@ -136,16 +140,16 @@ def test_an_unregistered_key_or_name_is_refused(
 
 
 def test_an_expired_approval_is_refused(tmp_path: Path, keys: dict[str, Ed25519PrivateKey]) -> None:
-    answer = approvals.sign(keys["alice"], REQUEST, "alice", approvals.APPROVE, LATER)
+    answer = approvals.sign(keys["alice"], REQUEST, "alice", approvals.APPROVE, later())
 
     with pytest.raises(approvals.RefusedApprovalError, match="expired"):
-        approvals.verify(_reviewers(tmp_path), REQUEST, answer, now=LATER + timedelta(seconds=1))
+        approvals.verify(_reviewers(tmp_path), REQUEST, answer, now=later() + timedelta(seconds=1))
 
 
 def test_a_garbled_signature_is_refused_not_a_crash(
     tmp_path: Path, keys: dict[str, Ed25519PrivateKey]
 ) -> None:
-    answer = approvals.sign(keys["alice"], REQUEST, "alice", approvals.APPROVE, LATER)
+    answer = approvals.sign(keys["alice"], REQUEST, "alice", approvals.APPROVE, later())
 
     for bad in ("not base64!", "AAAA"):
         with pytest.raises(approvals.RefusedApprovalError):
@@ -192,7 +196,7 @@ def test_a_key_made_by_ssh_keygen_signs_and_an_encrypted_one_is_a_clear_error(
         )
     approvals.add_reviewer(tmp_path / "reviewers", "alice", plain.with_suffix(".pub").read_text())
     key = approvals.load_private_key(plain)
-    answer = approvals.sign(key, REQUEST, "alice", approvals.APPROVE, LATER)
+    answer = approvals.sign(key, REQUEST, "alice", approvals.APPROVE, later())
 
     approvals.verify(_reviewers(tmp_path), REQUEST, answer)
     if importlib.util.find_spec("bcrypt") is None:
