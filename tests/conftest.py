@@ -44,20 +44,14 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 LONGEST_FIRST = (
-    "tests/integration/test_stack.py",
     "tests/e2e/test_loop.py",
-    "tests/integration/test_monitor_flow.py",
+    "tests/integration/test_stack.py",
     "tests/e2e/test_tenant_pipeline.py",
-    "tests/integration/test_prefect_deployments.py",
-    "tests/integration/test_monitor_variants.py",
     "tests/integration/test_pipeline_registry_switch.py",
-    "tests/integration/test_openapi_contract.py",
-    "tests/integration/test_predictor_bounds.py",
-    "tests/e2e/test_pipeline.py",
-    "tests/integration/test_drills.py",
-    "tests/integration/test_tenant_fanout.py",
+    "tests/integration/test_monitor_flow.py",
     "tests/e2e/test_byod.py",
     "tests/integration/test_bad_input.py",
+    "tests/e2e/test_pipeline.py",
 )
 """The files that take longest (minutes each, `make test`'s slowest durations), started first.
 pytest-xdist hands whole files to workers in collection order (`--no-loadscope-reorder`, set
