@@ -140,10 +140,11 @@ def test_an_unregistered_key_or_name_is_refused(
 
 
 def test_an_expired_approval_is_refused(tmp_path: Path, keys: dict[str, Ed25519PrivateKey]) -> None:
-    answer = approvals.sign(keys["alice"], REQUEST, "alice", approvals.APPROVE, later())
+    expires = later()
+    answer = approvals.sign(keys["alice"], REQUEST, "alice", approvals.APPROVE, expires)
 
     with pytest.raises(approvals.RefusedApprovalError, match="expired"):
-        approvals.verify(_reviewers(tmp_path), REQUEST, answer, now=later() + timedelta(seconds=1))
+        approvals.verify(_reviewers(tmp_path), REQUEST, answer, now=expires + timedelta(seconds=1))
 
 
 def test_a_garbled_signature_is_refused_not_a_crash(
